@@ -1,0 +1,60 @@
+"""Render a streamed reply as platform messages: post early, edit at a bounded rate, continue in a
+new message when one is full.
+
+Both chat platforms work this way (Discord: message edits, 2,000 characters; Slack: ``chat.update``,
+about 4,000). The platform-specific part is two callables: post a new message, edit an old one.
+"""
+
+from __future__ import annotations
+
+import logging
+import time
+from collections.abc import AsyncIterator, Awaitable, Callable
+from dataclasses import dataclass, field
+from typing import Generic, TypeVar
+
+from adapters.text_split import split_message
+
+log = logging.getLogger(__name__)
+Handle = TypeVar("Handle")
+PLACEHOLDER = "…"
+
+
+@dataclass
+class StreamRenderer(Generic[Handle]):
+    post: Callable[[str], Awaitable[Handle]]
+    edit: Callable[[Handle, str], Awaitable[None]]
+    limit: int
+    min_interval_s: float = 1.0
+    clock: Callable[[], float] = time.monotonic
+    transform: Callable[[str], str] = lambda text: text
+    messages: list[Handle] = field(default_factory=list)
+    _shown: list[str] = field(default_factory=list)
+    _last_edit: float = float("-inf")
+
+    async def render(self, chunks: AsyncIterator[str]) -> str:
+        """Consume the reply stream; returns the full text."""
+        text = ""
+        async for chunk in chunks:
+            text += chunk
+            if self.clock() - self._last_edit >= self.min_interval_s:
+                await self._sync(text, final=False)
+        await self._sync(text, final=True)
+        return text
+
+    async def _sync(self, text: str, final: bool) -> None:
+        rendered = self.transform(text) if text.strip() else ("" if final else PLACEHOLDER)
+        if not rendered:
+            rendered = "(no reply)"
+        pieces = split_message(rendered, self.limit)
+        if not final:
+            pieces[-1] = pieces[-1] + " " + PLACEHOLDER
+        for index, piece in enumerate(pieces):
+            if index < len(self.messages):
+                if self._shown[index] != piece:
+                    await self.edit(self.messages[index], piece)
+                    self._shown[index] = piece
+            else:
+                self.messages.append(await self.post(piece))
+                self._shown.append(piece)
+        self._last_edit = self.clock()

@@ -1,0 +1,102 @@
+"""Assembly: settings → store, tokenizer, model backend, engine → the chat service.
+
+Explicit lifecycle: nothing happens at import; ``open_service`` opens everything and closes it in
+reverse order.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import hashlib
+import logging
+from collections.abc import AsyncIterator
+from dataclasses import dataclass
+from pathlib import Path
+
+from bot.backend import Backend
+from bot.checkpoint import describe, make_checkpoint
+from bot.engine import Engine
+from bot.errors import ModelLoadError
+from bot.personas import PersonaLibrary
+from bot.service import ChatService
+from bot.settings import Settings
+from bot.store import Store
+from bot.tokenizer import load_tokenizer
+
+log = logging.getLogger(__name__)
+DEMO_MODEL_NAME = "demo-rwkv7-tiny.pth"
+
+
+@dataclass(frozen=True)
+class ModelChoice:
+    path: Path
+    is_demo: bool
+
+
+def choose_model(settings: Settings) -> ModelChoice:
+    """The configured checkpoint, or the random-weight demo model (made on first use)."""
+    if settings.model_path is not None:
+        return ModelChoice(settings.model_path, False)
+    demo = settings.data_dir / DEMO_MODEL_NAME
+    if not demo.is_file():
+        log.info("no RAVEN_MODEL configured: writing the demo model to %s", demo)
+        make_checkpoint(demo, "v7", "tiny", seed=0)
+    return ModelChoice(demo, True)
+
+
+def model_fingerprint(path: Path) -> str:
+    """Identifies the weights without reading a multi-GB file: size plus its first and last MiB."""
+    digest = hashlib.sha256()
+    size = path.stat().st_size
+    digest.update(str(size).encode())
+    with path.open("rb") as handle:
+        digest.update(handle.read(1 << 20))
+        handle.seek(max(0, size - (1 << 20)))
+        digest.update(handle.read(1 << 20))
+    return digest.hexdigest()[:16]
+
+
+def load_backend(settings: Settings, path: Path) -> Backend:
+    family, _, _, _ = describe(path)
+    slots = settings.max_batch + 1
+    use_batched = family == "v7" and settings.backend in ("auto", "batched")
+    if settings.backend == "batched" and family != "v7":
+        raise ModelLoadError(f"RAVEN_BACKEND=batched serves RWKV-7 only; {path} is RWKV-{family[1:]}")
+    if use_batched:
+        try:
+            from bot.rwkv7_batched import BatchedRWKV7Backend
+        except ImportError:  # pragma: no cover - only while the batched path is absent
+            use_batched = False
+    if use_batched:
+        device, _, dtype = settings.strategy.strip().partition(" ")
+        return BatchedRWKV7Backend(path, device=device, dtype=dtype.strip() or "fp32", max_slots=slots)
+    from bot.package_backend import PackageBackend
+
+    return PackageBackend(path, settings.strategy, max_slots=slots)
+
+
+@contextlib.asynccontextmanager
+async def open_service(settings: Settings) -> AsyncIterator[ChatService]:
+    import asyncio
+
+    choice = choose_model(settings)
+    personas = PersonaLibrary(settings.personas_dir)
+    personas.get(settings.default_persona)  # fail at start-up, not on the first message
+    tokenizer = load_tokenizer(settings.tokenizer)
+    backend = await asyncio.to_thread(load_backend, settings, choice.path)
+    fingerprint = await asyncio.to_thread(model_fingerprint, choice.path)
+    engine = Engine(
+        backend, tokenizer, max_batch=settings.max_batch, prefill_chunk=settings.prefill_chunk,
+        max_queue=settings.max_queue, reply_timeout_s=settings.reply_timeout_s,
+        torch_threads=settings.torch_threads,
+    )
+    async with Store(settings.database_path) as store, engine:
+        interrupted = await store.mark_interrupted()
+        if interrupted:
+            log.warning("%d message(s) were interrupted by a restart; their threads say so", len(interrupted))
+        service = ChatService(settings, store, engine, personas, fingerprint, backend.family)
+        service.is_demo_model = choice.is_demo
+        try:
+            yield service
+        finally:
+            await service.drain()

@@ -1,0 +1,253 @@
+"""The ``raven`` command line (typer)."""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import logging
+import sys
+import threading
+import time
+from pathlib import Path
+from typing import Annotated, Any, Literal
+
+import typer
+
+from bot.errors import RavenError
+from bot.settings import Settings, load_settings
+
+app = typer.Typer(add_completion=False, no_args_is_help=False,
+                  help="Raven: a team chat bot running an RWKV model on your own hardware.")
+log = logging.getLogger("raven")
+
+DEMO_BANNER = """\
+┌──────────────────────────────────────────────────────────────────────────────┐
+│ Raven is running the DEMO model: random weights, so its replies are noise.   │
+│ Everything else (threads, personas, state, commands) works for real.         │
+│                                                                              │
+│ For real answers, download RWKV weights (a .pth file) and set RAVEN_MODEL:   │
+│   RWKV-7 G1 "Goose" (World tokenizer, recommended), e.g. from the            │
+│   BlinkDL/rwkv7-g1 repository on Hugging Face:                               │
+│     0.1B  ~0.4 GB  cpu fp32 (~1 GB RAM) or any GPU                           │
+│     0.4B  ~0.9 GB  cpu fp32 (~2 GB RAM); cuda fp16 ~1 GB VRAM                │
+│     1.5B  ~3 GB    cuda fp16 ~3.5 GB VRAM (cpu works, slowly)                │
+│     2.9B  ~6 GB    cuda fp16 ~6.5 GB VRAM                                    │
+│     7.2B  ~15 GB   cuda fp16 ~15 GB VRAM; cuda bf16 on Ampere or newer       │
+│   Then: RAVEN_MODEL=/path/to/model.pth RAVEN_STRATEGY="cuda fp16" make run   │
+│ See README.md, "Using real weights".                                         │
+└──────────────────────────────────────────────────────────────────────────────┘"""
+
+
+def _settings() -> Settings:
+    try:
+        return load_settings()
+    except RavenError as exc:
+        typer.echo(f"raven: {exc}", err=True)
+        raise typer.Exit(2) from None
+
+
+def _setup_logging(settings: Settings) -> None:
+    logging.basicConfig(level=settings.log_level, stream=sys.stderr,
+                        format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+
+
+def _fail(exc: RavenError) -> typer.Exit:
+    typer.echo(f"raven: {exc}", err=True)
+    return typer.Exit(1)
+
+
+async def _chat(settings: Settings, thread: str, persona: str | None) -> None:
+    from adapters.terminal import TerminalChat
+    from bot.app import open_service
+
+    async with open_service(settings) as service:
+        if service.is_demo_model:
+            typer.echo(DEMO_BANNER, err=True)
+        await TerminalChat(service, thread=thread, persona=persona).run()
+
+
+async def _serve(settings: Settings) -> None:
+    """Every configured adapter in one process, sharing one engine."""
+    from bot.app import open_service
+
+    async with open_service(settings) as service:
+        if service.is_demo_model:
+            typer.echo(DEMO_BANNER, err=True)
+        tasks = []
+        if settings.discord_enabled:
+            from adapters.discord_bot import DiscordAdapter
+            tasks.append(asyncio.create_task(DiscordAdapter(service, settings).run(), name="discord"))
+        if settings.slack_enabled:
+            from adapters.slack_bot import SlackAdapter
+            tasks.append(asyncio.create_task(SlackAdapter(service, settings).run(), name="slack"))
+        if settings.web_enabled:
+            from adapters.web import WebAdapter
+            tasks.append(asyncio.create_task(WebAdapter(service, settings).run(), name="web"))
+        log.info("serving: %s", ", ".join(t.get_name() for t in tasks))
+        try:
+            done, _ = await asyncio.wait(tasks, return_when=asyncio.FIRST_EXCEPTION)
+            for task in done:
+                task.result()
+        finally:
+            for task in tasks:
+                task.cancel()
+            await asyncio.gather(*tasks, return_exceptions=True)
+
+
+@app.command()
+def run() -> None:
+    """Start the bot: the configured adapters, or the terminal chat when none is configured."""
+    settings = _settings()
+    _setup_logging(settings)
+    try:
+        if settings.discord_enabled or settings.slack_enabled or settings.web_enabled:
+            asyncio.run(_serve(settings))
+        else:
+            typer.echo("No DISCORD_TOKEN, SLACK_BOT_TOKEN or RAVEN_WEB_ENABLED set: opening the "
+                       "terminal chat.", err=True)
+            asyncio.run(_chat(settings, "default", None))
+    except RavenError as exc:
+        raise _fail(exc) from None
+    except KeyboardInterrupt:
+        pass
+
+
+@app.command()
+def chat(
+    thread: Annotated[str, typer.Option(help="Thread name; a later run with the same name resumes it.")] = "default",
+    persona: Annotated[str | None, typer.Option(help="Persona for the thread (see `raven personas`).")] = None,
+) -> None:
+    """Chat in the terminal (one message per line when stdin is not a terminal)."""
+    settings = _settings()
+    _setup_logging(settings)
+    try:
+        asyncio.run(_chat(settings, thread, persona))
+    except RavenError as exc:
+        raise _fail(exc) from None
+    except KeyboardInterrupt:
+        pass
+
+
+@app.command()
+def web(
+    host: Annotated[str | None, typer.Option(help="Bind address (default RAVEN_WEB_HOST).")] = None,
+    port: Annotated[int | None, typer.Option(help="Port (default RAVEN_WEB_PORT).")] = None,
+) -> None:
+    """Serve the web chat page and HTTP API."""
+    overrides: dict[str, Any] = {"web_enabled": True}
+    if host is not None:
+        overrides["web_host"] = host
+    if port is not None:
+        overrides["web_port"] = port
+    try:
+        settings = load_settings(**overrides)
+    except RavenError as exc:
+        raise _fail(exc) from None
+    _setup_logging(settings)
+
+    async def serve() -> None:
+        from adapters.web import WebAdapter
+        from bot.app import open_service
+
+        async with open_service(settings) as service:
+            if service.is_demo_model:
+                typer.echo(DEMO_BANNER, err=True)
+            await WebAdapter(service, settings).run()
+
+    try:
+        asyncio.run(serve())
+    except RavenError as exc:
+        raise _fail(exc) from None
+    except KeyboardInterrupt:
+        pass
+
+
+@app.command()
+def personas() -> None:
+    """List the personas."""
+    from bot.personas import PersonaLibrary
+
+    settings = _settings()
+    try:
+        for persona in PersonaLibrary(settings.personas_dir).all():
+            typer.echo(f"{persona.name:12} {persona.display_name} — {persona.description}")
+    except RavenError as exc:
+        raise _fail(exc) from None
+
+
+@app.command("make-model")
+def make_model(
+    out: Annotated[Path, typer.Argument(help="Where to write the .pth file.")],
+    family: Annotated[str, typer.Option(help="v7 or v4")] = "v7",
+    size: Annotated[str, typer.Option(help="tiny or 0.1b")] = "tiny",
+    seed: Annotated[int, typer.Option(help="Random seed")] = 0,
+) -> None:
+    """Write a random-weight checkpoint in the real RWKV format (for tests and demos)."""
+    from bot.checkpoint import make_checkpoint
+
+    if family not in ("v7", "v4") or size not in ("tiny", "0.1b"):
+        typer.echo("raven: --family must be v7 or v4 and --size tiny or 0.1b", err=True)
+        raise typer.Exit(2)
+    make_checkpoint(out, family, size, seed)  # type: ignore[arg-type]
+    typer.echo(f"wrote {out} ({out.stat().st_size / 1e6:.1f} MB, RWKV-{family[1:]}, {size})")
+
+
+@app.command()
+def convert(
+    src: Annotated[Path, typer.Argument(help="An RWKV-4/5/6 checkpoint.")],
+    dst: Annotated[Path, typer.Argument(help="Where to write the converted checkpoint.")],
+    strategy: Annotated[str, typer.Option(help='e.g. "cuda fp16i8 *10 -> cpu fp32"')] = "cpu fp32",
+) -> None:
+    """Pre-convert an RWKV-4/5/6 checkpoint for a strategy, for faster loading."""
+    from tqdm import tqdm
+
+    from bot.rwkv_package import convert_checkpoint
+
+    failure: list[BaseException] = []
+
+    def work() -> None:
+        try:
+            convert_checkpoint(src, dst, strategy)
+        except BaseException as exc:
+            failure.append(exc)
+
+    worker = threading.Thread(target=work, daemon=True)
+    worker.start()
+    with tqdm(desc=f"converting {src.name}", unit="s", bar_format="{desc}: {elapsed} elapsed") as bar:
+        while worker.is_alive():
+            worker.join(0.2)
+            bar.update(0)
+            bar.refresh()
+    if failure:
+        exc = failure[0]
+        if isinstance(exc, RavenError):
+            raise _fail(exc)
+        raise exc
+    typer.echo(f"wrote {dst} ({dst.stat().st_size / 1e6:.1f} MB) for strategy {strategy!r}")
+
+
+@app.command()
+def bench(
+    size: Annotated[str, typer.Option(help="tiny or 0.1b")] = "0.1b",
+    dtype: Annotated[str, typer.Option(help="fp32, bf16 or fp16")] = "fp32",
+    device: Annotated[str, typer.Option(help="cpu or cuda")] = "cpu",
+    as_json: Annotated[bool, typer.Option("--json", help="Print one JSON object.")] = False,
+    quick: Annotated[bool, typer.Option(help="A short smoke run.")] = False,
+) -> None:
+    """Measure the engine against the plain rwkv package (see bench/)."""
+    from bot.benchmark import format_table, run_benchmark
+
+    started = time.monotonic()
+    result = run_benchmark(size=size, dtype=dtype, device=device, quick=quick)
+    if as_json:
+        typer.echo(json.dumps(result))
+    else:
+        typer.echo(format_table(result))
+        typer.echo(f"({time.monotonic() - started:.0f} s)")
+
+
+def main() -> None:
+    app()
+
+
+Family = Literal["v7", "v4"]

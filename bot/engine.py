@@ -1,0 +1,452 @@
+"""The inference engine: one worker thread owns the model and serves many threads at once.
+
+Scheduling, once per step of the worker:
+
+1. **Decode** one token for every generation that is streaming (one batched model call).
+2. **Prefill** up to ``prefill_chunk`` tokens of waiting work (new messages, persona prompts,
+   rebuilds from the log), so a long new prompt never stalls replies that are already streaming.
+
+The backend keeps streaming generations in slots ``0 .. n-1`` (compacted when one finishes) and
+prefills in one extra slot at the end of the pool. Nothing here blocks the event loop: results
+reach asyncio through ``call_soon_threadsafe``.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import codecs
+import logging
+import threading
+import time
+from collections import deque
+from collections.abc import AsyncIterator, Callable, Sequence
+from dataclasses import dataclass, field
+from typing import Literal
+
+import torch
+
+from bot.backend import Backend, State
+from bot.errors import EngineBusy, RavenError
+from bot.sampling import END_OF_TEXT, RowSampler, SamplingParams, sample_rows
+from bot.tokenizer import Tokenizer
+
+log = logging.getLogger(__name__)
+FinishReason = Literal["stop", "length", "timeout", "cancelled", "error"]
+
+
+@dataclass
+class ModelState:
+    """The model after reading some tokens: the recurrent state and the logits for the next token."""
+
+    state: State
+    logits: torch.Tensor
+    token_count: int
+
+    def nbytes(self) -> int:
+        return sum(t.numel() * t.element_size() for t in self.state) + self.logits.numel() * 4
+
+
+@dataclass
+class Completion:
+    text: str
+    finish_reason: FinishReason
+    generated_tokens: int
+    #: the model after the canonical reply segment (see ``bot.prompt``); None if finalising failed
+    final: ModelState | None
+
+
+@dataclass
+class GenerateRequest:
+    start: ModelState
+    prompt_tokens: list[int]
+    sampling: SamplingParams
+    stop_strings: Sequence[str]
+    seed: int
+    #: tokens of the reply segment as it will be re-read from the log (see ``bot.prompt``)
+    finalize_tokens: Callable[[str], list[int]]
+    label: str = ""
+
+
+class _Job:
+    """Work in the worker's queues. Fields below the line are touched only by the worker."""
+
+    def __init__(self, loop: asyncio.AbstractEventLoop, start: ModelState, tokens: list[int],
+                 deadline: float, request: GenerateRequest | None) -> None:
+        self.loop = loop
+        self.start = start
+        self.tokens = tokens
+        self.deadline = deadline
+        self.request = request
+        self.chunks: asyncio.Queue[str | None] = asyncio.Queue()
+        self.result: asyncio.Future[object] = loop.create_future()
+        self.cancelled = False
+        # ---
+        self.position = 0
+        self.loaded = False
+        self.sampler: RowSampler | None = None
+        self.snapshot: ModelState | None = None
+        self.pending_token = 0
+        self.generated: list[int] = []
+        self.decoder = codecs.getincrementaldecoder("utf-8")(errors="replace")
+        self.emitted = 0
+        self.text = ""
+        self.finish: FinishReason | None = None
+        self.finalizing = False
+
+    def emit(self, chunk: str | None) -> None:
+        self.loop.call_soon_threadsafe(self.chunks.put_nowait, chunk)
+
+    def resolve(self, value: object) -> None:
+        def settle() -> None:
+            if not self.result.done():
+                if isinstance(value, BaseException):
+                    self.result.set_exception(value)
+                else:
+                    self.result.set_result(value)
+        self.loop.call_soon_threadsafe(settle)
+
+
+class Generation:
+    """A reply being generated: iterate for text chunks, then ``await result()``."""
+
+    def __init__(self, engine: Engine, job: _Job) -> None:
+        self._engine = engine
+        self._job = job
+
+    def __aiter__(self) -> AsyncIterator[str]:
+        return self._chunks()
+
+    async def _chunks(self) -> AsyncIterator[str]:
+        while True:
+            chunk = await self._job.chunks.get()
+            if chunk is None:
+                return
+            yield chunk
+
+    async def result(self) -> Completion:
+        value = await self._job.result
+        assert isinstance(value, Completion)
+        return value
+
+    def cancel(self) -> None:
+        self._job.cancelled = True
+        self._engine._wake()
+
+
+@dataclass
+class EngineStats:
+    decode_steps: int = 0
+    decoded_tokens: int = 0
+    prefilled_tokens: int = 0
+    max_batch_seen: int = 0
+    busy_rejections: int = 0
+    step_seconds: float = 0.0
+    prefill_sizes: deque[int] = field(default_factory=lambda: deque(maxlen=4096))
+
+
+class Engine:
+    def __init__(
+        self, backend: Backend, tokenizer: Tokenizer, *, max_batch: int = 32, prefill_chunk: int = 256,
+        max_queue: int = 64, reply_timeout_s: float = 180.0, torch_threads: int = 0,
+    ) -> None:
+        if backend.max_slots < max_batch + 1:
+            raise ValueError(f"backend has {backend.max_slots} slots; the engine needs max_batch + 1")
+        self.backend = backend
+        self.tokenizer = tokenizer
+        self.max_batch = max_batch
+        self.prefill_chunk = prefill_chunk
+        self.max_queue = max_queue
+        self.reply_timeout_s = reply_timeout_s
+        self.torch_threads = torch_threads
+        self.stats = EngineStats()
+        self._prefill_slot = max_batch
+        self._cond = threading.Condition()
+        self._incoming: deque[_Job] = deque()
+        self._urgent: deque[_Job] = deque()  # finalising replies: a thread's next turn waits on them
+        self._waiting: deque[_Job] = deque()
+        self._decoding: list[_Job] = []
+        self._prefilling: _Job | None = None
+        self._stopping = False
+        self._thread: threading.Thread | None = None
+        self._failure: BaseException | None = None
+        self._never = torch.tensor(tokenizer.unknown_ids(backend.vocab_size), dtype=torch.long)
+
+    # --- lifecycle ------------------------------------------------------------------------------
+
+    async def __aenter__(self) -> Engine:
+        self.start()
+        return self
+
+    async def __aexit__(self, *exc: object) -> None:
+        await asyncio.to_thread(self.stop)
+
+    def start(self) -> None:
+        self._thread = threading.Thread(target=self._run, name="raven-engine", daemon=True)
+        self._thread.start()
+
+    def stop(self) -> None:
+        with self._cond:
+            self._stopping = True
+            self._cond.notify_all()
+        if self._thread is not None:
+            self._thread.join()
+
+    def _wake(self) -> None:
+        with self._cond:
+            self._cond.notify_all()
+
+    # --- the asyncio side -----------------------------------------------------------------------
+
+    @property
+    def queued(self) -> int:
+        """Generations waiting for a place (not yet streaming)."""
+        return len(self._incoming) + len(self._waiting)
+
+    def zero_state(self) -> ModelState:
+        vocab = self.backend.vocab_size
+        return ModelState(self.backend.zero_state(), torch.zeros(vocab), 0)
+
+    async def prefill(self, start: ModelState, tokens: list[int]) -> ModelState:
+        """The model after reading ``tokens`` from ``start`` (persona prompts, rebuilds)."""
+        if not tokens:
+            return start
+        job = self._submit(start, tokens, None, urgent=False)
+        value = await job.result
+        assert isinstance(value, ModelState)
+        return value
+
+    def generate(self, request: GenerateRequest) -> Generation:
+        """Start a reply; raises :class:`EngineBusy` when the queue is full."""
+        if not request.prompt_tokens:
+            raise ValueError("a generation needs prompt tokens")
+        if self.queued >= self.max_queue:
+            self.stats.busy_rejections += 1
+            raise EngineBusy(self.queued + len(self._decoding))
+        job = self._submit(request.start, list(request.prompt_tokens), request, urgent=False)
+        return Generation(self, job)
+
+    def _submit(self, start: ModelState, tokens: list[int], request: GenerateRequest | None,
+                urgent: bool) -> _Job:
+        if self._failure is not None:
+            raise RavenError(f"the engine stopped after an error: {self._failure}")
+        deadline = time.monotonic() + self.reply_timeout_s if request is not None else float("inf")
+        job = _Job(asyncio.get_running_loop(), start, tokens, deadline, request)
+        with self._cond:
+            (self._urgent if urgent else self._incoming).append(job)
+            self._cond.notify_all()
+        return job
+
+    # --- the worker -----------------------------------------------------------------------------
+
+    def _run(self) -> None:
+        if self.torch_threads:
+            torch.set_num_threads(self.torch_threads)
+        try:
+            with torch.no_grad():  # grad mode is per thread: set it in the worker itself
+                while True:
+                    with self._cond:
+                        while not (self._stopping or self._incoming or self._urgent or self._waiting
+                                   or self._decoding or self._prefilling):
+                            self._cond.wait()
+                        if self._stopping:
+                            break
+                        self._waiting.extend(self._incoming)
+                        self._incoming.clear()
+                    started = time.perf_counter()
+                    try:
+                        self._step()
+                    except Exception as exc:  # fail the work in flight, keep serving the rest
+                        log.exception("engine step failed")
+                        self._fail_in_flight(exc)
+                    self.stats.step_seconds += time.perf_counter() - started
+        except BaseException as exc:  # never leave callers waiting forever
+            log.exception("engine worker failed")
+            self._failure = exc
+        self._abort_all(self._failure or RavenError("the engine was stopped"))
+
+    def _fail_in_flight(self, error: Exception) -> None:
+        jobs = list(self._decoding)
+        self._decoding.clear()
+        if self._prefilling is not None:
+            jobs.append(self._prefilling)
+            self._prefilling = None
+        for job in jobs:
+            job.emit(None)
+            job.resolve(RavenError(f"the model failed: {error}"))
+
+    def _abort_all(self, error: BaseException) -> None:
+        with self._cond:
+            jobs = [*self._urgent, *self._incoming, *self._waiting, *self._decoding]
+            self._urgent.clear()
+            self._incoming.clear()
+            self._waiting.clear()
+            self._decoding.clear()
+        if self._prefilling is not None:
+            jobs.append(self._prefilling)
+            self._prefilling = None
+        for job in jobs:
+            job.emit(None)
+            job.resolve(RavenError(f"the engine stopped: {error}"))
+
+    def _step(self) -> None:
+        self._decode_step()
+        self._prefill_step()
+
+    def _decode_step(self) -> None:
+        now = time.monotonic()
+        for job in list(self._decoding):
+            if job.cancelled:
+                self._finish(job, "cancelled")
+            elif now > job.deadline:
+                self._finish(job, "timeout")
+        if not self._decoding:
+            return
+        batch = self._decoding
+        logits = self.backend.decode([job.pending_token for job in batch])
+        self.stats.decode_steps += 1
+        self.stats.decoded_tokens += len(batch)
+        self.stats.max_batch_seen = max(self.stats.max_batch_seen, len(batch))
+        samplers = [job.sampler for job in batch]
+        tokens = sample_rows(logits, samplers)  # type: ignore[arg-type]
+        for job, token in zip(list(batch), tokens, strict=True):
+            self._accept(job, token)
+
+    def _next_prefill(self) -> _Job | None:
+        with self._cond:
+            if self._urgent:
+                return self._urgent.popleft()
+            while self._waiting:
+                job = self._waiting[0]
+                if job.cancelled or time.monotonic() > job.deadline:
+                    self._waiting.popleft()
+                    self._end_unstarted(job, "cancelled" if job.cancelled else "timeout")
+                    continue
+                if job.request is not None and len(self._decoding) >= self.max_batch:
+                    return None  # no room to stream another reply yet
+                return self._waiting.popleft()
+        return None
+
+    def _prefill_step(self) -> None:
+        budget = self.prefill_chunk
+        while budget > 0:
+            job = self._prefilling or self._next_prefill()
+            if job is None:
+                return
+            self._prefilling = job
+            slot = self._prefill_slot
+            if not job.loaded:
+                self.backend.load_slot(slot, job.start.state)
+                job.loaded = True
+            take = job.tokens[job.position:job.position + budget]
+            logits = self.backend.prefill(slot, take)
+            self.stats.prefilled_tokens += len(take)
+            self.stats.prefill_sizes.append(len(take))
+            job.position += len(take)
+            budget -= len(take)
+            if job.position < len(job.tokens):
+                return
+            self._prefilling = None
+            count = job.start.token_count + len(job.tokens)
+            done = ModelState(self.backend.read_slot(slot), logits.clone(), count)
+            if job.request is None or job.finalizing:
+                job.resolve(done)
+                continue
+            self._begin_decoding(job, done)
+
+    def _begin_decoding(self, job: _Job, after_prompt: ModelState) -> None:
+        request = job.request
+        assert request is not None
+        job.snapshot = after_prompt
+        job.sampler = RowSampler(request.sampling, request.seed, never=self._never)
+        logits = after_prompt.logits.clone().unsqueeze(0)
+        first = sample_rows(logits, [job.sampler])[0]
+        slot = len(self._decoding)
+        self.backend.move_slot(self._prefill_slot, slot)
+        self._decoding.append(job)
+        self._accept(job, first)
+
+    def _accept(self, job: _Job, token: int) -> None:
+        """Take a sampled token: stream its text, or finish on a stop condition."""
+        request = job.request
+        assert request is not None and job.sampler is not None
+        if token == END_OF_TEXT:
+            self._finish(job, "stop")
+            return
+        piece = self.tokenizer.decode_bytes([token])
+        job.generated.append(token)
+        # A token can end inside a multi-byte character: the incremental decoder holds it back.
+        text = job.text + job.decoder.decode(piece)
+        job.text = text
+        job.sampler.record(token, piece.decode("utf-8", errors="ignore"))
+        if text.strip():
+            job.sampler.banned.discard(END_OF_TEXT)  # end-of-text is allowed once the reply has content
+        for stop in request.stop_strings:
+            cut = text.find(stop)
+            if cut >= 0:
+                job.text = text[:cut]
+                self._flush(job, len(job.text))
+                self._finish(job, "stop")
+                return
+        # Hold back a tail that could be the start of a stop string.
+        safe = len(text)
+        for stop in request.stop_strings:
+            for size in range(min(len(stop) - 1, len(text)), 0, -1):
+                if text.endswith(stop[:size]):
+                    safe = min(safe, len(text) - size)
+                    break
+        self._flush(job, safe)
+        if len(job.generated) >= request.sampling.max_tokens:
+            self._finish(job, "length")
+            return
+        job.pending_token = token
+
+    def _flush(self, job: _Job, upto: int) -> None:
+        if upto > job.emitted:
+            job.emit(job.text[job.emitted:upto])
+            job.emitted = upto
+
+    def _finish(self, job: _Job, reason: FinishReason) -> None:
+        if reason != "stop":
+            self._flush(job, len(job.text))
+        job.finish = reason
+        index = self._decoding.index(job)
+        last = len(self._decoding) - 1
+        if index != last:  # keep the streaming slots compacted
+            self.backend.move_slot(last, index)
+            self._decoding[index] = self._decoding[last]
+        self._decoding.pop()
+        job.emit(None)
+        self._finalize(job)
+
+    def _end_unstarted(self, job: _Job, reason: FinishReason) -> None:
+        job.finish = reason
+        job.emit(None)
+        job.resolve(Completion("", reason, 0, None))
+
+    def _finalize(self, job: _Job) -> None:
+        """Re-read the reply as it will appear in the log, from the state after the prompt: the saved
+        state then equals a rebuild from the log (see ``bot.prompt``)."""
+        request = job.request
+        assert request is not None and job.snapshot is not None
+        reason = job.finish or "stop"
+        completion_text = job.text
+        try:
+            tokens = request.finalize_tokens(completion_text)
+        except Exception:
+            log.exception("could not tokenize the reply of %s", request.label)
+            job.resolve(Completion(completion_text, reason, len(job.generated), None))
+            return
+        waiter = _Job(job.loop, job.snapshot, tokens, float("inf"), request)
+        waiter.finalizing = True
+
+        def relay(done: asyncio.Future[object]) -> None:
+            if done.exception() is not None:
+                job.result.set_exception(done.exception())  # type: ignore[arg-type]
+            else:
+                final = done.result()
+                assert isinstance(final, ModelState)
+                job.result.set_result(Completion(completion_text, reason, len(job.generated), final))
+
+        job.loop.call_soon_threadsafe(waiter.result.add_done_callback, relay)
+        with self._cond:
+            self._urgent.append(waiter)

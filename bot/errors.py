@@ -1,0 +1,33 @@
+"""The core's error hierarchy: each error carries a message fit to show a user or an operator."""
+
+
+class RavenError(Exception):
+    """Base of every error the core raises on purpose."""
+
+
+class ConfigError(RavenError):
+    """A setting is missing or malformed; raised at start-up."""
+
+
+class ModelLoadError(RavenError):
+    """A checkpoint is missing, unreadable or of a shape we do not know."""
+
+
+class PersonaError(RavenError):
+    """A persona name is invalid or unknown, or a persona file is malformed."""
+
+
+class InputError(RavenError):
+    """A user's message cannot be accepted (empty, too long, undecodable)."""
+
+
+class StateError(RavenError):
+    """A stored model state cannot be used (corrupt, stale, wrong shape)."""
+
+
+class EngineBusy(RavenError):
+    """The engine's queue is full; the message says how many are ahead."""
+
+    def __init__(self, ahead: int) -> None:
+        super().__init__(f"busy, {ahead} ahead of you")
+        self.ahead = ahead

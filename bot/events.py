@@ -1,0 +1,50 @@
+"""The one type that crosses from adapters into the core, and the key that names a thread."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+_SEPARATOR = ":"
+
+
+@dataclass(frozen=True, slots=True)
+class ThreadKey:
+    """Names one conversation everywhere in the core: the store, the state cache, the engine."""
+
+    platform: str
+    thread_id: str
+
+    def __post_init__(self) -> None:
+        if not self.platform or _SEPARATOR in self.platform:
+            raise ValueError(f"invalid platform name {self.platform!r}")
+        if not self.thread_id:
+            raise ValueError("thread_id must not be empty")
+
+    def __str__(self) -> str:
+        return f"{self.platform}{_SEPARATOR}{self.thread_id}"
+
+    @classmethod
+    def parse(cls, text: str) -> ThreadKey:
+        platform, sep, thread_id = text.partition(_SEPARATOR)
+        if not sep:
+            raise ValueError(f"not a thread key: {text!r}")
+        return cls(platform, thread_id)
+
+
+@dataclass(frozen=True, slots=True)
+class Event:
+    """A user's message, already translated from the platform's own shape.
+
+    Adapters map native slash commands onto the same text form (``/advisor sql why?``) so
+    that the core parses every command in one place.
+    """
+
+    thread: ThreadKey
+    user_id: str
+    user_name: str
+    text: str
+    message_id: str | None = None
+
+    @property
+    def platform(self) -> str:
+        return self.thread.platform

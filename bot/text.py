@@ -1,0 +1,28 @@
+"""Cleaning of user text before it is stored or read by the model."""
+
+from __future__ import annotations
+
+import re
+import unicodedata
+
+from bot.errors import InputError
+
+# C0/C1 control characters except tab and newline; also lone surrogates that cannot be encoded.
+_CONTROL = re.compile(r"[\x00-\x08\x0b-\x1f\x7f-\x9f]")
+
+
+def clean_text(raw: str | bytes, max_chars: int) -> str:
+    """Normalised text, or :class:`InputError` with a message fit for the user."""
+    if isinstance(raw, bytes):
+        raw = raw.decode("utf-8", errors="replace")
+    text = raw.encode("utf-8", errors="replace").decode("utf-8")  # drops lone surrogates
+    text = unicodedata.normalize("NFC", text.replace("\r\n", "\n").replace("\r", "\n"))
+    text = _CONTROL.sub("", text).strip()
+    if not text:
+        raise InputError("That message is empty — there is nothing to answer.")
+    if len(text) > max_chars:
+        raise InputError(
+            f"That message is {len(text):,} characters long; the limit is {max_chars:,}. "
+            "Please shorten it or split it up."
+        )
+    return text
