@@ -7,6 +7,7 @@ that a persona switch or ``/reset`` increments; the model's context is the curre
 
 from __future__ import annotations
 
+import asyncio
 import hashlib
 import time
 from collections.abc import Awaitable, Callable, Sequence
@@ -107,6 +108,9 @@ class Store:
         self.path = path
         self.clock = clock
         self._db: aiosqlite.Connection | None = None
+        # One connection serves every coroutine, so a transaction must not interleave with other
+        # writes: each write holds this lock.
+        self._write_lock = asyncio.Lock()
 
     async def __aenter__(self) -> Store:
         await self.open()
@@ -156,14 +160,23 @@ class Store:
         return apply
 
     async def _transaction(self, work: Callable[[aiosqlite.Connection], Awaitable[Any]]) -> Any:
-        await self.db.execute("BEGIN IMMEDIATE")
-        try:
-            result = await work(self.db)
-        except BaseException:
-            await self.db.execute("ROLLBACK")
-            raise
-        await self.db.execute("COMMIT")
-        return result
+        async with self._write_lock:
+            await self.db.execute("BEGIN IMMEDIATE")
+            try:
+                result = await work(self.db)
+            except BaseException:
+                await self.db.execute("ROLLBACK")
+                raise
+            await self.db.execute("COMMIT")
+            return result
+
+    async def _write(self, sql: str, args: Sequence[object] = ()) -> int:
+        """One statement in its own transaction; returns the number of rows it changed."""
+        async def work(db: aiosqlite.Connection) -> int:
+            cursor = await db.execute(sql, args)
+            return int(cursor.rowcount)
+
+        return int(await self._transaction(work))
 
     # --- threads -------------------------------------------------------------------------------------
 
@@ -179,7 +192,7 @@ class Store:
 
     async def ensure_thread(self, key: ThreadKey, persona: str) -> ThreadInfo:
         now = self.clock()
-        await self.db.execute(
+        await self._write(
             "INSERT OR IGNORE INTO threads (key, persona, epoch, created_at, updated_at) VALUES (?, ?, 0, ?, ?)",
             (str(key), persona, now, now),
         )
@@ -257,7 +270,7 @@ class Store:
         return [_message(row) for row in rows]
 
     async def set_status(self, message_id: int, status: Status) -> None:
-        await self.db.execute("UPDATE messages SET status = ? WHERE id = ?", (status, message_id))
+        await self._write("UPDATE messages SET status = ? WHERE id = ?", (status, message_id))
 
     async def mark_interrupted(self) -> list[StoredMessage]:
         """After a crash or kill: user messages still pending were never answered. Mark them and
@@ -320,7 +333,7 @@ class Store:
         )
 
     async def save_state(self, key: ThreadKey, state: StoredState) -> None:
-        await self.db.execute(
+        await self._write(
             """INSERT INTO states (thread_key, fingerprint, epoch, last_message_id, token_count,
                                    checksum, blob, updated_at)
                VALUES (?, ?, ?, ?, ?, ?, ?, ?)
@@ -333,18 +346,22 @@ class Store:
         )
 
     async def delete_state(self, key: ThreadKey) -> None:
-        await self.db.execute("DELETE FROM states WHERE thread_key = ?", (str(key),))
+        await self._write("DELETE FROM states WHERE thread_key = ?", (str(key),))
 
     # --- deduplication -------------------------------------------------------------------------------
 
     async def claim_event(self, key: str, ttl_s: float) -> bool:
         """True the first time ``key`` is claimed within ``ttl_s``; expired keys are swept here."""
         now = self.clock()
-        await self.db.execute("DELETE FROM processed_events WHERE created_at < ?", (now - ttl_s,))
-        cursor = await self.db.execute(
-            "INSERT OR IGNORE INTO processed_events (key, created_at) VALUES (?, ?)", (key, now)
-        )
-        return cursor.rowcount == 1
+
+        async def work(db: aiosqlite.Connection) -> bool:
+            await db.execute("DELETE FROM processed_events WHERE created_at < ?", (now - ttl_s,))
+            cursor = await db.execute(
+                "INSERT OR IGNORE INTO processed_events (key, created_at) VALUES (?, ?)", (key, now)
+            )
+            return cursor.rowcount == 1
+
+        return bool(await self._transaction(work))
 
 
 def _escape_like(text: str) -> str:

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import functools
 import importlib.util
 from pathlib import Path
 from typing import Protocol
@@ -81,7 +82,9 @@ class HFTokenizer:
         return list(range(size, vocab_size))
 
 
+@functools.lru_cache(maxsize=4)
 def load_tokenizer(spec: str) -> Tokenizer:
+    """Tokenizers are immutable and take ~1 s to build, so one per process is shared."""
     if spec == WORLD:
         return WorldTokenizer()
     return HFTokenizer(Path(spec))

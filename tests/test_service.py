@@ -1,0 +1,205 @@
+"""The chat service end to end on the real engine, store and tiny model."""
+
+from __future__ import annotations
+
+import asyncio
+import sqlite3
+
+import pytest
+
+from bot.app import open_service
+from bot.events import Event, ThreadKey
+from bot.service import ChatService
+from bot.store import Store
+from tests.conftest import SettingsFactory
+
+
+async def say(service: ChatService, key: ThreadKey, text: str, user: str = "u1") -> str:
+    return "".join([chunk async for chunk in service.reply(Event(key, user, user.upper(), text, f"m-{text[:8]}"))])
+
+
+async def test_a_thread_survives_a_restart(settings_factory: SettingsFactory) -> None:
+    settings = settings_factory()
+    key = ThreadKey("test", "persist")
+    async with open_service(settings) as service:
+        first = await say(service, key, "hello")
+    async with open_service(settings) as service:
+        await say(service, key, "still there?")
+        turn = service.last_turn(key)
+        messages = await service.thread_messages(key)
+    assert turn is not None and turn.resumed_from == "store"
+    assert turn.prompt_tokens < 20  # only the new message was read
+    assert [m.role for m in messages] == ["user", "assistant", "user", "assistant"]
+    assert messages[1].text == first.strip()
+
+
+async def test_two_messages_to_one_thread_are_answered_in_order(service: ChatService) -> None:
+    key = ThreadKey("test", "order")
+    first, second = await asyncio.gather(say(service, key, "first question"), say(service, key, "second question"))
+    messages = await service.thread_messages(key)
+    assert [(m.role, m.text) for m in messages] == [
+        ("user", "first question"), ("assistant", first.strip()),
+        ("user", "second question"), ("assistant", second.strip()),
+    ]
+    turn = service.last_turn(key)
+    assert turn is not None and turn.resumed_from == "memory"  # the second read the first's state
+
+
+async def test_threads_never_share_state_or_text(service: ChatService) -> None:
+    a, b = ThreadKey("test", "a"), ThreadKey("test", "b")
+    await asyncio.gather(say(service, a, "alpha one"), say(service, b, "beta one"))
+    await asyncio.gather(say(service, a, "alpha two"), say(service, b, "beta two"))
+    texts_a = [m.text for m in await service.thread_messages(a)]
+    texts_b = [m.text for m in await service.thread_messages(b)]
+    assert texts_a[0::2] == ["alpha one", "alpha two"]
+    assert texts_b[0::2] == ["beta one", "beta two"]
+    state_a, state_b = await service.store.load_state(a), await service.store.load_state(b)
+    assert state_a is not None and state_b is not None and state_a.blob != state_b.blob
+
+
+async def test_same_seed_same_reply_alone_or_alongside_others(settings_factory: SettingsFactory) -> None:
+    settings = settings_factory(seed=42)
+    key = ThreadKey("test", "repro")
+    async with open_service(settings) as service:
+        alone = await say(service, key, "tell me a story")
+    settings2 = settings_factory(seed=42, data_dir=settings.data_dir.parent / "other")
+    async with open_service(settings2) as service:
+        others = [say(service, ThreadKey("test", f"noise{i}"), f"noise {i}") for i in range(4)]
+        results = await asyncio.gather(say(service, key, "tell me a story"), *others)
+    assert results[0] == alone
+
+
+async def test_persona_switch_restarts_the_context_and_keeps_the_log(service: ChatService) -> None:
+    key = ThreadKey("test", "switch")
+    await say(service, key, "hello")
+    notice = await say(service, key, "/advisor sql how do I find duplicate rows?")
+    assert "SQL advisor" in notice
+    thread = await service.thread(key)
+    assert thread is not None and thread.persona == "sql" and thread.epoch == 1
+    turn = service.last_turn(key)
+    assert turn is not None and turn.resumed_from == "new"  # context restarted from the persona prompt
+    messages = await service.thread_messages(key)
+    assert [m.text for m in messages if m.role == "user"] == [
+        "hello", "/advisor sql how do I find duplicate rows?", "how do I find duplicate rows?"]
+    assert messages[0].epoch == 0 and messages[-1].epoch == 1
+
+
+async def test_reset_keeps_persona_and_starts_over(service: ChatService) -> None:
+    key = ThreadKey("test", "reset")
+    await say(service, key, "/advisor project")
+    await say(service, key, "plan a migration")
+    reply = await say(service, key, "/reset")
+    assert "Started over" in reply and "Project advisor" in reply
+    thread = await service.thread(key)
+    assert thread is not None and thread.persona == "project" and thread.epoch == 2
+    assert await service.store.load_state(key) is None
+    await say(service, key, "again")
+    assert service.last_turn(key).resumed_from == "new"  # type: ignore[union-attr]
+
+
+@pytest.mark.parametrize("name", ["nope", "../x", "..%2fx", "SQL/../../etc"])
+async def test_unknown_or_malicious_persona_is_refused_with_the_list(service: ChatService, name: str) -> None:
+    key = ThreadKey("test", "bad-persona")
+    reply = await say(service, key, f"/advisor {name}")
+    assert "Personas:" in reply and "`sql`" in reply
+    assert ("unknown persona" in reply) or ("not a valid persona name" in reply)
+    thread = await service.thread(key)
+    assert thread is None  # nothing was created or switched
+
+
+async def test_help_and_personas_commands(service: ChatService) -> None:
+    key = ThreadKey("test", "help")
+    assert "/advisor" in await say(service, key, "/help")
+    listing = await say(service, key, "/personas")
+    assert all(f"`{name}`" in listing for name in ("default", "sql", "project"))
+
+
+async def test_empty_and_oversized_messages_get_a_notice_and_store_nothing(settings_factory: SettingsFactory) -> None:
+    async with open_service(settings_factory(max_message_chars=100)) as service:
+        key = ThreadKey("test", "limits")
+        assert "empty" in await say(service, key, "  \x00 \n ")
+        assert "limit is 100" in await say(service, key, "x" * 101)
+        assert await service.thread(key) is None
+        assert await service.thread_messages(key) == []
+
+
+async def test_control_characters_are_cleaned_before_storing(service: ChatService) -> None:
+    key = ThreadKey("test", "clean")
+    await say(service, key, "hel\x00lo\x1b[31m red\r\nline")
+    messages = await service.thread_messages(key)
+    assert messages[0].text == "hello[31m red\nline"
+
+
+async def test_corrupt_state_blob_is_rebuilt_from_the_log(settings_factory: SettingsFactory) -> None:
+    settings = settings_factory()
+    key = ThreadKey("test", "corrupt")
+    async with open_service(settings) as service:
+        await say(service, key, "hello")
+    with sqlite3.connect(settings.database_path) as db:
+        db.execute("UPDATE states SET blob = X'00112233' WHERE thread_key = ?", (str(key),))
+    async with open_service(settings) as service:
+        reply = await say(service, key, "are you ok?")
+        turn = service.last_turn(key)
+        stored = await service.store.load_state(key)
+    assert reply.strip() and "went wrong" not in reply
+    assert turn is not None and turn.resumed_from == "rebuild"
+    assert stored is not None and stored.checksum_ok and len(stored.blob) > 1000
+
+
+async def test_state_with_a_valid_checksum_but_garbage_content_is_rebuilt(settings_factory: SettingsFactory) -> None:
+    settings = settings_factory()
+    key = ThreadKey("test", "garbage")
+    async with open_service(settings) as service:
+        await say(service, key, "hello")
+    import hashlib
+
+    blob = b"not a torch file"
+    with sqlite3.connect(settings.database_path) as db:
+        db.execute("UPDATE states SET blob = ?, checksum = ? WHERE thread_key = ?",
+                   (blob, hashlib.sha256(blob).hexdigest(), str(key)))
+    async with open_service(settings) as service:
+        await say(service, key, "still fine?")
+        assert service.last_turn(key).resumed_from == "rebuild"  # type: ignore[union-attr]
+
+
+async def test_a_persona_edit_makes_saved_states_stale(settings_factory: SettingsFactory, tmp_path) -> None:  # type: ignore[no-untyped-def]
+    personas = tmp_path / "personas"
+    personas.mkdir()
+    (personas / "coach.md").write_text("---\nname: Coach\n---\nYou are a running coach.\n")
+    settings = settings_factory(personas_dir=personas)
+    key = ThreadKey("test", "stale")
+    async with open_service(settings) as service:
+        await say(service, key, "/advisor coach hi")
+    (personas / "coach.md").write_text("---\nname: Coach\n---\nYou are a swimming coach.\n")
+    async with open_service(settings) as service:
+        await say(service, key, "next")
+        assert service.last_turn(key).resumed_from == "rebuild"  # type: ignore[union-attr]
+
+
+async def test_a_crash_mid_reply_leaves_the_message_marked_interrupted(settings_factory: SettingsFactory) -> None:
+    settings = settings_factory()
+    key = ThreadKey("test", "crash")
+    async with open_service(settings) as service:
+        await say(service, key, "hello")
+    # What a kill during generation leaves behind: the user's message committed, still pending.
+    async with Store(settings.database_path) as store:
+        await store.add_message(key, "user", "this one was being answered", author="U1", status="pending")
+    async with open_service(settings) as service:
+        messages = await service.thread_messages(key)
+        assert [m.status for m in messages if m.role == "user"] == ["answered", "interrupted"]
+        assert messages[-1].role == "notice" and "send it again" in messages[-1].text
+        await say(service, key, "this one was being answered")
+        turn = service.last_turn(key)
+    assert turn is not None and turn.resumed_from == "store"  # the saved state was never torn
+
+
+async def test_persona_prefix_is_read_once_per_persona(service: ChatService) -> None:
+    await say(service, ThreadKey("test", "p1"), "hi")
+    after_first = service.engine.stats.prefilled_tokens
+    await say(service, ThreadKey("test", "p2"), "hi")
+    turn = service.last_turn(ThreadKey("test", "p2"))
+    assert turn is not None and turn.resumed_from == "new"
+    read = service.engine.stats.prefilled_tokens - after_first
+    generated = turn.generated_tokens
+    # the second thread read its own message and its reply (re-read for the saved state), no prompt
+    assert read <= turn.prompt_tokens + generated + 8, read
