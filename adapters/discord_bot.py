@@ -1,0 +1,514 @@
+"""Discord adapter (discord.py 2.x): translates Discord messages and slash commands into core
+:class:`~bot.events.Event` objects and streams the core's reply back as Discord messages.
+
+- A mention in a channel opens a public thread on that message; the thread is the conversation
+  (``ThreadKey("discord", <thread id>)``) and later messages there need no mention.
+- A mention in any other thread joins it; from then on that thread is followed too.
+- Direct messages are one conversation per DM channel (``DISCORD_ANSWER_DMS``).
+- ``/advisor``, ``/reset`` and ``/personas``, and the same words after a mention, become the core's
+  text commands (``/advisor sql ...``).
+
+No prompt, persona or history logic lives here: the core decides what to say, this module only
+decides where to say it.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import re
+from collections.abc import Awaitable, Callable
+from typing import Any
+
+import discord
+from discord import app_commands
+
+from adapters.streaming import StreamRenderer
+from bot.errors import ConfigError, PersonaError
+from bot.events import Event, ThreadKey
+from bot.service import ChatService
+from bot.settings import Settings
+
+log = logging.getLogger(__name__)
+
+PLATFORM = "discord"
+MESSAGE_LIMIT = 2000  # characters of content per Discord message
+THREAD_NAME_LIMIT = 100
+TYPING_REPEAT_S = 8.0  # a typing indicator lasts about 10 s
+TEXT_COMMANDS = ("advisor", "reset", "personas", "help")
+ANSWERED_TYPES = (discord.MessageType.default, discord.MessageType.reply)
+NO_MENTIONS = discord.AllowedMentions.none()
+
+Post = Callable[[str], Awaitable[Any]]
+
+
+def to_core_text(text: str) -> str:
+    """``advisor sql why?`` → ``/advisor sql why?``; anything else unchanged (already stripped)."""
+    head, sep, tail = text.partition(" ")
+    first, nl, rest = head.partition("\n")
+    if first.lower() in TEXT_COMMANDS:
+        return "/" + first.lower() + nl + rest + sep + tail
+    return text
+
+
+def thread_name(text: str, fallback: str = "Raven") -> str:
+    """A thread title from the first words of a message, at most 100 characters."""
+    name = " ".join(text.split()) or fallback
+    if len(name) > THREAD_NAME_LIMIT:
+        name = name[: THREAD_NAME_LIMIT - 1].rstrip() + "…"
+    return name
+
+
+def notice_for(exc: discord.HTTPException) -> str:
+    """A short line telling the user what went wrong on Discord's side."""
+    if isinstance(exc, discord.Forbidden):
+        return ("⚠️ I'm missing a Discord permission here (I need Send Messages, Send Messages in "
+                "Threads, Create Public Threads and Read Message History).")
+    if isinstance(exc, discord.NotFound):
+        return "⚠️ The message I was writing to was deleted, so I stopped."
+    if exc.status == 429:
+        return "⚠️ Discord is rate-limiting me right now; please try again in a minute."
+    if exc.status >= 500:
+        return "⚠️ Discord had a server error while I was answering; please try again."
+    return f"⚠️ Discord rejected my reply (HTTP {exc.status}); please try again."
+
+
+def _describe(exc: discord.HTTPException) -> str:
+    return f"HTTP {exc.status} code {exc.code}: {exc.text[:200]}"
+
+
+class _RavenClient(discord.Client):
+    """A plain discord.py client whose hooks call back into the adapter."""
+
+    def __init__(self, adapter: DiscordAdapter, **options: Any) -> None:
+        super().__init__(**options)
+        self.adapter = adapter
+
+    async def setup_hook(self) -> None:
+        await self.adapter.sync_commands()
+
+    async def on_ready(self) -> None:
+        log.info("discord: connected as %s (%s) to %d guild(s)", self.user,
+                 self.user.id if self.user else "?", len(self.guilds))
+
+    async def on_message(self, message: discord.Message) -> None:
+        await self.adapter.on_message(message)
+
+
+class DiscordAdapter:
+    """Runs a discord.py client that answers mentions, threads, DMs and slash commands."""
+
+    def __init__(self, service: ChatService, settings: Settings, *, guild_ready_timeout: float = 2.0) -> None:
+        self.service = service
+        self.settings = settings
+        self.command_guilds = _snowflakes("DISCORD_COMMAND_GUILDS", settings.discord_command_guilds)
+        intents = discord.Intents.none()
+        intents.guilds = True
+        intents.guild_messages = True
+        intents.dm_messages = True
+        intents.message_content = True  # privileged: needed to read thread messages without a mention
+        self.client = _RavenClient(
+            self, intents=intents, allowed_mentions=NO_MENTIONS, guild_ready_timeout=guild_ready_timeout
+        )
+        self.tree = app_commands.CommandTree(self.client)
+        self._add_commands()
+
+    # --- lifecycle ------------------------------------------------------------------------------
+
+    async def run(self) -> None:
+        """Log in, connect and answer until cancelled."""
+        token = self.settings.discord_token
+        if token is None:
+            raise ConfigError("DISCORD_TOKEN is not set")
+        try:
+            await self.client.start(token.get_secret_value())
+        except discord.LoginFailure:
+            raise ConfigError("DISCORD_TOKEN was rejected by Discord; copy a fresh one from the "
+                              "Developer Portal (Bot → Reset Token)") from None
+        except discord.PrivilegedIntentsRequired:
+            raise ConfigError("Discord refused the Message Content intent; turn it on in the Developer "
+                              "Portal (Bot → Privileged Gateway Intents → Message Content Intent)") from None
+        finally:
+            if not self.client.is_closed():
+                await self.client.close()
+
+    async def sync_commands(self) -> None:
+        """Register the slash commands: per guild when configured (instant), otherwise globally
+        (Discord may take up to an hour to show global changes)."""
+        try:
+            if self.command_guilds:
+                for guild_id in self.command_guilds:
+                    guild = discord.Object(id=guild_id)
+                    self.tree.copy_global_to(guild=guild)
+                    synced = await self.tree.sync(guild=guild)
+                    log.info("discord: synced %d command(s) to guild %s", len(synced), guild_id)
+            else:
+                synced = await self.tree.sync()
+                log.info("discord: synced %d global command(s)", len(synced))
+        except discord.HTTPException as exc:  # e.g. invited without the applications.commands scope
+            log.error("discord: could not sync slash commands (%s); text commands still work",
+                      _describe(exc))
+
+    # --- access control -------------------------------------------------------------------------
+
+    def allowed(self, guild: discord.Guild | None, channel: Any, member: Any) -> bool:
+        """Inside the allow-lists (each one empty = everything)? A thread counts as its parent
+        channel, and a channel's category counts as well."""
+        s = self.settings
+        if guild is None:
+            return s.discord_answer_dms
+        if s.discord_allowed_guilds and str(guild.id) not in s.discord_allowed_guilds:
+            return False
+        if s.discord_allowed_channels:
+            ids = {getattr(channel, "id", None), getattr(channel, "parent_id", None),
+                   getattr(channel, "category_id", None)}
+            if not {str(i) for i in ids if i is not None} & set(s.discord_allowed_channels):
+                return False
+        if s.discord_allowed_roles:
+            roles = {str(role.id) for role in getattr(member, "roles", [])}
+            if not roles & set(s.discord_allowed_roles):
+                return False
+        return True
+
+    # --- messages -------------------------------------------------------------------------------
+
+    async def on_message(self, message: discord.Message) -> None:
+        try:
+            await self._on_message(message)
+        except Exception:  # the bot keeps running; a message meant for it gets a notice below
+            log.exception("discord: failed to handle message %s", message.id)
+
+    async def _on_message(self, message: discord.Message) -> None:
+        me = self.client.user
+        if me is None or message.author.bot or message.webhook_id is not None:
+            return  # never answer bots (ourselves included)
+        if message.type not in ANSWERED_TYPES:
+            return  # system messages: thread created, pins, joins
+        channel: Any = message.channel
+        if isinstance(channel, discord.PartialMessageable) and message.guild is not None:
+            channel = await self._fetch_channel(channel.id)  # a thread we were never told about
+            if channel is None:
+                return
+        if not self.allowed(message.guild, channel, message.author):
+            return
+        mentioned = self._mentions_me(message)
+        text = self._clean_text(message)
+        if mentioned:
+            text = to_core_text(text)
+
+        if message.guild is None:
+            if await self._claim(message):
+                await self._answer_message(message, channel, ThreadKey(PLATFORM, str(channel.id)), text)
+        elif isinstance(channel, discord.Thread):
+            key = ThreadKey(PLATFORM, str(channel.id))
+            known = await self.service.knows_thread(key)
+            if not (mentioned or known) or not await self._claim(message):
+                return
+            if not known:
+                await self._join(channel)
+            await self._answer_message(message, channel, key, text)
+        elif mentioned and await self._claim(message):
+            if not isinstance(channel, discord.TextChannel):
+                # e.g. a voice channel's chat: no threads there, so the channel is the conversation
+                await self._answer_message(message, channel, ThreadKey(PLATFORM, str(channel.id)), text)
+                return
+            thread = await self._open_thread(message, channel, text)
+            if thread is not None:
+                await self._answer_message(message, thread, ThreadKey(PLATFORM, str(thread.id)), text)
+
+    async def _claim(self, message: discord.Message) -> bool:
+        """False when this message was already handled (a gateway resume can deliver it twice)."""
+        return await self.service.claim_event(f"discord:message:{message.id}")
+
+    def _mentions_me(self, message: discord.Message) -> bool:
+        me = self.client.user
+        assert me is not None
+        if any(user.id == me.id for user in message.mentions):
+            return True
+        return any(self._is_my_role(role) for role in message.role_mentions)
+
+    def _is_my_role(self, role: discord.Role) -> bool:
+        tags = role.tags
+        return tags is not None and self.client.user is not None and tags.bot_id == self.client.user.id
+
+    def _clean_text(self, message: discord.Message) -> str:
+        """The message without the bot's mention; other mentions become readable ``@names``."""
+        me = self.client.user
+        assert me is not None
+        text = re.sub(rf"<@!?{me.id}>", " ", message.content)
+        for role in message.role_mentions:
+            if self._is_my_role(role):
+                text = text.replace(f"<@&{role.id}>", " ")
+        for user in message.mentions:
+            name = f"@{user.display_name}"
+            text = text.replace(f"<@{user.id}>", name).replace(f"<@!{user.id}>", name)
+        return text.strip()
+
+    async def _fetch_channel(self, channel_id: int) -> Any:
+        try:
+            return await self.client.fetch_channel(channel_id)
+        except discord.HTTPException as exc:
+            log.warning("discord: cannot look up channel %s (%s)", channel_id, _describe(exc))
+            return None
+
+    async def _join(self, thread: discord.Thread) -> None:
+        try:
+            await thread.join()
+        except discord.HTTPException as exc:  # answering may still work; log and go on
+            log.warning("discord: could not join thread %s (%s)", thread.id, _describe(exc))
+
+    async def _open_thread(self, message: discord.Message, channel: discord.TextChannel,
+                           text: str) -> discord.Thread | None:
+        try:
+            return await message.create_thread(name=thread_name(text))
+        except discord.HTTPException as exc:
+            log.warning("discord: could not open a thread in channel %s (%s)", channel.id, _describe(exc))
+            reason = notice_for(exc).removeprefix("⚠️ ")
+            await self._try_send(channel, "⚠️ I couldn't open a thread here. " + reason)
+            return None
+
+    async def _answer_message(self, message: discord.Message, channel: Any, key: ThreadKey,
+                              text: str) -> None:
+        event = Event(thread=key, user_id=str(message.author.id), user_name=message.author.display_name,
+                      text=text, message_id=str(message.id))
+
+        async def post(content: str) -> discord.Message:
+            return await channel.send(content, allowed_mentions=NO_MENTIONS)
+
+        try:
+            await self._stream(event, post, channel, notice_in_channel=True)
+        except Exception:
+            log.exception("discord: failed to answer message %s in %s", message.id, key)
+            await self._try_send(channel, "⚠️ Sorry, something went wrong on my side.")
+
+    # --- streaming ------------------------------------------------------------------------------
+
+    async def _stream(self, event: Event, post: Post, channel: Any, *, notice_in_channel: bool) -> None:
+        """Render the core's reply with ``post`` (and message edits), with a typing indicator until
+        the first piece is posted. Discord errors are logged and, where possible, shown."""
+        typing = None
+        if channel is not None and await self._typing(channel):
+            typing = asyncio.create_task(self._keep_typing(channel))
+
+        async def first_post(content: str) -> Any:
+            if typing is not None:
+                typing.cancel()
+            return await post(content)
+
+        async def edit(handle: Any, content: str) -> None:
+            await handle.edit(content=content, allowed_mentions=NO_MENTIONS)
+
+        renderer: StreamRenderer[Any] = StreamRenderer(
+            post=first_post, edit=edit, limit=MESSAGE_LIMIT,
+            min_interval_s=self.settings.discord_edit_interval_s,
+        )
+        chunks = self.service.reply(event)
+        try:
+            await renderer.render(chunks)
+        except discord.HTTPException as exc:
+            log.warning("discord: reply in %s failed (%s)", event.thread, _describe(exc))
+            # after a 403 in this channel another send there is just one more invalid request
+            if notice_in_channel and not isinstance(exc, discord.Forbidden):
+                await self._try_send(channel, notice_for(exc))
+            elif not notice_in_channel:
+                await self._try_post(post, notice_for(exc))
+        finally:
+            if typing is not None:
+                typing.cancel()
+            await chunks.aclose()  # type: ignore[attr-defined]  # the core finishes the turn anyway
+
+    async def _typing(self, channel: Any) -> bool:
+        try:
+            await channel.typing()
+            return True
+        except discord.HTTPException as exc:
+            log.info("discord: no typing indicator in %s (%s)", getattr(channel, "id", "?"), _describe(exc))
+            return False
+
+    async def _keep_typing(self, channel: Any) -> None:
+        """Renew the indicator until the first piece of the reply is posted."""
+        while True:
+            await asyncio.sleep(TYPING_REPEAT_S)
+            if not await self._typing(channel):
+                return
+
+    async def _try_send(self, channel: Any, text: str) -> None:
+        try:
+            await channel.send(text, allowed_mentions=NO_MENTIONS)
+        except discord.HTTPException as exc:
+            log.warning("discord: could not post a notice in %s (%s)", getattr(channel, "id", "?"),
+                        _describe(exc))
+
+    async def _try_post(self, post: Post, text: str) -> None:
+        try:
+            await post(text)
+        except discord.HTTPException as exc:
+            log.warning("discord: could not post a notice (%s)", _describe(exc))
+
+    # --- slash commands ---------------------------------------------------------------------------
+
+    def _add_commands(self) -> None:
+        adapter = self
+
+        @app_commands.command(name="advisor", description="Talk to a persona: a new thread here, "
+                                                          "or switch this thread's persona")
+        @app_commands.describe(persona="Who answers", question="Your first question (optional)")
+        async def advisor(interaction: discord.Interaction, persona: str,
+                          question: str | None = None) -> None:
+            await adapter.on_advisor(interaction, persona, question or "")
+
+        @advisor.autocomplete("persona")
+        async def persona_choices(interaction: discord.Interaction,
+                                  current: str) -> list[app_commands.Choice[str]]:
+            return adapter.persona_choices(interaction, current)
+
+        @app_commands.command(name="reset", description="Start this thread over (its log is kept)")
+        async def reset(interaction: discord.Interaction) -> None:
+            await adapter.on_reset(interaction)
+
+        @app_commands.command(name="personas", description="List the personas")
+        async def personas(interaction: discord.Interaction) -> None:
+            await adapter.on_personas(interaction)
+
+        self.tree.add_command(advisor)
+        self.tree.add_command(reset)
+        self.tree.add_command(personas)
+
+    def persona_choices(self, interaction: discord.Interaction,
+                        current: str) -> list[app_commands.Choice[str]]:
+        if not self.allowed(interaction.guild, interaction.channel, interaction.user):
+            return []
+        needle = current.strip().lower()
+        choices = [
+            app_commands.Choice(name=f"{p.display_name} ({p.name})"[:100], value=p.name)
+            for p in self.service.personas()
+            if needle in p.name.lower() or needle in p.display_name.lower()
+        ]
+        return choices[:25]  # Discord's maximum
+
+    async def _defer(self, interaction: discord.Interaction, *, ephemeral: bool) -> bool:
+        """Acknowledge within Discord's 3 s; the answer follows as follow-up messages."""
+        try:
+            await interaction.response.defer(thinking=True, ephemeral=ephemeral)
+        except discord.NotFound:  # 10062: the 3 s had passed (or the interaction is unknown)
+            log.warning("discord: interaction %s expired before it was acknowledged", interaction.id)
+            return False
+        except discord.InteractionResponded:
+            pass
+        except discord.HTTPException as exc:
+            if exc.code != 40060:  # 40060: already acknowledged; follow-ups still work
+                raise
+        return True
+
+    def _conversation(self, interaction: discord.Interaction) -> ThreadKey | None:
+        """The thread (or DM) an interaction was used in, or None in a plain channel."""
+        channel = interaction.channel
+        if isinstance(channel, discord.Thread | discord.DMChannel):
+            return ThreadKey(PLATFORM, str(channel.id))
+        return None
+
+    async def _interaction_guard(self, interaction: discord.Interaction, *, ephemeral: bool) -> bool:
+        """Defer, or answer "not here" outside the allow-lists; True when the command may go on."""
+        if not self.allowed(interaction.guild, interaction.channel, interaction.user):
+            if await self._defer(interaction, ephemeral=True):
+                await self._followup(interaction, "Raven isn't enabled here.", ephemeral=True)
+            return False
+        return await self._defer(interaction, ephemeral=ephemeral)
+
+    async def on_advisor(self, interaction: discord.Interaction, persona_name: str, question: str) -> None:
+        try:
+            if not await self._interaction_guard(interaction, ephemeral=False):
+                return
+            text = f"/advisor {persona_name.strip()} {question.strip()}".strip()
+            key = self._conversation(interaction)
+            if key is not None:
+                if isinstance(interaction.channel, discord.Thread) and not await self.service.knows_thread(key):
+                    await self._join(interaction.channel)
+                await self._answer_interaction(interaction, key, text)
+                return
+            try:
+                persona = self.service.persona(persona_name.strip().lower())
+            except PersonaError as exc:
+                await self._followup(interaction, f"{exc}. Try `/personas`.")
+                return
+            await self._advisor_thread(interaction, persona.display_name, question.strip(), text)
+        except Exception:
+            log.exception("discord: /advisor failed")
+            await self._followup(interaction, "⚠️ Sorry, something went wrong on my side.")
+
+    async def _advisor_thread(self, interaction: discord.Interaction, display_name: str, question: str,
+                              text: str) -> None:
+        """``/advisor`` in a channel: announce, open a thread on the announcement, answer there."""
+        channel = interaction.channel
+        if not isinstance(channel, discord.TextChannel):
+            await self._followup(interaction, "Use `/advisor` in a text channel, a thread or a DM.")
+            return
+        user = interaction.user
+        announce = (f"{user.mention} asked **{display_name}**: {question}" if question
+                    else f"{user.mention} started a thread with **{display_name}**.")[:MESSAGE_LIMIT]
+        try:
+            starter = await interaction.followup.send(announce, wait=True, allowed_mentions=NO_MENTIONS)
+            thread = await channel.create_thread(name=thread_name(question, display_name), message=starter)
+        except discord.HTTPException as exc:
+            log.warning("discord: /advisor could not open a thread in %s (%s)", channel.id, _describe(exc))
+            await self._followup(interaction, "⚠️ I couldn't open a thread here. "
+                                 + notice_for(exc).removeprefix("⚠️ "))
+            return
+        event = Event(thread=ThreadKey(PLATFORM, str(thread.id)), user_id=str(user.id),
+                      user_name=user.display_name, text=text, message_id=None)
+
+        async def post(content: str) -> discord.Message:
+            return await thread.send(content, allowed_mentions=NO_MENTIONS)
+
+        await self._stream(event, post, thread, notice_in_channel=True)
+
+    async def on_reset(self, interaction: discord.Interaction) -> None:
+        try:
+            key = self._conversation(interaction)
+            if not await self._interaction_guard(interaction, ephemeral=key is None):
+                return
+            if key is None:
+                await self._followup(interaction, "Use `/reset` inside a thread I'm answering in "
+                                     "(or `/advisor` to start one).", ephemeral=True)
+                return
+            await self._answer_interaction(interaction, key, "/reset")
+        except Exception:
+            log.exception("discord: /reset failed")
+            await self._followup(interaction, "⚠️ Sorry, something went wrong on my side.")
+
+    async def on_personas(self, interaction: discord.Interaction) -> None:
+        try:
+            if not await self._interaction_guard(interaction, ephemeral=True):
+                return
+            lines = [f"- `{p.name}` — **{p.display_name}**" + (f": {p.description}" if p.description else "")
+                     for p in self.service.personas()]
+            text = "Personas (start one with `/advisor`):\n" + "\n".join(lines)
+            await self._followup(interaction, text[:MESSAGE_LIMIT], ephemeral=True)
+        except Exception:
+            log.exception("discord: /personas failed")
+            await self._followup(interaction, "⚠️ Sorry, something went wrong on my side.", ephemeral=True)
+
+    async def _answer_interaction(self, interaction: discord.Interaction, key: ThreadKey, text: str) -> None:
+        """Stream the core's answer as follow-ups of the interaction (a thread or DM)."""
+        user = interaction.user
+        event = Event(thread=key, user_id=str(user.id), user_name=user.display_name, text=text,
+                      message_id=None)
+
+        async def post(content: str) -> discord.WebhookMessage:
+            return await interaction.followup.send(content, wait=True, allowed_mentions=NO_MENTIONS)
+
+        await self._stream(event, post, None, notice_in_channel=False)
+
+    async def _followup(self, interaction: discord.Interaction, text: str, *,
+                        ephemeral: bool = False) -> None:
+        try:
+            await interaction.followup.send(text, ephemeral=ephemeral, allowed_mentions=NO_MENTIONS)
+        except discord.HTTPException as exc:
+            log.warning("discord: follow-up failed (%s)", _describe(exc))
+
+
+def _snowflakes(variable: str, values: list[str]) -> list[int]:
+    try:
+        return [int(value) for value in values]
+    except ValueError:
+        raise ConfigError(f"{variable}: expected comma-separated Discord IDs, got {values!r}") from None

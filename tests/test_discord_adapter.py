@@ -1,0 +1,451 @@
+"""The Discord adapter: the real discord.py client against a fake Discord (REST + gateway) on
+127.0.0.1, and the real chat service with the tiny random-weight model.
+
+Replies are noise, so the tests assert on structure: which REST calls the bot made, where the
+messages went, how many there are, how often they were edited, and what the core stored.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import itertools
+import time
+from collections.abc import AsyncIterator, Awaitable, Callable
+from typing import Any, cast
+
+import pytest
+
+from adapters.discord_bot import DiscordAdapter, thread_name, to_core_text
+from bot.errors import ConfigError
+from bot.events import Event, ThreadKey
+from bot.service import ChatService
+from tests.fakes.discord_server import MESSAGE_CONTENT_INTENT, FakeDiscord
+
+PLACEHOLDER_TAIL = " …"  # the streaming renderer's "still writing" mark
+StartBot = Callable[..., Awaitable[DiscordAdapter]]
+
+
+# --- fixtures ------------------------------------------------------------------------------------
+
+@pytest.fixture
+async def fake(monkeypatch: pytest.MonkeyPatch) -> AsyncIterator[FakeDiscord]:
+    server = FakeDiscord()
+    await server.start()
+    server.install(monkeypatch)
+    yield server
+    await server.close()
+
+
+@pytest.fixture
+async def start_bot(fake: FakeDiscord, service: ChatService,
+                    settings_factory: Callable[..., Any]) -> AsyncIterator[StartBot]:
+    """Start the adapter (optionally on another service and with setting overrides) until ready."""
+    tasks: list[asyncio.Task[None]] = []
+
+    async def start(chat: Any = None, **overrides: Any) -> DiscordAdapter:
+        settings = settings_factory(discord_token="fake-token", **overrides)
+        adapter = DiscordAdapter(chat or service, settings, guild_ready_timeout=0.05)
+        task = asyncio.create_task(adapter.run())
+        tasks.append(task)
+        await fake.wait_for(lambda: adapter.client.is_ready() or task.done(), within=10)
+        if task.done():
+            task.result()
+        return adapter
+
+    yield start
+    for task in tasks:
+        task.cancel()
+        with contextlib.suppress(asyncio.CancelledError):
+            await task
+    await service.drain()
+
+
+class ScriptedService:
+    """The real service, except that ``reply`` streams a given text in small timed chunks."""
+
+    def __init__(self, inner: ChatService, text: str, chunk: int = 20, delay_s: float = 0.01) -> None:
+        self.inner = inner
+        self.text = text
+        self.chunk = chunk
+        self.delay_s = delay_s
+        self.events: list[Event] = []
+
+    def __getattr__(self, name: str) -> Any:
+        return getattr(self.inner, name)
+
+    async def reply(self, event: Event) -> AsyncIterator[str]:
+        self.events.append(event)
+        for start in range(0, len(self.text), self.chunk):
+            await asyncio.sleep(self.delay_s)
+            yield self.text[start:start + self.chunk]
+
+
+# --- helpers -------------------------------------------------------------------------------------
+
+def key(channel_id: str) -> ThreadKey:
+    return ThreadKey("discord", channel_id)
+
+
+async def finished_reply(fake: FakeDiscord, channel_id: str, count: int = 1) -> list[dict[str, Any]]:
+    """Wait until the bot has at least ``count`` messages in the channel and the last is final."""
+    def probe() -> list[dict[str, Any]] | None:
+        messages = fake.bot_messages(channel_id)
+        if len(messages) >= count and not messages[-1]["content"].endswith(PLACEHOLDER_TAIL):
+            return messages
+        return None
+    return await fake.wait_for(probe)
+
+
+async def eventually(check: Callable[[], Awaitable[bool]], within: float = 10.0) -> None:
+    deadline = asyncio.get_running_loop().time() + within
+    while not await check():
+        if asyncio.get_running_loop().time() > deadline:
+            raise AssertionError("condition not met in time")
+        await asyncio.sleep(0.02)
+
+
+async def thread_of(fake: FakeDiscord, message: dict[str, Any]) -> str:
+    """The id of the thread the bot opened on ``message``."""
+    call = (await fake.wait_calls("POST", rf"/channels/\d+/messages/{message['id']}/threads"))[0]
+    assert call.status == 201
+    return str(message["id"])
+
+
+def fences_balanced(text: str) -> bool:
+    return sum(1 for line in text.split("\n") if line.strip().startswith("```")) % 2 == 0
+
+
+# --- pure translation ------------------------------------------------------------------------------
+
+def test_text_commands_map_to_core_commands() -> None:
+    assert to_core_text("advisor sql why is my join slow?") == "/advisor sql why is my join slow?"
+    assert to_core_text("Reset") == "/reset"
+    assert to_core_text("personas") == "/personas"
+    assert to_core_text("help") == "/help"
+    assert to_core_text("resetting the router?") == "resetting the router?"
+    assert to_core_text("what does advisor mean") == "what does advisor mean"
+
+
+def test_thread_names_fit_discord() -> None:
+    assert thread_name("  why is\nthe sky   blue? ") == "why is the sky blue?"
+    long = thread_name("word " * 60)
+    assert len(long) <= 100 and long.endswith("…")
+    assert thread_name("   ") == "Raven"
+
+
+# --- messages ------------------------------------------------------------------------------------
+
+async def test_mention_opens_thread_and_follow_up_needs_no_mention(
+    fake: FakeDiscord, start_bot: StartBot, service: ChatService
+) -> None:
+    await start_bot()
+    assert fake.intents is not None and fake.intents & MESSAGE_CONTENT_INTENT
+
+    asked = await fake.user_message(fake.general_id, "why is the sky blue?", mention_bot=True)
+    thread_id = await thread_of(fake, asked)
+    create = fake.calls_to("POST", rf"/channels/{fake.general_id}/messages/{asked['id']}/threads")[0]
+    assert create.body["name"] == "why is the sky blue?"
+    first = await finished_reply(fake, thread_id)
+    assert first[0]["content"].strip()
+    assert fake.bot_messages(fake.general_id) == []  # the answer went into the thread only
+    typing = fake.calls_to("POST", rf"/channels/{thread_id}/typing")
+    posts = fake.calls_to("POST", rf"/channels/{thread_id}/messages")
+    assert typing and typing[0].at <= posts[0].at
+    assert all(c.body["allowed_mentions"]["parse"] == [] for c in posts)  # the model never pings
+
+    await fake.dispatch("MESSAGE_CREATE", asked)  # delivered again (as after a gateway resume)
+    stored = await service.thread_messages(key(thread_id))
+    assert [(m.role, m.text) for m in stored][:1] == [("user", "why is the sky blue?")]
+    assert stored[0].platform_message_id == asked["id"]
+
+    # a later message in the thread, without a mention, continues from the saved state
+    await fake.user_message(thread_id, "and at sunset?")
+    replies = await finished_reply(fake, thread_id, count=len(first) + 1)
+    assert len(replies) > len(first)
+    turn = service.last_turn(key(thread_id))
+    assert turn is not None and turn.resumed_from in ("memory", "store")
+    assert turn.prompt_tokens < 60
+    users = [m.text for m in await service.thread_messages(key(thread_id)) if m.role == "user"]
+    assert users == ["why is the sky blue?", "and at sunset?"]
+    assert len(fake.threads_created()) == 1  # the repeated delivery was not answered again
+
+    # a message in a channel without a mention is not for the bot
+    before = len(fake.calls)
+    await fake.user_message(fake.general_id, "just chatting")
+    await asyncio.sleep(0.3)
+    assert [c for c in fake.calls[before:] if c.method != "GET"] == []
+
+
+async def test_other_threads_and_direct_messages(
+    fake: FakeDiscord, start_bot: StartBot, service: ChatService
+) -> None:
+    thread_id = fake.add_user_thread(fake.general_id)
+    adapter = await start_bot()
+    await fake.user_message(thread_id, "not for you")
+    await asyncio.sleep(0.3)
+    assert fake.bot_messages(thread_id) == []
+
+    # a mention in someone else's thread: join it and answer there, then follow it
+    await fake.user_message(thread_id, "what do you think?", mention_bot=True)
+    await fake.wait_calls("PUT", rf"/channels/{thread_id}/thread-members/@me")
+    first = await finished_reply(fake, thread_id)
+    await fake.user_message(thread_id, "and now?")
+    await finished_reply(fake, thread_id, count=len(first) + 1)
+    assert fake.threads_created() == []  # answered in place
+    assert await service.knows_thread(key(thread_id))
+
+    # direct messages: answered in the DM, one conversation per DM channel
+    await fake.user_message(fake.dm_channel_id, "hello in private")
+    dm_replies = await finished_reply(fake, fake.dm_channel_id)
+    assert fake.threads_created() == []
+    assert await service.knows_thread(key(fake.dm_channel_id))
+
+    adapter.settings = adapter.settings.model_copy(update={"discord_answer_dms": False})
+    await fake.user_message(fake.dm_channel_id, "still there?")
+    await asyncio.sleep(0.3)
+    assert len(fake.bot_messages(fake.dm_channel_id)) == len(dm_replies)
+
+
+async def test_bots_and_outsiders_are_ignored(
+    fake: FakeDiscord, start_bot: StartBot, service: ChatService
+) -> None:
+    await start_bot(discord_allowed_channels=[fake.general_id], discord_allowed_roles=[fake.member_role_id])
+    await fake.user_message(fake.general_id, "ping", author=fake.other_bot, mention_bot=True)
+    await fake.user_message(fake.other_id, "outside the allow-list", mention_bot=True)
+    await fake.user_message(fake.general_id, "guest only", roles=[fake.guest_role_id], mention_bot=True)
+    allowed = await fake.user_message(fake.general_id, "a member asks", mention_bot=True)
+    thread_id = await thread_of(fake, allowed)
+    first = await finished_reply(fake, thread_id)
+    await asyncio.sleep(0.2)
+
+    assert [t["id"] for t in fake.threads_created()] == [thread_id]
+    assert fake.calls_to("POST", rf"/channels/{fake.other_id}/.*") == []
+    assert [t.key for t in await service.list_threads("discord")] == [key(thread_id)]
+    # the bot's own messages came back over the gateway and were not answered
+    assert len(fake.bot_messages(thread_id)) == len(first)
+
+    # a thread counts as its parent channel
+    await fake.user_message(thread_id, "follow-up inside the allowed channel")
+    await finished_reply(fake, thread_id, count=len(first) + 1)
+
+    # slash commands outside the allow-list get a private "not here"
+    interaction = await fake.slash_command("personas", channel_id=fake.other_id)
+    await fake.wait_calls("POST", rf"/webhooks/{fake.application_id}/{interaction['token']}")
+    assert fake.interaction_callbacks(interaction) == [{"type": 5, "data": {"flags": 64}}]
+    original = fake.original_response(interaction)
+    assert original is not None and "isn't enabled" in original["content"]
+
+
+# --- commands --------------------------------------------------------------------------------------
+
+async def test_advisor_in_a_channel_starts_a_thread_with_that_persona(
+    fake: FakeDiscord, start_bot: StartBot, service: ChatService
+) -> None:
+    await start_bot(discord_command_guilds=[fake.guild_id])
+    synced = fake.calls_to("PUT", rf"/applications/{fake.application_id}/guilds/{fake.guild_id}/commands")
+    assert len(synced) == 1 and fake.calls_to("PUT", rf"/applications/{fake.application_id}/commands") == []
+    commands = {c["name"]: c for c in synced[0].body}
+    assert set(commands) == {"advisor", "reset", "personas"}
+    persona_option = next(o for o in commands["advisor"]["options"] if o["name"] == "persona")
+    assert persona_option["autocomplete"] is True and persona_option["required"] is True
+
+    # autocomplete lists the personas, narrowed by what was typed
+    everything = await fake.autocomplete("advisor", "persona", "")
+    await fake.wait_calls("POST", rf"/interactions/{everything['id']}/.*/callback")
+    answer = fake.interaction_callbacks(everything)[0]
+    assert answer["type"] == 8
+    assert [c["value"] for c in answer["data"]["choices"]] == [p.name for p in service.personas()]
+    narrowed = await fake.autocomplete("advisor", "persona", "SQ")
+    await fake.wait_calls("POST", rf"/interactions/{narrowed['id']}/.*/callback")
+    assert fake.interaction_callbacks(narrowed)[0]["data"]["choices"] == [
+        {"name": "SQL advisor (sql)", "value": "sql"}
+    ]
+
+    sent_at = time.monotonic()
+    interaction = await fake.slash_command("advisor", {"persona": "sql", "question": "why is my join slow?"})
+    callback = (await fake.wait_calls("POST", rf"/interactions/{interaction['id']}/.*/callback"))[0]
+    assert callback.body == {"type": 5}  # deferred ("thinking"), public
+    assert callback.at - sent_at < 3.0
+
+    thread_call = (await fake.wait_calls("POST", rf"/channels/{fake.general_id}/messages/\d+/threads"))[0]
+    thread_id = thread_call.path.split("/")[4]
+    assert thread_call.body["name"] == "why is my join slow?"
+    starter = fake.original_response(interaction)  # the follow-up filled the "thinking" message
+    assert starter is not None and starter["id"] == thread_id
+    assert "**SQL advisor**" in starter["content"] and "why is my join slow?" in starter["content"]
+
+    replies = await finished_reply(fake, thread_id)
+    assert replies[0]["content"].startswith("Now talking with **SQL advisor**")
+    threads = {t.key: t for t in await service.list_threads("discord")}
+    assert threads[key(thread_id)].persona == "sql"
+    users = [m.text for m in await service.thread_messages(key(thread_id)) if m.role == "user"]
+    assert users[-1] == "why is my join slow?"
+
+    # /personas: a private list
+    listing = await fake.slash_command("personas")
+    await fake.wait_calls("POST", rf"/webhooks/{fake.application_id}/{listing['token']}")
+    assert fake.interaction_callbacks(listing) == [{"type": 5, "data": {"flags": 64}}]
+    original = fake.original_response(listing)
+    assert original is not None
+    assert all(f"`{p.name}`" in original["content"] for p in service.personas())
+
+
+async def test_text_commands_and_slash_commands_inside_a_thread(
+    fake: FakeDiscord, start_bot: StartBot, service: ChatService
+) -> None:
+    await start_bot()
+    asked = await fake.user_message(fake.general_id, "advisor sql", mention_bot=True)
+    thread_id = await thread_of(fake, asked)
+    replies = await finished_reply(fake, thread_id)
+    assert replies[0]["content"].startswith("Now talking with **SQL advisor**")
+    info = await service.thread(key(thread_id))
+    assert info is not None and info.persona == "sql"
+
+    await fake.user_message(thread_id, "personas", mention_bot=True)
+    replies = await finished_reply(fake, thread_id, count=len(replies) + 1)
+    assert "`sql`" in replies[-1]["content"]
+
+    # /advisor inside a bot thread switches that thread's persona, answering as follow-ups
+    interaction = await fake.slash_command("advisor", {"persona": "default"}, channel_id=thread_id)
+    await fake.wait_calls("POST", rf"/webhooks/{fake.application_id}/{interaction['token']}")
+    assert fake.interaction_callbacks(interaction) == [{"type": 5}]
+    original = fake.original_response(interaction)
+    assert original is not None
+    await fake.wait_for(lambda: not original["content"].endswith(PLACEHOLDER_TAIL))
+    assert original["content"].startswith("Now talking with")
+    info = await service.thread(key(thread_id))
+    assert info is not None and info.persona == "default"
+    assert len(fake.threads_created()) == 1  # no new thread
+
+    reset = await fake.slash_command("reset", channel_id=thread_id)
+    await fake.wait_calls("POST", rf"/webhooks/{fake.application_id}/{reset['token']}")
+    reset_reply = fake.original_response(reset)
+    assert reset_reply is not None
+    await fake.wait_for(lambda: "Started over with" in reset_reply["content"])
+
+    # /reset in a plain channel: a private hint, nothing sent to the core
+    hint = await fake.slash_command("reset")
+    await fake.wait_calls("POST", rf"/webhooks/{fake.application_id}/{hint['token']}")
+    assert fake.interaction_callbacks(hint) == [{"type": 5, "data": {"flags": 64}}]
+    assert [t.key for t in await service.list_threads("discord")] == [key(thread_id)]
+
+
+# --- streaming -------------------------------------------------------------------------------------
+
+def long_reply() -> str:
+    prose = [f"Line {i}: the quick brown fox jumps over the lazy dog, again and again." for i in range(16)]
+    code = [f"SELECT {i} AS n, 'padding padding padding padding' AS filler FROM t;" for i in range(40)]
+    text = "\n".join([*prose, "```sql", *code, "```", *prose])
+    assert 4500 < len(text) < 6000
+    return text
+
+
+async def test_long_reply_is_split_with_balanced_fences_and_throttled_edits(
+    fake: FakeDiscord, start_bot: StartBot, service: ChatService
+) -> None:
+    text = long_reply()
+    scripted = ScriptedService(service, text, chunk=25, delay_s=0.012)
+    await start_bot(scripted, discord_edit_interval_s=1.0)
+    asked = await fake.user_message(fake.general_id, "write me a long answer", mention_bot=True)
+    thread_id = await thread_of(fake, asked)
+    messages = await finished_reply(fake, thread_id, count=3)
+    await asyncio.sleep(0.2)
+    messages = fake.bot_messages(thread_id)
+
+    assert len(messages) == 3
+    contents = [m["content"] for m in messages]
+    assert all(len(c) <= 2000 for c in contents)
+    assert all(fences_balanced(c) for c in contents)
+    joined = "\n".join(contents)
+    assert all(line in joined for line in text.split("\n"))
+    assert scripted.events[0].text == "write me a long answer"
+
+    edits = 0
+    for message in messages:
+        times = fake.edit_times(message["id"])
+        edits += len(times)
+        gaps = [b - a for a, b in itertools.pairwise(times)]
+        assert all(gap >= 0.99 for gap in gaps), gaps
+    assert edits >= 2  # it was streamed, not posted once at the end
+    patch_bodies = [c.body["content"] for c in fake.calls_to("PATCH", rf"/channels/{thread_id}/messages/\d+")]
+    assert all(len(body) <= 2000 for body in patch_bodies)
+
+    # a stream whose first piece nearly fills a message still fits the limit with the "…" mark
+    scripted.text = "a" * 1999 + "\nmore"
+    scripted.chunk = 2000
+    follow = await fake.user_message(fake.general_id, "another", mention_bot=True)
+    follow_thread = await thread_of(fake, follow)
+    await finished_reply(fake, follow_thread)
+    posts = fake.calls_to("POST", rf"/channels/{follow_thread}/messages")
+    assert posts and all(c.status == 200 for c in posts)
+
+
+# --- errors ----------------------------------------------------------------------------------------
+
+async def test_start_up_failures_name_the_fix(
+    fake: FakeDiscord, settings_factory: Callable[..., Any]
+) -> None:
+    settings = settings_factory(discord_token="fake-token")
+    fake.fail_next("GET", r"/users/@me", 401, code=0, message="401: Unauthorized")
+    with pytest.raises(ConfigError, match="DISCORD_TOKEN was rejected"):
+        await asyncio.wait_for(DiscordAdapter(cast(ChatService, None), settings).run(), 10)
+
+    fake.message_content_enabled = False
+    with pytest.raises(ConfigError, match="Message Content Intent"):
+        await asyncio.wait_for(DiscordAdapter(cast(ChatService, None), settings).run(), 10)
+
+    with pytest.raises(ConfigError, match="DISCORD_COMMAND_GUILDS"):
+        DiscordAdapter(cast(ChatService, None), settings_factory(discord_command_guilds="general"))
+
+
+async def test_forbidden_send_is_survived(fake: FakeDiscord, start_bot: StartBot, service: ChatService) -> None:
+    await start_bot()
+    fake.fail_next("POST", r"/channels/\d+/messages", 403, code=50013, message="Missing Permissions")
+    first = await fake.user_message(fake.general_id, "first question", mention_bot=True)
+    first_thread = await thread_of(fake, first)
+    await fake.wait_for(lambda: [c for c in fake.calls_to("POST", r"/channels/\d+/messages") if c.status == 403])
+
+    second = await fake.user_message(fake.general_id, "second question", mention_bot=True)
+    second_thread = await thread_of(fake, second)
+    await finished_reply(fake, second_thread)
+    assert fake.bot_messages(first_thread) == []  # no retry storm into a channel that said 403
+
+    async def first_question_logged() -> bool:
+        stored = await service.thread_messages(key(first_thread))
+        return [m.text for m in stored if m.role == "user"] == ["first question"]
+    await eventually(first_question_logged)
+
+
+async def test_rate_limit_and_deleted_message_get_a_notice(
+    fake: FakeDiscord, start_bot: StartBot, service: ChatService
+) -> None:
+    scripted = ScriptedService(service, "word " * 400, chunk=20, delay_s=0.01)
+    await start_bot(scripted)
+    # a 429 discord.py gives up on: the user is told, and the bot goes on
+    fake.fail_next("POST", r"/channels/\d+/messages", 429, via=False, retry_after=30)
+    asked = await fake.user_message(fake.general_id, "one", mention_bot=True)
+    thread_id = await thread_of(fake, asked)
+    notice = await finished_reply(fake, thread_id)
+    assert "rate-limiting" in notice[-1]["content"]
+
+    # the message being streamed is deleted: the edit answers 404 and the user is told
+    fake.fail_next("PATCH", r"/channels/\d+/messages/\d+", 404, code=10008, message="Unknown Message")
+    await fake.user_message(thread_id, "two", mention_bot=True)
+    await fake.wait_for(lambda: any("was deleted" in m["content"] for m in fake.bot_messages(thread_id)))
+
+    # a Discord server error discord.py does not retry: the user is told
+    fake.fail_next("POST", r"/channels/\d+/messages", 503, message="upstream connect error")
+    before = len(fake.bot_messages(thread_id))
+    await fake.user_message(thread_id, "two and a half", mention_bot=True)
+    await fake.wait_for(lambda: len(fake.bot_messages(thread_id)) > before)
+    assert "server error" in fake.bot_messages(thread_id)[-1]["content"]
+
+    # a 429 that discord.py waits out is invisible to the user
+    fake.fail_next("POST", r"/channels/\d+/messages", 429, retry_after=0.05)
+    before = len(fake.bot_messages(thread_id))
+    await fake.user_message(thread_id, "three", mention_bot=True)
+    replies = await finished_reply(fake, thread_id, count=before + 1)
+    assert replies[-1]["content"].startswith("word word")
+    assert [c.status for c in fake.calls_to("POST", rf"/channels/{thread_id}/messages")][-2:] == [429, 200]
+
