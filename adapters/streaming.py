@@ -46,9 +46,9 @@ class StreamRenderer(Generic[Handle]):
         rendered = self.transform(text) if text.strip() else ("" if final else PLACEHOLDER)
         if not rendered:
             rendered = "(no reply)"
-        pieces = split_message(rendered, self.limit)
-        if not final:
-            pieces[-1] = pieces[-1] + " " + PLACEHOLDER
+        suffix = "" if final else " " + PLACEHOLDER
+        pieces = split_message(rendered, self.limit - len(suffix))  # room for the mark within the limit
+        pieces[-1] += suffix
         for index, piece in enumerate(pieces):
             if index < len(self.messages):
                 if self._shown[index] != piece:
