@@ -1,0 +1,448 @@
+"""Slack adapter: slack-bolt (async) in Socket Mode or HTTP mode, translating Slack events into core
+``Event``s and the core's streamed reply into ``chat.postMessage``/``chat.update`` calls.
+
+What reaches the core:
+
+- a mention in a channel (``app_mention``), answered in a thread on that message;
+- any later message in a thread the bot has answered in (``service.knows_thread``), without a mention;
+- direct messages (``channel_type == "im"``): top-level DMs are one conversation per DM, replies in a
+  DM thread are that thread's conversation;
+- ``/advisor <persona> [question]``: acknowledged at once, then a root message naming the persona is
+  posted in the channel and the conversation continues in its thread.
+
+Every thread is ``ThreadKey("slack", f"{channel}:{thread_ts}")`` (``f"{channel}:dm"`` for top-level DMs).
+Slack delivers a message more than once (retries; ``app_mention`` and ``message`` for one message), so
+each is claimed in the core's processed-event table on its ``event_id`` and on ``(channel, ts)`` when
+processing starts — never on receipt of a retry header, so a retry whose first delivery was lost is
+still answered.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import re
+import time
+from collections.abc import AsyncGenerator, Awaitable, Callable
+from dataclasses import dataclass
+from typing import TYPE_CHECKING, Any
+
+from aiohttp import web
+from slack_bolt.adapter.socket_mode.async_handler import AsyncSocketModeHandler
+from slack_bolt.async_app import AsyncApp
+from slack_sdk.errors import SlackApiError
+from slack_sdk.http_retry.builtin_async_handlers import (
+    AsyncConnectionErrorRetryHandler,
+    AsyncRateLimitErrorRetryHandler,
+    AsyncServerErrorRetryHandler,
+)
+from slack_sdk.web.async_client import AsyncWebClient
+
+from adapters.slack_mrkdwn import escape, from_slack, to_mrkdwn
+from adapters.streaming import StreamRenderer
+from adapters.text_split import split_message
+from bot.errors import ConfigError, PersonaError
+from bot.events import Event, ThreadKey
+from bot.settings import Settings
+
+if TYPE_CHECKING:
+    from bot.service import ChatService
+
+log = logging.getLogger(__name__)
+
+PLATFORM = "slack"
+# Message subtypes written by a person; every other subtype (message_changed, message_deleted,
+# channel_join, bot_message ...) is ignored.
+_USER_SUBTYPES = {None, "thread_broadcast", "file_share"}
+# Errors after which a notice cannot be posted in that conversation either.
+_UNREACHABLE = {"not_in_channel", "channel_not_found", "is_archived", "restricted_action",
+                "invalid_auth", "account_inactive", "token_revoked", "missing_scope"}
+_BAD_TOKEN = {"invalid_auth", "not_authed", "account_inactive", "token_revoked", "not_allowed_token_type"}
+_MIN_CHARS = 100  # never split finer than this while learning Slack's length limit
+ERROR_NOTICE = "Sorry, something went wrong while answering. Please try again."
+
+
+def text_command(text: str) -> str:
+    """Map the words after a mention onto the core's text commands: ``advisor sql why?`` →
+    ``/advisor sql why?``; ``reset``, ``personas`` and ``help`` alone → ``/reset`` etc.; an empty
+    mention → ``/help``. Anything else is an ordinary message."""
+    stripped = text.strip()
+    if not stripped:
+        return "/help"
+    head, _, tail = stripped.partition(" ")
+    if "\n" in head:
+        head, _, more = head.partition("\n")
+        tail = more + " " + tail
+    word = head.lower().rstrip(":,.!?")
+    if word == "advisor":
+        return f"/advisor {tail.strip()}".strip()
+    if word in ("reset", "personas", "help") and not tail.strip():
+        return "/" + word
+    return stripped
+
+
+def split_advisor(text: str) -> tuple[str, str]:
+    """``"sql why is it slow?"`` → ``("sql", "why is it slow?")``."""
+    name, _, question = text.strip().partition(" ")
+    return name.strip().lower(), question.strip()
+
+
+@dataclass
+class _Message:
+    """One message the bot wrote in Slack."""
+
+    ts: str
+    text: str
+    last_write: float  # monotonic time of the post or the last accepted update
+
+
+@dataclass
+class _Posted:
+    """The stream renderer's handle for one piece of a reply: normally one Slack message; more when
+    Slack refused the piece as too long (``msg_too_long``) and it continues in new messages."""
+
+    channel: str
+    thread_ts: str | None
+    messages: list[_Message]
+
+
+def _api_error(exc: SlackApiError) -> str:
+    """Slack's error code (``not_in_channel``, ``ratelimited`` ...) of a failed Web API call."""
+    try:
+        return str(exc.response.get("error") or exc.response.status_code)
+    except Exception:  # a response without a body
+        return "unknown_error"
+
+
+def _api_method(exc: SlackApiError) -> str:
+    url = str(getattr(exc.response, "api_url", "") or "")
+    return url.rstrip("/").rsplit("/", 1)[-1] or "a Web API call"
+
+
+class SlackAdapter:
+    """Runs the bolt app until cancelled: Socket Mode when ``SLACK_APP_TOKEN`` is set, otherwise an
+    aiohttp server for the Events API, verified with ``SLACK_SIGNING_SECRET``."""
+
+    def __init__(self, service: ChatService, settings: Settings,
+                 clock: Callable[[], float] = time.monotonic) -> None:
+        if settings.slack_bot_token is None:
+            raise ConfigError("SLACK_BOT_TOKEN is not set")
+        if settings.slack_app_token is None and settings.slack_signing_secret is None:
+            raise ConfigError("Slack needs SLACK_APP_TOKEN (Socket Mode) or SLACK_SIGNING_SECRET "
+                              "(HTTP mode); neither is set")
+        self.service = service
+        self.settings = settings
+        self.clock = clock
+        self.socket_mode = settings.slack_app_token is not None
+        api_url = settings.slack_api_url.rstrip("/") + "/"  # slack_sdk joins method names onto it
+        self.client = AsyncWebClient(
+            token=settings.slack_bot_token.get_secret_value(),
+            base_url=api_url,
+            retry_handlers=[
+                AsyncConnectionErrorRetryHandler(max_retry_count=2),
+                AsyncRateLimitErrorRetryHandler(max_retry_count=3),  # sleeps for Retry-After
+                AsyncServerErrorRetryHandler(max_retry_count=2),
+            ],
+        )
+        secret = settings.slack_signing_secret.get_secret_value() if settings.slack_signing_secret else ""
+        self.app = AsyncApp(client=self.client, signing_secret=secret, name="raven",
+                            request_verification_enabled=not self.socket_mode)
+        self.app.event("app_mention")(self._on_mention)
+        self.app.event("message")(self._on_message)
+        self.app.command("/advisor")(ack=self._ack_advisor, lazy=[self._run_advisor])
+        self.app.error(self._on_bolt_error)
+        self._socket: AsyncSocketModeHandler | None = None
+        self._runner: web.AppRunner | None = None
+        self._names: dict[str, str] = {}
+        self._max_chars: int | None = None  # learned from msg_too_long: Slack's real limit is lower
+        self._tasks: set[asyncio.Task[Any]] = set()
+
+    # --- lifecycle ---------------------------------------------------------------------------------
+    async def run(self) -> None:
+        """Connect (or listen) and serve until cancelled."""
+        await self.start()
+        try:
+            await asyncio.Event().wait()
+        finally:
+            await self.stop()
+
+    async def start(self) -> None:
+        await self._check_token()
+        if self.socket_mode:
+            assert self.settings.slack_app_token is not None
+            app_token = self.settings.slack_app_token.get_secret_value()
+            try:  # ask for the first websocket URL here, so a bad app token fails at start-up
+                opened = await self.client.apps_connections_open(app_token=app_token)
+            except SlackApiError as exc:
+                raise ConfigError(f"SLACK_APP_TOKEN was refused by Slack ({_api_error(exc)})") from None
+            self._socket = AsyncSocketModeHandler(self.app, app_token=app_token, web_client=self.client)
+            self._socket.client.wss_uri = opened["url"]
+            await self._socket.connect_async()
+            log.info("slack: connected in Socket Mode")
+        else:
+            path = self.settings.slack_http_path
+            self._runner = web.AppRunner(self.app.web_app(path=path, port=self.settings.slack_http_port),
+                                         handle_signals=False)
+            await self._runner.setup()
+            site = web.TCPSite(self._runner, self.settings.slack_http_host, self.settings.slack_http_port)
+            await site.start()
+            log.info("slack: listening for events on http://%s:%s%s", self.settings.slack_http_host,
+                     self.http_port, path)
+
+    async def stop(self) -> None:
+        for task in list(self._tasks):
+            task.cancel()
+        await asyncio.gather(*self._tasks, return_exceptions=True)
+        if self._socket is not None:
+            await self._socket.close_async()
+            self._socket = None
+        if self._runner is not None:
+            await self._runner.cleanup()
+            self._runner = None
+
+    @property
+    def http_port(self) -> int | None:
+        if self._runner is None or not self._runner.addresses:
+            return None
+        return int(self._runner.addresses[0][1])
+
+    async def wait_idle(self) -> None:
+        """Wait until no event is being answered (tests bound it with ``asyncio.timeout``)."""
+        while self._tasks:
+            await asyncio.gather(*self._tasks, return_exceptions=True)
+
+    async def _check_token(self) -> None:
+        try:
+            await self.client.auth_test()
+        except SlackApiError as exc:
+            error = _api_error(exc)
+            if error in _BAD_TOKEN:
+                raise ConfigError(f"SLACK_BOT_TOKEN was refused by Slack ({error})") from None
+            log.warning("slack: auth.test failed (%s); starting anyway", error)
+
+    async def _tracked(self, work: Awaitable[None]) -> None:
+        task = asyncio.current_task()
+        if task is not None:
+            self._tasks.add(task)
+        try:
+            await work
+        finally:
+            if task is not None:
+                self._tasks.discard(task)
+
+    # --- events ------------------------------------------------------------------------------------
+    async def _on_mention(self, event: dict[str, Any], body: dict[str, Any], context: dict[str, Any]) -> None:
+        await self._tracked(self._on_event(event, body, context, mentioned=True))
+
+    async def _on_message(self, event: dict[str, Any], body: dict[str, Any], context: dict[str, Any]) -> None:
+        await self._tracked(self._on_event(event, body, context, mentioned=False))
+
+    async def _on_event(self, event: dict[str, Any], body: dict[str, Any], context: dict[str, Any],
+                        mentioned: bool) -> None:
+        try:
+            await self._answer_event(event, body, context, mentioned)
+        except Exception:
+            log.exception("slack: failed to handle event %s", body.get("event_id"))
+
+    async def _answer_event(self, event: dict[str, Any], body: dict[str, Any], context: dict[str, Any],
+                            mentioned: bool) -> None:
+        bot_user = context.get("bot_user_id")
+        user = event.get("user")
+        if (not user or user == bot_user or event.get("bot_id") or event.get("hidden")
+                or event.get("subtype") not in _USER_SUBTYPES):
+            return
+        channel = str(event.get("channel", ""))
+        ts = str(event.get("ts", ""))
+        thread_ts: str | None = event.get("thread_ts")
+        text = str(event.get("text") or "")
+        mentioned = mentioned or bool(bot_user and re.search(f"<@{re.escape(bot_user)}[|>]", text))
+        if not channel or not ts or not self._allowed(channel):
+            return
+        direct = event.get("channel_type") == "im"
+        if direct:
+            key = ThreadKey(PLATFORM, f"{channel}:{thread_ts or 'dm'}")
+        elif mentioned:
+            thread_ts = thread_ts or ts
+            key = ThreadKey(PLATFORM, f"{channel}:{thread_ts}")
+        elif thread_ts and await self.service.knows_thread(ThreadKey(PLATFORM, f"{channel}:{thread_ts}")):
+            key = ThreadKey(PLATFORM, f"{channel}:{thread_ts}")
+        else:
+            return
+        if not await self._claim(body.get("event_id"), channel, ts):
+            log.debug("slack: duplicate delivery of %s/%s ignored", channel, ts)
+            return
+        plain = from_slack(text, bot_user)
+        if mentioned or direct:
+            plain = text_command(plain)
+        name = await self._user_name(user)
+        await self._reply(Event(key, user, name, plain, message_id=ts), channel, thread_ts)
+
+    async def _claim(self, event_id: str | None, channel: str, ts: str) -> bool:
+        """Claim an event when its processing starts: first on its id (Slack's retries), then on the
+        message (one message delivered as ``app_mention`` and as ``message``)."""
+        if event_id and not await self.service.claim_event(f"slack:event:{event_id}"):
+            return False
+        return await self.service.claim_event(f"slack:message:{channel}:{ts}")
+
+    def _allowed(self, channel: str) -> bool:
+        allowed = self.settings.slack_allowed_channels
+        return not allowed or channel in allowed
+
+    async def _user_name(self, user: str, fallback: str | None = None) -> str:
+        """The user's display name (``users:read``); the id when Slack will not say."""
+        if user not in self._names:
+            name = fallback or user
+            try:
+                found = (await self.client.users_info(user=user)).get("user") or {}
+                profile = found.get("profile") or {}
+                name = (profile.get("display_name") or found.get("real_name") or found.get("name")
+                        or name)
+            except SlackApiError as exc:
+                log.debug("slack: users.info for %s failed (%s)", user, _api_error(exc))
+            self._names[user] = name
+        return self._names[user]
+
+    # --- /advisor ----------------------------------------------------------------------------------
+    def _persona_list(self) -> str:
+        lines = ["Personas (use `/advisor <name> [question]`, or `@Raven advisor <name>` in a thread):"]
+        for persona in self.service.personas():
+            line = f"• `{persona.name}` — *{escape(persona.display_name)}*"
+            if persona.description:
+                line += f": {escape(persona.description)}"
+            lines.append(line)
+        return "\n".join(lines)
+
+    def _advisor_answer(self, command: dict[str, Any]) -> str | None:
+        """The ephemeral answer when ``/advisor`` does not start a conversation; None when it does."""
+        if not self._allowed(str(command.get("channel_id", ""))):
+            return "Raven is not enabled in this channel."
+        name, _ = split_advisor(from_slack(str(command.get("text") or "")))
+        if not name:
+            return self._persona_list()
+        try:
+            self.service.persona(name)
+        except PersonaError:
+            return f"There is no persona `{escape(name[:40])}`.\n" + self._persona_list()
+        return None
+
+    async def _ack_advisor(self, ack: Callable[..., Awaitable[Any]], command: dict[str, Any]) -> None:
+        answer = self._advisor_answer(command)
+        if answer is None:
+            await ack()
+        else:
+            await ack(text=answer, response_type="ephemeral")  # seen by the user only
+
+    async def _run_advisor(self, command: dict[str, Any], respond: Callable[..., Awaitable[Any]]) -> None:
+        await self._tracked(self._advisor(command, respond))
+
+    async def _advisor(self, command: dict[str, Any], respond: Callable[..., Awaitable[Any]]) -> None:
+        if self._advisor_answer(command) is not None:
+            return  # already answered in the ack
+        channel = str(command["channel_id"])
+        user = str(command["user_id"])
+        name, question = split_advisor(from_slack(str(command.get("text") or "")))
+        try:
+            trigger = command.get("trigger_id")
+            if trigger and not await self.service.claim_event(f"slack:command:{trigger}"):
+                return
+            persona = self.service.persona(name)
+            title = f"*{escape(persona.display_name)}*"
+            root_text = (f"<@{user}> asked {title}: {escape(question)}" if question
+                         else f"<@{user}> started a conversation with {title}. Reply in this thread.")
+            try:
+                root = await self.client.chat_postMessage(channel=channel, text=root_text,
+                                                          unfurl_links=False, unfurl_media=False)
+            except SlackApiError as exc:
+                error = _api_error(exc)
+                log.warning("slack: cannot start /advisor in %s (%s)", channel, error)
+                hint = " Invite me with `/invite @Raven` and try again." if error == "not_in_channel" else ""
+                await respond(text=f"I can't post in this conversation ({error}).{hint}",
+                              response_type="ephemeral")
+                return
+            thread_ts = str(root["ts"])
+            key = ThreadKey(PLATFORM, f"{channel}:{thread_ts}")
+            name_shown = await self._user_name(user, fallback=command.get("user_name"))
+            text = f"/advisor {name} {question}".strip()
+            await self._reply(Event(key, user, name_shown, text), channel, thread_ts)
+        except Exception:
+            log.exception("slack: /advisor failed in %s", channel)
+
+    # --- replies -----------------------------------------------------------------------------------
+    async def _reply(self, event: Event, channel: str, thread_ts: str | None) -> None:
+        """Stream the core's reply into the conversation; errors are logged and, where the
+        conversation can still be reached, the user sees a short notice."""
+        started = self.clock()
+        renderer: StreamRenderer[_Posted] = StreamRenderer(
+            post=lambda piece: self._post(channel, thread_ts, piece),
+            edit=self._update,
+            limit=self.settings.slack_max_message_chars,
+            min_interval_s=self.settings.slack_update_interval_s,
+            transform=to_mrkdwn,
+        )
+        chunks = self.service.reply(event)
+        try:
+            try:
+                text = await renderer.render(chunks)
+            finally:
+                if isinstance(chunks, AsyncGenerator):
+                    await chunks.aclose()
+            log.info("slack: answered %s in %.1fs (%d chars, %d messages)", event.thread,
+                     self.clock() - started, len(text), len(renderer.messages))
+        except SlackApiError as exc:
+            error = _api_error(exc)  # an expected platform failure: its code says it all
+            log.error("slack: %s failed (%s) while answering in %s; the message stays in the log",
+                      _api_method(exc), error, event.thread)
+            if error not in _UNREACHABLE:
+                await self._notice(channel, thread_ts)
+        except Exception:
+            log.exception("slack: failed to answer in %s", event.thread)
+            await self._notice(channel, thread_ts)
+
+    async def _notice(self, channel: str, thread_ts: str | None) -> None:
+        try:
+            await self.client.chat_postMessage(channel=channel, thread_ts=thread_ts, text=ERROR_NOTICE)
+        except SlackApiError as exc:
+            log.warning("slack: could not post the error notice in %s (%s)", channel, _api_error(exc))
+
+    async def _post(self, channel: str, thread_ts: str | None, piece: str) -> _Posted:
+        posted = _Posted(channel, thread_ts, [])
+        await self._update(posted, piece)
+        return posted
+
+    async def _update(self, posted: _Posted, piece: str) -> None:
+        """Show ``piece``: edit the handle's messages (each at most once per
+        ``slack_update_interval_s``) and post new ones in the thread for what does not fit."""
+        while True:
+            parts = [piece]
+            if self._max_chars is not None and len(piece) > self._max_chars:
+                parts = split_message(piece, self._max_chars)
+            try:
+                for index, part in enumerate(parts):
+                    if index < len(posted.messages):
+                        await self._edit(posted.channel, posted.messages[index], part)
+                    else:
+                        response = await self.client.chat_postMessage(
+                            channel=posted.channel, thread_ts=posted.thread_ts, text=part,
+                            unfurl_links=False, unfurl_media=False)
+                        posted.messages.append(_Message(str(response["ts"]), part, self.clock()))
+                return
+            except SlackApiError as exc:
+                refused = max(len(part), 1)
+                if _api_error(exc) != "msg_too_long" or refused <= _MIN_CHARS:
+                    raise
+                self._max_chars = max(_MIN_CHARS, refused * 3 // 4)
+                log.warning("slack: a %d-character message was too long; now splitting at %d characters",
+                            refused, self._max_chars)
+
+    async def _edit(self, channel: str, message: _Message, text: str) -> None:
+        if text == message.text:
+            return
+        wait = message.last_write + self.settings.slack_update_interval_s - self.clock()
+        if wait > 0:
+            await asyncio.sleep(wait)
+        await self.client.chat_update(channel=channel, ts=message.ts, text=text)
+        message.text = text
+        message.last_write = self.clock()
+
+    async def _on_bolt_error(self, error: Exception, body: dict[str, Any]) -> None:
+        log.error("slack: bolt error for %s: %r", body.get("event_id") or body.get("command"), error)

@@ -1,0 +1,277 @@
+"""A local fake of Slack's Web API and Socket Mode websocket, for the real slack-bolt to talk to.
+
+One aiohttp server on 127.0.0.1 serves:
+
+- ``GET|POST /api/{method}``: the Web API methods the adapter uses (``auth.test``, ``chat.postMessage``,
+  ``chat.update``, ``chat.postEphemeral``, ``users.info``, ``apps.connections.open``). Every call is
+  recorded with its arguments and a ``time.monotonic()`` timestamp; messages are kept so a test can
+  read what a channel shows. ``fail(...)`` queues an error answer (``ratelimited`` with a 429 and
+  ``Retry-After``, ``not_in_channel``, a 500 ...).
+- ``GET /link``: the Socket Mode websocket. It sends ``hello``, then whatever envelopes the test sends
+  with ``send_envelope``; the acks the app sends back are recorded.
+- ``POST /response/{id}``: a slash command's ``response_url``; posts are recorded.
+
+It also builds signed HTTP requests for bolt's HTTP mode (``signed_headers``).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import itertools
+import json
+import time
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from typing import Any
+
+from aiohttp import WSMsgType, web
+from slack_sdk.signature import SignatureVerifier
+
+
+@dataclass
+class ApiCall:
+    method: str
+    args: dict[str, Any]
+    at: float
+    token: str | None
+
+
+@dataclass
+class Message:
+    channel: str
+    ts: str
+    text: str
+    thread_ts: str | None
+    posted_at: float
+    writes: list[float] = field(default_factory=list)  # post and every update, monotonic seconds
+
+
+@dataclass
+class _Failure:
+    error: str
+    status: int
+    headers: dict[str, str]
+    times: int
+
+
+def signed_headers(secret: str, body: str, timestamp: int | None = None,
+                   extra: dict[str, str] | None = None) -> dict[str, str]:
+    """Headers Slack sends with an HTTP-mode request, signed with ``secret``."""
+    ts = str(int(time.time()) if timestamp is None else timestamp)
+    headers: dict[str, str] = {
+        "X-Slack-Request-Timestamp": ts,
+        "X-Slack-Signature": str(SignatureVerifier(secret).generate_signature(timestamp=ts, body=body)),
+    }
+    headers.update(extra or {})
+    return headers
+
+
+class FakeSlack:
+    def __init__(self, *, bot_user_id: str = "UBOT", bot_id: str = "BBOT", team_id: str = "T1",
+                 users: dict[str, str] | None = None, max_text_chars: int = 40_000,
+                 outside_channels: set[str] | None = None) -> None:
+        self.bot_user_id = bot_user_id
+        self.bot_id = bot_id
+        self.team_id = team_id
+        self.users = users or {}
+        self.max_text_chars = max_text_chars  # longer texts get msg_too_long
+        self.outside_channels = outside_channels or set()  # the bot is not a member: not_in_channel
+        self.calls: list[ApiCall] = []
+        self.messages: dict[tuple[str, str], Message] = {}
+        self.responses: list[dict[str, Any]] = []  # posts to response_url
+        self.acks: dict[str, tuple[float, dict[str, Any]]] = {}
+        self.connections = 0
+        self._failures: dict[str, list[_Failure]] = {}
+        self._ts = itertools.count(1)
+        self._envelopes = itertools.count(1)
+        self._sockets: list[web.WebSocketResponse] = []
+        self._changed = asyncio.Condition()
+        self._runner: web.AppRunner | None = None
+        self.port = 0
+
+    # --- lifecycle ---------------------------------------------------------------------------------
+    async def start(self) -> None:
+        app = web.Application()
+        app.router.add_route("*", "/api/{method}", self._api)
+        app.router.add_get("/link", self._link)
+        app.router.add_post("/response/{id}", self._response_url)
+        self._runner = web.AppRunner(app, handle_signals=False)
+        await self._runner.setup()
+        site = web.TCPSite(self._runner, "127.0.0.1", 0)
+        await site.start()
+        self.port = int(self._runner.addresses[0][1])
+
+    async def close(self) -> None:
+        for ws in list(self._sockets):
+            await ws.close()
+        if self._runner is not None:
+            await self._runner.cleanup()
+
+    @property
+    def base_url(self) -> str:
+        return f"http://127.0.0.1:{self.port}/api/"
+
+    def response_url(self, name: str = "1") -> str:
+        return f"http://127.0.0.1:{self.port}/response/{name}"
+
+    # --- test controls -----------------------------------------------------------------------------
+    def fail(self, method: str, error: str, *, status: int = 200, headers: dict[str, str] | None = None,
+             times: int = 1) -> None:
+        """Answer the next ``times`` calls of ``method`` with an error."""
+        self._failures.setdefault(method, []).append(_Failure(error, status, headers or {}, times))
+
+    def calls_to(self, method: str) -> list[ApiCall]:
+        return [call for call in self.calls if call.method == method]
+
+    def thread(self, channel: str, thread_ts: str) -> list[Message]:
+        """The bot's messages in one thread, oldest first."""
+        return [m for m in self.messages.values() if m.channel == channel and m.thread_ts == thread_ts]
+
+    async def wait_for(self, predicate: Callable[[], bool], within: float = 10.0) -> None:
+        async def until() -> None:
+            async with self._changed:
+                await self._changed.wait_for(predicate)
+
+        await asyncio.wait_for(until(), within)
+
+    async def quiet(self, period: float = 0.5, within: float = 15.0) -> None:
+        """Wait until no Web API call has arrived for ``period`` seconds."""
+        deadline = time.monotonic() + within
+        while time.monotonic() < deadline:
+            last = self.calls[-1].at if self.calls else 0.0
+            if time.monotonic() - last >= period:
+                return
+            await asyncio.sleep(period / 5)
+        raise TimeoutError("the fake Slack never went quiet")
+
+    # --- Socket Mode -------------------------------------------------------------------------------
+    async def wait_connected(self, within: float = 10.0) -> None:
+        await self.wait_for(lambda: bool(self._sockets), within)
+
+    async def send_envelope(self, type_: str, payload: dict[str, Any], *, retry_attempt: int | None = None,
+                            retry_reason: str | None = None, envelope_id: str | None = None) -> str:
+        envelope_id = envelope_id or f"env-{next(self._envelopes)}"
+        envelope: dict[str, Any] = {
+            "envelope_id": envelope_id, "type": type_, "payload": payload,
+            "accepts_response_payload": type_ != "events_api",
+        }
+        if type_ == "events_api":
+            envelope["retry_attempt"] = 0 if retry_attempt is None else retry_attempt
+            envelope["retry_reason"] = retry_reason or ""
+        await self._sockets[-1].send_str(json.dumps(envelope))
+        return envelope_id
+
+    async def wait_ack(self, envelope_id: str, within: float = 5.0) -> tuple[float, dict[str, Any]]:
+        await self.wait_for(lambda: envelope_id in self.acks, within)
+        return self.acks[envelope_id]
+
+    async def _link(self, request: web.Request) -> web.WebSocketResponse:
+        ws = web.WebSocketResponse(autoping=True)
+        await ws.prepare(request)
+        self.connections += 1
+        await ws.send_str(json.dumps({"type": "hello", "num_connections": 1,
+                                      "debug_info": {"host": "fake"}, "connection_info": {"app_id": "A1"}}))
+        self._sockets.append(ws)
+        await self._notify()
+        try:
+            async for msg in ws:
+                if msg.type == WSMsgType.TEXT:
+                    data = json.loads(msg.data)
+                    if "envelope_id" in data:
+                        self.acks[data["envelope_id"]] = (time.monotonic(), data.get("payload") or {})
+                        await self._notify()
+        finally:
+            self._sockets.remove(ws)
+        return ws
+
+    # --- HTTP handlers -----------------------------------------------------------------------------
+    async def _notify(self) -> None:
+        async with self._changed:
+            self._changed.notify_all()
+
+    async def _response_url(self, request: web.Request) -> web.Response:
+        body = await request.json()
+        self.responses.append(body)
+        await self._notify()
+        return web.Response(text="ok")
+
+    @staticmethod
+    async def _arguments(request: web.Request) -> dict[str, Any]:
+        args: dict[str, Any] = dict(request.query)
+        if request.can_read_body:
+            if request.content_type == "application/json":
+                args.update(await request.json())
+            else:
+                args.update(dict(await request.post()))
+        return args
+
+    @staticmethod
+    def _json(body: dict[str, Any], status: int = 200, headers: dict[str, str] | None = None) -> web.Response:
+        return web.Response(text=json.dumps(body), status=status, headers=headers,
+                            content_type="application/json")
+
+    async def _api(self, request: web.Request) -> web.Response:
+        method = request.match_info["method"]
+        args = await self._arguments(request)
+        auth = request.headers.get("Authorization", "")
+        token = auth.removeprefix("Bearer ") if auth else args.get("token")
+        self.calls.append(ApiCall(method, args, time.monotonic(), token))
+        try:
+            return self._answer(method, args)
+        finally:
+            await self._notify()
+
+    def _take_failure(self, method: str) -> _Failure | None:
+        queue = self._failures.get(method)
+        if not queue:
+            return None
+        failure = queue[0]
+        failure.times -= 1
+        if failure.times <= 0:
+            queue.pop(0)
+        return failure
+
+    def _new_ts(self) -> str:
+        return f"1700000000.{next(self._ts):06d}"
+
+    def _answer(self, method: str, args: dict[str, Any]) -> web.Response:
+        failure = self._take_failure(method)
+        if failure is not None:
+            return self._json({"ok": False, "error": failure.error}, failure.status, failure.headers)
+        now = time.monotonic()
+        if method == "auth.test":
+            return self._json({"ok": True, "url": "https://fake.slack.com/", "team": "Fake", "user": "raven",
+                               "team_id": self.team_id, "user_id": self.bot_user_id, "bot_id": self.bot_id})
+        if method == "apps.connections.open":
+            return self._json({"ok": True, "url": f"ws://127.0.0.1:{self.port}/link"})
+        if method == "users.info":
+            user = str(args.get("user", ""))
+            if user not in self.users:
+                return self._json({"ok": False, "error": "user_not_found"})
+            name = self.users[user]
+            return self._json({"ok": True, "user": {"id": user, "name": name.lower(),
+                                                    "real_name": name, "profile": {"display_name": name}}})
+        channel = str(args.get("channel", ""))
+        posting = method in ("chat.postMessage", "chat.update", "chat.postEphemeral")
+        if posting and channel in self.outside_channels:
+            return self._json({"ok": False, "error": "not_in_channel"})
+        if posting and len(str(args.get("text", ""))) > self.max_text_chars:
+            return self._json({"ok": False, "error": "msg_too_long"})
+        if method == "chat.postMessage":
+            ts = self._new_ts()
+            thread_ts = args.get("thread_ts") or None
+            text = str(args.get("text", ""))
+            self.messages[(channel, ts)] = Message(channel, ts, text, thread_ts, now, [now])
+            return self._json({"ok": True, "channel": channel, "ts": ts,
+                               "message": {"text": args.get("text"), "ts": ts, "thread_ts": thread_ts}})
+        if method == "chat.update":
+            message = self.messages.get((channel, str(args.get("ts"))))
+            if message is None:
+                return self._json({"ok": False, "error": "message_not_found"})
+            text = str(args.get("text", ""))
+            message.text = text
+            message.writes.append(now)
+            return self._json({"ok": True, "channel": channel, "ts": message.ts, "text": text})
+        if method == "chat.postEphemeral":
+            return self._json({"ok": True, "message_ts": self._new_ts()})
+        return self._json({"ok": False, "error": "unknown_method"}, 404)

@@ -1,0 +1,497 @@
+"""The Slack adapter: the real slack-bolt app and the real chat service (tiny model) against a local fake
+of Slack's Web API and Socket Mode websocket. Events arrive as signed HTTP requests to the adapter's own
+aiohttp server (HTTP mode) or as envelopes over the fake's websocket (Socket Mode)."""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import itertools
+import json
+import logging
+import re
+import socket
+import time
+import urllib.parse
+from collections.abc import AsyncIterator, Callable
+from typing import Any
+
+import aiohttp
+import pytest
+
+from adapters.slack_bot import ERROR_NOTICE, SlackAdapter
+from adapters.streaming import PLACEHOLDER
+from bot.errors import ConfigError
+from bot.events import Event, ThreadKey
+from bot.service import ChatService
+from bot.settings import Settings
+from tests.fakes.slack_server import FakeSlack, Message, signed_headers
+
+SECRET = "test-signing-secret"
+BOT = "UBOT"
+USER = "U1"
+SettingsFactory = Callable[..., Settings]
+_ids = itertools.count(1)
+
+
+# --- payloads ----------------------------------------------------------------------------------------
+def event_body(event: dict[str, Any], event_id: str | None = None) -> dict[str, Any]:
+    return {
+        "token": "legacy", "team_id": "T1", "api_app_id": "A1", "type": "event_callback",
+        "event_id": event_id or f"Ev{next(_ids)}", "event_time": 1700000000, "event": event,
+        "authorizations": [{"team_id": "T1", "user_id": BOT, "is_bot": True}],
+    }
+
+
+def mention(ts: str, text: str = "hello there", channel: str = "C1", thread_ts: str | None = None,
+            user: str = USER) -> dict[str, Any]:
+    event = {"type": "app_mention", "user": user, "text": f"<@{BOT}> {text}", "ts": ts, "channel": channel,
+             "event_ts": ts}
+    if thread_ts:
+        event["thread_ts"] = thread_ts
+    return event
+
+
+def message(ts: str, text: str, channel: str = "C1", thread_ts: str | None = None, user: str = USER,
+            channel_type: str = "channel", **extra: Any) -> dict[str, Any]:
+    event = {"type": "message", "user": user, "text": text, "ts": ts, "channel": channel,
+             "channel_type": channel_type, "event_ts": ts, **extra}
+    if thread_ts:
+        event["thread_ts"] = thread_ts
+    return event
+
+
+def command(text: str, fake: FakeSlack, channel: str = "C1") -> dict[str, str]:
+    return {
+        "token": "legacy", "team_id": "T1", "team_domain": "fake", "channel_id": channel,
+        "channel_name": "general", "user_id": USER, "user_name": "alice", "command": "/advisor",
+        "text": text, "api_app_id": "A1", "response_url": fake.response_url(str(next(_ids))),
+        "trigger_id": f"trig-{next(_ids)}",
+    }
+
+
+# --- delivering to the adapter in either mode ---------------------------------------------------------
+class Delivery:
+    async def event(self, body: dict[str, Any], retry: int = 0) -> None:
+        raise NotImplementedError
+
+    async def command(self, fields: dict[str, str]) -> tuple[float, dict[str, Any]]:
+        """Send a slash command; returns the seconds until the ack and the ack's payload."""
+        raise NotImplementedError
+
+
+class HttpDelivery(Delivery):
+    def __init__(self, port: int, path: str) -> None:
+        self.url = f"http://127.0.0.1:{port}{path}"
+
+    async def post(self, body: str, headers: dict[str, str]) -> tuple[int, str]:
+        async with aiohttp.ClientSession() as session, session.post(self.url, data=body.encode(),
+                                                                    headers=headers) as response:
+            return response.status, await response.text()
+
+    async def event(self, body: dict[str, Any], retry: int = 0) -> None:
+        raw = json.dumps(body)
+        extra = {"Content-Type": "application/json"}
+        if retry:
+            extra |= {"X-Slack-Retry-Num": str(retry), "X-Slack-Retry-Reason": "http_timeout"}
+        status, _ = await self.post(raw, signed_headers(SECRET, raw, extra=extra))
+        assert status == 200
+
+    async def command(self, fields: dict[str, str]) -> tuple[float, dict[str, Any]]:
+        raw = urllib.parse.urlencode(fields)
+        headers = signed_headers(SECRET, raw, extra={"Content-Type": "application/x-www-form-urlencoded"})
+        started = time.monotonic()
+        status, text = await self.post(raw, headers)
+        assert status == 200
+        return time.monotonic() - started, (json.loads(text) if text else {})
+
+
+class SocketDelivery(Delivery):
+    def __init__(self, fake: FakeSlack) -> None:
+        self.fake = fake
+
+    async def event(self, body: dict[str, Any], retry: int = 0) -> None:
+        envelope = await self.fake.send_envelope("events_api", body, retry_attempt=retry,
+                                                 retry_reason="timeout" if retry else None)
+        await self.fake.wait_ack(envelope)
+
+    async def command(self, fields: dict[str, str]) -> tuple[float, dict[str, Any]]:
+        started = time.monotonic()
+        envelope = await self.fake.send_envelope("slash_commands", dict(fields))
+        acked_at, payload = await self.fake.wait_ack(envelope)
+        return acked_at - started, payload
+
+
+def free_port() -> int:
+    with socket.socket() as probe:
+        probe.bind(("127.0.0.1", 0))
+        return int(probe.getsockname()[1])
+
+
+class Harness:
+    def __init__(self, adapter: SlackAdapter, fake: FakeSlack, deliver: Delivery) -> None:
+        self.adapter = adapter
+        self.fake = fake
+        self.deliver = deliver
+
+    async def settle(self) -> None:
+        """Wait until every delivery has been answered and the fake has gone quiet."""
+        await self.fake.quiet(0.25)
+        async with asyncio.timeout(30):
+            await self.adapter.wait_idle()
+        await self.fake.quiet(0.15)
+
+    def replies(self, channel: str, thread_ts: str) -> list[Message]:
+        return self.fake.thread(channel, thread_ts)
+
+
+@contextlib.asynccontextmanager
+async def running(mode: str, service: Any, settings_factory: SettingsFactory, fake: FakeSlack,
+                  **overrides: Any) -> AsyncIterator[Harness]:
+    values: dict[str, Any] = {"slack_bot_token": "xoxb-test", "slack_api_url": fake.base_url}
+    if mode == "socket":
+        values["slack_app_token"] = "xapp-test"
+    else:
+        values |= {"slack_signing_secret": SECRET, "slack_http_host": "127.0.0.1",
+                   "slack_http_port": free_port()}
+    values.update(overrides)
+    adapter = SlackAdapter(service, settings_factory(**values))
+    await adapter.start()
+    try:
+        if mode == "socket":
+            await fake.wait_connected()
+            deliver: Delivery = SocketDelivery(fake)
+        else:
+            assert adapter.http_port is not None
+            deliver = HttpDelivery(adapter.http_port, adapter.settings.slack_http_path)
+        yield Harness(adapter, fake, deliver)
+    finally:
+        await adapter.stop()
+
+
+@pytest.fixture
+async def fake() -> AsyncIterator[FakeSlack]:
+    server = FakeSlack(bot_user_id=BOT, users={USER: "Alice", "U2": "Bob"})
+    await server.start()
+    yield server
+    await server.close()
+
+
+class ScriptedService:
+    """The real chat service with its reply stream replaced by a scripted one, to drive the renderer
+    with replies longer and slower than the tiny model writes."""
+
+    def __init__(self, service: ChatService, chunks: list[str], delay_s: float = 0.0) -> None:
+        self._service = service
+        self.chunks = chunks
+        self.delay_s = delay_s
+        self.events: list[Event] = []
+
+    def __getattr__(self, name: str) -> Any:
+        return getattr(self._service, name)
+
+    async def reply(self, event: Event) -> AsyncIterator[str]:
+        self.events.append(event)
+        for chunk in self.chunks:
+            await asyncio.sleep(self.delay_s)
+            yield chunk
+
+
+def final_texts(messages: list[Message]) -> list[str]:
+    return [m.text for m in messages]
+
+
+# --- mention, thread, follow-up -------------------------------------------------------------------------
+@pytest.mark.parametrize("mode", ["http", "socket"])
+async def test_mention_is_answered_in_a_thread_and_followups_need_no_mention(
+        mode: str, service: ChatService, settings_factory: SettingsFactory, fake: FakeSlack,
+        caplog: pytest.LogCaptureFixture) -> None:
+    caplog.set_level(logging.DEBUG)
+    async with running(mode, service, settings_factory, fake) as slack:
+        await slack.deliver.event(event_body(mention("100.000001", "hello there")))
+        await slack.settle()
+
+        posts = fake.calls_to("chat.postMessage")
+        assert len(posts) == 1
+        assert posts[0].args["channel"] == "C1"
+        assert posts[0].args["thread_ts"] == "100.000001"
+        assert posts[0].token == "xoxb-test"
+        reply = slack.replies("C1", "100.000001")
+        assert len(reply) == 1
+        assert fake.calls_to("chat.update"), "the early post is updated with the rest of the reply"
+        assert reply[0].text.strip() and not reply[0].text.endswith(PLACEHOLDER)
+
+        key = ThreadKey("slack", "C1:100.000001")
+        stored = await service.thread_messages(key)
+        assert [m.role for m in stored] == ["user", "assistant"]
+        assert stored[0].text == "hello there"  # the mention is stripped
+        assert stored[0].author == "Alice"  # users.info
+        assert stored[0].platform_message_id == "100.000001"
+
+        # a later message in that thread, without a mention, continues from the saved state
+        await slack.deliver.event(event_body(message("100.000005", "and what next?", thread_ts="100.000001")))
+        await slack.settle()
+        assert len(slack.replies("C1", "100.000001")) == 2
+        turn = service.last_turn(key)
+        assert turn is not None
+        assert turn.resumed_from in ("memory", "store")
+        assert turn.prompt_tokens < 60
+
+        # not a mention and not in a thread the bot knows: silence
+        await slack.deliver.event(event_body(message("100.000007", "chatter")))
+        await slack.deliver.event(event_body(message("100.000009", "other thread", thread_ts="100.000008")))
+        await slack.settle()
+        assert len(fake.calls_to("chat.postMessage")) == 2
+        assert not await service.knows_thread(ThreadKey("slack", "C1:100.000008"))
+    assert "xoxb-test" not in caplog.text and SECRET not in caplog.text
+
+
+# --- /advisor ---------------------------------------------------------------------------------------------
+@pytest.mark.parametrize("mode", ["http", "socket"])
+async def test_advisor_command_acks_fast_then_answers_in_a_new_thread(
+        mode: str, service: ChatService, settings_factory: SettingsFactory, fake: FakeSlack) -> None:
+    async with running(mode, service, settings_factory, fake) as slack:
+        seconds, payload = await slack.deliver.command(command("sql why?", fake))
+        assert seconds < 3.0
+        assert not payload.get("text")  # a plain ack; the answer comes in the channel
+        await slack.settle()
+
+        root_post, *thread_posts = fake.calls_to("chat.postMessage")
+        assert root_post.args["channel"] == "C1"
+        assert not root_post.args.get("thread_ts")
+        assert "SQL advisor" in root_post.args["text"] and "why?" in root_post.args["text"]
+        root = next(m for m in fake.messages.values() if m.thread_ts is None)
+        assert thread_posts and all(p.args["thread_ts"] == root.ts for p in thread_posts)
+
+        key = ThreadKey("slack", f"C1:{root.ts}")
+        info = await service.thread(key)
+        assert info is not None and info.persona == "sql"
+        stored = await service.thread_messages(key)
+        assert stored[0].text == "/advisor sql why?"
+        assert any(m.role == "user" and m.text == "why?" for m in stored)
+        assert stored[-1].role == "assistant"
+
+        # without a name: the persona list, to the user only; an unknown name: the same, with a notice
+        _, listing = await slack.deliver.command(command("", fake))
+        _, unknown = await slack.deliver.command(command("nosuch tell me", fake))
+        await slack.settle()
+        for answer in (listing, unknown):
+            assert answer.get("response_type", "ephemeral") == "ephemeral"
+            assert all(f"`{name}`" in answer["text"] for name in ("sql", "project", "default"))
+        assert "nosuch" in unknown["text"]
+        assert len(fake.calls_to("chat.postMessage")) == 1 + len(thread_posts)
+
+
+# --- exactly once -----------------------------------------------------------------------------------------
+@pytest.mark.parametrize("mode", ["http", "socket"])
+async def test_retries_and_double_delivery_give_one_reply(
+        mode: str, service: ChatService, settings_factory: SettingsFactory, fake: FakeSlack) -> None:
+    async with running(mode, service, settings_factory, fake) as slack:
+        body = event_body(mention("300.000001", "only once please"), event_id="EvOnce")
+        twin = event_body(message("300.000001", f"<@{BOT}> only once please"), event_id="EvTwin")
+        await slack.deliver.event(body)
+        await slack.deliver.event(twin)
+        for retry in (1, 2, 3):
+            await slack.deliver.event(body, retry=retry)
+        await slack.settle()
+        assert len(slack.replies("C1", "300.000001")) == 1
+        users = [m for m in await service.thread_messages(ThreadKey("slack", "C1:300.000001"))
+                 if m.role == "user"]
+        assert len(users) == 1
+
+        # a retry whose first delivery never arrived (or was never processed) is answered
+        await slack.deliver.event(event_body(mention("300.000009", "lost first"), event_id="EvLost"), retry=1)
+        await slack.settle()
+        assert len(slack.replies("C1", "300.000009")) == 1
+
+
+class Untouchable:
+    """Stands in for the core where nothing may reach it."""
+
+    def __getattr__(self, name: str) -> Any:
+        raise AssertionError(f"the core was reached ({name})")
+
+
+async def test_bad_signature_is_rejected_before_anything_happens(settings_factory: SettingsFactory,
+                                                                 fake: FakeSlack) -> None:
+    async with running("http", Untouchable(), settings_factory, fake) as slack:
+        assert isinstance(slack.deliver, HttpDelivery)
+        calls_before = len(fake.calls)
+        raw = json.dumps(event_body(mention("400.000001")))
+        forged = signed_headers("wrong-secret", raw, extra={"Content-Type": "application/json"})
+        stale = signed_headers(SECRET, raw, timestamp=int(time.time()) - 600,
+                               extra={"Content-Type": "application/json"})
+        unsigned = {"Content-Type": "application/json"}
+        for headers in (forged, stale, unsigned):
+            assert (await slack.deliver.post(raw, headers))[0] == 401
+        await slack.settle()
+        assert len(fake.calls) == calls_before
+
+
+# --- streaming ---------------------------------------------------------------------------------------------
+async def test_updates_are_throttled_and_a_rate_limit_is_survived(
+        service: ChatService, settings_factory: SettingsFactory, fake: FakeSlack) -> None:
+    fake.fail("chat.update", "ratelimited", status=429, headers={"Retry-After": "1"})  # the first update
+    words = [f"word{i} " for i in range(30)]
+    scripted = ScriptedService(service, words, delay_s=0.1)  # about 3 s of streaming
+    async with running("socket", scripted, settings_factory, fake) as slack:
+        await slack.deliver.event(event_body(mention("500.000001", "stream please")))
+        await slack.settle()
+    [reply] = fake.thread("C1", "500.000001")
+    assert len(reply.writes) >= 3
+    gaps = [b - a for a, b in itertools.pairwise(reply.writes)]
+    assert min(gaps) >= 1.2 - 0.01, gaps
+    updates = fake.calls_to("chat.update")
+    assert updates[1].at - updates[0].at >= 1.0  # the 429 was retried after Retry-After
+    assert reply.text.strip() == "".join(words).strip()
+    assert scripted.events[0].text == "stream please"
+
+
+async def test_a_long_reply_continues_in_new_messages(service: ChatService, settings_factory: SettingsFactory,
+                                                      fake: FakeSlack) -> None:
+    paragraph = "A **bold** line with `code` & more text to fill the message up.\n"
+    body = paragraph * 12 + "```sql\n" + "SELECT a, b FROM t WHERE a < 10;\n" * 30 + "```\n" + paragraph * 5
+    chunks = [body[i:i + 40] for i in range(0, len(body), 40)]
+    async with running("socket", ScriptedService(service, chunks), settings_factory, fake,
+                       slack_max_message_chars=500) as slack:
+        await slack.deliver.event(event_body(mention("600.000001", "long please")))
+        await slack.settle()
+    messages = fake.thread("C1", "600.000001")
+    assert len(messages) >= 4
+    for m in messages:
+        assert len(m.text) <= 500
+        assert m.text.count("```") % 2 == 0, m.text
+        assert not m.text.endswith(PLACEHOLDER)
+    shown = "\n".join(m.text for m in messages)
+    assert shown.count("SELECT a, b FROM t WHERE a &lt; 10;") == 30
+    assert shown.count("A *bold* line with `code` &amp; more") == 17
+
+
+async def test_msg_too_long_continues_in_a_new_message(service: ChatService,
+                                                       settings_factory: SettingsFactory,
+                                                       fake: FakeSlack) -> None:
+    fake.max_text_chars = 300  # Slack refuses longer texts than the adapter was told
+    line = "plain words without any markup at all, line number {:02d}"
+    body = "\n".join(line.format(i) for i in range(16))  # ~930 characters, one renderer piece
+    chunks = [body[i:i + 120] for i in range(0, len(body), 120)]
+    async with running("socket", ScriptedService(service, chunks, delay_s=0.3), settings_factory, fake,
+                       slack_max_message_chars=3000) as slack:
+        await slack.deliver.event(event_body(mention("700.000001", "long please")))
+        await slack.settle()
+    messages = fake.thread("C1", "700.000001")
+    assert len(messages) >= 4
+    assert all(len(m.text) <= 300 for m in messages)
+    assert "\n".join(m.text for m in messages) == body
+    later = [m for m in messages if len(m.writes) > 1]
+    assert all(b - a >= 1.2 - 0.01 for m in later for a, b in itertools.pairwise(m.writes))
+
+
+# --- access, errors, what is ignored --------------------------------------------------------------------------
+async def test_allow_list_dms_commands_after_a_mention_and_ignored_messages(
+        service: ChatService, settings_factory: SettingsFactory, fake: FakeSlack) -> None:
+    async with running("socket", service, settings_factory, fake,
+                       slack_allowed_channels=["C1", "D1"]) as slack:
+        # outside the allow-list: silence, and an ephemeral word for a slash command
+        await slack.deliver.event(event_body(mention("900.000001", "anyone?", channel="C2")))
+        _, answer = await slack.deliver.command(command("sql hi", fake, channel="C2"))
+        assert "not enabled" in answer["text"]
+
+        # a direct message is answered in the conversation itself
+        await slack.deliver.event(event_body(message("900.000003", "hi in private", channel="D1",
+                                                     channel_type="im")))
+        await slack.settle()
+        assert [c.args["channel"] for c in fake.calls_to("chat.postMessage")] == ["D1"]
+        assert not fake.calls_to("chat.postMessage")[0].args.get("thread_ts")
+        assert await service.knows_thread(ThreadKey("slack", "D1:dm"))
+        assert not await service.knows_thread(ThreadKey("slack", "C2:900.000001"))
+
+        # commands after a mention: "advisor <name>", "reset"
+        thread = "900.000005"
+        key = ThreadKey("slack", f"C1:{thread}")
+        await slack.deliver.event(event_body(mention(thread, "advisor project plan my week")))
+        await slack.settle()
+        info = await service.thread(key)
+        assert info is not None and info.persona == "project"
+        await slack.deliver.event(event_body(mention("900.000006", "reset", thread_ts=thread)))
+        await slack.settle()
+        texts = [m.text for m in await service.thread_messages(key) if m.role == "user"]
+        assert texts[0] == "/advisor project plan my week" and texts[-1] == "/reset"
+        assert "Started over" in slack.replies("C1", thread)[-1].text
+
+        # in a thread the bot knows: bots, itself and edits/deletions are ignored
+        posted = len(fake.calls_to("chat.postMessage"))
+        ignored = [
+            message("900.000016", "bot talk", thread_ts=thread, user="U9", bot_id="B9"),
+            message("900.000017", "my own words", thread_ts=thread, user=BOT),
+            message("900.000018", "", thread_ts=thread, subtype="message_changed",
+                    message={"text": "edited", "user": USER}),
+            message("900.000019", "", thread_ts=thread, subtype="message_deleted"),
+            message("900.000020", "joined", thread_ts=thread, subtype="channel_join"),
+        ]
+        for event in ignored:
+            await slack.deliver.event(event_body(event))
+        await slack.settle()
+        assert len(fake.calls_to("chat.postMessage")) == posted
+        assert len(fake.calls_to("users.info")) == 1  # names are cached
+
+
+async def test_api_errors_are_logged_and_the_bot_keeps_running(
+        service: ChatService, settings_factory: SettingsFactory, fake: FakeSlack,
+        caplog: pytest.LogCaptureFixture) -> None:
+    fake.outside_channels.add("C9")
+    async with running("http", service, settings_factory, fake) as slack:
+        await slack.deliver.event(event_body(mention("950.000001", "are you there?", channel="C9")))
+        await slack.settle()
+        assert re.search(r"not_in_channel", caplog.text)
+        stored = await service.thread_messages(ThreadKey("slack", "C9:950.000001"))
+        assert stored and stored[0].text == "are you there?"  # the user's message stays in the log
+
+        fake.fail("chat.postMessage", "internal_error", status=500, times=3)  # outlasts the retries
+        await slack.deliver.event(event_body(mention("950.000003", "and now?")))
+        await slack.settle()
+        assert [m.text for m in fake.thread("C1", "950.000003")] == [ERROR_NOTICE]
+
+        await slack.deliver.event(event_body(mention("950.000005", "still alive?")))
+        await slack.settle()
+        assert len(fake.thread("C1", "950.000005")) == 1
+
+
+async def test_run_serves_http_until_cancelled(settings_factory: SettingsFactory, fake: FakeSlack) -> None:
+    port = free_port()
+    adapter = SlackAdapter(Untouchable(), settings_factory(  # type: ignore[arg-type]
+        slack_bot_token="xoxb-test", slack_signing_secret=SECRET, slack_api_url=fake.base_url,
+        slack_http_host="127.0.0.1", slack_http_port=port, slack_http_path="/hooks/slack"))
+    task = asyncio.create_task(adapter.run())
+    deliver = HttpDelivery(port, "/hooks/slack")
+    raw = json.dumps({"token": "legacy", "challenge": "abc123", "type": "url_verification"})
+    for _ in range(500):
+        if adapter.http_port is not None:
+            break
+        await asyncio.sleep(0.02)
+    headers = signed_headers(SECRET, raw, extra={"Content-Type": "application/json"})
+    status, text = await deliver.post(raw, headers)
+    assert (status, json.loads(text)) == (200, {"challenge": "abc123"})  # Slack's Request URL check
+    task.cancel()
+    with pytest.raises(asyncio.CancelledError):
+        await task
+    assert adapter.http_port is None
+    with pytest.raises(aiohttp.ClientConnectionError):
+        await deliver.post(raw, {})
+
+
+# --- configuration ---------------------------------------------------------------------------------------------
+async def test_configuration_errors_fail_at_start(settings_factory: SettingsFactory, fake: FakeSlack) -> None:
+    with pytest.raises(ConfigError, match="SLACK_BOT_TOKEN"):
+        SlackAdapter(object(), settings_factory())  # type: ignore[arg-type]
+    with pytest.raises(ConfigError, match=r"SLACK_APP_TOKEN.*SLACK_SIGNING_SECRET"):
+        SlackAdapter(object(), settings_factory(slack_bot_token="xoxb-test"))  # type: ignore[arg-type]
+    fake.fail("auth.test", "invalid_auth")
+    adapter = SlackAdapter(object(), settings_factory(  # type: ignore[arg-type]
+        slack_bot_token="xoxb-test", slack_app_token="xapp-test", slack_api_url=fake.base_url))
+    with pytest.raises(ConfigError, match="SLACK_BOT_TOKEN was refused"):
+        await adapter.start()
+    fake.fail("apps.connections.open", "invalid_auth")
+    with pytest.raises(ConfigError, match="SLACK_APP_TOKEN was refused"):
+        await adapter.start()
+    await adapter.stop()
+    assert [c.token for c in fake.calls_to("apps.connections.open")] == ["xapp-test"]
