@@ -1,0 +1,554 @@
+"""The web chat page and its HTTP API, served by uvicorn in the same process and event loop as the
+other adapters.
+
+A web thread is named by the caller: ``(user_id, discussion_id)`` becomes
+``ThreadKey("web", "<user_id>/<discussion_id>")``. The seed's ``POST /generate-response`` keeps its
+JSON shape; ``prompt_file`` picks the persona (``SQLAdvisor`` → ``sql``, ``ProjectAdvisor`` →
+``project``, or a persona's own name). When it differs from the thread's persona (or the thread is
+new) the message is sent to the core as ``/advisor <persona> <message>``, so the core switches the
+persona and answers in one turn; everything else about threads, personas and history is the core's.
+
+Security: loopback by default; with ``RAVEN_WEB_TOKEN`` set every API call needs
+``Authorization: Bearer <token>`` (or the page's session cookie), compared in constant time and
+never logged. Request bodies are capped at ``RAVEN_WEB_MAX_BODY_BYTES``; CORS is off unless
+``RAVEN_WEB_CORS_ORIGINS`` names origins. See docs/web.md.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import hashlib
+import hmac
+import json
+import logging
+import re
+import socket
+import time
+from collections.abc import AsyncIterator, Generator
+from pathlib import Path
+from typing import TYPE_CHECKING, Annotated, Any
+from urllib.parse import parse_qs
+
+import uvicorn
+from fastapi import Depends, FastAPI, HTTPException, Request
+from fastapi.exceptions import RequestValidationError
+from fastapi.openapi.docs import get_swagger_ui_html
+from fastapi.responses import FileResponse, HTMLResponse, JSONResponse, RedirectResponse, Response
+from fastapi.security import HTTPAuthorizationCredentials, HTTPBearer
+from fastapi.staticfiles import StaticFiles
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
+from sse_starlette import EventSourceResponse, ServerSentEvent
+from starlette.types import ASGIApp, Message, Receive, Scope, Send
+
+from bot.commands import parse_command
+from bot.errors import ConfigError, PersonaError
+from bot.events import Event, ThreadKey
+from bot.settings import Settings
+
+if TYPE_CHECKING:
+    from bot.service import ChatService
+
+log = logging.getLogger(__name__)
+
+PLATFORM = "web"
+STATIC_DIR = Path(__file__).resolve().parent / "static"
+# user and discussion ids: 1-64 of letters, digits, '_', '-', '.', '@' (no '/', so the pair is unambiguous)
+ID_PATTERN = re.compile(r"[A-Za-z0-9_.@-]{1,64}")
+ID_RULE = "1-64 characters: letters, digits, '_', '-', '.', '@'"
+# the seed's prompt files, matched case-insensitively; any other value is a persona name
+PROMPT_FILE_ALIASES = {"sqladvisor": "sql", "projectadvisor": "project"}
+SESSION_COOKIE = "raven_session"
+LOOPBACK_HOSTS = ("127.0.0.1", "localhost", "::1")
+SSE_PING_S = 15
+# The page loads nothing but its own files; the browser enforces it.
+PAGE_HEADERS = {
+    "Content-Security-Policy": (
+        "default-src 'none'; script-src 'self'; style-src 'self'; img-src 'self' data:; "
+        "connect-src 'self'; form-action 'self'; base-uri 'none'; frame-ancestors 'none'"
+    ),
+    "X-Content-Type-Options": "nosniff",
+    "Referrer-Policy": "no-referrer",
+    "Cache-Control": "no-store",
+}
+
+
+# --- request and response shapes ---------------------------------------------------------------------
+
+
+def _check_id(value: Any, name: str) -> str:
+    if isinstance(value, bool) or not isinstance(value, str | int):
+        raise ValueError(f"{name} must be a string")
+    text = str(value)
+    if not ID_PATTERN.fullmatch(text):
+        raise ValueError(f"{name} must be {ID_RULE}")
+    return text
+
+
+class ChatRequest(BaseModel):
+    """The seed's request; ``prompt_file`` may be left out to keep the thread's persona."""
+
+    model_config = ConfigDict(extra="ignore")
+
+    user_message: str = Field(description="The user's message, or a command such as /reset")
+    user_id: str = Field(description=f"Who is asking ({ID_RULE}); a number is accepted")
+    discussion_id: str = Field(description=f"The thread, per user ({ID_RULE}); a number is accepted")
+    prompt_file: str | None = Field(
+        None, description="Persona: SQLAdvisor, ProjectAdvisor or a persona name; omit to keep the thread's"
+    )
+    user_name: str | None = Field(None, max_length=64, description="Display name stored with the message")
+
+    @field_validator("user_id", "discussion_id", mode="before")
+    @classmethod
+    def _ids(cls, value: Any, info: Any) -> str:
+        return _check_id(value, info.field_name)
+
+    @field_validator("user_message")
+    @classmethod
+    def _message(cls, value: str) -> str:
+        if not value.strip():
+            raise ValueError("user_message must not be empty")
+        return value
+
+    @property
+    def key(self) -> ThreadKey:
+        return ThreadKey(PLATFORM, f"{self.user_id}/{self.discussion_id}")
+
+
+class ChatResponse(BaseModel):
+    generated_text: str
+
+
+class PersonaOut(BaseModel):
+    name: str
+    display_name: str
+    description: str
+
+
+class ThreadOut(BaseModel):
+    discussion_id: str
+    persona: str
+    title: str
+    created_at: float
+    updated_at: float
+
+
+class MessageOut(BaseModel):
+    role: str
+    author: str
+    text: str
+    created_at: float
+
+
+class ThreadMessagesOut(BaseModel):
+    discussion_id: str
+    persona: str | None
+    messages: list[MessageOut]
+
+
+def _problem(errors: list[Any]) -> str:
+    parts = []
+    for error in errors:
+        loc = ".".join(str(p) for p in error.get("loc", ()) if p not in ("body", "path", "query"))
+        msg = str(error.get("msg", "invalid")).removeprefix("Value error, ")
+        parts.append(f"{loc}: {msg}" if loc else msg)
+    return "; ".join(parts)
+
+
+def _title(first_message: str | None) -> str:
+    """A thread's title is its first message; show a persona switch by its question."""
+    text = (first_message or "").strip()
+    command = parse_command(text)
+    if command is not None and command.name == "advisor" and command.rest:
+        text = command.rest
+    return text[:120]
+
+
+# --- the token ----------------------------------------------------------------------------------------
+
+
+class TokenGuard:
+    """Checks the bearer token or the page's session cookie. The cookie holds an HMAC of the token,
+    never the token itself; every comparison is constant-time."""
+
+    def __init__(self, token: str | None) -> None:
+        self._token = token.encode() if token else None
+        self.session = (
+            hmac.new(self._token, b"raven-web-session", hashlib.sha256).hexdigest() if self._token else None
+        )
+
+    @property
+    def enabled(self) -> bool:
+        return self._token is not None
+
+    def token_ok(self, candidate: str | None) -> bool:
+        if self._token is None:
+            return True
+        return candidate is not None and hmac.compare_digest(candidate.encode(), self._token)
+
+    def request_ok(self, request: Request, bearer: str | None = None) -> bool:
+        if self._token is None:
+            return True
+        if bearer is not None and self.token_ok(bearer):
+            return True
+        cookie = request.cookies.get(SESSION_COOKIE)
+        assert self.session is not None
+        return cookie is not None and hmac.compare_digest(cookie.encode(), self.session.encode())
+
+
+# Module level, so FastAPI can resolve the annotation (this module uses postponed annotations).
+_bearer_scheme = HTTPBearer(auto_error=False, description="RAVEN_WEB_TOKEN, when one is set")
+BearerCredentials = Annotated[HTTPAuthorizationCredentials | None, Depends(_bearer_scheme)]
+
+
+# --- access log without query strings ------------------------------------------------------------------
+
+
+class AccessLog:
+    """One log line per request: method, path (never the query string, which may hold a token),
+    status and duration. Replaces uvicorn's access log."""
+
+    def __init__(self, app: ASGIApp) -> None:
+        self.app = app
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        if scope["type"] != "http":
+            await self.app(scope, receive, send)
+            return
+        started = time.monotonic()
+        status = [0]
+
+        async def record(message: Message) -> None:
+            if message["type"] == "http.response.start":
+                status[0] = message["status"]
+            await send(message)
+
+        try:
+            await self.app(scope, receive, record)
+        finally:
+            path = "".join(c if c.isprintable() else "?" for c in scope["path"][:200])
+            log.info("web %s %s -> %s (%.0f ms)", scope["method"], path, status[0] or "-",
+                     (time.monotonic() - started) * 1000)
+
+
+# --- the app -------------------------------------------------------------------------------------------
+
+
+def create_app(service: ChatService, settings: Settings) -> FastAPI:
+    """The FastAPI app for one service. Nothing starts until an ASGI server runs it."""
+    token = settings.web_token.get_secret_value() if settings.web_token else None
+    guard = TokenGuard(token)
+    max_body = settings.web_max_body_bytes
+
+    app = FastAPI(
+        title="Raven web API",
+        version="1",
+        description="Chat with Raven's personas. See docs/web.md.",
+        docs_url=None,
+        redoc_url=None,
+        openapi_url=None,
+    )
+
+    async def require_token(request: Request, credentials: BearerCredentials) -> None:
+        if not guard.request_ok(request, credentials.credentials if credentials else None):
+            raise HTTPException(
+                401,
+                "missing or wrong token: send 'Authorization: Bearer <RAVEN_WEB_TOKEN>'",
+                headers={"WWW-Authenticate": "Bearer"},
+            )
+
+    Authorized = Depends(require_token)
+
+    @app.exception_handler(RequestValidationError)
+    async def _validation_error(request: Request, exc: RequestValidationError) -> JSONResponse:
+        return JSONResponse({"detail": _problem(list(exc.errors()))}, status_code=422)
+
+    # --- helpers --------------------------------------------------------------------------------------
+
+    async def read_body(request: Request) -> bytes:
+        declared = request.headers.get("content-length")
+        if declared is not None and declared.isdigit() and int(declared) > max_body:
+            raise HTTPException(413, f"request body is larger than {max_body} bytes")
+        body = bytearray()
+        async for chunk in request.stream():
+            body += chunk
+            if len(body) > max_body:
+                raise HTTPException(413, f"request body is larger than {max_body} bytes")
+        return bytes(body)
+
+    async def read_chat_request(request: Request) -> ChatRequest:
+        media = request.headers.get("content-type", "").split(";")[0].strip().lower()
+        if media != "application/json":
+            # Also keeps other web sites from posting here with a plain HTML form (no CORS preflight).
+            raise HTTPException(415, "send the body as JSON with 'Content-Type: application/json'")
+        body = await read_body(request)
+        try:
+            data = json.loads(body)
+        except (UnicodeDecodeError, json.JSONDecodeError) as exc:
+            raise HTTPException(400, f"the body is not valid JSON: {exc}") from None
+        if not isinstance(data, dict):
+            raise HTTPException(400, "the body must be a JSON object")
+        try:
+            return ChatRequest.model_validate(data)
+        except ValidationError as exc:
+            raise HTTPException(422, _problem(list(exc.errors()))) from None
+
+    def persona_names() -> list[str]:
+        return [p.name for p in service.personas()]
+
+    def resolve_persona(prompt_file: str) -> str:
+        raw = prompt_file.strip()
+        name = PROMPT_FILE_ALIASES.get(raw.lower(), raw.lower())
+        try:
+            return service.persona(name).name
+        except PersonaError:
+            raise HTTPException(
+                422,
+                f"unknown persona {raw[:40]!r} in prompt_file; choose one of: "
+                f"{', '.join(persona_names())} (or SQLAdvisor, ProjectAdvisor)",
+            ) from None
+
+    async def thread_persona(key: ThreadKey) -> str | None:
+        info = await service.thread(key)
+        return info.persona if info is not None else None
+
+    async def to_event(chat: ChatRequest) -> Event:
+        key = chat.key
+        text = chat.user_message
+        if chat.prompt_file is not None and chat.prompt_file.strip():
+            persona = resolve_persona(chat.prompt_file)
+            # A command (/reset, /advisor x, ...) goes through as typed; a message to a thread that
+            # is new or has another persona switches it first, in the same turn.
+            if parse_command(text) is None and await thread_persona(key) != persona:
+                text = f"/advisor {persona} {text}"
+        return Event(thread=key, user_id=chat.user_id, user_name=chat.user_name or chat.user_id, text=text)
+
+    def thread_key(user_id: str, discussion_id: str) -> ThreadKey:
+        try:
+            user = _check_id(user_id, "user_id")
+            discussion = _check_id(discussion_id, "discussion_id")
+        except ValueError as exc:
+            raise HTTPException(422, str(exc)) from None
+        return ThreadKey(PLATFORM, f"{user}/{discussion}")
+
+    # --- the API --------------------------------------------------------------------------------------
+
+    @app.post("/generate-response", response_model=ChatResponse, dependencies=[Authorized],
+              openapi_extra={"requestBody": {"required": True, "content": {
+                  "application/json": {"schema": ChatRequest.model_json_schema()}}}})
+    async def generate_response(request: Request) -> ChatResponse:
+        """The seed's endpoint: send one message, get the whole reply."""
+        event = await to_event(await read_chat_request(request))
+        parts: list[str] = []
+        try:
+            async for chunk in service.reply(event):
+                parts.append(chunk)
+        except Exception:
+            log.exception("web reply failed for %s", event.thread)
+            raise HTTPException(500, "the bot failed to answer; the server log has the details") from None
+        return ChatResponse(generated_text="".join(parts))
+
+    @app.post("/generate-response/stream", dependencies=[Authorized],
+              responses={200: {"content": {"text/event-stream": {}},
+                               "description": "token events, then one done event"}},
+              openapi_extra={"requestBody": {"required": True, "content": {
+                  "application/json": {"schema": ChatRequest.model_json_schema()}}}})
+    async def generate_response_stream(request: Request) -> EventSourceResponse:
+        """The same request; the reply as Server-Sent Events: ``token`` events (``{"text"}``, in
+        order), then one ``done`` event (``{"generated_text"}``). A failure sends an ``error`` event
+        before ``done``."""
+        event = await to_event(await read_chat_request(request))
+
+        async def events() -> AsyncIterator[ServerSentEvent]:
+            parts: list[str] = []
+            try:
+                async for chunk in service.reply(event):
+                    parts.append(chunk)
+                    yield ServerSentEvent(json.dumps({"text": chunk}), event="token")
+            except Exception:
+                log.exception("web stream failed for %s", event.thread)
+                yield ServerSentEvent(
+                    json.dumps({"detail": "the bot failed to answer; the server log has the details"}),
+                    event="error",
+                )
+            yield ServerSentEvent(json.dumps({"generated_text": "".join(parts)}), event="done")
+
+        return EventSourceResponse(events(), ping=SSE_PING_S, sep="\n")
+
+    @app.get("/personas", response_model=list[PersonaOut], dependencies=[Authorized])
+    async def list_personas() -> list[PersonaOut]:
+        return [PersonaOut(name=p.name, display_name=p.display_name, description=p.description)
+                for p in service.personas()]
+
+    @app.get("/users/{user_id}/threads", response_model=list[ThreadOut], dependencies=[Authorized])
+    async def list_threads(user_id: str) -> list[ThreadOut]:
+        """The user's threads, most recently active first."""
+        prefix = thread_key(user_id, "x").thread_id[:-1]  # "<user_id>/"
+        threads = await service.list_threads(PLATFORM, prefix=prefix)
+        return [
+            ThreadOut(discussion_id=t.key.thread_id.removeprefix(prefix), persona=t.persona,
+                      title=_title(t.title), created_at=t.created_at, updated_at=t.updated_at)
+            for t in sorted(threads, key=lambda t: t.updated_at, reverse=True)
+            if t.key.platform == PLATFORM and t.key.thread_id.startswith(prefix)
+        ]
+
+    @app.get("/users/{user_id}/threads/{discussion_id}/messages", response_model=ThreadMessagesOut,
+             dependencies=[Authorized], responses={404: {"description": "no such thread"}})
+    async def thread_messages(user_id: str, discussion_id: str) -> ThreadMessagesOut:
+        """A thread's whole log, oldest first (earlier personas' turns included)."""
+        key = thread_key(user_id, discussion_id)
+        messages = await service.thread_messages(key)
+        persona = await thread_persona(key)
+        if not messages and persona is None:
+            raise HTTPException(404, f"no thread {discussion_id!r} for user {user_id!r}")
+        return ThreadMessagesOut(
+            discussion_id=discussion_id,
+            persona=persona,
+            messages=[MessageOut(role=m.role, author=m.author, text=m.text, created_at=m.created_at)
+                      for m in messages],
+        )
+
+    @app.get("/healthz", include_in_schema=False)
+    async def healthz() -> dict[str, str]:
+        return {"status": "ok"}
+
+    @app.get("/openapi.json", include_in_schema=False, dependencies=[Authorized])
+    async def openapi() -> JSONResponse:
+        return JSONResponse(app.openapi())
+
+    @app.get("/docs", include_in_schema=False, dependencies=[Authorized])
+    async def docs() -> HTMLResponse:
+        # Swagger UI's script and style come from a CDN; the chat page itself loads nothing external.
+        return get_swagger_ui_html(openapi_url="/openapi.json", title="Raven web API")
+
+    # --- the page -------------------------------------------------------------------------------------
+
+    def login_page(status: int, error: str = "") -> HTMLResponse:
+        html = (STATIC_DIR / "login.html").read_text(encoding="utf-8")
+        note = f'<p class="error" role="alert">{error}</p>' if error else ""
+        return HTMLResponse(html.replace("<!--error-->", note), status_code=status, headers=PAGE_HEADERS)
+
+    def signed_in(target: str, request: Request) -> RedirectResponse:
+        response = RedirectResponse(target, status_code=303, headers={"Cache-Control": "no-store"})
+        assert guard.session is not None
+        response.set_cookie(SESSION_COOKIE, guard.session, httponly=True, samesite="strict", path="/",
+                            secure=request.url.scheme == "https")
+        return response
+
+    @app.get("/", include_in_schema=False, response_model=None)
+    async def page(request: Request, token: str | None = None) -> Response:
+        if guard.enabled:
+            if token is not None:  # "/?token=..." once: swap it for a cookie and drop it from the URL
+                if guard.token_ok(token):
+                    return signed_in("/", request)
+                return login_page(401, "Wrong token.")
+            if not guard.request_ok(request):
+                return login_page(401)
+        return FileResponse(STATIC_DIR / "index.html", headers=PAGE_HEADERS)
+
+    @app.post("/login", include_in_schema=False, response_model=None)
+    async def login(request: Request) -> Response:
+        if not guard.enabled:
+            return RedirectResponse("/", status_code=303)
+        fields = parse_qs((await read_body(request)).decode("utf-8", "replace"))
+        if guard.token_ok((fields.get("token") or [""])[0]):
+            return signed_in("/", request)
+        return login_page(401, "Wrong token.")
+
+    @app.post("/logout", include_in_schema=False)
+    async def logout() -> RedirectResponse:
+        response = RedirectResponse("/", status_code=303)
+        response.delete_cookie(SESSION_COOKIE, path="/")
+        return response
+
+    app.mount("/static", StaticFiles(directory=STATIC_DIR), name="static")
+
+    app.add_middleware(AccessLog)
+    if settings.web_cors_origins:
+        from fastapi.middleware.cors import CORSMiddleware
+
+        app.add_middleware(
+            CORSMiddleware, allow_origins=list(settings.web_cors_origins), allow_methods=["GET", "POST"],
+            allow_headers=["Authorization", "Content-Type"], allow_credentials=False,
+        )
+    return app
+
+
+# --- serving -------------------------------------------------------------------------------------------
+
+
+class _Server(uvicorn.Server):
+    """uvicorn without its signal handlers: whoever runs the adapter (``raven run``/``raven web``)
+    owns the signals and stops us by cancelling ``run()``."""
+
+    def __init__(self, config: uvicorn.Config, ready: asyncio.Event) -> None:
+        super().__init__(config)
+        self.ready = ready
+
+    @contextlib.contextmanager
+    def capture_signals(self) -> Generator[None, None, None]:
+        yield
+
+    async def startup(self, sockets: list[socket.socket] | None = None) -> None:
+        await super().startup(sockets)
+        if self.started:
+            self.ready.set()
+
+
+def _listen(host: str, port: int) -> socket.socket:
+    try:
+        infos = socket.getaddrinfo(host, port, type=socket.SOCK_STREAM, flags=socket.AI_PASSIVE)
+        family = infos[0][0]
+        return socket.create_server((host, port), family=family)
+    except OSError as exc:
+        raise ConfigError(
+            f"RAVEN_WEB_HOST/RAVEN_WEB_PORT: cannot listen on {host}:{port}: {exc.strerror or exc}"
+        ) from None
+
+
+class WebAdapter:
+    """Serves the page and the API on ``settings.web_host:web_port`` until cancelled."""
+
+    def __init__(self, service: ChatService, settings: Settings) -> None:
+        if settings.web_host not in LOOPBACK_HOSTS and settings.web_token is None:
+            # Settings checks this when RAVEN_WEB_ENABLED is set; check again for any other caller.
+            raise ConfigError(
+                f"RAVEN_WEB_TOKEN must be set when RAVEN_WEB_HOST binds beyond localhost ({settings.web_host!r})"
+            )
+        self.service = service
+        self.settings = settings
+        self.app = create_app(service, settings)
+        self.port: int | None = None
+        self._ready = asyncio.Event()
+
+    @property
+    def url(self) -> str:
+        if self.port is None:
+            raise RuntimeError("the web adapter is not listening yet")
+        host = self.settings.web_host
+        host = f"[{host}]" if ":" in host else host
+        return f"http://{host}:{self.port}"
+
+    async def wait_started(self) -> None:
+        """Returns once the server accepts connections (tests; ``raven web`` logs the URL)."""
+        await self._ready.wait()
+
+    async def run(self) -> None:
+        config = uvicorn.Config(
+            self.app, log_config=None, access_log=False, lifespan="off", server_header=False,
+            timeout_graceful_shutdown=5,
+        )
+        sock = _listen(self.settings.web_host, self.settings.web_port)
+        self.port = sock.getsockname()[1]
+        server = _Server(config, self._ready)
+        serving = asyncio.create_task(server.serve(sockets=[sock]), name="raven-web")
+        log.info("web chat page on %s/", self.url)
+        try:
+            await asyncio.shield(serving)
+        except asyncio.CancelledError:
+            server.should_exit = True
+            with contextlib.suppress(Exception):
+                await serving
+            raise
+        finally:
+            sock.close()

@@ -1,0 +1,493 @@
+"""The web API over real HTTP: the real app under uvicorn on 127.0.0.1, the real chat service (tiny
+random-weight model, SQLite store), httpx as the client."""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import functools
+import json
+import logging
+import re
+from collections.abc import AsyncIterator, Awaitable, Callable
+from typing import Any
+
+import httpx
+import pytest
+
+import bot.app
+from adapters.web import SESSION_COOKIE, STATIC_DIR, WebAdapter
+from bot.errors import ConfigError
+from bot.events import ThreadKey
+from bot.service import ChatService
+
+StartWeb = Callable[..., Awaitable[str]]
+TOKEN = "s3cret-web-token-123"
+
+
+@functools.cache
+def _shared_tokenizer(spec: str) -> Any:
+    return _load_tokenizer(spec)
+
+
+_load_tokenizer = bot.app.load_tokenizer
+
+
+@pytest.fixture(autouse=True)
+def reuse_tokenizer(monkeypatch: pytest.MonkeyPatch) -> None:
+    """Each test opens its own service; building the World tokenizer's trie takes seconds each time,
+    and the tokenizer never changes, so the tests share one."""
+    monkeypatch.setattr(bot.app, "load_tokenizer", _shared_tokenizer)
+
+
+async def start_adapter(adapter: WebAdapter) -> asyncio.Task[None]:
+    """Run the adapter as `raven run` does (a task in this loop); return once it accepts connections."""
+    task = asyncio.create_task(adapter.run())
+    ready = asyncio.create_task(adapter.wait_started())
+    done, _ = await asyncio.wait({task, ready}, timeout=10, return_when=asyncio.FIRST_COMPLETED)
+    if ready not in done:
+        ready.cancel()
+        if task in done:
+            task.result()  # raises what run() raised
+        raise AssertionError("the web adapter did not start within 10 s")
+    return task
+
+
+async def stop(task: asyncio.Task[None]) -> None:
+    task.cancel()
+    with contextlib.suppress(asyncio.CancelledError):
+        await task
+
+
+@pytest.fixture
+async def start_web(service: ChatService, settings_factory: Any) -> AsyncIterator[StartWeb]:
+    tasks: list[asyncio.Task[None]] = []
+
+    async def start(**overrides: Any) -> str:
+        adapter = WebAdapter(service, settings_factory(web_port=0, **overrides))
+        tasks.append(await start_adapter(adapter))
+        return adapter.url
+
+    yield start
+    for task in tasks:
+        await stop(task)
+
+
+@pytest.fixture
+async def client(start_web: StartWeb) -> AsyncIterator[httpx.AsyncClient]:
+    async with httpx.AsyncClient(base_url=await start_web(), timeout=60) as http:
+        yield http
+
+
+def ask(message: str, user: str = "alice", discussion: Any = "1", persona: str | None = "SQLAdvisor") -> dict[str, Any]:
+    body: dict[str, Any] = {"user_message": message, "user_id": user, "discussion_id": discussion}
+    if persona is not None:
+        body["prompt_file"] = persona
+    return body
+
+
+async def read_sse(client: httpx.AsyncClient, body: dict[str, Any]) -> tuple[httpx.Response, list[tuple[str, Any]]]:
+    """POST to the stream endpoint; the events in arrival order, as (name, parsed JSON data)."""
+    events: list[tuple[str, Any]] = []
+    async with client.stream("POST", "/generate-response/stream", json=body) as response:
+        if response.status_code != 200:
+            await response.aread()
+            return response, events
+        name = "message"
+        data: list[str] = []
+        async for line in response.aiter_lines():
+            if line == "":
+                if data:
+                    events.append((name, json.loads("\n".join(data))))
+                name, data = "message", []
+            elif line.startswith(":"):
+                continue
+            elif line.startswith("event:"):
+                name = line.removeprefix("event:").strip()
+            elif line.startswith("data:"):
+                data.append(line.removeprefix("data:").removeprefix(" "))
+    return response, events
+
+
+def as_stored(text: str) -> str:
+    """The store keeps a reply stripped, with blank lines folded (a blank line ends a turn)."""
+    return re.sub(r"\n\s*\n+", "\n", text.strip())
+
+
+# --- the seed's endpoint --------------------------------------------------------------------------------
+
+
+async def test_seed_request_returns_generated_text_in_an_sql_thread(
+    client: httpx.AsyncClient, service: ChatService
+) -> None:
+    key = ThreadKey("web", "alice/1")
+    response = await client.post("/generate-response", json=ask("Why is my join slow?", discussion=1))
+    assert response.status_code == 200, response.text
+    body = response.json()
+    assert set(body) == {"generated_text"}
+    assert isinstance(body["generated_text"], str) and body["generated_text"].strip()
+
+    thread = await service.thread(key)
+    assert thread is not None and thread.persona == "sql"
+    messages = await service.thread_messages(key)
+    assert [m.role for m in messages] == ["user", "user", "assistant"]
+    assert messages[0].text == "/advisor sql Why is my join slow?"  # new thread: switch and ask at once
+    assert messages[1].text == "Why is my join slow?"
+    assert messages[1].author == "alice"
+    assert body["generated_text"].endswith(messages[2].text)
+
+    # Same persona again: the message goes through as it is and continues from the saved state.
+    response = await client.post("/generate-response", json=ask("And with an index?", discussion="1"))
+    assert response.status_code == 200, response.text
+    messages = await service.thread_messages(key)
+    assert [m.text for m in messages if m.role == "user"][-1] == "And with an index?"
+    assert sum(m.text.startswith("/advisor") for m in messages) == 1
+    assert as_stored(response.json()["generated_text"]) == messages[-1].text
+    turn = service.last_turn(key)
+    assert turn is not None and turn.resumed_from in ("memory", "store")
+
+    # Another persona switches the thread; a plain persona name works as well as the seed's file name.
+    response = await client.post("/generate-response", json=ask("Plan the migration", persona="ProjectAdvisor"))
+    assert response.status_code == 200, response.text
+    thread = await service.thread(key)
+    assert thread is not None and thread.persona == "project"
+    response = await client.post("/generate-response", json=ask("Back to SQL", persona="sql"))
+    assert response.status_code == 200
+    thread = await service.thread(key)
+    assert thread is not None and thread.persona == "sql"
+    messages = await service.thread_messages(key)
+    assert [m.text for m in messages if m.text.startswith("/advisor")] == [
+        "/advisor sql Why is my join slow?", "/advisor project Plan the migration", "/advisor sql Back to SQL",
+    ]
+
+
+async def test_commands_pass_through_and_no_persona_keeps_the_threads(
+    client: httpx.AsyncClient, service: ChatService
+) -> None:
+    key = ThreadKey("web", "alice/cmd")
+    assert (await client.post("/generate-response", json=ask("hello", discussion="cmd"))).status_code == 200
+    response = await client.post("/generate-response", json=ask("/reset", discussion="cmd"))
+    assert response.status_code == 200
+    assert "Started over" in response.json()["generated_text"]
+    response = await client.post("/generate-response", json=ask("go on", discussion="cmd", persona=None))
+    assert response.status_code == 200
+    thread = await service.thread(key)
+    assert thread is not None and thread.persona == "sql"
+    user_texts = [m.text for m in await service.thread_messages(key) if m.role == "user"]
+    assert user_texts == ["/advisor sql hello", "hello", "/reset", "go on"]
+
+
+# --- streaming ---------------------------------------------------------------------------------------
+
+
+async def test_stream_delivers_tokens_in_order_and_ends_with_done(
+    client: httpx.AsyncClient, service: ChatService
+) -> None:
+    key = ThreadKey("web", "alice/s1")
+    first = await client.post("/generate-response", json=ask("Index advice please", discussion="s1"))
+    assert first.status_code == 200
+
+    response, events = await read_sse(client, ask("Tell me more", discussion="s1"))
+    assert response.status_code == 200
+    assert response.headers["content-type"].startswith("text/event-stream")
+    names = [name for name, _ in events]
+    assert names[-1] == "done" and names.count("done") == 1
+    assert set(names[:-1]) == {"token"} and len(names) > 3
+    streamed = "".join(data["text"] for name, data in events if name == "token")
+    assert events[-1][1] == {"generated_text": streamed}
+    messages = await service.thread_messages(key)
+    assert messages[-1].role == "assistant"
+    assert messages[-1].text == as_stored(streamed)
+    assert messages[-2].text == "Tell me more"
+
+
+async def test_a_reader_who_leaves_mid_stream_does_not_break_the_thread(
+    client: httpx.AsyncClient, service: ChatService
+) -> None:
+    key = ThreadKey("web", "alice/gone")
+    async with client.stream("POST", "/generate-response/stream", json=ask("hi", discussion="gone")) as response:
+        assert response.status_code == 200
+        async for line in response.aiter_lines():
+            if line.startswith("event: token"):
+                break  # close the connection after the first token
+    await service.drain()  # the core finishes and stores the reply anyway
+    assert [m.role for m in await service.thread_messages(key)] == ["user", "user", "assistant"]
+    response = await client.post("/generate-response", json=ask("still there?", discussion="gone"))
+    assert response.status_code == 200 and response.json()["generated_text"]
+    assert [m.role for m in await service.thread_messages(key)][-2:] == ["user", "assistant"]
+
+
+async def test_stream_on_a_new_thread_switches_persona_first(
+    client: httpx.AsyncClient, service: ChatService
+) -> None:
+    response, events = await read_sse(client, ask("Plan a sprint", discussion="s2", persona="ProjectAdvisor"))
+    assert response.status_code == 200
+    assert events[-1][0] == "done"
+    streamed = "".join(data["text"] for name, data in events if name == "token")
+    assert streamed.startswith("Now talking with **Project advisor**")
+    thread = await service.thread(ThreadKey("web", "alice/s2"))
+    assert thread is not None and thread.persona == "project"
+    messages = await service.thread_messages(ThreadKey("web", "alice/s2"))
+    assert streamed.endswith(messages[-1].text) and messages[-1].role == "assistant"
+
+
+async def test_an_unexpected_failure_gets_a_short_notice_and_a_logged_traceback(
+    client: httpx.AsyncClient, service: ChatService, monkeypatch: pytest.MonkeyPatch,
+    caplog: pytest.LogCaptureFixture,
+) -> None:
+    async def broken(event: Any) -> AsyncIterator[str]:
+        yield "partial"
+        raise RuntimeError("engine exploded")
+
+    monkeypatch.setattr(service, "reply", broken)
+    response = await client.post("/generate-response", json=ask("hi", discussion="boom"))
+    assert response.status_code == 500 and "server log" in response.json()["detail"]
+    response, events = await read_sse(client, ask("hi", discussion="boom"))
+    assert response.status_code == 200
+    assert [name for name, _ in events] == ["token", "error", "done"]
+    assert "server log" in events[1][1]["detail"] and events[2][1] == {"generated_text": "partial"}
+    failures = [r for r in caplog.records if r.name == "adapters.web" and r.exc_info]
+    assert len(failures) == 2
+    assert all("engine exploded" in caplog.text and r.exc_info and r.exc_info[0] is RuntimeError for r in failures)
+    assert (await client.get("/healthz")).status_code == 200  # still serving
+
+
+# --- reading threads -------------------------------------------------------------------------------
+
+
+async def test_history_endpoint_returns_the_thread_log(client: httpx.AsyncClient, service: ChatService) -> None:
+    await client.post("/generate-response", json=ask("first question", discussion="h1"))
+    await client.post("/generate-response", json=ask("second question", discussion="h1"))
+
+    response = await client.get("/users/alice/threads/h1/messages")
+    assert response.status_code == 200
+    body = response.json()
+    assert body["discussion_id"] == "h1" and body["persona"] == "sql"
+    stored = await service.thread_messages(ThreadKey("web", "alice/h1"))
+    assert [(m["role"], m["text"]) for m in body["messages"]] == [(m.role, m.text) for m in stored]
+    assert [m["role"] for m in body["messages"]] == ["user", "user", "assistant", "user", "assistant"]
+    assert body["messages"][3]["text"] == "second question"
+    assert all(isinstance(m["created_at"], float) for m in body["messages"])
+
+    assert (await client.get("/users/alice/threads/nope/messages")).status_code == 404
+    assert (await client.get("/users/bob/threads/h1/messages")).status_code == 404
+    bad = await client.get("/users/al%20ice/threads/h1/messages")
+    assert bad.status_code == 422 and "user_id" in bad.json()["detail"]
+
+
+async def test_threads_list_is_per_user_newest_first(client: httpx.AsyncClient) -> None:
+    await client.post("/generate-response", json=ask("alice one", discussion="a1"))
+    await client.post("/generate-response", json=ask("alice two", discussion="a2", persona="ProjectAdvisor"))
+    await client.post("/generate-response", json=ask("bob one", user="bob", discussion="a1"))
+    await client.post("/generate-response", json=ask("alice2 one", user="alice2", discussion="z"))
+
+    threads = (await client.get("/users/alice/threads")).json()
+    assert [t["discussion_id"] for t in threads] == ["a2", "a1"]
+    assert [t["persona"] for t in threads] == ["project", "sql"]
+    assert [t["title"] for t in threads] == ["alice two", "alice one"]  # the question, not the /advisor
+    assert threads[0]["updated_at"] >= threads[1]["updated_at"]
+
+    # a message moves a thread to the top
+    await client.post("/generate-response", json=ask("alice again", discussion="a1"))
+    assert [t["discussion_id"] for t in (await client.get("/users/alice/threads")).json()] == ["a1", "a2"]
+
+    assert [t["discussion_id"] for t in (await client.get("/users/bob/threads")).json()] == ["a1"]
+    assert (await client.get("/users/carol/threads")).json() == []
+    assert (await client.get("/users/a%2Fb/threads")).status_code in (404, 422)
+
+
+async def test_personas_endpoint(client: httpx.AsyncClient, service: ChatService) -> None:
+    response = await client.get("/personas")
+    assert response.status_code == 200
+    personas = response.json()
+    assert {p["name"] for p in personas} == {p.name for p in service.personas()}
+    assert {"sql", "project", "default"} <= {p["name"] for p in personas}
+    sql = next(p for p in personas if p["name"] == "sql")
+    assert sql["display_name"] == "SQL advisor" and sql["description"]
+
+
+# --- bad requests ------------------------------------------------------------------------------------
+
+
+async def test_bad_requests_get_clear_4xx(start_web: StartWeb, service: ChatService) -> None:
+    base = await start_web(web_max_body_bytes=2048)
+    async with httpx.AsyncClient(base_url=base, timeout=30) as client:
+        headers = {"Content-Type": "application/json"}
+
+        response = await client.post("/generate-response", content=b"{not json", headers=headers)
+        assert response.status_code == 400 and "not valid JSON" in response.json()["detail"]
+
+        response = await client.post("/generate-response", content=b"[1, 2]", headers=headers)
+        assert response.status_code == 400 and "JSON object" in response.json()["detail"]
+
+        response = await client.post("/generate-response", json={"user_id": "alice", "discussion_id": "1"})
+        assert response.status_code == 422
+        assert response.json()["detail"] == "user_message: Field required"
+
+        response = await client.post("/generate-response", json=ask("   "))
+        assert response.status_code == 422 and "must not be empty" in response.json()["detail"]
+
+        response = await client.post("/generate-response", json=ask("hi", user="a/b"))
+        assert response.status_code == 422 and "user_id" in response.json()["detail"]
+
+        response = await client.post("/generate-response", json=ask("hi", discussion="x" * 65))
+        assert response.status_code == 422 and "discussion_id" in response.json()["detail"]
+
+        response = await client.post("/generate-response", json=ask("hi", discussion=True))
+        assert response.status_code == 422
+
+        response = await client.post("/generate-response", json=ask("hi", persona="Oracle"))
+        assert response.status_code == 422
+        detail = response.json()["detail"]
+        assert "unknown persona 'Oracle'" in detail
+        assert all(name in detail for name in ("sql", "project", "default"))
+
+        response = await client.post("/generate-response", content=json.dumps(ask("hi")).encode(),
+                                     headers={"Content-Type": "text/plain"})
+        assert response.status_code == 415 and "application/json" in response.json()["detail"]
+
+        big = ask("x" * 3000)
+        response = await client.post("/generate-response", json=big)
+        assert response.status_code == 413 and "2048 bytes" in response.json()["detail"]
+
+        async def chunks() -> AsyncIterator[bytes]:  # no Content-Length: counted while reading
+            for _ in range(4):
+                yield b" " * 1024
+
+        response = await client.post("/generate-response", content=chunks(), headers=headers)
+        assert response.status_code == 413
+
+        response, events = await read_sse(client, big)  # the stream endpoint checks before streaming
+        assert response.status_code == 413 and events == []
+        response, events = await read_sse(client, ask("hi", persona="Oracle"))
+        assert response.status_code == 422 and events == [] and "Oracle" in response.json()["detail"]
+
+    assert await service.list_threads("web") == []  # nothing reached the core
+
+
+# --- security ----------------------------------------------------------------------------------------
+
+
+async def test_token_required_when_configured(
+    start_web: StartWeb, caplog: pytest.LogCaptureFixture
+) -> None:
+    caplog.set_level(logging.DEBUG)
+    base = await start_web(web_token=TOKEN)
+    good = {"Authorization": f"Bearer {TOKEN}"}
+    async with httpx.AsyncClient(base_url=base, timeout=60) as client:
+        response = await client.post("/generate-response", json=ask("hi"))
+        assert response.status_code == 401
+        assert response.headers["www-authenticate"] == "Bearer"
+        assert "RAVEN_WEB_TOKEN" in response.json()["detail"]
+        response = await client.post("/generate-response", json=ask("hi"),
+                                     headers={"Authorization": f"Bearer {TOKEN}x"})
+        assert response.status_code == 401
+        response = await client.post("/generate-response", json=ask("hi"), headers=good)
+        assert response.status_code == 200 and response.json()["generated_text"]
+
+        for path in ("/personas", "/users/alice/threads", "/users/alice/threads/1/messages", "/openapi.json"):
+            assert (await client.get(path)).status_code == 401, path
+            assert (await client.get(path, headers=good)).status_code == 200, path
+        response, events = await read_sse(client, ask("more"))
+        assert response.status_code == 401 and events == []
+
+        # The page: a sign-in form without the token; "?token=" once swaps it for a session cookie.
+        response = await client.get("/")
+        assert response.status_code == 401 and 'action="/login"' in response.text
+        response = await client.get("/", params={"token": "wrong"})
+        assert response.status_code == 401 and "Wrong token" in response.text
+        response = await client.get("/", params={"token": TOKEN})
+        assert response.status_code == 303 and response.headers["location"] == "/"
+        cookie = response.headers["set-cookie"]
+        assert cookie.startswith(f"{SESSION_COOKIE}=") and "HttpOnly" in cookie
+        assert "samesite=strict" in cookie.lower() and TOKEN not in cookie
+        response = await client.get("/")  # the client kept the cookie
+        assert response.status_code == 200 and 'id="composer"' in response.text
+        assert (await client.get("/users/alice/threads")).status_code == 200
+        assert (await client.post("/logout")).status_code == 303
+        assert (await client.get("/users/alice/threads")).status_code == 401
+
+    async with httpx.AsyncClient(base_url=base, timeout=30) as client:
+        response = await client.post("/login", data={"token": "nope"})
+        assert response.status_code == 401
+        response = await client.post("/login", data={"token": TOKEN})
+        assert response.status_code == 303
+        assert (await client.get("/personas")).status_code == 200
+
+    server_side = [r for r in caplog.records if not r.name.startswith(("httpx", "httpcore"))]
+    logged = "\n".join(r.getMessage() for r in server_side)
+    assert "web POST /generate-response -> 200" in logged  # requests are logged ...
+    assert TOKEN not in logged  # ... but never the token
+
+
+async def test_cors_only_for_configured_origins(start_web: StartWeb) -> None:
+    preflight = {"Origin": "http://tools.example", "Access-Control-Request-Method": "POST",
+                 "Access-Control-Request-Headers": "content-type"}
+    async with httpx.AsyncClient(base_url=await start_web(), timeout=30) as client:
+        response = await client.options("/generate-response", headers=preflight)
+        assert "access-control-allow-origin" not in response.headers
+        response = await client.get("/personas", headers={"Origin": "http://tools.example"})
+        assert response.status_code == 200 and "access-control-allow-origin" not in response.headers
+
+    base = await start_web(web_cors_origins="http://tools.example")
+    async with httpx.AsyncClient(base_url=base, timeout=30) as client:
+        response = await client.options("/generate-response", headers=preflight)
+        assert response.status_code == 200
+        assert response.headers["access-control-allow-origin"] == "http://tools.example"
+        response = await client.options("/generate-response", headers={**preflight, "Origin": "http://evil.example"})
+        assert "access-control-allow-origin" not in response.headers
+
+
+# --- the page and the docs ----------------------------------------------------------------------------
+
+
+async def test_page_loads_only_its_own_assets(client: httpx.AsyncClient) -> None:
+    assert str(client.base_url).startswith("http://127.0.0.1:")
+    response = await client.get("/")  # no token configured: open, on loopback only
+    assert response.status_code == 200 and response.headers["content-type"].startswith("text/html")
+    csp = response.headers["content-security-policy"]
+    assert "default-src 'none'" in csp and "script-src 'self'" in csp and "connect-src 'self'" in csp
+    page = response.text
+    assert '<meta name="viewport"' in page
+    for name in ("index.html", "app.js", "style.css", "login.html"):
+        text = (STATIC_DIR / name).read_text(encoding="utf-8")
+        assert not re.search(r"(https?:)?//[a-z0-9.-]+\.[a-z]{2,}", text, re.I), f"{name} refers to another site"
+    for asset in ("/static/app.js", "/static/style.css"):
+        assert f'"{asset}"' in page
+        served = await client.get(asset)
+        assert served.status_code == 200 and served.content == (STATIC_DIR / asset.rsplit("/", 1)[1]).read_bytes()
+    assert "@media (max-width" in (STATIC_DIR / "style.css").read_text()  # the phone layout
+
+    # The API's description, and FastAPI's docs page (the only page that loads a CDN script).
+    schema = (await client.get("/openapi.json")).json()
+    assert {"/generate-response", "/generate-response/stream", "/personas", "/users/{user_id}/threads",
+            "/users/{user_id}/threads/{discussion_id}/messages"} <= set(schema["paths"])
+    request = schema["paths"]["/generate-response"]["post"]["requestBody"]["content"]["application/json"]
+    assert {"user_message", "user_id", "discussion_id"} <= set(request["schema"]["required"])
+    docs = await client.get("/docs")
+    assert docs.status_code == 200 and "/openapi.json" in docs.text
+
+
+# --- lifecycle ---------------------------------------------------------------------------------------
+
+
+async def test_adapter_stops_when_cancelled_and_reports_a_busy_port(
+    service: ChatService, settings_factory: Any
+) -> None:
+    adapter = WebAdapter(service, settings_factory(web_port=0))
+    task = await start_adapter(adapter)
+    url = adapter.url
+    async with httpx.AsyncClient(base_url=url, timeout=10) as client:
+        assert (await client.get("/healthz")).json() == {"status": "ok"}
+
+        busy = WebAdapter(service, settings_factory(web_port=adapter.port))
+        with pytest.raises(ConfigError, match="RAVEN_WEB_PORT"):
+            await busy.run()
+
+        await stop(task)
+        with pytest.raises(httpx.ConnectError):
+            await client.get("/healthz")
+
+    with pytest.raises(ConfigError, match="RAVEN_WEB_TOKEN"):  # beyond localhost only with a token
+        WebAdapter(service, settings_factory(web_host="0.0.0.0"))
+    assert WebAdapter(service, settings_factory(web_host="0.0.0.0", web_token=TOKEN)).app is not None

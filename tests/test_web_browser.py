@@ -1,0 +1,191 @@
+"""The chat page in a real headless Chromium (Debian's, driven by Playwright), against the real app
+under uvicorn and the real chat service, all on this test's event loop."""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import functools
+from collections.abc import AsyncIterator
+from pathlib import Path
+from typing import Any
+
+import pytest
+
+import bot.app
+from adapters.web import WebAdapter
+from bot.events import ThreadKey
+from bot.service import ChatService
+
+CHROMIUM = Path("/usr/bin/chromium")
+CHROMIUM_ARGS = ["--headless", "--no-sandbox", "--disable-gpu", "--disable-background-networking",
+                 "--disable-component-update", "--no-first-run", "--disable-sync"]
+ARTIFACTS = Path(__file__).resolve().parent.parent / "test-artifacts"
+TOKEN = "browser-token-456"
+
+pytestmark = [
+    pytest.mark.browser,
+    pytest.mark.skipif(not CHROMIUM.exists(), reason="needs Debian's chromium: apt-get install -y chromium"),
+]
+
+# Counts how often the streaming reply bubble changed: more than a few means tokens arrived one by one.
+COUNT_REPLY_UPDATES = """
+window.__replyUpdates = 0;
+document.addEventListener("DOMContentLoaded", () => {
+  new MutationObserver((records) => {
+    if (records.some((r) => {
+      const el = r.target.nodeType === 1 ? r.target : r.target.parentElement;
+      return el && el.closest(".msg.assistant.streaming");
+    })) window.__replyUpdates += 1;
+  }).observe(document.getElementById("messages"), { childList: true, subtree: true, characterData: true });
+});
+"""
+
+
+@functools.cache
+def _shared_tokenizer(spec: str) -> Any:
+    return _load_tokenizer(spec)
+
+
+_load_tokenizer = bot.app.load_tokenizer
+
+
+@pytest.fixture(autouse=True)
+def reuse_tokenizer(monkeypatch: pytest.MonkeyPatch) -> None:
+    """The World tokenizer takes seconds to build and never changes: one for all tests."""
+    monkeypatch.setattr(bot.app, "load_tokenizer", _shared_tokenizer)
+
+
+@contextlib.asynccontextmanager
+async def serving(service: ChatService, settings: Any) -> AsyncIterator[WebAdapter]:
+    adapter = WebAdapter(service, settings)
+    task = asyncio.create_task(adapter.run())
+    ready = asyncio.create_task(adapter.wait_started())
+    done, _ = await asyncio.wait({task, ready}, timeout=10, return_when=asyncio.FIRST_COMPLETED)
+    if ready not in done:
+        ready.cancel()
+        if task in done:
+            task.result()
+        raise AssertionError("the web adapter did not start within 10 s")
+    try:
+        yield adapter
+    finally:
+        task.cancel()
+        with contextlib.suppress(asyncio.CancelledError):
+            await task
+
+
+@contextlib.asynccontextmanager
+async def chromium() -> AsyncIterator[Any]:
+    from playwright.async_api import async_playwright
+
+    async with async_playwright() as playwright:
+        browser = await playwright.chromium.launch(executable_path=str(CHROMIUM), args=CHROMIUM_ARGS)
+        try:
+            yield browser
+        finally:
+            await browser.close()
+
+
+def watch(page: Any, base_url: str) -> tuple[list[str], list[str]]:
+    """Collect requests to anywhere but our server, and script errors."""
+    foreign: list[str] = []
+    errors: list[str] = []
+    page.on("request", lambda r: None if r.url.startswith((base_url, "data:")) else foreign.append(r.url))
+    page.on("pageerror", lambda e: errors.append(str(e)))
+    page.on("console", lambda m: errors.append(m.text) if m.type == "error" else None)
+    return foreign, errors
+
+
+async def test_chat_page_streams_a_reply_and_lists_the_thread(
+    service: ChatService, settings_factory: Any
+) -> None:
+    ARTIFACTS.mkdir(exist_ok=True)
+    async with serving(service, settings_factory(web_port=0)) as adapter, chromium() as browser:
+        context = await browser.new_context(viewport={"width": 1100, "height": 760})
+        page = await context.new_page()
+        foreign, errors = watch(page, adapter.url)
+        await page.add_init_script(COUNT_REPLY_UPDATES)
+        await page.goto(adapter.url + "/")
+        await page.wait_for_selector("body[data-ready=true]")
+        options = await page.locator("#persona option").evaluate_all("els => els.map(e => e.value)")
+        assert {"sql", "project", "default"} <= set(options)
+
+        await page.select_option("#persona", "sql")
+        await page.fill("#message", "Why is my join slow?")
+        await page.click("#send")
+        await page.wait_for_selector(".msg.assistant[data-state=done]", timeout=60_000)
+        shown = await page.locator(".msg.assistant .body").last.inner_text()
+        assert shown.startswith("Now talking with SQL advisor")
+        assert await page.evaluate("window.__replyUpdates") > 3  # it grew token by token
+
+        # The page's thread is an ordinary thread in the core: same store, persona switched.
+        user_id = await page.evaluate("localStorage.getItem('raven.userId')")
+        discussion = await page.evaluate("localStorage.getItem('raven.discussionId')")
+        key = ThreadKey("web", f"{user_id}/{discussion}")
+        thread = await service.thread(key)
+        assert thread is not None and thread.persona == "sql"
+        messages = await service.thread_messages(key)
+        assert messages[-1].role == "assistant" and messages[-1].text
+        assert " ".join(messages[-1].text.split()) in " ".join(shown.split())
+        await page.screenshot(path=str(ARTIFACTS / "web-chat.png"), full_page=True)
+
+        # Reload: the thread is in the list and reopens with its log.
+        await page.reload()
+        await page.wait_for_selector("body[data-ready=true]")
+        item = page.locator(f'button.thread[data-discussion="{discussion}"]')
+        await item.wait_for()
+        assert "Why is my join slow?" in await item.inner_text()
+        await page.click("#new-thread")
+        assert await page.locator(".msg").count() == 0
+        await item.click()
+        await page.wait_for_selector(".msg.assistant")
+        assert await page.locator(".msg.user .body").all_inner_texts() == ["Why is my join slow?"]
+        assert await page.input_value("#persona") == "sql"
+
+        # On a phone: no sideways scrolling, the thread list opens from the menu button.
+        await page.set_viewport_size({"width": 390, "height": 844})
+        assert await page.evaluate("document.documentElement.scrollWidth <= window.innerWidth")
+        await page.wait_for_function(  # the list is tucked away to the left
+            "() => document.getElementById('sidebar').getBoundingClientRect().right <= 0")
+        await page.screenshot(path=str(ARTIFACTS / "web-chat-phone.png"))
+        await page.click("#toggle-threads")
+        await page.wait_for_function(
+            "() => document.getElementById('sidebar').getBoundingClientRect().left >= 0")
+        assert await item.get_attribute("aria-current") == "true"
+        await page.keyboard.press("Escape")
+        await page.wait_for_function(
+            "() => document.getElementById('sidebar').getBoundingClientRect().right <= 0")
+
+        assert foreign == [], f"the page fetched from elsewhere: {foreign}"
+        assert errors == []
+        await context.close()
+
+
+async def test_page_asks_for_the_token_when_one_is_set(service: ChatService, settings_factory: Any) -> None:
+    settings = settings_factory(web_port=0, web_token=TOKEN)
+    async with serving(service, settings) as adapter, chromium() as browser:
+        context = await browser.new_context()
+        page = await context.new_page()
+        foreign, _ = watch(page, adapter.url)
+        response = await page.goto(adapter.url + "/")
+        assert response is not None and response.status == 401
+        await page.fill("#token", "wrong")
+        await page.click("button[type=submit]")
+        await page.wait_for_selector(".error")
+        await page.fill("#token", TOKEN)
+        await page.click("button[type=submit]")
+        await page.wait_for_selector("body[data-ready=true]")
+        assert await page.locator("#persona option").count() >= 3  # API calls carry the session
+
+        # A link with ?token= works once, and the token does not stay in the address bar.
+        other = await browser.new_context()
+        page = await other.new_page()
+        await page.goto(f"{adapter.url}/?token={TOKEN}")
+        await page.wait_for_selector("body[data-ready=true]")
+        assert TOKEN not in page.url
+        cookies = await other.cookies()
+        assert [c["httpOnly"] for c in cookies] == [True] and TOKEN not in cookies[0]["value"]
+        assert foreign == []
+        await context.close()
+        await other.close()
