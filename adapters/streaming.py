@@ -7,6 +7,7 @@ about 4,000). The platform-specific part is two callables: post a new message, e
 
 from __future__ import annotations
 
+import asyncio
 import logging
 import time
 from collections.abc import AsyncIterator, Awaitable, Callable
@@ -27,6 +28,7 @@ class StreamRenderer(Generic[Handle]):
     limit: int
     min_interval_s: float = 1.0
     clock: Callable[[], float] = time.monotonic
+    sleep: Callable[[float], Awaitable[None]] = asyncio.sleep
     transform: Callable[[str], str] = lambda text: text
     messages: list[Handle] = field(default_factory=list)
     _shown: list[str] = field(default_factory=list)
@@ -39,6 +41,10 @@ class StreamRenderer(Generic[Handle]):
             text += chunk
             if self.clock() - self._last_edit >= self.min_interval_s:
                 await self._sync(text, final=False)
+        # The last edit also respects the interval: wait out what is left of it.
+        remaining = self.min_interval_s - (self.clock() - self._last_edit)
+        if self.messages and remaining > 0:
+            await self.sleep(remaining)
         await self._sync(text, final=True)
         return text
 

@@ -7,6 +7,7 @@ same info string, so every message renders on its own.
 from __future__ import annotations
 
 FENCE = "```"
+MIN_LIMIT = 64
 
 
 def _fence_state(text: str) -> str | None:
@@ -25,17 +26,19 @@ def _hard_cut(line: str, limit: int) -> list[str]:
 
 def split_message(text: str, limit: int) -> list[str]:
     """Pieces of at most ``limit`` characters, split at newlines where possible."""
-    if limit < 2 * len(FENCE) + 32:
-        raise ValueError("limit too small to split with code fences")
+    if limit < MIN_LIMIT:
+        raise ValueError(f"limit too small to split with code fences (at least {MIN_LIMIT})")
     if len(text) <= limit:
         return [text]
     pieces: list[str] = []
     current = ""
     budget = limit - len(FENCE) - 1  # room to close a fence at the end of a piece
+    # A line longer than a piece is hard-cut, leaving room for a reopened fence line before it.
+    width = budget - min(40, budget // 2)
     lines = text.split("\n")
     for index, line in enumerate(lines):
         addition = line if index == len(lines) - 1 else line + "\n"
-        for part in (_hard_cut(addition, budget - 40) if len(addition) > budget - 40 else [addition]):
+        for part in (_hard_cut(addition, width) if len(addition) > width else [addition]):
             if current and len(current) + len(part) > budget:
                 fence_now = _fence_state(current)
                 body = current.rstrip("\n")

@@ -82,7 +82,7 @@ async def open_service(settings: Settings) -> AsyncIterator[ChatService]:
     choice = choose_model(settings)
     personas = PersonaLibrary(settings.personas_dir)
     personas.get(settings.default_persona)  # fail at start-up, not on the first message
-    tokenizer = load_tokenizer(settings.tokenizer)
+    tokenizer = await asyncio.to_thread(load_tokenizer, settings.tokenizer)
     backend = await asyncio.to_thread(load_backend, settings, choice.path)
     fingerprint = await asyncio.to_thread(model_fingerprint, choice.path)
     engine = Engine(

@@ -76,10 +76,42 @@ def detect_family(keys: set[str] | list[str]) -> Family:
     raise ModelLoadError("unknown checkpoint layout: found none of the keys of RWKV-4/5/6/7")
 
 
+def check_shapes(path: Path, sd: dict[str, torch.Tensor], family: Family) -> None:
+    """Refuse a checkpoint whose main tensors do not fit together, naming the file and the tensor."""
+    vocab, width = sd["emb.weight"].shape
+    n_layer = 1 + max(int(k.split(".")[1]) for k in sd if k.startswith("blocks."))
+    expected: dict[str, tuple[int, ...]] = {"head.weight": (vocab, width), "ln_out.weight": (width,)}
+    ffn = sd.get("blocks.0.ffn.key.weight")
+    hidden = int(ffn.shape[0]) if ffn is not None and ffn.dim() == 2 else 0
+    for i in range(n_layer):
+        att, mlp = f"blocks.{i}.att.", f"blocks.{i}.ffn."
+        for name in ("receptance", "key", "value", "output"):
+            expected[f"{att}{name}.weight"] = (width, width)
+        expected[f"{mlp}key.weight"] = (hidden, width)
+        expected[f"{mlp}value.weight"] = (width, hidden)
+        expected[f"blocks.{i}.ln1.weight"] = (width,)
+        expected[f"blocks.{i}.ln2.weight"] = (width,)
+        if family != "v7":
+            expected[f"{mlp}receptance.weight"] = (width, width)
+    if family == "v7":
+        r_k = sd.get("blocks.0.att.r_k")
+        if r_k is None or r_k.dim() != 2 or r_k.shape[0] * r_k.shape[1] != width:
+            raise ModelLoadError(f"model file {path}: blocks.0.att.r_k must be (heads, head_size) with "
+                                 f"heads × head_size = {width}")
+    for key, shape in expected.items():
+        if key not in sd:
+            raise ModelLoadError(f"model file {path} lacks tensor {key!r} (RWKV-{family[1:]}, {n_layer} layers)")
+        if tuple(sd[key].shape) != shape:
+            raise ModelLoadError(f"model file {path}: {key} has shape {tuple(sd[key].shape)}, expected {shape} "
+                                 f"(RWKV-{family[1:]}, embedding width {width}, vocabulary {vocab})")
+
+
 def describe(path: Path) -> tuple[Family, int, int, int]:
-    """Family, layers, embedding width and vocabulary size of a checkpoint."""
+    """Family, layers, embedding width and vocabulary size of a checkpoint (shapes checked)."""
     sd = read_state_dict(path)
     family = detect_family(list(sd))
+    if "_strategy" not in sd:  # pre-converted RWKV-4/5/6 files hold transposed, re-typed tensors
+        check_shapes(path, sd, family)
     vocab, n_embd = sd["emb.weight"].shape
     n_layer = 1 + max(int(k.split(".")[1]) for k in sd if k.startswith("blocks."))
     return family, n_layer, int(n_embd), int(vocab)

@@ -3,13 +3,16 @@
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import json
 import logging
+import signal
 import sys
 import threading
 import time
+from collections.abc import Coroutine
 from pathlib import Path
-from typing import Annotated, Any, Literal
+from typing import Annotated, Any
 
 import typer
 
@@ -49,6 +52,22 @@ def _settings() -> Settings:
 def _setup_logging(settings: Settings) -> None:
     logging.basicConfig(level=settings.log_level, stream=sys.stderr,
                         format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+
+
+def _run_async(main: Coroutine[Any, Any, None]) -> None:
+    """Run until done, Ctrl-C or SIGTERM (systemd, docker): both cancel the main task, so adapters and
+    the engine shut down in order and replies in flight are stored."""
+    async def runner() -> None:
+        task = asyncio.current_task()
+        assert task is not None
+        loop = asyncio.get_running_loop()
+        with contextlib.suppress(NotImplementedError, RuntimeError):
+            loop.add_signal_handler(signal.SIGTERM, task.cancel)
+        with contextlib.suppress(asyncio.CancelledError):
+            await main
+
+    with contextlib.suppress(KeyboardInterrupt):
+        asyncio.run(runner())
 
 
 def _fail(exc: RavenError) -> typer.Exit:
@@ -101,15 +120,13 @@ def run() -> None:
     _setup_logging(settings)
     try:
         if settings.discord_enabled or settings.slack_enabled or settings.web_enabled:
-            asyncio.run(_serve(settings))
+            _run_async(_serve(settings))
         else:
             typer.echo("No DISCORD_TOKEN, SLACK_BOT_TOKEN or RAVEN_WEB_ENABLED set: opening the "
                        "terminal chat.", err=True)
-            asyncio.run(_chat(settings, "default", None))
+            _run_async(_chat(settings, "default", None))
     except RavenError as exc:
         raise _fail(exc) from None
-    except KeyboardInterrupt:
-        pass
 
 
 @app.command()
@@ -121,11 +138,9 @@ def chat(
     settings = _settings()
     _setup_logging(settings)
     try:
-        asyncio.run(_chat(settings, thread, persona))
+        _run_async(_chat(settings, thread, persona))
     except RavenError as exc:
         raise _fail(exc) from None
-    except KeyboardInterrupt:
-        pass
 
 
 @app.command()
@@ -155,11 +170,9 @@ def web(
             await WebAdapter(service, settings).run()
 
     try:
-        asyncio.run(serve())
+        _run_async(serve())
     except RavenError as exc:
         raise _fail(exc) from None
-    except KeyboardInterrupt:
-        pass
 
 
 @app.command()
@@ -249,5 +262,3 @@ def bench(
 def main() -> None:
     app()
 
-
-Family = Literal["v7", "v4"]

@@ -21,6 +21,10 @@ class InputError(RavenError):
     """A user's message cannot be accepted (empty, too long, undecodable)."""
 
 
+class StoreError(RavenError):
+    """The database cannot be used (e.g. written by a newer Raven)."""
+
+
 class StateError(RavenError):
     """A stored model state cannot be used (corrupt, stale, wrong shape)."""
 

@@ -81,8 +81,11 @@ def parse_persona(name: str, text: str, source: str = "") -> Persona:
     sampling: dict[str, float | int] = {}
     for key, kind in SAMPLING_KEYS.items():
         if key in front:
+            value = front[key]
             try:
-                sampling[key] = kind(front[key])
+                if isinstance(value, bool):  # YAML reads `on`/`true` as booleans; float(True) is 1.0
+                    raise TypeError(key)
+                sampling[key] = kind(value)
             except (TypeError, ValueError) as exc:
                 raise PersonaError(f"persona file {source or name}: {key} must be a number") from exc
     roles = {key: str(front[key]).strip() for key in ROLE_KEYS if front.get(key)}

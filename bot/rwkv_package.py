@@ -22,7 +22,7 @@ from typing import Any
 
 import torch
 
-from bot.checkpoint import Family, detect_family, read_state_dict
+from bot.checkpoint import Family, check_shapes, detect_family, read_state_dict
 from bot.errors import ModelLoadError
 
 log = logging.getLogger(__name__)
@@ -95,6 +95,8 @@ def load_package_model(path: Path, strategy: str) -> tuple[Family, Any]:
     """Load ``path`` with the package's own loader; returns the family and the model object."""
     sd = read_state_dict(path)
     family = detect_family(list(sd))
+    if "_strategy" not in sd:  # a pre-converted file has transposed, re-typed tensors
+        check_shapes(path, sd, family)
     del sd
     validate_strategy(family, strategy)
     module = package_module(family, strategy if family == "v7" else "")
@@ -105,10 +107,14 @@ def load_package_model(path: Path, strategy: str) -> tuple[Family, Any]:
                 model = module.RWKV_x070(str(path.with_suffix("")), strategy)
             else:
                 model = module.RWKV(str(path), strategy, verbose=False)
+            # One token through the model proves that every tensor fits before we serve anyone.
+            logits, _ = model.forward([0], None)
     except ModelLoadError:
         raise
     except Exception as exc:
         raise ModelLoadError(f"model file {path} could not be loaded as RWKV-{family[1:]}: {exc}") from exc
+    if not torch.isfinite(logits.float()).all():
+        raise ModelLoadError(f"model file {path} gives NaN or infinite logits with strategy {strategy!r}")
     return family, model
 
 

@@ -17,6 +17,7 @@ from typing import Any, Literal
 
 import aiosqlite
 
+from bot.errors import StoreError
 from bot.events import ThreadKey
 
 Role = Literal["user", "assistant", "notice"]
@@ -133,7 +134,11 @@ class Store:
         await self._db.execute("PRAGMA synchronous=NORMAL")
         await self._db.execute("PRAGMA foreign_keys=ON")
         await self._db.execute("PRAGMA busy_timeout=5000")
-        await self._migrate()
+        try:
+            await self._migrate()
+        except BaseException:
+            await self.close()  # aiosqlite's thread would otherwise keep the process alive
+            raise
 
     async def close(self) -> None:
         if self._db is not None:
@@ -145,8 +150,9 @@ class Store:
             row = await cursor.fetchone()
         version = int(row[0]) if row else 0
         if version > SCHEMA_VERSION:
-            raise RuntimeError(
-                f"database {self.path} has schema version {version}, newer than this Raven ({SCHEMA_VERSION})"
+            raise StoreError(
+                f"database {self.path} has schema version {version}, newer than this Raven "
+                f"understands ({SCHEMA_VERSION}); upgrade Raven or use another RAVEN_DATABASE"
             )
         for index in range(version, SCHEMA_VERSION):
             await self._transaction(self._migration(index))
@@ -215,12 +221,12 @@ class Store:
         return info
 
     async def list_threads(self, platform: str, prefix: str = "", limit: int = 100) -> list[ThreadInfo]:
-        pattern = f"{platform}:{_escape_like(prefix)}%"
+        start = f"{platform}:{prefix}"  # thread ids are case-sensitive: compare exactly, not with LIKE
         async with self.db.execute(
             """SELECT t.*, (SELECT text FROM messages m WHERE m.thread_key = t.key AND m.role = 'user'
                             ORDER BY id LIMIT 1) AS title
-               FROM threads t WHERE key LIKE ? ESCAPE '\\' ORDER BY updated_at DESC LIMIT ?""",
-            (pattern, limit),
+               FROM threads t WHERE substr(key, 1, ?) = ? ORDER BY updated_at DESC LIMIT ?""",
+            (len(start), start, limit),
         ) as cursor:
             rows = await cursor.fetchall()
         return [_thread(row) for row in rows]
@@ -362,10 +368,6 @@ class Store:
             return cursor.rowcount == 1
 
         return bool(await self._transaction(work))
-
-
-def _escape_like(text: str) -> str:
-    return text.replace("\\", "\\\\").replace("%", "\\%").replace("_", "\\_")
 
 
 def _thread(row: aiosqlite.Row) -> ThreadInfo:

@@ -15,7 +15,7 @@ def clean_text(raw: str | bytes, max_chars: int) -> str:
     """Normalised text, or :class:`InputError` with a message fit for the user."""
     if isinstance(raw, bytes):
         raw = raw.decode("utf-8", errors="replace")
-    text = raw.encode("utf-8", errors="replace").decode("utf-8")  # drops lone surrogates
+    text = raw.encode("utf-8", errors="ignore").decode("utf-8")  # drops lone surrogates
     text = unicodedata.normalize("NFC", text.replace("\r\n", "\n").replace("\r", "\n"))
     text = _CONTROL.sub("", text).strip()
     if not text:
