@@ -5,7 +5,6 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
-import functools
 import json
 import logging
 import re
@@ -15,7 +14,6 @@ from typing import Any
 import httpx
 import pytest
 
-import bot.app
 from adapters.web import SESSION_COOKIE, STATIC_DIR, WebAdapter
 from bot.errors import ConfigError
 from bot.events import ThreadKey
@@ -25,19 +23,6 @@ StartWeb = Callable[..., Awaitable[str]]
 TOKEN = "s3cret-web-token-123"
 
 
-@functools.cache
-def _shared_tokenizer(spec: str) -> Any:
-    return _load_tokenizer(spec)
-
-
-_load_tokenizer = bot.app.load_tokenizer
-
-
-@pytest.fixture(autouse=True)
-def reuse_tokenizer(monkeypatch: pytest.MonkeyPatch) -> None:
-    """Each test opens its own service; building the World tokenizer's trie takes seconds each time,
-    and the tokenizer never changes, so the tests share one."""
-    monkeypatch.setattr(bot.app, "load_tokenizer", _shared_tokenizer)
 
 
 async def start_adapter(adapter: WebAdapter) -> asyncio.Task[None]:

@@ -5,14 +5,12 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
-import functools
 from collections.abc import AsyncIterator
 from pathlib import Path
 from typing import Any
 
 import pytest
 
-import bot.app
 from adapters.web import WebAdapter
 from bot.events import ThreadKey
 from bot.service import ChatService
@@ -42,18 +40,6 @@ document.addEventListener("DOMContentLoaded", () => {
 """
 
 
-@functools.cache
-def _shared_tokenizer(spec: str) -> Any:
-    return _load_tokenizer(spec)
-
-
-_load_tokenizer = bot.app.load_tokenizer
-
-
-@pytest.fixture(autouse=True)
-def reuse_tokenizer(monkeypatch: pytest.MonkeyPatch) -> None:
-    """The World tokenizer takes seconds to build and never changes: one for all tests."""
-    monkeypatch.setattr(bot.app, "load_tokenizer", _shared_tokenizer)
 
 
 @contextlib.asynccontextmanager
