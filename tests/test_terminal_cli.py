@@ -1,0 +1,121 @@
+"""The ``raven`` console script as a user runs it: help, the persona list, and the terminal chat
+driven through stdin in a real subprocess (real model loader, real SQLite file)."""
+
+from __future__ import annotations
+
+import os
+import sqlite3
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+RAVEN = str(Path(sys.executable).parent / "raven")
+PERSONA_LINES = ["- `default` — General assistant", "- `project` — Project advisor", "- `sql` — SQL advisor"]
+
+
+def run_raven(*args: str, cwd: Path, stdin: str = "", timeout: float = 120,
+              **env: str) -> subprocess.CompletedProcess[str]:
+    clean = {k: v for k, v in os.environ.items() if not k.startswith(("RAVEN_", "DISCORD_", "SLACK_"))}
+    clean.update(env)
+    return subprocess.run([RAVEN, *args], input=stdin, env=clean, cwd=cwd, capture_output=True, text=True,
+                          timeout=timeout)
+
+
+def squash(text: str) -> str:
+    return " ".join(text.split())
+
+
+@pytest.fixture
+def chat_env(tmp_path: Path, tiny_v7_path: Path) -> dict[str, str]:
+    return {"RAVEN_MODEL": str(tiny_v7_path), "RAVEN_DATA_DIR": str(tmp_path / "data"), "RAVEN_SEED": "1",
+            "RAVEN_MAX_REPLY_TOKENS": "20"}
+
+
+def rows(db: Path, sql: str, args: tuple[object, ...] = ()) -> list[tuple[object, ...]]:
+    conn = sqlite3.connect(db)
+    try:
+        return conn.execute(sql, args).fetchall()
+    finally:
+        conn.close()
+
+
+def test_help_lists_the_commands(tmp_path: Path) -> None:
+    result = run_raven("--help", cwd=tmp_path)
+    assert result.returncode == 0, result.stderr
+    for command in ("run", "chat", "web", "personas", "make-model", "convert", "bench"):
+        assert f" {command} " in result.stdout
+    chat = run_raven("chat", "--help", cwd=tmp_path)
+    assert chat.returncode == 0 and "--thread" in chat.stdout and "--persona" in chat.stdout
+
+
+def test_personas_command_lists_the_builtins(tmp_path: Path) -> None:
+    result = run_raven("personas", cwd=tmp_path)
+    assert result.returncode == 0, result.stderr
+    lines = result.stdout.splitlines()
+    assert [line.split()[0] for line in lines] == ["default", "project", "sql"]
+    assert "SQL advisor — Reviews queries" in lines[2]
+
+
+def test_chat_through_stdin_and_resume(tmp_path: Path, chat_env: dict[str, str]) -> None:
+    first = run_raven("chat", "--thread", "t1", cwd=tmp_path, stdin="hello\n/personas\n", **chat_env)
+    assert first.returncode == 0, first.stderr
+    out = first.stdout
+    assert out.endswith("\n")
+    reply_1, sep, persona_list = out.partition("Personas:\n")
+    assert sep, out
+    assert reply_1.strip(), "no reply to 'hello'"
+    assert persona_list.splitlines() == [
+        line for line in persona_list.splitlines() if line.startswith(tuple(PERSONA_LINES))]
+    assert len(persona_list.splitlines()) == 3
+    assert "DEMO" not in first.stderr  # a configured model is no demo
+
+    second = run_raven("chat", "--thread", "t1", cwd=tmp_path, stdin="again\n", **chat_env)
+    assert second.returncode == 0, second.stderr
+    reply_2 = second.stdout
+    assert reply_2.strip() and reply_2.endswith("\n")
+
+    db = tmp_path / "data" / "raven.db"
+    assert rows(db, "SELECT key, persona, epoch FROM threads") == [("terminal:t1", "default", 0)]
+    log = rows(db, "SELECT id, role, text, status, epoch FROM messages WHERE thread_key = ? ORDER BY id",
+               ("terminal:t1",))
+    assert [(role, status, epoch) for _, role, _, status, epoch in log] == [
+        ("user", "answered", 0), ("assistant", "done", 0), ("user", "answered", 0), ("assistant", "done", 0)]
+    assert [log[0][2], log[2][2]] == ["hello", "again"]  # /personas is a command, not a message
+    # What was printed is what was stored (the log keeps the reply as one paragraph).
+    assert squash(log[1][2]) == squash(reply_1)
+    assert squash(log[3][2]) == squash(reply_2)
+    # The state saved after the second turn follows its reply.
+    assert rows(db, "SELECT thread_key, epoch, last_message_id FROM states") == [("terminal:t1", 0, log[3][0])]
+
+
+def test_persona_option_switches_the_thread(tmp_path: Path, chat_env: dict[str, str]) -> None:
+    result = run_raven("chat", "--thread", "t2", "--persona", "sql", cwd=tmp_path, stdin="why?\n", **chat_env)
+    assert result.returncode == 0, result.stderr
+    assert result.stdout.startswith("Now talking with **SQL advisor**")
+    db = tmp_path / "data" / "raven.db"
+    assert rows(db, "SELECT key, persona, epoch FROM threads") == [("terminal:t2", "sql", 1)]
+    log = rows(db, "SELECT role, text, epoch FROM messages ORDER BY id")
+    assert [(role, epoch) for role, _, epoch in log] == [("user", 0), ("user", 1), ("assistant", 1)]
+    assert [log[0][1], log[1][1]] == ["/advisor sql", "why?"]
+
+
+def test_demo_model_when_none_is_configured(tmp_path: Path) -> None:
+    data = tmp_path / "data"
+    result = run_raven("chat", cwd=tmp_path, stdin="", RAVEN_DATA_DIR=str(data))
+    assert result.returncode == 0, result.stderr
+    assert "Raven is running the DEMO model" in result.stderr
+    assert "DEMO" not in result.stdout
+    assert (data / "demo-rwkv7-tiny.pth").is_file()
+    assert not list(data.glob("*.partial"))
+
+
+def test_missing_model_file_fails_naming_it(tmp_path: Path) -> None:
+    missing = tmp_path / "models" / "absent.pth"
+    result = run_raven("chat", cwd=tmp_path, stdin="hello\n", RAVEN_MODEL=str(missing),
+                       RAVEN_DATA_DIR=str(tmp_path / "data"))
+    assert result.returncode != 0
+    assert str(missing) in result.stderr and "does not exist" in result.stderr
+    assert "Traceback" not in result.stderr
+    assert not (tmp_path / "data" / "demo-rwkv7-tiny.pth").exists()
