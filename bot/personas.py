@@ -33,6 +33,12 @@ SAMPLING_KEYS = {
     "temperature": float, "top_p": float, "top_k": int, "presence_penalty": float,
     "frequency_penalty": float, "penalty_decay": float, "max_reply_tokens": int,
 }
+# The same ranges as the settings they override (bot/settings.py).
+SAMPLING_RANGES: dict[str, tuple[float, float]] = {
+    "temperature": (0.0, 5.0), "top_p": (0.0, 1.0), "top_k": (0, 1_000_000),
+    "presence_penalty": (0.0, 100.0), "frequency_penalty": (0.0, 100.0), "penalty_decay": (1e-6, 1.0),
+    "max_reply_tokens": (1, 8192),
+}
 ROLE_KEYS = ("user_role", "bot_role", "system_role")
 
 
@@ -88,6 +94,9 @@ def parse_persona(name: str, text: str, source: str = "") -> Persona:
                 sampling[key] = kind(value)
             except (TypeError, ValueError) as exc:
                 raise PersonaError(f"persona file {source or name}: {key} must be a number") from exc
+            low, high = SAMPLING_RANGES[key]
+            if not low <= sampling[key] <= high:
+                raise PersonaError(f"persona file {source or name}: {key} must be between {low:g} and {high:g}")
     roles = {key: str(front[key]).strip() for key in ROLE_KEYS if front.get(key)}
     prompt = body.strip()
     if not prompt:

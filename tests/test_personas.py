@@ -192,3 +192,9 @@ def test_fingerprint_follows_prompt_and_roles_only() -> None:
 
 def test_builtin_dir_is_the_repository_instructions() -> None:
     assert sorted(p.name for p in BUILTIN_DIR.glob("*.md")) == ["default.md", "project.md", "sql.md"]
+
+
+@pytest.mark.parametrize("line", ["top_p: 7", "max_reply_tokens: 0", "temperature: -1", "penalty_decay: 2"])
+def test_sampling_overrides_out_of_range_are_refused(line: str) -> None:
+    with pytest.raises(PersonaError, match="must be between"):
+        parse_persona("p", f"---\n{line}\n---\nprompt\n", "p.md")
