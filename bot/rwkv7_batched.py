@@ -245,55 +245,61 @@ def _wkv_step(S: torch.Tensor, r: torch.Tensor, log_w: torch.Tensor, k: torch.Te
 
 def _wkv_seq(S: torch.Tensor, r: torch.Tensor, log_w: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
              kk: torch.Tensor, a: torch.Tensor, chunk: int = WKV_CHUNK) -> torch.Tensor:
-    """T tokens of one or more sequences, in closed form per chunk; S (X, N, N) fp32 updated in place.
+    """T tokens of B sequences in closed form per chunk; S (B·H, N, N) fp32 is updated in place.
 
-    Inputs are (X, T, N) fp32 with X = sequences × heads. Within a chunk of L tokens, write
-    ``W_t = w_1⊙…⊙w_t`` (the cumulative decay), ``α = -kk``, ``β = kk⊙a`` and ``sa_t = S_{t-1}·α_t``.
-    Unrolling the recurrence from the chunk's first state S_0:
+    Inputs are (B, T, H, N), token-major as the projections produce them; returns y (B, T, H, N) fp32.
+    Within a chunk of L tokens write ``W_t = w_1⊙…⊙w_t`` (the cumulative decay), ``α = -kk``,
+    ``β = kk⊙a`` and ``sa_t = S_{t-1}·α_t``. Unrolling the recurrence from the chunk's first state S_0:
 
         S_t = S_0·diag(W_t) + Σ_{s≤t} (sa_s ⊗ β_s + v_s ⊗ k_s)·diag(W_t / W_s)
 
     so each ``sa_t`` is linear in S_0 and in the earlier ``sa_s``:
 
         sa = S_0·(α⊙W_{t-1}) + tril₋₁[(α⊙W_{t-1})·(β/W)ᵀ]·sa + tril₋₁[(α⊙W_{t-1})·(k/W)ᵀ]·v
-           = P·S_0ᵀ + Q      with P, Q from one unit-lower-triangular L×L solve
+           = P·S_0ᵀ + Q             (P, Q: one unit-lower-triangular L×L solve)
 
-    P and Q do not depend on S_0, nor do the L×L matrices that give ``y`` — so they are computed for
-    all chunks at once, as batched matmuls. What stays sequential is three products per chunk: its
-    ``sa`` from its S_0, and the next chunk's S_0. The ratios W_t/W_s stay within fp32's range (and
-    lose nothing that matters) because w ≥ exp(-e^-0.5) ≈ 0.545 and L ≤ WKV_CHUNK.
+    and then the outputs and the chunk's last state are affine in S_0 too:
+
+        y      = R·S_0ᵀ + Y          with R = (r⊙W) + tril[(r⊙W)·(β/W)ᵀ]·P, …
+        S_L    = S_0·D + E           with D = diag(W_L) + Pᵀ·(β⊙W_L/W), …
+
+    R, Y, D, E depend only on the chunk's own tokens, so they are computed for all chunks at once
+    (batched matmuls over chunks × heads). What remains sequential is one N×N product per chunk and
+    head, ``S_0 ← S_0·D + E``; the outputs then come from all chunks' S_0 in one batched product.
+    The ratios W_t/W_s stay inside fp32's range because w ≥ exp(-e^-0.5) ≈ 0.545 and L ≤ 64.
     """
-    X, T, N = r.shape
+    B, T, H, N = r.shape
+    X = B * H
     L = min(chunk, T)
     n = -(-T // L)
     pad = n * L - T
 
     def blocks(t: torch.Tensor) -> torch.Tensor:
-        """(X, T, N) → (n·X, L, N), chunk-major. Padding tokens have w = 1 and k = v = kk = 0: no-ops."""
+        """(B, T, H, N) → (n·B·H, L, N) fp32, chunk-major. Padding has w = 1, k = v = kk = 0: no-ops."""
         if pad:
-            t = F.pad(t, (0, 0, 0, pad))
-        return t.view(X, n, L, N).transpose(0, 1).reshape(n * X, L, N)
+            t = F.pad(t, (0, 0, 0, 0, 0, pad))
+        out = torch.empty(n, B, H, L, N, dtype=torch.float32, device=t.device)
+        out.copy_(t.view(B, n, L, H, N).permute(1, 0, 3, 2, 4))
+        return out.view(n * X, L, N)
 
     r, log_w, k, v, kk, a = (blocks(t) for t in (r, log_w, k, v, kk, a))
     cum = log_w.cumsum(dim=1)  # log W_t
-    decay_to_prev = (cum - log_w).exp()  # W_{t-1}
     decay_to_t = cum.exp()  # W_t
-    inv = (-cum).exp()  # 1 / W_s
-    decay_to_end = (cum[:, -1:] - cum).exp()  # W_L / W_s ≤ 1
-    alpha = -kk * decay_to_prev
+    alpha = -kk * (cum - log_w).exp()  # α⊙W_{t-1}
     beta = kk * a
     r_dec = r * decay_to_t
-    beta_inv, k_inv = beta * inv, k * inv
-    m_ab = (alpha @ beta_inv.mT).tril_(-1)  # (n·X, L, L), s < t
-    m_ak = (alpha @ k_inv.mT).tril_(-1)
-    m_rb = (r_dec @ beta_inv.mT).tril_()  # s ≤ t: y_t reads S_t, which includes token t
-    m_rk = (r_dec @ k_inv.mT).tril_()
+    to_end = (cum[:, -1:] - cum).exp()  # W_L / W_s ≤ 1
+    # All four L×L interaction matrices in one product: [α⊙W_{t-1}; r⊙W] · [β/W; k/W]ᵀ.
+    inv = (-cum).exp()  # 1 / W_s
+    grid = torch.cat((alpha, r_dec), dim=1) @ torch.cat((beta * inv, k * inv), dim=1).mT  # (n·X, 2L, 2L)
+    m_ab, m_ak = grid[:, :L, :L].tril(-1), grid[:, :L, L:].tril(-1)  # s < t
+    m_rb, m_rk = grid[:, L:, :L].tril(), grid[:, L:, L:].tril()  # s ≤ t: y_t reads S_t, after token t
     eye = torch.eye(L, dtype=r.dtype, device=r.device)
-    pq = torch.linalg.solve_triangular(eye - m_ab, torch.cat((alpha, m_ak @ v), dim=-1),
-                                       upper=False, unitriangular=True)
-    P, Q = pq[..., :N].contiguous(), pq[..., N:].contiguous()
-    end_beta = beta * decay_to_end
-    own = v.mT @ (k * decay_to_end)  # (n·X, N, N): what a chunk's own v ⊗ k leave in its last state
+    solve = torch.linalg.solve_triangular(eye - m_ab, torch.cat((alpha, m_ak @ v), dim=-1),
+                                          upper=False, unitriangular=True)
+    P, Q = solve[..., :N].contiguous(), solve[..., N:].contiguous()
+    end_beta = beta * to_end
+    own = v.mT @ (k * to_end)  # (n·X, N, N): what a chunk's own v ⊗ k leave in its last state
     w_end = decay_to_t[:, -1:]  # (n·X, 1, N): the whole chunk's decay
 
     states = torch.empty(n + 1, X, N, N, dtype=S.dtype, device=S.device)  # S_0 of every chunk, + final
@@ -305,8 +311,8 @@ def _wkv_seq(S: torch.Tensor, r: torch.Tensor, log_w: torch.Tensor, k: torch.Ten
         torch.baddbmm(own[rows], sa[c].mT, end_beta[rows], out=states[c + 1])
         states[c + 1].addcmul_(states[c], w_end[rows])
     S.copy_(states[n])
-    y = r_dec @ states[:n].reshape(n * X, N, N).mT + m_rb @ sa.view(n * X, L, N) + m_rk @ v
-    return y.view(n, X, L, N).transpose(0, 1).reshape(X, n * L, N)[:, :T]
+    y = torch.baddbmm(torch.baddbmm(m_rk @ v, m_rb, sa.view(n * X, L, N)), r_dec, states[:n].view(n * X, N, N).mT)
+    return y.view(n, B, H, L, N).permute(1, 0, 3, 2, 4).reshape(B, n * L, H, N)[:, :T]
 
 
 # --------------------------------------------------------------------------------------------------
@@ -443,14 +449,13 @@ class BatchedRWKV7Backend:
         H, N = self.n_head, self.head_size
         state = self.wkv[i, slots.start * H:slots.stop * H]  # (S·H, N, N), a view into the pool
 
-        def heads(t: torch.Tensor) -> torch.Tensor:  # (S, T, C) -> (S·H, T, N), fp32
-            return t.float().view(S_, T, H, N).transpose(1, 2).reshape(S_ * H, T, N)
-
         if T == 1:
             ins = [t.float().view(S_ * H, N) for t in (r, log_w, k, v, kk, a)]
             return _wkv_step(state, *ins).view(S_, T, C)
-        out = _wkv_seq(state, heads(r), heads(log_w), heads(k), heads(v), heads(kk), heads(a))
-        return out.view(S_, H, T, N).transpose(1, 2).reshape(S_, T, C)
+        def heads(t: torch.Tensor) -> torch.Tensor:
+            return t.view(S_, T, H, N)
+
+        return _wkv_seq(state, heads(r), heads(log_w), heads(k), heads(v), heads(kk), heads(a)).reshape(S_, T, C)
 
     def _channel_mix(self, i: int, x: torch.Tensor, slots: slice) -> torch.Tensor:
         """The MLP half of block i: relu(shifted x @ K)² @ V. x (S, T, C) is ln2's output."""

@@ -163,7 +163,11 @@ def test_wkv_closed_form_equals_steps(length: int, chunk: int) -> None:
     S_step, S_seq = S0.clone(), S0.clone()
     ys = torch.stack([_wkv_step(S_step, r[:, t], log_w[:, t], k[:, t], v[:, t], kk[:, t], a[:, t])
                       for t in range(length)], 1)
-    y_seq = _wkv_seq(S_seq, r, log_w, k, v, kk, a, chunk=chunk)
+    def token_major(t: torch.Tensor) -> torch.Tensor:  # (X, T, N) as one sequence of X heads
+        return t.transpose(0, 1).unsqueeze(0)
+
+    y_seq = _wkv_seq(S_seq, token_major(r), token_major(log_w), token_major(k), token_major(v),
+                     token_major(kk), token_major(a), chunk=chunk)[0].transpose(0, 1)
     assert y_seq.shape == ys.shape
     assert float((ys - y_seq).abs().max()) <= 1e-5 * float(ys.abs().max())
     assert float((S_step - S_seq).abs().max()) <= 1e-5 * float(S_step.abs().max())
@@ -194,6 +198,23 @@ def test_bf16_drift_is_bounded(b7_ckpt: Path, pair: tuple[BatchedRWKV7Backend, P
     assert math.isfinite(worst)
     assert rate >= 0.75
     assert worst <= 0.1 * scale
+
+
+def test_plain_linear_path_matches(b7_ckpt: Path, monkeypatch: pytest.MonkeyPatch,
+                                   pair: tuple[BatchedRWKV7Backend, PackageBackend]) -> None:
+    """The ``F.linear`` path (what CUDA and fp16 use) gives the same numbers as oneDNN's."""
+    import bot.rwkv7_batched as module
+
+    _, ref = pair
+    if ref.device.type != "cpu":
+        pytest.skip("the CPU's second kernel path")
+    monkeypatch.setattr(module, "_mkldnn_works", lambda device, dtype: False)
+    plain = BatchedRWKV7Backend(b7_ckpt, device="cpu", dtype="fp32", max_slots=2)
+    assert not plain._mkldnn and not plain.head.use_mkldnn
+    tokens = _tokens(40, seed=12)
+    plain.load_slot(1, plain.zero_state())
+    want, _ = _package_run(ref, ref.zero_state(), tokens)
+    assert float((plain.prefill(1, tokens) - want).abs().max()) <= FP32_TOL
 
 
 def test_fp16_overflow_raises_instead_of_garbage(b7_ckpt: Path) -> None:
