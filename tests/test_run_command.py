@@ -1,0 +1,54 @@
+"""`raven run` as a user starts it: the configured adapters in one process, stopped by SIGTERM."""
+
+from __future__ import annotations
+
+import os
+import signal
+import socket
+import sqlite3
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import httpx
+
+RAVEN = str(Path(sys.executable).with_name("raven"))
+
+
+def free_port() -> int:
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return int(sock.getsockname()[1])
+
+
+def test_run_serves_the_web_adapter_and_stops_cleanly_on_sigterm(tiny_v7_path: Path, tmp_path: Path) -> None:
+    port = free_port()
+    env = {k: v for k, v in os.environ.items() if not k.startswith(("RAVEN_", "DISCORD_", "SLACK_"))}
+    env |= {"RAVEN_MODEL": str(tiny_v7_path), "RAVEN_DATA_DIR": str(tmp_path / "data"), "RAVEN_SEED": "1",
+            "RAVEN_MAX_REPLY_TOKENS": "12", "RAVEN_WEB_ENABLED": "true", "RAVEN_WEB_PORT": str(port)}
+    process = subprocess.Popen([RAVEN, "run"], cwd=tmp_path, env=env, stdout=subprocess.PIPE,
+                               stderr=subprocess.PIPE, text=True)
+    try:
+        base = f"http://127.0.0.1:{port}"
+        deadline = time.monotonic() + 60
+        while True:
+            assert process.poll() is None, process.stderr.read() if process.stderr else ""
+            try:
+                if httpx.get(f"{base}/healthz", timeout=1).status_code == 200:
+                    break
+            except httpx.TransportError:
+                pass
+            assert time.monotonic() < deadline, "raven run did not start serving"
+            time.sleep(0.2)
+        answer = httpx.post(f"{base}/generate-response", timeout=60, json={
+            "user_message": "hello", "user_id": "ann", "discussion_id": "1", "prompt_file": "SQLAdvisor"})
+        assert answer.status_code == 200 and answer.json()["generated_text"]
+    finally:
+        process.send_signal(signal.SIGTERM)
+        _, stderr = process.communicate(timeout=60)
+    assert process.returncode == 0, stderr
+    assert "Traceback" not in stderr
+    with sqlite3.connect(tmp_path / "data" / "raven.db") as db:
+        rows = db.execute("SELECT role, status FROM messages WHERE thread_key = 'web:ann/1' ORDER BY id").fetchall()
+    assert rows[-2:] == [("user", "answered"), ("assistant", "done")]
