@@ -30,10 +30,12 @@ import platform
 import resource
 import statistics
 import tempfile
+import threading
 import time
 from collections.abc import Callable, Sequence
+from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import Any, TypeVar
 
 import torch
 
@@ -46,6 +48,7 @@ from bot.sampling import SamplingParams
 
 log = logging.getLogger(__name__)
 Progress = Callable[[str], None]
+_T = TypeVar("_T")
 
 HISTORY_TOKENS = 8000
 MESSAGE_TOKENS = 512
@@ -161,10 +164,11 @@ async def _generate(engine: Engine, start: ModelState, prompt: list[int], max_to
     return (first if first >= 0 else total), total, completion.generated_tokens
 
 
-async def _engine_phase(backend: Backend, threads: int, max_tokens: int, seed: int, gaps: list[float]
-                        ) -> tuple[float, int]:
+async def _engine_phase(backend: Backend, threads: int, max_tokens: int, seed: int, gaps: list[float],
+                        torch_threads: int) -> tuple[float, int]:
     """``threads`` replies generated at once; returns (wall seconds, generated tokens)."""
-    engine = Engine(backend, _BenchTokenizer(), max_batch=threads, max_queue=threads + 8)
+    engine = Engine(backend, _BenchTokenizer(), max_batch=threads, max_queue=threads + 8,
+                    torch_threads=torch_threads)
     stop = asyncio.Event()
     async with engine:
         ticker = asyncio.create_task(_ticker(stop, gaps))
@@ -180,10 +184,10 @@ async def _engine_phase(backend: Backend, threads: int, max_tokens: int, seed: i
     return wall, sum(r[2] for r in results)
 
 
-async def _resume_phase(backend: Backend, history: ModelState, rounds: int, gaps: list[float]
-                        ) -> tuple[float, float]:
+async def _resume_phase(backend: Backend, history: ModelState, rounds: int, gaps: list[float],
+                        torch_threads: int) -> tuple[float, float]:
     """Median time to first token: (thread with ``history``, new thread), alternating."""
-    engine = Engine(backend, _BenchTokenizer(), max_batch=1)
+    engine = Engine(backend, _BenchTokenizer(), max_batch=1, torch_threads=torch_threads)
     stop = asyncio.Event()
     with_history: list[float] = []
     fresh: list[float] = []
@@ -220,27 +224,52 @@ def _device_name(device: torch.device) -> str:
     return f"{name}, {os.cpu_count()} CPUs"
 
 
-def run_benchmark(size: str = "0.1b", dtype: str = "fp32", device: str = "cpu",
-                  threads: Sequence[int] = (16, 64), quick: bool = False,
-                  progress: Progress | None = None) -> dict[str, Any]:
-    """Measure ours against the package; returns the JSON-able result (see the module docstring).
+def _in_fresh_thread(fn: Callable[[], _T], torch_threads: int) -> _T:
+    """Run ``fn`` in a new thread that ends afterwards, with ``torch_threads`` OpenMP threads.
 
-    ``quick`` shortens every phase to a smoke run (seconds on the tiny model); its figures are noisy.
+    Why: with GNU OpenMP, every thread that runs a parallel torch op keeps a team of worker threads
+    for as long as it lives, and once the process holds more such threads than CPUs, every team
+    stops spinning between parallel regions. On our 2-core machine that made the engine's worker
+    2× slower whenever the main thread had run a single large op (measured: prefill of 66 tokens
+    81 → 190 ms). So heavy work runs in threads that end, and the event loop's thread stays at 1.
     """
-    say = progress or (lambda message: log.info("bench: %s", message))
-    if size not in ("tiny", "0.1b"):
-        raise ValueError(f"size must be tiny or 0.1b, not {size!r}")
-    began = time.perf_counter()
-    rounds = 1 if quick else 3
-    decode_steps = 8 if quick else 32
-    gen_tokens = 8 if quick else 64
-    threads = tuple(int(n) for n in threads)
-    dev = torch.device(device)
-    if dev.type == "cuda":
-        torch.cuda.reset_peak_memory_stats(dev)
+    box: dict[str, Any] = {}
 
-    say(f"checkpoint ({size})")
-    path = _checkpoint(size)  # type: ignore[arg-type]
+    def target() -> None:
+        torch.set_num_threads(torch_threads)
+        try:
+            with torch.no_grad():
+                box["value"] = fn()
+        except BaseException as exc:  # re-raised in the caller
+            box["error"] = exc
+
+    worker = threading.Thread(target=target, name="raven-bench")
+    worker.start()
+    worker.join()
+    if "error" in box:
+        raise box["error"]
+    return box["value"]  # type: ignore[no-any-return]
+
+
+@dataclass
+class _Direct:
+    """The backends, and what was measured by calling them directly (no engine)."""
+
+    ours: BatchedRWKV7Backend
+    ref: PackageBackend
+    compare: _Comparison
+    ours_prefill: list[float]
+    ref_prefill: list[float]
+    ours_decode: list[float]
+    ref_decode: list[float]
+    step_rate: dict[str, float]
+    history: ModelState
+    rebuild_s: float
+
+
+def _measure_directly(path: Path, device: str, dtype: str, threads: tuple[int, ...], rounds: int,
+                      decode_steps: int, say: Progress) -> _Direct:
+    dev = torch.device(device)
     say(f"loading the package ({device} {dtype}) and the batched backend")
     ref = PackageBackend(path, f"{device} {dtype}", max_slots=2)
     if dev.type == "cuda" and dtype == "fp32":  # the package turns TF32 on at import; fp32 means fp32
@@ -250,80 +279,119 @@ def run_benchmark(size: str = "0.1b", dtype: str = "fp32", device: str = "cpu",
     compare = _Comparison()
     message = _tokens(MESSAGE_TOKENS, 1)
 
-    with torch.no_grad():
-        # Warm-up (the package JIT-compiles on first use; oneDNN builds its kernels), then prefill.
-        for backend in (ours, ref):
-            _time_prefill(backend, message[:64])
-            _time_decode(backend, 2, 1)
-        say("prefill of a 512-token message")
-        ours_prefill, ref_prefill = [], []
-        for _ in range(rounds):
-            seconds, ours_logits = _time_prefill(ours, message)
-            ours_prefill.append(seconds)
-            seconds, ref_logits = _time_prefill(ref, message)
-            ref_prefill.append(seconds)
-            compare.add(ours_logits, ref_logits)
+    # Warm-up (the package JIT-compiles on first use; oneDNN builds its kernels), then prefill.
+    for backend in (ours, ref):
+        _time_prefill(backend, message[:64])
+        _time_decode(backend, 2, 1)
+    say("prefill of a 512-token message")
+    ours_prefill, ref_prefill = [], []
+    for _ in range(rounds):
+        seconds, ours_logits = _time_prefill(ours, message)
+        ours_prefill.append(seconds)
+        seconds, ref_logits = _time_prefill(ref, message)
+        ref_prefill.append(seconds)
+        compare.add(ours_logits, ref_logits)
 
-        say("single-stream decode")
-        ours_decode, ref_decode = [], []
-        for _ in range(rounds):
-            ours.load_slot(0, ours.zero_state())
-            ours_decode.append(_time_decode(ours, decode_steps, 7))
-            ref.load_slot(0, ref.zero_state())
-            ref_decode.append(_time_decode(ref, decode_steps, 7))
-        # Logit agreement, token by token from the same state: the one after the message (from a
-        # zero state the first tokens sit at fp32's noise floor, where the package itself is ~1.5e-4
-        # away from an fp64 evaluation), on the tokens the package picks.
-        _, after_message = _time_prefill(ref, message)
-        state = ref.read_slot(0)
-        ours.load_slot(0, state)
-        token = int(after_message.argmax())
-        for _ in range(decode_steps):
-            got, want = ours.decode([token]), ref.decode([token])
-            compare.add(got, want)
-            token = int(want[0].argmax())
+    say("single-stream decode")
+    ours_decode, ref_decode = [], []
+    for _ in range(rounds):
+        ours.load_slot(0, ours.zero_state())
+        ours_decode.append(_time_decode(ours, decode_steps, 7))
+        ref.load_slot(0, ref.zero_state())
+        ref_decode.append(_time_decode(ref, decode_steps, 7))
+    # Logit agreement, token by token from the same state: the one after the message (from a zero
+    # state the first tokens sit at fp32's noise floor, where the package itself is ~1.5e-4 away
+    # from an fp64 evaluation), on the tokens the package picks.
+    _, after_message = _time_prefill(ref, message)
+    state = ref.read_slot(0)
+    ours.load_slot(0, state)
+    token = int(after_message.argmax())
+    for _ in range(decode_steps):
+        got, want = ours.decode([token]), ref.decode([token])
+        compare.add(got, want)
+        token = int(want[0].argmax())
 
-        say("batched decode steps (the model alone, no engine)")
-        step_rate: dict[str, float] = {}
-        for n in threads:
-            for slot in range(n):
-                ours.load_slot(slot, state)
-            batch = _tokens(n, 3)
+    say("batched decode steps (the model alone, no engine)")
+    step_rate: dict[str, float] = {}
+    for n in threads:
+        for slot in range(n):
+            ours.load_slot(slot, state)
+        batch = _tokens(n, 3)
+        ours.decode(batch)
+        times = []
+        for _ in range(max(2, rounds)):
+            started = time.perf_counter()
             ours.decode(batch)
-            times = []
-            for _ in range(max(2, rounds)):
-                started = time.perf_counter()
-                ours.decode(batch)
-                times.append(time.perf_counter() - started)
-            step_rate[str(n)] = n / _median(times)
+            times.append(time.perf_counter() - started)
+        step_rate[str(n)] = n / _median(times)
 
-    stall: list[float] = []
     say("rebuilding an 8,000-token history")
     started = time.perf_counter()
     ours.load_slot(0, ours.zero_state())
-    history_tokens = _tokens(HISTORY_TOKENS, 2)
-    with torch.no_grad():
-        logits = ours.prefill(0, history_tokens)
+    logits = ours.prefill(0, _tokens(HISTORY_TOKENS, 2))
     rebuild = time.perf_counter() - started
     history = ModelState(ours.read_slot(0), logits, HISTORY_TOKENS)
-    say("time to first token, with and without history")
-    ttft_history, ttft_fresh = asyncio.run(_resume_phase(ours, history, 2 if quick else 5, stall))
+    return _Direct(ours, ref, compare, ours_prefill, ref_prefill, ours_decode, ref_decode, step_rate,
+                   history, rebuild)
 
+
+def run_benchmark(size: str = "0.1b", dtype: str = "fp32", device: str = "cpu",
+                  threads: Sequence[int] = (16, 64), quick: bool = False,
+                  progress: Progress | None = None) -> dict[str, Any]:
+    """Measure ours against the package; returns the JSON-able result (see the module docstring).
+
+    ``quick`` shortens every phase to a smoke run (seconds on the tiny model); its figures are noisy.
+    The calling thread runs the event loop and is set to one torch thread while this runs (see
+    ``_in_fresh_thread``); the model work runs with the torch thread count it had on entry.
+    """
+    torch_threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    try:
+        return _run(size, dtype, device, tuple(int(n) for n in threads), quick, torch_threads,
+                    progress or (lambda message: log.info("bench: %s", message)))
+    finally:
+        torch.set_num_threads(torch_threads)
+
+
+def _run(size: str, dtype: str, device: str, threads: tuple[int, ...], quick: bool, torch_threads: int,
+         say: Progress) -> dict[str, Any]:
+    if size not in ("tiny", "0.1b"):
+        raise ValueError(f"size must be tiny or 0.1b, not {size!r}")
+    began = time.perf_counter()
+    rounds = 1 if quick else 3
+    decode_steps = 8 if quick else 32
+    gen_tokens = 8 if quick else 64
+    dev = torch.device(device)
+    if dev.type == "cuda":
+        torch.cuda.reset_peak_memory_stats(dev)
+
+    say(f"checkpoint ({size})")
+    path = _checkpoint(size)  # type: ignore[arg-type]
+    direct = _in_fresh_thread(
+        lambda: _measure_directly(path, device, dtype, threads, rounds, decode_steps, say), torch_threads)
+    ours, ref = direct.ours, direct.ref
+
+    stall: list[float] = []
+    say("time to first token, with and without history")
+    ttft_history, ttft_fresh = asyncio.run(
+        _resume_phase(ours, direct.history, 2 if quick else 5, stall, torch_threads))
     say("the package serving one thread through the engine")
     ref_stall: list[float] = []  # the package's own loop behaviour, reported apart
-    ref_engine = [asyncio.run(_engine_phase(ref, 1, gen_tokens, 50 + r, ref_stall)) for r in range(rounds)]
+    ref_engine = [asyncio.run(_engine_phase(ref, 1, gen_tokens, 50 + r, ref_stall, torch_threads))
+                  for r in range(rounds)]
     ref_engine_rate = _median([tokens / wall for wall, tokens in ref_engine])
     aggregate: dict[str, float] = {}
     for n in threads:
         say(f"{n} threads generating at once")
-        runs = [asyncio.run(_engine_phase(ours, n, gen_tokens, 100 + 1000 * r, stall))
+        runs = [asyncio.run(_engine_phase(ours, n, gen_tokens, 100 + 1000 * r, stall, torch_threads))
                 for r in range(1 if quick else 2)]
         aggregate[str(n)] = _median([tokens / wall for wall, tokens in runs])
 
-    ours_single = decode_steps / _median(ours_decode)
-    ref_single = decode_steps / _median(ref_decode)
-    ours_prefill_rate = MESSAGE_TOKENS / _median(ours_prefill)
-    ref_prefill_rate = MESSAGE_TOKENS / _median(ref_prefill)
+    ours_single = decode_steps / _median(direct.ours_decode)
+    ref_single = decode_steps / _median(direct.ref_decode)
+    ours_prefill_rate = MESSAGE_TOKENS / _median(direct.ours_prefill)
+    ref_prefill_rate = MESSAGE_TOKENS / _median(direct.ref_prefill)
+    compare = direct.compare
     result: dict[str, Any] = {
         "single_stream_ratio": round(ours_single / ref_single, 3),
         **{f"aggregate_ratio_{n}": round(rate / ref_engine_rate, 2) for n, rate in aggregate.items()},
@@ -337,15 +405,15 @@ def run_benchmark(size: str = "0.1b", dtype: str = "fp32", device: str = "cpu",
         "ours_single_tok_s": round(ours_single, 1),
         "package_single_tok_s": round(ref_single, 1),
         **{f"ours_aggregate_tok_s_{n}": round(rate, 1) for n, rate in aggregate.items()},
-        **{f"ours_decode_step_tok_s_{n}": round(rate, 1) for n, rate in step_rate.items()},
+        **{f"ours_decode_step_tok_s_{n}": round(rate, 1) for n, rate in direct.step_rate.items()},
         "package_engine_tok_s": round(ref_engine_rate, 1),
         "ours_prefill_tok_s": round(ours_prefill_rate, 1),
         "package_prefill_tok_s": round(ref_prefill_rate, 1),
         "ttft_history_ms": round(ttft_history * 1000, 1),
         "ttft_fresh_ms": round(ttft_fresh * 1000, 1),
-        "rebuild_8k_s": round(rebuild, 2),
+        "rebuild_8k_s": round(direct.rebuild_s, 2),
         "size": size, "dtype": dtype, "device": device, "device_name": _device_name(dev),
-        "threads": list(threads), "torch_threads": torch.get_num_threads(),
+        "threads": list(threads), "torch_threads": torch_threads,
         "torch_version": torch.__version__, "quick": quick,
         "generated_tokens_per_thread": gen_tokens, "rounds": rounds,
         **_peak_memory(dev),
