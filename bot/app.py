@@ -15,7 +15,7 @@ from pathlib import Path
 
 from bot.backend import Backend
 from bot.checkpoint import describe, make_checkpoint
-from bot.engine import Engine
+from bot.engine import Engine, in_fresh_thread
 from bot.errors import ModelLoadError
 from bot.personas import PersonaLibrary
 from bot.service import ChatService
@@ -83,7 +83,7 @@ async def open_service(settings: Settings) -> AsyncIterator[ChatService]:
     personas = PersonaLibrary(settings.personas_dir)
     personas.get(settings.default_persona)  # fail at start-up, not on the first message
     tokenizer = await asyncio.to_thread(load_tokenizer, settings.tokenizer)
-    backend = await asyncio.to_thread(load_backend, settings, choice.path)
+    backend = await in_fresh_thread(lambda: load_backend(settings, choice.path))
     fingerprint = await asyncio.to_thread(model_fingerprint, choice.path)
     engine = Engine(
         backend, tokenizer, max_batch=settings.max_batch, prefill_chunk=settings.prefill_chunk,

@@ -21,7 +21,7 @@ import time
 from collections import deque
 from collections.abc import AsyncIterator, Callable, Sequence
 from dataclasses import dataclass, field
-from typing import Literal
+from typing import Any, Literal, TypeVar
 
 import torch
 
@@ -31,6 +31,7 @@ from bot.sampling import END_OF_TEXT, RowSampler, SamplingParams, sample_rows
 from bot.tokenizer import Tokenizer
 
 log = logging.getLogger(__name__)
+T = TypeVar("T")
 FinishReason = Literal["stop", "length", "timeout", "cancelled", "error"]
 
 
@@ -67,6 +68,33 @@ class GenerateRequest:
     label: str = ""
 
 
+def _settle(future: asyncio.Future[Any], value: object, error: BaseException | None) -> None:
+    """Complete a future on its loop's thread, unless it was already (e.g. cancelled)."""
+    if future.done():
+        return
+    if error is not None:
+        future.set_exception(error)
+    else:
+        future.set_result(value)
+
+
+class _Call:
+    """A function to run in the worker thread between steps (tensor work off the event loop)."""
+
+    def __init__(self, loop: asyncio.AbstractEventLoop, fn: Callable[[], object]) -> None:
+        self.loop = loop
+        self.fn = fn
+        self.result: asyncio.Future[object] = loop.create_future()
+
+    def run(self) -> None:
+        try:
+            value = self.fn()
+        except Exception as exc:
+            self.loop.call_soon_threadsafe(_settle, self.result, None, exc)
+            return
+        self.loop.call_soon_threadsafe(_settle, self.result, value, None)
+
+
 class _Job:
     """Work in the worker's queues. Fields below the line are touched only by the worker."""
 
@@ -97,13 +125,8 @@ class _Job:
         self.loop.call_soon_threadsafe(self.chunks.put_nowait, chunk)
 
     def resolve(self, value: object) -> None:
-        def settle() -> None:
-            if not self.result.done():
-                if isinstance(value, BaseException):
-                    self.result.set_exception(value)
-                else:
-                    self.result.set_result(value)
-        self.loop.call_soon_threadsafe(settle)
+        error = value if isinstance(value, BaseException) else None
+        self.loop.call_soon_threadsafe(_settle, self.result, None if error else value, error)
 
 
 class Generation:
@@ -163,6 +186,7 @@ class Engine:
         self._cond = threading.Condition()
         self._incoming: deque[_Job] = deque()
         self._urgent: deque[_Job] = deque()  # finalising replies: a thread's next turn waits on them
+        self._calls: deque[_Call] = deque()
         self._waiting: deque[_Job] = deque()
         self._decoding: list[_Job] = []
         self._prefilling: _Job | None = None
@@ -203,11 +227,27 @@ class Engine:
         return len(self._incoming) + len(self._waiting)
 
     def zero_state(self) -> ModelState:
+        """A fresh state. Tensor work: call it in the worker (``call``) or outside a running engine."""
         vocab = self.backend.vocab_size
         return ModelState(self.backend.zero_state(), torch.zeros(vocab), 0)
 
-    async def prefill(self, start: ModelState, tokens: list[int]) -> ModelState:
-        """The model after reading ``tokens`` from ``start`` (persona prompts, rebuilds)."""
+    async def call(self, fn: Callable[[], T]) -> T:
+        """Run ``fn`` in the worker thread, between steps. Tensor work belongs there rather than on the
+        event loop: it must not block the loop, and with GNU OpenMP every thread that runs a parallel
+        torch op keeps its own team of spinning threads, which slows the model's own steps."""
+        if self._failure is not None:
+            raise RavenError(f"the engine stopped after an error: {self._failure}")
+        job = _Call(asyncio.get_running_loop(), fn)
+        with self._cond:
+            self._calls.append(job)
+            self._cond.notify_all()
+        return await job.result  # type: ignore[return-value]
+
+    async def prefill(self, start: ModelState | None, tokens: list[int]) -> ModelState:
+        """The model after reading ``tokens`` from ``start`` (None: a fresh state); for persona
+        prompts and rebuilds."""
+        if start is None:
+            start = await self.call(self.zero_state)
         if not tokens:
             return start
         job = self._submit(start, tokens, None, urgent=False)
@@ -246,12 +286,16 @@ class Engine:
                 while True:
                     with self._cond:
                         while not (self._stopping or self._incoming or self._urgent or self._waiting
-                                   or self._decoding or self._prefilling):
+                                   or self._decoding or self._prefilling or self._calls):
                             self._cond.wait()
                         if self._stopping:
                             break
                         self._waiting.extend(self._incoming)
                         self._incoming.clear()
+                        calls = list(self._calls)
+                        self._calls.clear()
+                    for call in calls:
+                        call.run()
                     started = time.perf_counter()
                     try:
                         self._step()
@@ -276,6 +320,10 @@ class Engine:
 
     def _abort_all(self, error: BaseException) -> None:
         with self._cond:
+            stopped = RavenError(f"the engine stopped: {error}")
+            for call in self._calls:
+                call.loop.call_soon_threadsafe(_settle, call.result, None, stopped)
+            self._calls.clear()
             jobs = [*self._urgent, *self._incoming, *self._waiting, *self._decoding]
             self._urgent.clear()
             self._incoming.clear()
@@ -450,3 +498,21 @@ class Engine:
         job.loop.call_soon_threadsafe(waiter.result.add_done_callback, relay)
         with self._cond:
             self._urgent.append(waiter)
+
+
+async def in_fresh_thread(fn: Callable[[], T]) -> T:
+    """Run blocking tensor work (loading a model) in a thread of its own that ends afterwards, rather
+    than in asyncio's long-lived executor, whose threads would keep OpenMP teams alive."""
+    loop = asyncio.get_running_loop()
+    result: asyncio.Future[T] = loop.create_future()
+
+    def work() -> None:
+        try:
+            value = fn()
+        except BaseException as exc:
+            loop.call_soon_threadsafe(_settle, result, None, exc)
+        else:
+            loop.call_soon_threadsafe(_settle, result, value, None)
+
+    threading.Thread(target=work, name="raven-load", daemon=True).start()
+    return await result

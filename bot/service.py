@@ -16,6 +16,8 @@ from collections.abc import AsyncIterator
 from dataclasses import dataclass
 from typing import Literal
 
+import torch
+
 from bot.commands import HELP_TEXT, Command, parse_command
 from bot.engine import Completion, Engine, GenerateRequest, ModelState
 from bot.errors import EngineBusy, InputError, PersonaError, RavenError, StateError
@@ -59,7 +61,7 @@ class ChatService:
         self._locks: weakref.WeakValueDictionary[ThreadKey, asyncio.Lock] = weakref.WeakValueDictionary()
         self._turns: dict[ThreadKey, TurnInfo] = {}
         self._tasks: set[asyncio.Task[None]] = set()
-        self._template = engine.backend.zero_state()
+        self._template: list[torch.Tensor] | None = None  # the model's state layout, made in the worker
         self.is_demo_model = False
 
     # --- queries adapters use --------------------------------------------------------------------
@@ -266,8 +268,10 @@ class ChatService:
                       completion: Completion, reply: str, fingerprint: str, fmt: PromptFormat) -> None:
         key = thread.key
         final = completion.final
-        stored = (StoredState(fingerprint, thread.epoch, 0, final.token_count, encode_state(final), True)
-                  if final is not None else None)
+        stored = None
+        if final is not None:
+            blob = await self.engine.call(lambda: encode_state(final))
+            stored = StoredState(fingerprint, thread.epoch, 0, final.token_count, blob, True)
         reply_message = await self.store.finish_turn(key, user_message.id, reply, stored)
         if final is not None:
             self.states.put(key, CachedState(final, fingerprint, thread.epoch, reply_message.id))
@@ -295,18 +299,28 @@ class ChatService:
                 if (stored.fingerprint, stored.epoch, stored.last_message_id) != (
                         fingerprint, thread.epoch, last_id):
                     raise StateError("state is stale (model, persona or log changed)")
-                model = decode_state(stored.blob, self._template, self.engine.backend.vocab_size)
+                model = await self._decode(stored.blob)
                 self.states.put(key, CachedState(model, fingerprint, thread.epoch, last_id))
                 return model, "store"
             except StateError as exc:
                 log.warning("saved state of %s not used (%s); rebuilding from the log", key, exc)
         model = await self._rebuild(context, persona, fmt)
         if last_id:
-            blob = encode_state(model)
+            blob = await self.engine.call(lambda: encode_state(model))
             await self.store.save_state(key, StoredState(fingerprint, thread.epoch, last_id,
                                                          model.token_count, blob, True))
             self.states.put(key, CachedState(model, fingerprint, thread.epoch, last_id))
         return model, "rebuild"
+
+    async def _decode(self, blob: bytes) -> ModelState:
+        backend = self.engine.backend
+
+        def decode() -> ModelState:
+            if self._template is None:
+                self._template = backend.zero_state()
+            return decode_state(blob, self._template, backend.vocab_size)
+
+        return await self.engine.call(decode)
 
     async def _rebuild(self, context: list[StoredMessage], persona: Persona, fmt: PromptFormat) -> ModelState:
         tokens: list[int] = []
@@ -324,6 +338,6 @@ class ChatService:
         cache_key = hashlib.sha256(repr(tokens).encode()).hexdigest()
         cached = self._prefixes.get(cache_key)
         if cached is None:
-            cached = await self.engine.prefill(self.engine.zero_state(), tokens)
+            cached = await self.engine.prefill(None, tokens)
             self._prefixes[cache_key] = cached
         return cached

@@ -181,3 +181,16 @@ def test_engine_refuses_a_backend_without_room(tiny_v7_path: Path) -> None:
     backend = PackageBackend(tiny_v7_path, max_slots=4)
     with pytest.raises(ValueError, match="max_batch"):
         Engine(backend, load_tokenizer("rwkv_vocab_v20230424"), max_batch=4)
+
+
+async def test_tensor_work_runs_in_the_worker_thread(engine: Engine) -> None:
+    import threading
+
+    assert await engine.call(lambda: threading.current_thread().name) == "raven-engine"
+
+    def broken() -> None:
+        raise ValueError("boom")
+
+    with pytest.raises(ValueError, match="boom"):
+        await engine.call(broken)
+    assert await engine.call(lambda: 2 + 2) == 4  # the worker survived the failed call
