@@ -344,7 +344,7 @@ def run_benchmark(size: str = "0.1b", dtype: str = "fp32", device: str = "cpu",
     The calling thread runs the event loop and is set to one torch thread while this runs (see
     ``_in_fresh_thread``); the model work runs with the torch thread count it had on entry.
     """
-    torch_threads = torch.get_num_threads()
+    torch_threads = torch.get_num_threads()  # also pins this thread's count (see _in_fresh_thread)
     torch.set_num_threads(1)
     try:
         return _run(size, dtype, device, tuple(int(n) for n in threads), quick, torch_threads,

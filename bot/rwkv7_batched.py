@@ -41,7 +41,8 @@ matrix-vector product, so we do it in O(N²) in place.
 from __future__ import annotations
 
 import logging
-from collections.abc import Sequence
+import threading
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -117,7 +118,7 @@ def _mkldnn_works(device: torch.device, dtype: torch.dtype) -> bool:
 
 @dataclass
 class _Layer:
-    """One block's weights, already in the shapes the forward uses (see ``BatchedRWKV7Backend._load``)."""
+    """One block's weights, already in the shapes the forward uses (see ``_load_weights``)."""
 
     ln1: tuple[torch.Tensor, torch.Tensor]
     ln2: tuple[torch.Tensor, torch.Tensor]
@@ -215,6 +216,29 @@ def _validate(path: Path, sd: dict[str, torch.Tensor]) -> tuple[int, int, int]:
     if C % 64:
         raise ModelLoadError(f"model file {path}: n_embd {C} is not a multiple of the head size 64")
     return n_layer, C, V
+
+
+def _in_short_lived_thread(fn: Callable[[], None]) -> None:
+    """Run ``fn`` (under no_grad) in a thread that ends when it is done, re-raising its error.
+
+    The loader's large parallel ops would otherwise give the calling thread — typically a pooled
+    executor thread that lives on — an OpenMP team of its own, which slows the engine's worker
+    (see the OpenMP note on ``BatchedRWKV7Backend``). A thread that ends takes its team with it.
+    """
+    errors: list[BaseException] = []
+
+    def target() -> None:
+        try:
+            with torch.no_grad():
+                fn()
+        except BaseException as exc:  # re-raised in the caller
+            errors.append(exc)
+
+    worker = threading.Thread(target=target, name="rwkv7-load")
+    worker.start()
+    worker.join()
+    if errors:
+        raise errors[0]
 
 
 # --------------------------------------------------------------------------------------------------
@@ -332,8 +356,11 @@ class BatchedRWKV7Backend:
     Call it from one thread (the engine's worker). On CPU, mind GNU OpenMP: every thread that has
     run a parallel torch op keeps its own team of worker threads, and once a process holds more of
     them than CPUs, all teams stop spinning between parallel regions. Measured on 2 cores: one
-    ``torch.zeros(65536)`` on the event loop's thread made prefill in the worker 2.3× slower. Keep
-    other long-lived threads at ``torch.set_num_threads(1)`` before their first op.
+    ``torch.zeros(65536)`` on the event loop's thread made prefill in the worker 2.3× slower. So
+    other long-lived threads should run ``torch.set_num_threads(1); torch.get_num_threads()``
+    before their first op (the second call pins it: PyTorch sets a thread's count lazily, at its
+    first parallel op, from the process-wide value that the worker's own ``set_num_threads``
+    changes). The loader runs in a short-lived thread for the same reason.
     """
 
     family: str = "v7"
@@ -354,16 +381,18 @@ class BatchedRWKV7Backend:
         sd = read_state_dict(self.path)
         self.n_layer, self.n_embd, self.vocab_size = _validate(self.path, sd)
         self.n_head, self.head_size = (int(s) for s in sd["blocks.0.att.r_k"].shape)
-        self._mkldnn = _mkldnn_works(dev, self.torch_dtype)
-        with torch.no_grad():
-            self._load(sd)
-        del sd
-        L, S, C, H, N = self.n_layer, max_slots, self.n_embd, self.n_head, self.head_size
-        self.att_x = torch.zeros(L, S, C, dtype=self.torch_dtype, device=dev)
-        self.wkv = torch.zeros(L, S * H, N, N, dtype=torch.float32, device=dev)  # slot-major heads
-        self.ffn_x = torch.zeros(L, S, C, dtype=self.torch_dtype, device=dev)
+        _in_short_lived_thread(lambda: self._load(sd))  # sd is memory-mapped; dropped on return
 
     # ---- loading -----------------------------------------------------------------------------
+
+    def _load(self, sd: dict[str, torch.Tensor]) -> None:
+        """Weights into their forward shapes, and the empty state pool."""
+        self._mkldnn = _mkldnn_works(self.device, self.torch_dtype)
+        self._load_weights(sd)
+        L, S, C, H, N = self.n_layer, self.max_slots, self.n_embd, self.n_head, self.head_size
+        self.att_x = torch.zeros(L, S, C, dtype=self.torch_dtype, device=self.device)
+        self.wkv = torch.zeros(L, S * H, N, N, dtype=torch.float32, device=self.device)  # slot-major heads
+        self.ffn_x = torch.zeros(L, S, C, dtype=self.torch_dtype, device=self.device)
 
     def _t(self, t: torch.Tensor, dtype: torch.dtype | None = None) -> torch.Tensor:
         """A checkpoint tensor on our device and in our dtype, squeezed of the format's 1×1 dims."""
@@ -374,7 +403,7 @@ class BatchedRWKV7Backend:
         w = t.to(device=self.device, dtype=self.torch_dtype)
         return _Linear((w.t() if transpose else w).contiguous(), self._mkldnn)
 
-    def _load(self, sd: dict[str, torch.Tensor]) -> None:
+    def _load_weights(self, sd: dict[str, torch.Tensor]) -> None:
         C = self.n_embd
         f32 = torch.float32
         # ln0 is folded into the embedding once, as the package does.
