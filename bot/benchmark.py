@@ -149,10 +149,8 @@ async def _generate(engine: Engine, start: ModelState, prompt: list[int], max_to
                     ) -> tuple[float, float, int]:
     """One reply through the engine: (seconds to its first streamed token, seconds to the end, tokens)."""
     params = SamplingParams(max_tokens=max_tokens)  # the chat defaults
-    tokenizer = engine.tokenizer
     request = GenerateRequest(start=start, prompt_tokens=prompt, sampling=params, stop_strings=(),
-                              seed=seed, finalize_tokens=lambda text: tokenizer.encode(text + "\n\n"),
-                              label=f"bench-{seed}")
+                              seed=seed, label=f"bench-{seed}")
     started = time.perf_counter()
     generation = engine.generate(request)
     first = -1.0

@@ -52,8 +52,10 @@ class Completion:
     text: str
     finish_reason: FinishReason
     generated_tokens: int
-    #: the model after the canonical reply segment (see ``bot.prompt``); None if finalising failed
+    #: the model after reading the reply's segment; None for a cancelled reply
     final: ModelState | None
+    #: the token ids of the reply's segment, as the model read them (kept in the log for rebuilds)
+    segment_tokens: list[int]
 
 
 @dataclass
@@ -63,8 +65,9 @@ class GenerateRequest:
     sampling: SamplingParams
     stop_strings: Sequence[str]
     seed: int
-    #: tokens of the reply segment as it will be re-read from the log (see ``bot.prompt``)
-    finalize_tokens: Callable[[str], list[int]]
+    #: the end of a turn: appended to a reply's segment unless its text already ends with it
+    separator_text: str = "\n\n"
+    separator_tokens: list[int] = field(default_factory=list)
     label: str = ""
 
 
@@ -112,14 +115,17 @@ class _Job:
         self.position = 0
         self.loaded = False
         self.sampler: RowSampler | None = None
-        self.snapshot: ModelState | None = None
+        self.token_count = 0
         self.pending_token = 0
         self.generated: list[int] = []
+        self.fed: list[int] = []  # tokens of the reply the model has read
+        self.closing = False
+        self.forced: deque[int] = deque()
+        self.segment: list[int] = []
         self.decoder = codecs.getincrementaldecoder("utf-8")(errors="replace")
         self.emitted = 0
         self.text = ""
         self.finish: FinishReason | None = None
-        self.finalizing = False
 
     def emit(self, chunk: str | None) -> None:
         self.loop.call_soon_threadsafe(self.chunks.put_nowait, chunk)
@@ -185,7 +191,7 @@ class Engine:
         self._prefill_slot = max_batch
         self._cond = threading.Condition()
         self._incoming: deque[_Job] = deque()
-        self._urgent: deque[_Job] = deque()  # finalising replies: a thread's next turn waits on them
+        self._urgent: deque[_Job] = deque()  # jumps the queue of prefill work
         self._calls: deque[_Call] = deque()
         self._waiting: deque[_Job] = deque()
         self._decoding: list[_Job] = []
@@ -259,6 +265,8 @@ class Engine:
         """Start a reply; raises :class:`EngineBusy` when the queue is full."""
         if not request.prompt_tokens:
             raise ValueError("a generation needs prompt tokens")
+        if not request.separator_tokens:
+            request.separator_tokens = self.tokenizer.encode(request.separator_text)
         if self.queued >= self.max_queue:
             self.stats.busy_rejections += 1
             raise EngineBusy(self.queued + len(self._decoding))
@@ -343,21 +351,33 @@ class Engine:
     def _decode_step(self) -> None:
         now = time.monotonic()
         for job in list(self._decoding):
+            if job.closing:
+                continue
             if job.cancelled:
-                self._finish(job, "cancelled")
+                self._drop(job)
             elif now > job.deadline:
-                self._finish(job, "timeout")
+                self._close(job, "timeout")
         if not self._decoding:
             return
-        batch = self._decoding
+        batch = list(self._decoding)
         logits = self.backend.decode([job.pending_token for job in batch])
         self.stats.decode_steps += 1
         self.stats.decoded_tokens += len(batch)
         self.stats.max_batch_seen = max(self.stats.max_batch_seen, len(batch))
-        samplers = [job.sampler for job in batch]
-        tokens = sample_rows(logits, samplers)  # type: ignore[arg-type]
-        for job, token in zip(list(batch), tokens, strict=True):
-            self._accept(job, token)
+        sampling: list[tuple[_Job, int]] = []
+        for row, job in enumerate(batch):
+            job.fed.append(job.pending_token)
+            if not job.closing:
+                sampling.append((job, row))
+            elif job.forced:
+                job.pending_token = job.forced.popleft()
+            else:  # the reply segment is read in full: this is the state to save
+                self._complete(job, logits[row])
+        if sampling:
+            rows = logits[[row for _, row in sampling]]
+            tokens = sample_rows(rows, [job.sampler for job, _ in sampling])  # type: ignore[misc]
+            for (job, _), token in zip(sampling, tokens, strict=True):
+                self._accept(job, token)
 
     def _next_prefill(self) -> _Job | None:
         with self._cond:
@@ -396,7 +416,7 @@ class Engine:
             self._prefilling = None
             count = job.start.token_count + len(job.tokens)
             done = ModelState(self.backend.read_slot(slot), logits.clone(), count)
-            if job.request is None or job.finalizing:
+            if job.request is None:
                 job.resolve(done)
                 continue
             self._begin_decoding(job, done)
@@ -404,8 +424,8 @@ class Engine:
     def _begin_decoding(self, job: _Job, after_prompt: ModelState) -> None:
         request = job.request
         assert request is not None
-        job.snapshot = after_prompt
         job.sampler = RowSampler(request.sampling, request.seed, never=self._never)
+        job.token_count = after_prompt.token_count
         logits = after_prompt.logits.clone().unsqueeze(0)
         first = sample_rows(logits, [job.sampler])[0]
         slot = len(self._decoding)
@@ -414,14 +434,15 @@ class Engine:
         self._accept(job, first)
 
     def _accept(self, job: _Job, token: int) -> None:
-        """Take a sampled token: stream its text, or finish on a stop condition."""
+        """Take a sampled token: stream its text, or close the reply on a stop condition."""
         request = job.request
         assert request is not None and job.sampler is not None
         if token == END_OF_TEXT:
-            self._finish(job, "stop")
+            self._close(job, "stop")
             return
         piece = self.tokenizer.decode_bytes([token])
         job.generated.append(token)
+        job.pending_token = token
         # A token can end inside a multi-byte character: the incremental decoder holds it back.
         text = job.text + job.decoder.decode(piece)
         job.text = text
@@ -433,7 +454,7 @@ class Engine:
             if cut >= 0:
                 job.text = text[:cut]
                 self._flush(job, len(job.text))
-                self._finish(job, "stop")
+                self._close(job, "stop")
                 return
         # Hold back a tail that could be the start of a stop string.
         safe = len(text)
@@ -444,60 +465,65 @@ class Engine:
                     break
         self._flush(job, safe)
         if len(job.generated) >= request.sampling.max_tokens:
-            self._finish(job, "length")
-            return
-        job.pending_token = token
+            self._close(job, "length")
 
     def _flush(self, job: _Job, upto: int) -> None:
         if upto > job.emitted:
             job.emit(job.text[job.emitted:upto])
             job.emitted = upto
 
-    def _finish(self, job: _Job, reason: FinishReason) -> None:
+    def _close(self, job: _Job, reason: FinishReason) -> None:
+        """End the reply's text, then let the model finish reading its segment in the next steps.
+
+        The segment the model reads for a reply is every token it generated (the last one not yet
+        fed) followed by the turn separator unless the text already ends with it. Those few tokens
+        are *forced* through the ordinary batched decode step, so closing a reply costs no extra
+        model call; the log keeps the segment's token ids, so a rebuild reads exactly the same."""
+        request = job.request
+        assert request is not None
         if reason != "stop":
             self._flush(job, len(job.text))
         job.finish = reason
+        job.closing = True
+        job.emit(None)
+        segment = list(job.generated)
+        full_text = self.tokenizer.decode_bytes(segment).decode("utf-8", errors="replace")
+        if not full_text.endswith(request.separator_text):
+            segment += request.separator_tokens
+        job.segment = segment
+        job.forced = deque(segment[len(job.fed):])
+        if job.forced:
+            job.pending_token = job.forced.popleft()
+        else:  # nothing left to read (cannot happen with a non-empty separator)
+            self._complete(job, None)
+
+    def _complete(self, job: _Job, logits: torch.Tensor | None) -> None:
+        """The reply's segment has been read: save the state and free the slot."""
         index = self._decoding.index(job)
+        final = ModelState(self.backend.read_slot(index),
+                           logits.float().clone() if logits is not None else torch.zeros(self.backend.vocab_size),
+                           job.token_count + len(job.segment))
+        self._remove(index)
+        job.resolve(Completion(job.text, job.finish or "stop", len(job.generated), final, list(job.segment)))
+
+    def _drop(self, job: _Job) -> None:
+        """A cancelled reply: free its slot; no state is saved."""
+        self._remove(self._decoding.index(job))
+        job.finish = "cancelled"
+        job.emit(None)
+        job.resolve(Completion(job.text, "cancelled", len(job.generated), None, []))
+
+    def _remove(self, index: int) -> None:
         last = len(self._decoding) - 1
         if index != last:  # keep the streaming slots compacted
             self.backend.move_slot(last, index)
             self._decoding[index] = self._decoding[last]
         self._decoding.pop()
-        job.emit(None)
-        self._finalize(job)
 
     def _end_unstarted(self, job: _Job, reason: FinishReason) -> None:
         job.finish = reason
         job.emit(None)
-        job.resolve(Completion("", reason, 0, None))
-
-    def _finalize(self, job: _Job) -> None:
-        """Re-read the reply as it will appear in the log, from the state after the prompt: the saved
-        state then equals a rebuild from the log (see ``bot.prompt``)."""
-        request = job.request
-        assert request is not None and job.snapshot is not None
-        reason = job.finish or "stop"
-        completion_text = job.text
-        try:
-            tokens = request.finalize_tokens(completion_text)
-        except Exception:
-            log.exception("could not tokenize the reply of %s", request.label)
-            job.resolve(Completion(completion_text, reason, len(job.generated), None))
-            return
-        waiter = _Job(job.loop, job.snapshot, tokens, float("inf"), request)
-        waiter.finalizing = True
-
-        def relay(done: asyncio.Future[object]) -> None:
-            if done.exception() is not None:
-                job.result.set_exception(done.exception())  # type: ignore[arg-type]
-            else:
-                final = done.result()
-                assert isinstance(final, ModelState)
-                job.result.set_result(Completion(completion_text, reason, len(job.generated), final))
-
-        job.loop.call_soon_threadsafe(waiter.result.add_done_callback, relay)
-        with self._cond:
-            self._urgent.append(waiter)
+        job.resolve(Completion("", reason, 0, None, []))
 
 
 async def in_fresh_thread(fn: Callable[[], T]) -> T:

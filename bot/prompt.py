@@ -4,9 +4,10 @@ A thread's model context is always the concatenation of separately tokenized seg
 
     system segment | user turn | reply segment | user turn | reply segment | ...
 
-The saved state after a turn is exactly "the model after reading these segments", whether it was
-reached turn by turn or rebuilt from the log in one go; that is what makes resuming from a saved
-state equivalent to re-reading the history.
+A reply segment is the token ids the model generated (up to the turn separator), which the log
+keeps beside the reply's text. The saved state after a turn is exactly "the model after reading
+these segments", whether it was reached turn by turn or rebuilt from the log in one go; that is what
+makes resuming from a saved state equivalent to re-reading the history.
 """
 
 from __future__ import annotations
@@ -56,9 +57,15 @@ class PromptFormat:
         self.roles = roles_for(family, persona)
         self.persona = persona
 
+    #: a blank line ends a turn in these formats
+    separator = "\n\n"
+
     @property
     def stop_strings(self) -> list[str]:
-        return [f"\n\n{self.roles.user}:", f"\n{self.roles.user}:"]
+        return [self.separator, f"\n{self.roles.user}:"]
+
+    def separator_tokens(self) -> list[int]:
+        return self.tokenizer.encode(self.separator)
 
     def system_text(self) -> str:
         prompt = _single_paragraph(self.persona.prompt)
@@ -71,6 +78,8 @@ class PromptFormat:
         return self.tokenizer.encode(f"{self.roles.user}: {_single_paragraph(text)}\n\n{self.roles.bot}:")
 
     def reply_tokens(self, reply: str) -> list[int]:
+        """A reply's segment re-tokenized from its text: used only when the log lacks the token ids
+        the model actually read (e.g. after a change of tokenizer)."""
         return self.tokenizer.encode(f" {_single_paragraph(reply)}\n\n")
 
     def clean_reply(self, raw: str) -> str:

@@ -236,7 +236,7 @@ class ChatService:
         request = GenerateRequest(
             start=start, prompt_tokens=prompt, sampling=self._sampling(persona),
             stop_strings=fmt.stop_strings, seed=self._seed(key, user_message.id),
-            finalize_tokens=lambda raw: fmt.reply_tokens(self._stored_reply(raw, fmt)), label=str(key),
+            separator_text=fmt.separator, separator_tokens=fmt.separator_tokens(), label=str(key),
         )
         try:
             generation = self.engine.generate(request)
@@ -272,7 +272,9 @@ class ChatService:
         if final is not None:
             blob = await self.engine.call(lambda: encode_state(final))
             stored = StoredState(fingerprint, thread.epoch, 0, final.token_count, blob, True)
-        reply_message = await self.store.finish_turn(key, user_message.id, reply, stored)
+        reply_message = await self.store.finish_turn(
+            key, user_message.id, reply, stored, tokens=completion.segment_tokens or None,
+            tokenizer=self.engine.tokenizer.name)
         if final is not None:
             self.states.put(key, CachedState(final, fingerprint, thread.epoch, reply_message.id))
         else:
@@ -325,10 +327,12 @@ class ChatService:
     async def _rebuild(self, context: list[StoredMessage], persona: Persona, fmt: PromptFormat) -> ModelState:
         tokens: list[int] = []
         for message in context:
-            if message.role == "assistant":
-                tokens += fmt.reply_tokens(message.text)
-            else:
+            if message.role != "assistant":
                 tokens += fmt.user_turn_tokens(message.text)
+            elif message.tokens and message.tokenizer == self.engine.tokenizer.name:
+                tokens += message.tokens  # exactly what the model read when it wrote the reply
+            else:
+                tokens += fmt.reply_tokens(message.text)
         prefix = await self._persona_prefix(persona, fmt)
         return await self.engine.prefill(prefix, tokens)
 

@@ -10,6 +10,7 @@ from __future__ import annotations
 import asyncio
 import hashlib
 import time
+from array import array
 from collections.abc import Awaitable, Callable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
@@ -62,6 +63,13 @@ MIGRATIONS: list[Sequence[str]] = [
         "CREATE INDEX processed_events_by_time ON processed_events (created_at)",
     ),
 ]
+MIGRATIONS.append(
+    # version 2: the token ids of a reply as the model read them, and the tokenizer that made them
+    (
+        "ALTER TABLE messages ADD COLUMN tokens BLOB",
+        "ALTER TABLE messages ADD COLUMN tokenizer TEXT",
+    )
+)
 SCHEMA_VERSION = len(MIGRATIONS)
 
 
@@ -86,6 +94,8 @@ class StoredMessage:
     platform_message_id: str | None
     status: Status
     created_at: float
+    tokens: list[int] | None = None
+    tokenizer: str | None = None
 
 
 @dataclass(frozen=True)
@@ -299,12 +309,15 @@ class Store:
 
     async def finish_turn(
         self, key: ThreadKey, user_message_id: int, reply: str, state: StoredState | None,
-        status: Status = "answered",
+        status: Status = "answered", tokens: list[int] | None = None, tokenizer: str | None = None,
     ) -> StoredMessage:
-        """Store the reply, mark the user's message answered and save the new state — one transaction,
-        so a crash leaves either the whole turn or none of it."""
+        """Store the reply (with the token ids the model read), mark the user's message answered and
+        save the new state — one transaction, so a crash leaves either the whole turn or none of it."""
         async def work(db: aiosqlite.Connection) -> int:
             reply_id = await self._insert_message(db, key, "assistant", reply, "raven", None, "done")
+            if tokens is not None:
+                await db.execute("UPDATE messages SET tokens = ?, tokenizer = ? WHERE id = ?",
+                                 (array("i", tokens).tobytes(), tokenizer, reply_id))
             await db.execute("UPDATE messages SET status = ? WHERE id = ?", (status, user_message_id))
             if state is not None:
                 await db.execute(
@@ -383,4 +396,6 @@ def _message(row: aiosqlite.Row) -> StoredMessage:
         id=row["id"], thread=ThreadKey.parse(row["thread_key"]), epoch=row["epoch"], role=row["role"],
         author=row["author"], text=row["text"], platform_message_id=row["platform_message_id"],
         status=row["status"], created_at=row["created_at"],
+        tokens=array("i", bytes(row["tokens"])).tolist() if row["tokens"] is not None else None,
+        tokenizer=row["tokenizer"],
     )

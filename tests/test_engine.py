@@ -34,8 +34,7 @@ def request(engine: Engine, start: ModelState, text: str, max_tokens: int, seed:
     tokenizer = engine.tokenizer
     return GenerateRequest(
         start=start, prompt_tokens=tokenizer.encode(f"User: {text}\n\nAssistant:"),
-        sampling=SamplingParams(max_tokens=max_tokens), stop_strings=["\n\nUser:"], seed=seed,
-        finalize_tokens=lambda reply: tokenizer.encode(f" {reply}\n\n"),
+        sampling=SamplingParams(max_tokens=max_tokens), stop_strings=["\n\n"], seed=seed,
     )
 
 

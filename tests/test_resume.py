@@ -41,7 +41,11 @@ async def test_resume_from_saved_state_equals_rereading_history(
 
     history = fmt.system_tokens()
     for message in messages:
-        history += fmt.reply_tokens(message.text) if message.role == "assistant" else fmt.user_turn_tokens(message.text)
+        if message.role == "assistant":
+            assert message.tokens, "the log keeps the token ids the model read for each reply"
+            history += message.tokens
+        else:
+            history += fmt.user_turn_tokens(message.text)
     assert saved.token_count == len(history)
 
     new_turn = fmt.user_turn_tokens("And what about joins?")

@@ -59,12 +59,34 @@ def state(blob: bytes = b"model-state", epoch: int = 0) -> StoredState:
 
 async def test_open_creates_schema_with_wal_and_user_version(store: Store, db_path: Path) -> None:
     assert db_path.is_file()
-    assert SCHEMA_VERSION == 1
+    assert SCHEMA_VERSION == 2
     # journal_mode=WAL is a property of the file: a fresh connection sees it too.
     assert peek(db_path, "PRAGMA journal_mode") == [("wal",)]
     assert peek(db_path, "PRAGMA user_version") == [(SCHEMA_VERSION,)]
     tables = {row[0] for row in peek(db_path, "SELECT name FROM sqlite_master WHERE type = 'table'")}
     assert {"threads", "messages", "states", "processed_events"} <= tables
+
+
+async def test_a_version_1_database_is_migrated_and_keeps_its_data(db_path: Path) -> None:
+    import sqlite3
+
+    from bot.store import MIGRATIONS
+
+    db_path.parent.mkdir(parents=True, exist_ok=True)
+    with sqlite3.connect(db_path) as db:  # what Raven's first schema left on disk
+        for statement in MIGRATIONS[0]:
+            db.execute(statement)
+        db.execute("PRAGMA user_version = 1")
+        db.execute("INSERT INTO threads VALUES ('test:t', 'sql', 0, 1.0, 1.0)")
+        db.execute("INSERT INTO messages (thread_key, epoch, role, text, created_at) "
+                   "VALUES ('test:t', 0, 'user', 'hi', 1.0)")
+    async with Store(db_path) as store:
+        messages = await store.messages(ThreadKey("test", "t"))
+        assert [(m.text, m.tokens) for m in messages] == [("hi", None)]
+        reply = await store.finish_turn(ThreadKey("test", "t"), messages[0].id, "hello", None,
+                                        tokens=[5, 70000, 261], tokenizer="tok")
+        assert (reply.tokens, reply.tokenizer) == ([5, 70000, 261], "tok")
+    assert peek(db_path, "PRAGMA user_version") == [(SCHEMA_VERSION,)]
 
 
 async def test_reopening_is_idempotent_and_keeps_data(db_path: Path) -> None:
