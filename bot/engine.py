@@ -2,8 +2,10 @@
 
 Scheduling, once per step of the worker:
 
-1. **Decode** one token for every generation that is streaming (one batched model call).
-2. **Prefill** up to ``prefill_chunk`` tokens of waiting work (new messages, persona prompts,
+1. **Admit** short new prompts into a busy batch as *forced* tokens (read one per step, nearly free).
+2. **Decode** one token for every row in the batch (one batched model call): a sampled token for a
+   streaming reply, or the next forced token of a prompt being read or of a reply being closed.
+3. **Prefill** up to ``prefill_chunk`` tokens of other waiting work (new messages, persona prompts,
    rebuilds from the log), so a long new prompt never stalls replies that are already streaming.
 
 The backend keeps streaming generations in slots ``0 .. n-1`` (compacted when one finishes) and
@@ -120,6 +122,7 @@ class _Job:
         self.generated: list[int] = []
         self.fed: list[int] = []  # tokens of the reply the model has read
         self.closing = False
+        self.prompting = False
         self.forced: deque[int] = deque()
         self.segment: list[int] = []
         self.decoder = codecs.getincrementaldecoder("utf-8")(errors="replace")
@@ -177,6 +180,7 @@ class Engine:
     def __init__(
         self, backend: Backend, tokenizer: Tokenizer, *, max_batch: int = 32, prefill_chunk: int = 256,
         max_queue: int = 64, reply_timeout_s: float = 180.0, torch_threads: int = 0,
+        short_prompt_tokens: int = 48, short_prompt_min_batch: int = 4,
     ) -> None:
         if backend.max_slots < max_batch + 1:
             raise ValueError(f"backend has {backend.max_slots} slots; the engine needs max_batch + 1")
@@ -187,6 +191,8 @@ class Engine:
         self.max_queue = max_queue
         self.reply_timeout_s = reply_timeout_s
         self.torch_threads = torch_threads
+        self.short_prompt_tokens = short_prompt_tokens
+        self.short_prompt_min_batch = short_prompt_min_batch
         self.stats = EngineStats()
         self._prefill_slot = max_batch
         self._cond = threading.Condition()
@@ -345,13 +351,14 @@ class Engine:
             job.resolve(RavenError(f"the engine stopped: {error}"))
 
     def _step(self) -> None:
+        self._admit_short_prompts()
         self._decode_step()
         self._prefill_step()
 
     def _decode_step(self) -> None:
         now = time.monotonic()
         for job in list(self._decoding):
-            if job.closing:
+            if job.closing or job.prompting:
                 continue
             if job.cancelled:
                 self._drop(job)
@@ -366,6 +373,13 @@ class Engine:
         self.stats.max_batch_seen = max(self.stats.max_batch_seen, len(batch))
         sampling: list[tuple[_Job, int]] = []
         for row, job in enumerate(batch):
+            if job.prompting:  # reading a short prompt as forced tokens
+                if job.forced:
+                    job.pending_token = job.forced.popleft()
+                else:
+                    job.prompting = False
+                    sampling.append((job, row))
+                continue
             job.fed.append(job.pending_token)
             if not job.closing:
                 sampling.append((job, row))
@@ -415,23 +429,40 @@ class Engine:
                 return
             self._prefilling = None
             count = job.start.token_count + len(job.tokens)
-            done = ModelState(self.backend.read_slot(slot), logits.clone(), count)
             if job.request is None:
-                job.resolve(done)
+                job.resolve(ModelState(self.backend.read_slot(slot), logits.clone(), count))
                 continue
-            self._begin_decoding(job, done)
+            self._start_reply(job)
+            self.backend.move_slot(self._prefill_slot, len(self._decoding))
+            self._decoding.append(job)
+            job.token_count = count
+            self._accept(job, sample_rows(logits.clone().unsqueeze(0), [job.sampler])[0])  # type: ignore[list-item]
 
-    def _begin_decoding(self, job: _Job, after_prompt: ModelState) -> None:
+    def _start_reply(self, job: _Job) -> None:
         request = job.request
         assert request is not None
         job.sampler = RowSampler(request.sampling, request.seed, never=self._never)
-        job.token_count = after_prompt.token_count
-        logits = after_prompt.logits.clone().unsqueeze(0)
-        first = sample_rows(logits, [job.sampler])[0]
-        slot = len(self._decoding)
-        self.backend.move_slot(self._prefill_slot, slot)
-        self._decoding.append(job)
-        self._accept(job, first)
+
+    def _admit_short_prompts(self) -> None:
+        """While many replies are streaming, a short new prompt joins the batch at once and is read one
+        token per step as *forced* tokens: nearly free in a batched step, where a prefill call of its
+        own would stall every streaming reply for a full pass over the weights."""
+        while len(self._decoding) >= self.short_prompt_min_batch and len(self._decoding) < self.max_batch:
+            with self._cond:
+                if self._prefilling is not None or not self._waiting:
+                    return
+                job = self._waiting[0]
+                if (job.request is None or job.cancelled or len(job.tokens) > self.short_prompt_tokens
+                        or time.monotonic() > job.deadline):
+                    return  # the prefill path deals with it, in order
+                self._waiting.popleft()
+            self._start_reply(job)
+            self.backend.load_slot(len(self._decoding), job.start.state)
+            self._decoding.append(job)
+            job.prompting = True
+            job.token_count = job.start.token_count + len(job.tokens)
+            job.forced = deque(job.tokens)
+            job.pending_token = job.forced.popleft()
 
     def _accept(self, job: _Job, token: int) -> None:
         """Take a sampled token: stream its text, or close the reply on a stop condition."""
