@@ -388,7 +388,7 @@ class Engine:
             else:  # the reply segment is read in full: this is the state to save
                 self._complete(job, logits[row])
         if sampling:
-            rows = logits[[row for _, row in sampling]]
+            rows = logits if len(sampling) == len(batch) else logits[[row for _, row in sampling]]
             tokens = sample_rows(rows, [job.sampler for job, _ in sampling])  # type: ignore[misc]
             for (job, _), token in zip(sampling, tokens, strict=True):
                 self._accept(job, token)

@@ -109,10 +109,12 @@ def _penalise_rows(logits: torch.Tensor, samplers: list[RowSampler]) -> None:
 def sample_rows(logits: torch.Tensor, samplers: list[RowSampler]) -> list[int]:
     """One token per row of ``logits`` (B, V); modifies ``logits`` in place."""
     _penalise_rows(logits, samplers)
-    probs = torch.softmax(logits.float(), dim=-1)
-    width = probs.shape[1]
+    logits = logits.float()
+    width = logits.shape[1]
     k = min(CANDIDATES, width)
-    values, ids = torch.topk(probs, k, dim=-1)
+    # The candidates' probabilities without a softmax over the whole vocabulary: exp(logit - lse).
+    top_logits, ids = torch.topk(logits, k, dim=-1)
+    values = torch.exp(top_logits - torch.logsumexp(logits, dim=-1, keepdim=True))
     cumulative = torch.cumsum(values, dim=-1)
     tokens: list[int] = []
     for i, sampler in enumerate(samplers):
@@ -122,11 +124,12 @@ def sample_rows(logits: torch.Tensor, samplers: list[RowSampler]) -> list[int]:
         elif float(cumulative[i, -1]) >= params.top_p or k == width:
             tokens.append(_pick(values[i], ids[i], cumulative[i], sampler))
         else:  # a flat distribution: the cut lies beyond the candidates; widen, then sort the row
+            probs = torch.softmax(logits[i], dim=-1)
             wide = min(WIDE_CANDIDATES, width)
-            row_values, row_ids = torch.topk(probs[i], wide)
+            row_values, row_ids = torch.topk(probs, wide)
             cumulative_row = torch.cumsum(row_values, 0)
             if float(cumulative_row[-1]) < params.top_p and wide < width:
-                row_values, row_ids = torch.sort(probs[i], descending=True)
+                row_values, row_ids = torch.sort(probs, descending=True)
                 cumulative_row = torch.cumsum(row_values, 0)
             tokens.append(_pick(row_values, row_ids, cumulative_row, sampler))
     return tokens
