@@ -8,8 +8,8 @@ generated into a cache directory at the start: speed does not depend on what the
 What is measured (JSON keys):
 
 * ``single_stream_ratio``: one thread decoding, our tok/s ÷ the package's (``backend.decode`` loop).
-* ``aggregate_ratio_<N>``: N threads generating at once through the engine (prompt, reply, re-read of
-  the reply), total generated tok/s ÷ the package serving the same threads one after another
+* ``aggregate_ratio_<N>``: N threads generating at once through the engine (prompt, reply, and the
+  close of the reply), total generated tok/s ÷ the package serving the same threads one after another
   through the same engine (its one-thread tok/s: serving N threads in turn takes N times as long).
 * ``resume_ratio_8k``: time to the first streamed token on a thread with 8,000 tokens of history
   (loaded from its saved state) ÷ on a new thread. ``rebuild_8k_s`` is what re-reading would cost.
