@@ -125,23 +125,32 @@ def _normal(gen: torch.Generator, shape: tuple[int, ...], std: float) -> torch.T
     return torch.randn(shape, generator=gen) * std
 
 
-def _v7_weights(shape: Shape, gen: torch.Generator) -> dict[str, torch.Tensor]:
-    C, V, H, N = shape.n_embd, shape.vocab_size, shape.n_head, shape.head_size
-    lin = 1.0 / math.sqrt(C)
+def _shared_weights(shape: Shape, gen: torch.Generator) -> dict[str, torch.Tensor]:
+    """Embedding, head and layer norms: the same names and shapes in every family."""
+    C, V = shape.n_embd, shape.vocab_size
     sd: dict[str, torch.Tensor] = {
         "emb.weight": _normal(gen, (V, C), 1e-1),
         "blocks.0.ln0.weight": torch.ones(C),
         "blocks.0.ln0.bias": torch.zeros(C),
         "ln_out.weight": torch.ones(C),
         "ln_out.bias": torch.zeros(C),
-        "head.weight": _normal(gen, (V, C), 2.0 * lin),
+        "head.weight": _normal(gen, (V, C), 2.0 / math.sqrt(C)),
     }
     for i in range(shape.n_layer):
-        a, f, b = f"blocks.{i}.att.", f"blocks.{i}.ffn.", f"blocks.{i}."
+        b = f"blocks.{i}."
         sd |= {
             b + "ln1.weight": torch.ones(C), b + "ln1.bias": torch.zeros(C),
             b + "ln2.weight": torch.ones(C), b + "ln2.bias": torch.zeros(C),
         }
+    return sd
+
+
+def _v7_weights(shape: Shape, gen: torch.Generator) -> dict[str, torch.Tensor]:
+    C, H, N = shape.n_embd, shape.n_head, shape.head_size
+    lin = 1.0 / math.sqrt(C)
+    sd = _shared_weights(shape, gen)
+    for i in range(shape.n_layer):
+        a, f = f"blocks.{i}.att.", f"blocks.{i}.ffn."
         for mix in ("x_r", "x_w", "x_k", "x_v", "x_a", "x_g"):
             sd[a + mix] = _uniform(gen, (1, 1, C), 0.0, 1.0)
         sd |= {
@@ -173,21 +182,12 @@ def _v7_weights(shape: Shape, gen: torch.Generator) -> dict[str, torch.Tensor]:
 
 
 def _v4_weights(shape: Shape, gen: torch.Generator) -> dict[str, torch.Tensor]:
-    C, V, F = shape.n_embd, shape.vocab_size, shape.ffn_dim
+    C, F = shape.n_embd, shape.ffn_dim
     lin = 1.0 / math.sqrt(C)
-    sd: dict[str, torch.Tensor] = {
-        "emb.weight": _normal(gen, (V, C), 1e-1),
-        "blocks.0.ln0.weight": torch.ones(C),
-        "blocks.0.ln0.bias": torch.zeros(C),
-        "ln_out.weight": torch.ones(C),
-        "ln_out.bias": torch.zeros(C),
-        "head.weight": _normal(gen, (V, C), 2.0 * lin),
-    }
+    sd = _shared_weights(shape, gen)
     for i in range(shape.n_layer):
-        a, f, b = f"blocks.{i}.att.", f"blocks.{i}.ffn.", f"blocks.{i}."
+        a, f = f"blocks.{i}.att.", f"blocks.{i}.ffn."
         sd |= {
-            b + "ln1.weight": torch.ones(C), b + "ln1.bias": torch.zeros(C),
-            b + "ln2.weight": torch.ones(C), b + "ln2.bias": torch.zeros(C),
             a + "time_decay": _uniform(gen, (C,), -3.0, 1.0),
             a + "time_first": _uniform(gen, (C,), -1.0, 1.0),
             a + "time_mix_k": _uniform(gen, (1, 1, C), 0.0, 1.0),

@@ -323,32 +323,31 @@ class Engine:
         self._abort_all(self._failure or RavenError("the engine was stopped"))
 
     def _fail_in_flight(self, error: Exception) -> None:
-        jobs = list(self._decoding)
+        """A model step failed: end the work it touched; queued work goes on."""
+        self._fail_jobs([], RavenError(f"the model failed: {error}"))
+
+    def _abort_all(self, error: BaseException) -> None:
+        stopped = RavenError(f"the engine stopped: {error}")
+        with self._cond:
+            for call in self._calls:
+                call.loop.call_soon_threadsafe(_settle, call.result, None, stopped)
+            self._calls.clear()
+            queued = [*self._urgent, *self._incoming, *self._waiting]
+            self._urgent.clear()
+            self._incoming.clear()
+            self._waiting.clear()
+        self._fail_jobs(queued, stopped)
+
+    def _fail_jobs(self, queued: list[_Job], error: RavenError) -> None:
+        """End ``queued`` and everything in flight (the batch, the prefill) with ``error``."""
+        jobs = [*queued, *self._decoding]
         self._decoding.clear()
         if self._prefilling is not None:
             jobs.append(self._prefilling)
             self._prefilling = None
         for job in jobs:
             job.emit(None)
-            job.resolve(RavenError(f"the model failed: {error}"))
-
-    def _abort_all(self, error: BaseException) -> None:
-        with self._cond:
-            stopped = RavenError(f"the engine stopped: {error}")
-            for call in self._calls:
-                call.loop.call_soon_threadsafe(_settle, call.result, None, stopped)
-            self._calls.clear()
-            jobs = [*self._urgent, *self._incoming, *self._waiting, *self._decoding]
-            self._urgent.clear()
-            self._incoming.clear()
-            self._waiting.clear()
-            self._decoding.clear()
-        if self._prefilling is not None:
-            jobs.append(self._prefilling)
-            self._prefilling = None
-        for job in jobs:
-            job.emit(None)
-            job.resolve(RavenError(f"the engine stopped: {error}"))
+            job.resolve(error)
 
     def _step(self) -> None:
         self._admit_short_prompts()

@@ -72,6 +72,13 @@ MIGRATIONS.append(
 )
 SCHEMA_VERSION = len(MIGRATIONS)
 
+_UPSERT_STATE = """
+    INSERT INTO states (thread_key, fingerprint, epoch, last_message_id, token_count, checksum, blob, updated_at)
+    VALUES (?, ?, ?, ?, ?, ?, ?, ?)
+    ON CONFLICT (thread_key) DO UPDATE SET fingerprint = excluded.fingerprint, epoch = excluded.epoch,
+      last_message_id = excluded.last_message_id, token_count = excluded.token_count,
+      checksum = excluded.checksum, blob = excluded.blob, updated_at = excluded.updated_at"""
+
 
 @dataclass(frozen=True)
 class ThreadInfo:
@@ -321,13 +328,7 @@ class Store:
             await db.execute("UPDATE messages SET status = ? WHERE id = ?", (status, user_message_id))
             if state is not None:
                 await db.execute(
-                    """INSERT INTO states (thread_key, fingerprint, epoch, last_message_id, token_count,
-                                           checksum, blob, updated_at)
-                       VALUES (?, ?, ?, ?, ?, ?, ?, ?)
-                       ON CONFLICT (thread_key) DO UPDATE SET fingerprint = excluded.fingerprint,
-                         epoch = excluded.epoch, last_message_id = excluded.last_message_id,
-                         token_count = excluded.token_count, checksum = excluded.checksum,
-                         blob = excluded.blob, updated_at = excluded.updated_at""",
+                    _UPSERT_STATE,
                     (str(key), state.fingerprint, state.epoch, reply_id, state.token_count,
                      checksum(state.blob), state.blob, self.clock()),
                 )
@@ -353,13 +354,7 @@ class Store:
 
     async def save_state(self, key: ThreadKey, state: StoredState) -> None:
         await self._write(
-            """INSERT INTO states (thread_key, fingerprint, epoch, last_message_id, token_count,
-                                   checksum, blob, updated_at)
-               VALUES (?, ?, ?, ?, ?, ?, ?, ?)
-               ON CONFLICT (thread_key) DO UPDATE SET fingerprint = excluded.fingerprint,
-                 epoch = excluded.epoch, last_message_id = excluded.last_message_id,
-                 token_count = excluded.token_count, checksum = excluded.checksum,
-                 blob = excluded.blob, updated_at = excluded.updated_at""",
+            _UPSERT_STATE,
             (str(key), state.fingerprint, state.epoch, state.last_message_id, state.token_count,
              checksum(state.blob), state.blob, self.clock()),
         )

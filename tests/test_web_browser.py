@@ -14,6 +14,7 @@ import pytest
 from adapters.web import WebAdapter
 from bot.events import ThreadKey
 from bot.service import ChatService
+from tests.test_web_api import start_adapter
 
 CHROMIUM = Path("/usr/bin/chromium")
 CHROMIUM_ARGS = ["--headless", "--no-sandbox", "--disable-gpu", "--disable-background-networking",
@@ -40,19 +41,10 @@ document.addEventListener("DOMContentLoaded", () => {
 """
 
 
-
-
 @contextlib.asynccontextmanager
 async def serving(service: ChatService, settings: Any) -> AsyncIterator[WebAdapter]:
     adapter = WebAdapter(service, settings)
-    task = asyncio.create_task(adapter.run())
-    ready = asyncio.create_task(adapter.wait_started())
-    done, _ = await asyncio.wait({task, ready}, timeout=10, return_when=asyncio.FIRST_COMPLETED)
-    if ready not in done:
-        ready.cancel()
-        if task in done:
-            task.result()
-        raise AssertionError("the web adapter did not start within 10 s")
+    task = await start_adapter(adapter)
     try:
         yield adapter
     finally:
