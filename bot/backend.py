@@ -47,6 +47,10 @@ class Backend(Protocol):
         """Feed ``tokens`` to the state in ``slot``; returns fp32 CPU logits (V,) after the last."""
         ...
 
+    def prefill_rows(self, first_slot: int, rows: Sequence[Sequence[int]]) -> torch.Tensor:
+        """Equal-length token lists into consecutive slots from ``first_slot``; logits (S, V)."""
+        ...
+
     def decode(self, tokens: Sequence[int]) -> torch.Tensor:
         """One token per slot ``0 .. len(tokens)-1``; returns fp32 CPU logits (B, V)."""
         ...

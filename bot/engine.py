@@ -2,7 +2,8 @@
 
 Scheduling, once per step of the worker:
 
-1. **Admit** short new prompts into a busy batch as *forced* tokens (read one per step, nearly free).
+1. **Admit** short new prompts into the batch: several at once in one multi-row prefill, the rest of
+   each as *forced* tokens (read one per step, nearly free in a batched step).
 2. **Decode** one token for every row in the batch (one batched model call): a sampled token for a
    streaming reply, or the next forced token of a prompt being read or of a reply being closed.
 3. **Prefill** up to ``prefill_chunk`` tokens of other waiting work (new messages, persona prompts,
@@ -443,25 +444,49 @@ class Engine:
         job.sampler = RowSampler(request.sampling, request.seed, never=self._never)
 
     def _admit_short_prompts(self) -> None:
-        """While many replies are streaming, a short new prompt joins the batch at once and is read one
-        token per step as *forced* tokens: nearly free in a batched step, where a prefill call of its
-        own would stall every streaming reply for a full pass over the weights."""
-        while len(self._decoding) >= self.short_prompt_min_batch and len(self._decoding) < self.max_batch:
-            with self._cond:
-                if self._prefilling is not None or not self._waiting:
-                    return
-                job = self._waiting[0]
-                if (job.request is None or job.cancelled or len(job.tokens) > self.short_prompt_tokens
-                        or time.monotonic() > job.deadline):
-                    return  # the prefill path deals with it, in order
+        """Short new prompts join the batch without a prefill call of their own, which would stall
+        every streaming reply for a full pass over the weights. Waiting prompts are read together: their
+        common length in one multi-row prefill, the rest of each one token per step as *forced* tokens
+        (nearly free in a batched step). Only when the batch is busy or several prompts wait at once."""
+        room = self.max_batch - len(self._decoding)
+        with self._cond:
+            if self._prefilling is not None:
+                return
+            taken: list[_Job] = []
+            for job in self._waiting:
+                if (len(taken) >= room or job.request is None or job.cancelled
+                        or len(job.tokens) > self.short_prompt_tokens or time.monotonic() > job.deadline):
+                    break  # the prefill path deals with the rest, in order
+                taken.append(job)
+            busy = len(self._decoding) >= self.short_prompt_min_batch
+            if not taken or not (busy or len(taken) > 1):
+                return
+            # The multi-row prefill reads at most prefill_chunk tokens in this step, like any prefill.
+            taken = taken[:max(1, self.prefill_chunk // min(len(job.tokens) for job in taken))]
+            if len(taken) == 1 and not busy:
+                return
+            for _ in taken:
                 self._waiting.popleft()
+        first = len(self._decoding)
+        for offset, job in enumerate(taken):
             self._start_reply(job)
-            self.backend.load_slot(len(self._decoding), job.start.state)
+            self.backend.load_slot(first + offset, job.start.state)
             self._decoding.append(job)
-            job.prompting = True
             job.token_count = job.start.token_count + len(job.tokens)
-            job.forced = deque(job.tokens)
-            job.pending_token = job.forced.popleft()
+        common = min(min(len(job.tokens) for job in taken), self.prefill_chunk // len(taken))
+        if len(taken) > 1 and common > 0:
+            logits = self.backend.prefill_rows(first, [job.tokens[:common] for job in taken])
+            self.stats.prefilled_tokens += common * len(taken)
+            self.stats.prefill_sizes.append(common * len(taken))
+        else:
+            common = 0
+        for offset, job in enumerate(taken):
+            job.forced = deque(job.tokens[common:])
+            if job.forced:
+                job.prompting = True
+                job.pending_token = job.forced.popleft()
+            else:
+                self._accept(job, sample_rows(logits[offset:offset + 1].clone(), [job.sampler])[0])  # type: ignore[list-item]
 
     def _accept(self, job: _Job, token: int) -> None:
         """Take a sampled token: stream its text, or close the reply on a stop condition."""

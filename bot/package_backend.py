@@ -71,6 +71,9 @@ class PackageBackend:
         assert logits is not None
         return logits.float().cpu()
 
+    def prefill_rows(self, first_slot: int, rows: Sequence[Sequence[int]]) -> torch.Tensor:
+        return torch.stack([self.prefill(first_slot + i, row) for i, row in enumerate(rows)])
+
     def decode(self, tokens: Sequence[int]) -> torch.Tensor:
         rows = []
         for slot, token in enumerate(tokens):

@@ -579,6 +579,22 @@ class BatchedRWKV7Backend:
         assert logits is not None
         return logits[0].cpu()
 
+    def prefill_rows(self, first_slot: int, rows: Sequence[Sequence[int]]) -> torch.Tensor:
+        """Equal-length token lists into slots ``first_slot ..``, as one (S, T) forward: several
+        threads' new messages cost one pass over the weights instead of one each."""
+        S = len(rows)
+        self._check_slot(first_slot)
+        self._check_slot(first_slot + S - 1)
+        if not S or not rows[0] or any(len(r) != len(rows[0]) for r in rows):
+            raise ValueError("prefill_rows needs one or more token lists of one non-zero length")
+        ids = torch.tensor([list(r) for r in rows], dtype=torch.long, device=self.device)
+        logits: torch.Tensor | None = None
+        with torch.no_grad():
+            for s in range(0, ids.shape[1], PREFILL_CHUNK):
+                logits = self._forward(ids[:, s:s + PREFILL_CHUNK], slice(first_slot, first_slot + S))
+        assert logits is not None
+        return logits.cpu()
+
     def decode(self, tokens: Sequence[int]) -> torch.Tensor:
         B = len(tokens)
         if not 0 < B <= self.max_slots:

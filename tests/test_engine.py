@@ -193,3 +193,39 @@ async def test_tensor_work_runs_in_the_worker_thread(engine: Engine) -> None:
     with pytest.raises(ValueError, match="boom"):
         await engine.call(broken)
     assert await engine.call(lambda: 2 + 2) == 4  # the worker survived the failed call
+
+
+@pytest.mark.parametrize("backend_name", ["batched", "package"])
+def test_prefill_rows_equals_prefilling_each_row(tiny_v7_path: Path, backend_name: str) -> None:
+    from bot.package_backend import PackageBackend
+    from bot.rwkv7_batched import BatchedRWKV7Backend
+
+    backend = (BatchedRWKV7Backend(tiny_v7_path, max_slots=8) if backend_name == "batched"
+               else PackageBackend(tiny_v7_path, max_slots=8))
+    rows = [[11, 22, 33, 44, 55], [5, 4, 3, 2, 1], [100, 200, 300, 400, 500]]
+    for slot in range(3):
+        backend.load_slot(slot, backend.zero_state())
+    together = backend.prefill_rows(0, rows)
+    for slot, row in enumerate(rows):
+        backend.load_slot(4, backend.zero_state())
+        alone = backend.prefill(4, row)
+        assert (together[slot] - alone).abs().max().item() <= 1e-4
+        for a, b in zip(backend.read_slot(slot), backend.read_slot(4), strict=True):
+            assert (a.float() - b.float()).abs().max().item() <= 1e-4
+    if backend_name == "batched":
+        with pytest.raises(ValueError, match="one non-zero length"):
+            backend.prefill_rows(0, [[1, 2], [3]])
+
+
+async def test_prompts_arriving_together_share_one_prefill(engine: Engine) -> None:
+    start = engine.zero_state()
+    texts = ["first question here", "and a second, longer question for the model"]  # (max_queue is 2)
+    generations = [engine.generate(request(engine, start, t, max_tokens=4, seed=i)) for i, t in enumerate(texts)]
+    together = [await collect(g) for g in generations]
+    assert all(done.generated_tokens == 4 for _, done, _ in together)
+    shortest = min(len(engine.tokenizer.encode(f"User: {t}\n\nAssistant:")) for t in texts)
+    assert shortest * len(texts) in engine.stats.prefill_sizes  # one multi-row prefill of the common part
+    # the same seeds alone give the same replies
+    for i, text in enumerate(texts):
+        _, alone, _ = await collect(engine.generate(request(engine, start, text, max_tokens=4, seed=i)))
+        assert alone.text == together[i][1].text
