@@ -35,6 +35,7 @@ from bot.tokenizer import Tokenizer
 
 log = logging.getLogger(__name__)
 T = TypeVar("T")
+COALESCE_S = 0.002
 FinishReason = Literal["stop", "length", "timeout", "cancelled", "error"]
 
 
@@ -300,11 +301,18 @@ class Engine:
             with torch.no_grad():  # grad mode is per thread: set it in the worker itself
                 while True:
                     with self._cond:
+                        idle = False
                         while not (self._stopping or self._incoming or self._urgent or self._waiting
                                    or self._decoding or self._prefilling or self._calls):
+                            idle = True
                             self._cond.wait()
                         if self._stopping:
                             break
+                    if idle and self._incoming:
+                        # Messages often arrive together (a burst on a channel): wait a moment so
+                        # they start in one batched step rather than one prefill call each.
+                        time.sleep(COALESCE_S)
+                    with self._cond:
                         self._waiting.extend(self._incoming)
                         self._incoming.clear()
                         calls = list(self._calls)
@@ -351,9 +359,9 @@ class Engine:
             job.resolve(error)
 
     def _step(self) -> None:
-        self._admit_short_prompts()
+        admitted = self._admit_short_prompts()
         self._decode_step()
-        self._prefill_step()
+        self._prefill_step(self.prefill_chunk - admitted)
 
     def _decode_step(self) -> None:
         now = time.monotonic()
@@ -405,11 +413,12 @@ class Engine:
                     continue
                 if job.request is not None and len(self._decoding) >= self.max_batch:
                     return None  # no room to stream another reply yet
+                if job.request is not None and self._short_prompts():
+                    return None  # the next step admits it with the others (see _admit_short_prompts)
                 return self._waiting.popleft()
         return None
 
-    def _prefill_step(self) -> None:
-        budget = self.prefill_chunk
+    def _prefill_step(self, budget: int) -> None:
         while budget > 0:
             job = self._prefilling or self._next_prefill()
             if job is None:
@@ -443,30 +452,38 @@ class Engine:
         assert request is not None
         job.sampler = RowSampler(request.sampling, request.seed, never=self._never)
 
-    def _admit_short_prompts(self) -> None:
+    def _short_prompts(self) -> list[_Job]:
+        """The waiting jobs ``_admit_short_prompts`` takes now, from the head of the queue, in order.
+        The caller holds the lock; ``_next_prefill`` asks the same question, so the two never disagree."""
+        room = self.max_batch - len(self._decoding)
+        now = time.monotonic()
+        taken: list[_Job] = []
+        for job in self._waiting:
+            if (len(taken) >= room or job.request is None or job.cancelled
+                    or len(job.tokens) > self.short_prompt_tokens or now > job.deadline):
+                break  # the prefill path deals with the rest, in order
+            taken.append(job)
+        busy = len(self._decoding) >= self.short_prompt_min_batch
+        if not taken or not (busy or len(taken) > 1):
+            return []
+        # The multi-row prefill reads at most prefill_chunk tokens in this step, like any prefill.
+        taken = taken[:max(1, self.prefill_chunk // min(len(job.tokens) for job in taken))]
+        return taken if busy or len(taken) > 1 else []
+
+    def _admit_short_prompts(self) -> int:
         """Short new prompts join the batch without a prefill call of their own, which would stall
         every streaming reply for a full pass over the weights. Waiting prompts are read together: their
         common length in one multi-row prefill, the rest of each one token per step as *forced* tokens
-        (nearly free in a batched step). Only when the batch is busy or several prompts wait at once."""
-        room = self.max_batch - len(self._decoding)
+        (nearly free in a batched step). Only when the batch is busy or several prompts wait at once.
+        Returns the prompt tokens read now (they count against this step's prefill budget)."""
         with self._cond:
             if self._prefilling is not None:
-                return
-            taken: list[_Job] = []
-            for job in self._waiting:
-                if (len(taken) >= room or job.request is None or job.cancelled
-                        or len(job.tokens) > self.short_prompt_tokens or time.monotonic() > job.deadline):
-                    break  # the prefill path deals with the rest, in order
-                taken.append(job)
-            busy = len(self._decoding) >= self.short_prompt_min_batch
-            if not taken or not (busy or len(taken) > 1):
-                return
-            # The multi-row prefill reads at most prefill_chunk tokens in this step, like any prefill.
-            taken = taken[:max(1, self.prefill_chunk // min(len(job.tokens) for job in taken))]
-            if len(taken) == 1 and not busy:
-                return
+                return 0
+            taken = self._short_prompts()
             for _ in taken:
                 self._waiting.popleft()
+        if not taken:
+            return 0
         first = len(self._decoding)
         for offset, job in enumerate(taken):
             self._start_reply(job)
@@ -480,6 +497,7 @@ class Engine:
             self.stats.prefill_sizes.append(common * len(taken))
         else:
             common = 0
+        admitted = common * len(taken)
         for offset, job in enumerate(taken):
             job.forced = deque(job.tokens[common:])
             if job.forced:
@@ -487,6 +505,7 @@ class Engine:
                 job.pending_token = job.forced.popleft()
             else:
                 self._accept(job, sample_rows(logits[offset:offset + 1].clone(), [job.sampler])[0])  # type: ignore[list-item]
+        return admitted
 
     def _accept(self, job: _Job, token: int) -> None:
         """Take a sampled token: stream its text, or close the reply on a stop condition."""

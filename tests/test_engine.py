@@ -229,3 +229,13 @@ async def test_prompts_arriving_together_share_one_prefill(engine: Engine) -> No
     for i, text in enumerate(texts):
         _, alone, _ = await collect(engine.generate(request(engine, start, text, max_tokens=4, seed=i)))
         assert alone.text == together[i][1].text
+
+
+async def test_a_cancelled_neighbour_never_holds_up_a_waiting_prompt(engine: Engine) -> None:
+    start = engine.zero_state()
+    first = engine.generate(request(engine, start, "hello", max_tokens=3, seed=1))
+    second = engine.generate(request(engine, start, "there", max_tokens=3, seed=2))
+    second.cancel()
+    _, done, _ = await asyncio.wait_for(collect(first), timeout=30)
+    assert done.generated_tokens == 3
+    assert (await asyncio.wait_for(second.result(), timeout=30)).finish_reason in ("cancelled", "length")
