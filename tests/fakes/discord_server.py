@@ -31,6 +31,8 @@ from typing import Any, TypeVar
 import pytest
 from aiohttp import WSMsgType, web
 
+from tests.fakes import LocalServer
+
 JSON_TYPE = "application/json"
 ALL_PERMISSIONS = str((1 << 53) - 1)
 MESSAGE_CONTENT_INTENT = 1 << 15
@@ -87,21 +89,19 @@ class _Interaction:
     callbacks: list[Payload] = field(default_factory=list)
 
 
-class FakeDiscord:
+class FakeDiscord(LocalServer):
     """Discord's REST API under ``/api/v10`` and its gateway under ``/gw``."""
 
     def __init__(self) -> None:
+        super().__init__()
         self._ids = itertools.count(1_300_000_000_000_000_000)
-        self.port = 0
         self.calls: list[Call] = []
         self.messages: dict[str, Payload] = {}  # every message, by id, as it now stands
         self.channels: dict[str, Payload] = {}
         self.intents: int | None = None
         self._failures: list[_Failure] = []
-        self._sockets: list[web.WebSocketResponse] = []
         self._seq = 0
         self._interactions: dict[str, _Interaction] = {}
-        self._runner: web.AppRunner | None = None
         self._identified = asyncio.Event()
 
         self.application_id = self.new_id()
@@ -127,19 +127,7 @@ class FakeDiscord:
         app.router.add_get("/gw", self._gateway)
         app.router.add_get("/gw/", self._gateway)
         app.router.add_route("*", "/api/v10/{tail:.*}", self._rest)
-        self._runner = web.AppRunner(app, handle_signals=False)
-        await self._runner.setup()
-        site = web.TCPSite(self._runner, "127.0.0.1", 0)
-        await site.start()
-        server = site._server
-        assert server is not None
-        self.port = server.sockets[0].getsockname()[1]  # type: ignore[attr-defined]
-
-    async def close(self) -> None:
-        for ws in list(self._sockets):
-            await ws.close()
-        if self._runner is not None:
-            await self._runner.cleanup()
+        await self.serve(app)
 
     @property
     def api_base(self) -> str:

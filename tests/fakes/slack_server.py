@@ -27,6 +27,8 @@ from typing import Any
 from aiohttp import WSMsgType, web
 from slack_sdk.signature import SignatureVerifier
 
+from tests.fakes import LocalServer
+
 
 @dataclass
 class ApiCall:
@@ -66,10 +68,11 @@ def signed_headers(secret: str, body: str, timestamp: int | None = None,
     return headers
 
 
-class FakeSlack:
+class FakeSlack(LocalServer):
     def __init__(self, *, bot_user_id: str = "UBOT", bot_id: str = "BBOT", team_id: str = "T1",
                  users: dict[str, str] | None = None, max_text_chars: int = 40_000,
                  outside_channels: set[str] | None = None) -> None:
+        super().__init__()
         self.bot_user_id = bot_user_id
         self.bot_id = bot_id
         self.team_id = team_id
@@ -84,10 +87,7 @@ class FakeSlack:
         self._failures: dict[str, list[_Failure]] = {}
         self._ts = itertools.count(1)
         self._envelopes = itertools.count(1)
-        self._sockets: list[web.WebSocketResponse] = []
         self._changed = asyncio.Condition()
-        self._runner: web.AppRunner | None = None
-        self.port = 0
 
     # --- lifecycle ---------------------------------------------------------------------------------
     async def start(self) -> None:
@@ -95,17 +95,7 @@ class FakeSlack:
         app.router.add_route("*", "/api/{method}", self._api)
         app.router.add_get("/link", self._link)
         app.router.add_post("/response/{id}", self._response_url)
-        self._runner = web.AppRunner(app, handle_signals=False)
-        await self._runner.setup()
-        site = web.TCPSite(self._runner, "127.0.0.1", 0)
-        await site.start()
-        self.port = int(self._runner.addresses[0][1])
-
-    async def close(self) -> None:
-        for ws in list(self._sockets):
-            await ws.close()
-        if self._runner is not None:
-            await self._runner.cleanup()
+        await self.serve(app)
 
     @property
     def base_url(self) -> str:
