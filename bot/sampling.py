@@ -44,16 +44,6 @@ class RowSampler:
     def __post_init__(self) -> None:
         self.generator = torch.Generator().manual_seed(self.seed)
 
-    def penalise(self, logits: torch.Tensor) -> None:
-        if self.never is not None and self.never.numel():
-            logits[self.never] = float("-inf")
-        if self.banned:
-            logits[list(self.banned)] = float("-inf")
-        if self.occurrence:
-            ids = torch.tensor(list(self.occurrence), dtype=torch.long)
-            counts = torch.tensor(list(self.occurrence.values()), dtype=logits.dtype)
-            logits[ids] -= self.params.presence_penalty + counts * self.params.frequency_penalty
-
     def record(self, token: int, text: str) -> None:
         decay = self.params.penalty_decay
         for key in self.occurrence:
