@@ -423,8 +423,10 @@ def create_app(service: ChatService, settings: Settings) -> FastAPI:
 
     # --- the page -------------------------------------------------------------------------------------
 
+    login_html = (STATIC_DIR / "login.html").read_text(encoding="utf-8")  # read once, not per request
+
     def login_page(status: int, error: str = "") -> HTMLResponse:
-        html = (STATIC_DIR / "login.html").read_text(encoding="utf-8")
+        html = login_html
         note = f'<p class="error" role="alert">{error}</p>' if error else ""
         return HTMLResponse(html.replace("<!--error-->", note), status_code=status, headers=PAGE_HEADERS)
 

@@ -80,7 +80,7 @@ def load_backend(settings: Settings, path: Path) -> Backend:
 async def open_service(settings: Settings) -> AsyncIterator[ChatService]:
     import asyncio
 
-    choice = choose_model(settings)
+    choice = await in_fresh_thread(lambda: choose_model(settings))  # may write the demo model
     personas = PersonaLibrary(settings.personas_dir)
     personas.get(settings.default_persona)  # fail at start-up, not on the first message
     tokenizer = await asyncio.to_thread(load_tokenizer, settings.tokenizer)
