@@ -239,3 +239,23 @@ async def test_a_cancelled_neighbour_never_holds_up_a_waiting_prompt(engine: Eng
     _, done, _ = await asyncio.wait_for(collect(first), timeout=30)
     assert done.generated_tokens == 3
     assert (await asyncio.wait_for(second.result(), timeout=30)).finish_reason in ("cancelled", "length")
+
+
+async def test_a_failing_model_step_ends_the_replies_in_flight_and_the_engine_goes_on(engine: Engine) -> None:
+    from bot.errors import RavenError
+
+    start = engine.zero_state()
+    real_decode = engine.backend.decode
+    failures = iter([RuntimeError("CUDA out of memory (simulated)")])
+
+    def flaky(tokens):  # type: ignore[no-untyped-def]
+        for error in failures:
+            raise error
+        return real_decode(tokens)
+
+    engine.backend.decode = flaky  # type: ignore[method-assign]
+    doomed = engine.generate(request(engine, start, "first", max_tokens=20))
+    with pytest.raises(RavenError, match="the model failed: CUDA out of memory"):
+        await asyncio.wait_for(collect(doomed), timeout=30)
+    _, done, _ = await asyncio.wait_for(collect(engine.generate(request(engine, start, "again", max_tokens=3))), 30)
+    assert done.generated_tokens == 3 and done.final is not None
