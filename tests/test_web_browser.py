@@ -95,7 +95,7 @@ async def test_chat_page_streams_a_reply_and_lists_the_thread(
         await page.wait_for_selector(".msg.assistant[data-state=done]", timeout=60_000)
         shown = await page.locator(".msg.assistant .body").last.inner_text()
         assert shown.startswith("Now talking with SQL advisor")
-        assert await page.evaluate("window.__replyUpdates") > 3  # it grew token by token
+        updates = await page.evaluate("window.__replyUpdates")
 
         # The page's thread is an ordinary thread in the core: same store, persona switched.
         user_id = await page.evaluate("localStorage.getItem('raven.userId')")
@@ -105,6 +105,9 @@ async def test_chat_page_streams_a_reply_and_lists_the_thread(
         assert thread is not None and thread.persona == "sql"
         messages = await service.thread_messages(key)
         assert messages[-1].role == "assistant" and messages[-1].text
+        # It grew piece by piece: the persona notice, then the reply's tokens (the random model may end
+        # its reply after a few tokens, at a blank line).
+        assert updates > min(3, len(messages[-1].tokens or []) - 1), updates
         assert " ".join(messages[-1].text.split()) in " ".join(shown.split())
         await page.screenshot(path=str(ARTIFACTS / "web-chat.png"), full_page=True)
 
