@@ -497,15 +497,20 @@ class Engine:
             self.stats.prefill_sizes.append(common * len(taken))
         else:
             common = 0
-        admitted = common * len(taken)
+        ready: list[int] = []  # prompts read in full: their first tokens are sampled together
         for offset, job in enumerate(taken):
             job.forced = deque(job.tokens[common:])
             if job.forced:
                 job.prompting = True
                 job.pending_token = job.forced.popleft()
             else:
-                self._accept(job, sample_rows(logits[offset:offset + 1].clone(), [job.sampler])[0])  # type: ignore[list-item]
-        return admitted
+                ready.append(offset)
+        if ready:
+            rows = logits[ready]  # advanced indexing copies: the prefill's logits stay untouched
+            tokens = sample_rows(rows, [taken[i].sampler for i in ready])  # type: ignore[misc]
+            for offset, token in zip(ready, tokens, strict=True):
+                self._accept(taken[offset], token)
+        return common * len(taken)
 
     def _accept(self, job: _Job, token: int) -> None:
         """Take a sampled token: stream its text, or close the reply on a stop condition."""

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import numpy as np
+import pytest
 import torch
 
 from bot.sampling import END_OF_TEXT, RowSampler, SamplingParams, sample_rows
@@ -62,9 +64,9 @@ def test_penalties_push_down_repeated_tokens_and_decay() -> None:
     sampler.record(4, "x")
     assert sample_rows(logits.clone().unsqueeze(0), [sampler])[0] == 5  # 3 - (1 + 1) < 2.5
     sampler.record(7, "y")  # decays token 4's count to 0.5
-    assert sampler.occurrence[4] == 0.5
+    assert sampler.count(4) == 0.5
     sampler.record(9, " ")  # spaces are not penalised (as in the package)
-    assert sampler.occurrence[9] == 0.0
+    assert sampler.count(9) == 0.0 and sampler.count(4) == 0.25
 
 
 def test_unknown_token_ids_are_never_sampled() -> None:
@@ -78,3 +80,93 @@ def test_a_flat_distribution_beyond_the_candidates_is_still_sampled_correctly() 
     logits = torch.zeros(1, 65536)
     picks = {sample_rows(logits.clone(), [RowSampler(SamplingParams(top_p=0.5), seed=s)])[0] for s in range(20)}
     assert len(picks) > 15  # spread over the vocabulary, not stuck in the candidate set
+
+
+# --- the rwkv package's PIPELINE.sample_logits as the oracle for the candidate search ---------------
+
+class _FixedDraw:
+    """Stands in for a row's random.Random: always returns the same number in [0, 1)."""
+
+    def __init__(self, value: float) -> None:
+        self.value = value
+
+    def random(self) -> float:
+        return self.value
+
+
+def _package_distribution(logits: torch.Tensor, params: SamplingParams, monkeypatch: pytest.MonkeyPatch
+                          ) -> np.ndarray:
+    """The probabilities the package's ``sample_logits`` draws from (read off its ``np.random.choice``)."""
+    from rwkv.utils import PIPELINE
+
+    seen: list[np.ndarray] = []
+
+    def choice(a: int, p: np.ndarray) -> int:
+        seen.append(np.asarray(p, dtype=np.float64))
+        return 0
+
+    monkeypatch.setattr(np.random, "choice", choice)
+    PIPELINE.sample_logits(None, logits.clone(), temperature=params.temperature, top_p=params.top_p,
+                           top_k=params.top_k)
+    monkeypatch.undo()
+    return seen[0]
+
+
+def _our_counts(logits: torch.Tensor, params: SamplingParams, draws: int, first_search: int | None
+                ) -> np.ndarray:
+    """How many of ``draws`` evenly spaced uniform numbers pick each token: draws × the probability
+    our sampler gives it, to within one."""
+    samplers = []
+    for j in range(draws):
+        sampler = RowSampler(params, seed=0)
+        sampler.rng = _FixedDraw((j + 0.5) / draws)  # type: ignore[assignment]
+        sampler.banned.clear()  # the package bans nothing by itself
+        sampler.last_nucleus = first_search
+        samplers.append(sampler)
+    tokens = sample_rows(logits.expand(draws, -1).clone(), samplers)
+    return np.bincount(np.array(tokens), minlength=logits.shape[0])
+
+
+def _logits(kind: str, width: int = 16384) -> torch.Tensor:
+    gen = torch.Generator().manual_seed(11)
+    if kind == "peaked":  # a trained model: a few tokens carry most of the mass
+        logits = torch.randn(width, generator=gen)
+        logits[torch.randint(0, width, (6,), generator=gen)] += torch.tensor([9.0, 8.5, 8.0, 7.0, 6.5, 6.0])
+        return logits
+    if kind == "random":  # a random-weight model: hundreds of tokens in the top-p 0.3 nucleus
+        return torch.randn(width, generator=gen) * 2
+    if kind == "flat":  # thousands in the nucleus: past the first candidate search
+        return torch.randn(width, generator=gen) * 0.5
+    if kind == "ties":  # the cut falls inside a run of equal logits: all of them stay
+        logits = torch.zeros(width)
+        logits[100:130] = 6.0
+        return logits
+    raise ValueError(kind)
+
+
+@pytest.mark.parametrize(("kind", "params", "first_search"), [
+    ("peaked", SamplingParams(top_p=0.3), None),
+    ("peaked", SamplingParams(top_p=0.9, temperature=0.7), 1),
+    ("random", SamplingParams(top_p=0.3), None),
+    ("random", SamplingParams(top_p=0.3), 1),  # starts at 64 candidates, must widen
+    ("random", SamplingParams(top_p=0.6, top_k=7, temperature=1.3), None),
+    ("random", SamplingParams(top_p=0.9, top_k=100), 1),  # top_k past the first 64 candidates
+    ("flat", SamplingParams(top_p=0.5), None),  # past 512 and 4,096 candidates: the full sort
+    ("flat", SamplingParams(top_p=0.05), 1),
+    ("ties", SamplingParams(top_p=0.2), 1),
+    # The 30 sixes hold 42.5% of the mass; the cut falls among the zeros, which tie with the last
+    # candidates: every zero stays in, so the short list must not be trusted (the full sort decides).
+    ("ties", SamplingParams(top_p=0.426), 1),
+])
+def test_each_token_is_drawn_as_often_as_the_package_would_draw_it(
+        kind: str, params: SamplingParams, first_search: int | None, monkeypatch: pytest.MonkeyPatch) -> None:
+    logits = _logits(kind)
+    expected = _package_distribution(logits, params, monkeypatch)
+    draws = 1000
+    counts = _our_counts(logits, params, draws, first_search)
+    support = set(np.flatnonzero(expected).tolist())
+    assert set(np.flatnonzero(counts).tolist()) <= support  # never a token the package would not pick
+    # Each token owns an interval of [0, 1) as long as its probability: it catches that many of the
+    # evenly spaced draws, to within one.
+    assert np.abs(counts - expected * draws).max() <= 1.0 + 1e-6
+    assert counts.sum() == draws
