@@ -14,6 +14,7 @@ from collections.abc import AsyncIterator
 from dataclasses import dataclass
 from pathlib import Path
 
+from bot.allocator import tune_allocator
 from bot.backend import Backend
 from bot.checkpoint import describe, make_checkpoint
 from bot.engine import Engine, in_fresh_thread
@@ -80,6 +81,7 @@ def load_backend(settings: Settings, path: Path) -> Backend:
 async def open_service(settings: Settings) -> AsyncIterator[ChatService]:
     import asyncio
 
+    tune_allocator()  # before the model's first allocation (see bot/allocator.py)
     choice = await in_fresh_thread(lambda: choose_model(settings))  # may write the demo model
     personas = PersonaLibrary(settings.personas_dir)
     personas.get(settings.default_persona)  # fail at start-up, not on the first message

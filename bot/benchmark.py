@@ -39,6 +39,7 @@ from typing import Any, TypeVar
 
 import torch
 
+from bot.allocator import tune_allocator
 from bot.backend import Backend
 from bot.checkpoint import SizeName, make_checkpoint
 from bot.engine import Engine, GenerateRequest, ModelState
@@ -342,11 +343,14 @@ def run_benchmark(size: str = "0.1b", dtype: str = "fp32", device: str = "cpu",
     The calling thread runs the event loop and is set to one torch thread while this runs (see
     ``_in_fresh_thread``); the model work runs with the torch thread count it had on entry.
     """
+    tuned = tune_allocator()  # as the bot does at start; the package's figures run under it too
     torch_threads = torch.get_num_threads()  # also pins this thread's count (see _in_fresh_thread)
     torch.set_num_threads(1)
     try:
-        return _run(size, dtype, device, tuple(int(n) for n in threads), quick, torch_threads,
-                    progress or (lambda message: log.info("bench: %s", message)))
+        result = _run(size, dtype, device, tuple(int(n) for n in threads), quick, torch_threads,
+                      progress or (lambda message: log.info("bench: %s", message)))
+        result["malloc_tuned"] = tuned
+        return result
     finally:
         torch.set_num_threads(torch_threads)
 

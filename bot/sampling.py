@@ -133,23 +133,32 @@ def _penalise_rows(logits: torch.Tensor, samplers: list[RowSampler]) -> None:
 
 def _candidates(probs: torch.Tensor, k: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """Each row's ``k`` most probable tokens, sorted: (values, ids, exact), where the first ``exact``
-    of a row are certainly its true top list (see the module docstring). k ≥ width: all, exact."""
+    of a row are certainly its true top list (see the module docstring). k ≥ width: all, exact.
+
+    The narrowing runs over levels of column maxima (each level ``CHUNK`` times shorter, while it
+    keeps at least 2k columns): the top k columns of the coarsest level, then of the ``k × CHUNK``
+    columns under them one level finer, down to the probabilities. A column left out at any level
+    has its maximum at or below the smallest one kept (``th``), so everything above ``th`` is found.
+    """
     rows, width = probs.shape
     if k >= width:
         values, ids = torch.sort(probs, dim=-1, descending=True)
         return values, ids, torch.full((rows,), width)
-    parts = width // CHUNK
-    if width % CHUNK == 0 and parts >= 2 * k:
-        maxima = probs.view(rows, CHUNK, parts).amax(dim=1)  # column j covers j, j + parts, …
-        top = torch.topk(maxima, k, dim=-1, sorted=False)
-        th = top.values.amin(dim=-1, keepdim=True)
-        columns = (top.indices.unsqueeze(-1) + torch.arange(CHUNK) * parts).view(rows, -1)
-        values, where = torch.topk(probs.gather(1, columns), k, dim=-1)
-        ids = columns.gather(1, where)
-    else:
+    levels = [probs]  # levels[i + 1][:, j] = max of levels[i][:, j + m * parts], m < CHUNK
+    while levels[-1].shape[1] % CHUNK == 0 and levels[-1].shape[1] // CHUNK >= 2 * k:
+        levels.append(levels[-1].view(rows, CHUNK, -1).amax(dim=1))
+    if len(levels) == 1:
         values, ids = torch.topk(probs, k, dim=-1)
-        th = values[:, -1:]
-    return values, ids, (values > th).sum(dim=-1)
+        return values, ids, (values > values[:, -1:]).sum(dim=-1)
+    top = torch.topk(levels[-1], k, dim=-1, sorted=False)
+    ids = top.indices
+    for finer in reversed(levels[:-1]):
+        parts = finer.shape[1] // CHUNK
+        th = top.values.amin(dim=-1, keepdim=True)  # of the level just left: the last one is the bound
+        columns = (ids.unsqueeze(-1) + torch.arange(CHUNK) * parts).view(rows, -1)
+        top = torch.topk(finer.gather(1, columns), k, dim=-1, sorted=finer is probs)
+        ids = columns.gather(1, top.indices)
+    return top.values, ids, (top.values > th).sum(dim=-1)
 
 
 def _draw(values: torch.Tensor, ids: torch.Tensor, exact: torch.Tensor, complete: bool,
