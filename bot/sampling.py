@@ -181,7 +181,8 @@ def _draw(values: torch.Tensor, ids: torch.Tensor, exact: torch.Tensor, complete
     resolved |= limited & (top_k <= exact)  # the nucleus reaches past top_k: exactly top_k stay
     keep = keep.clamp(min=1, max=k)
     inverse_t = torch.tensor([1.0 / s.params.temperature for s in samplers], dtype=values.dtype)
-    weights = values.pow(inverse_t.unsqueeze(1))
+    # Relative to the row's top probability, so a low temperature cannot underflow every weight.
+    weights = (values / values[:, :1]).pow(inverse_t.unsqueeze(1))
     weights = weights.masked_fill(torch.arange(k) >= keep.unsqueeze(1), 0.0)
     running = weights.cumsum(dim=-1)
     total = running.gather(1, (keep - 1).unsqueeze(1))

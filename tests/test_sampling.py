@@ -170,3 +170,12 @@ def test_each_token_is_drawn_as_often_as_the_package_would_draw_it(
     # evenly spaced draws, to within one.
     assert np.abs(counts - expected * draws).max() <= 1.0 + 1e-6
     assert counts.sum() == draws
+
+
+def test_a_very_low_temperature_still_draws_from_the_nucleus() -> None:
+    # p ** (1 / 0.01) underflows float32 for every probability here; relative to the top one it does not.
+    logits = torch.zeros(1, 5000)
+    logits[0, 10], logits[0, 11] = 4.0, 3.999
+    picks = {sample_rows(logits.clone(), [RowSampler(SamplingParams(temperature=0.01, top_p=0.9), seed=s)])[0]
+             for s in range(40)}
+    assert picks <= {10, 11} and 10 in picks
