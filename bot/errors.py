@@ -29,6 +29,10 @@ class StateError(RavenError):
     """A stored model state cannot be used (corrupt, stale, wrong shape)."""
 
 
+class NonFiniteLogitsError(RavenError):
+    """The forward produced NaN/inf logits (fp16 overflowed); sampling from them would emit garbage."""
+
+
 class EngineBusy(RavenError):
     """The engine's queue is full; the message says how many are ahead."""
 

@@ -51,7 +51,7 @@ import torch.nn.functional as F
 
 from bot.backend import State
 from bot.checkpoint import detect_family, read_state_dict
-from bot.errors import ModelLoadError, RavenError
+from bot.errors import ModelLoadError, NonFiniteLogitsError
 
 log = logging.getLogger(__name__)
 
@@ -64,10 +64,6 @@ inside a range where fp32 loses nothing that matters (≥ 0.545^32 ≈ 4e-9) and
 PREPACK_BATCH = {torch.float32: 64, torch.bfloat16: 16}
 """Batch size oneDNN lays the CPU weights out for; measured best for decode at B = 1..64 on 2 cores."""
 LOG_W_SCALE = -0.606531  # log w = -exp(-0.5) · sigmoid(·): the package's literal, kept for bit-faithfulness
-
-
-class NonFiniteLogitsError(RavenError):
-    """The forward produced NaN/inf logits: fp16 overflowed. Sampling from them would emit garbage."""
 
 
 # --------------------------------------------------------------------------------------------------

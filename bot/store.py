@@ -10,13 +10,13 @@ from __future__ import annotations
 import asyncio
 import hashlib
 import time
-from array import array
 from collections.abc import Awaitable, Callable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Literal
 
 import aiosqlite
+import numpy as np
 
 from bot.errors import StoreError
 from bot.events import ThreadKey
@@ -324,7 +324,7 @@ class Store:
             reply_id = await self._insert_message(db, key, "assistant", reply, "raven", None, "done")
             if tokens is not None:
                 await db.execute("UPDATE messages SET tokens = ?, tokenizer = ? WHERE id = ?",
-                                 (array("i", tokens).tobytes(), tokenizer, reply_id))
+                                 (pack_tokens(tokens), tokenizer, reply_id))
             await db.execute("UPDATE messages SET status = ? WHERE id = ?", (status, user_message_id))
             if state is not None:
                 await db.execute(
@@ -378,6 +378,21 @@ class Store:
         return bool(await self._transaction(work))
 
 
+TOKEN_FORMAT = np.dtype("<i4")
+"""Reply token ids on disk: little-endian int32, the same bytes on every machine."""
+
+
+def pack_tokens(tokens: Sequence[int]) -> bytes:
+    return np.asarray(tokens, dtype=TOKEN_FORMAT).tobytes()
+
+
+def unpack_tokens(blob: bytes | None) -> list[int] | None:
+    """The stored ids; None when absent or malformed (a rebuild then re-reads the reply's text)."""
+    if blob is None or len(blob) % TOKEN_FORMAT.itemsize:
+        return None
+    return [int(t) for t in np.frombuffer(bytes(blob), dtype=TOKEN_FORMAT)]
+
+
 def _thread(row: aiosqlite.Row) -> ThreadInfo:
     title = (row["title"] or "").strip().split("\n")[0][:80]
     return ThreadInfo(
@@ -391,6 +406,6 @@ def _message(row: aiosqlite.Row) -> StoredMessage:
         id=row["id"], thread=ThreadKey.parse(row["thread_key"]), epoch=row["epoch"], role=row["role"],
         author=row["author"], text=row["text"], platform_message_id=row["platform_message_id"],
         status=row["status"], created_at=row["created_at"],
-        tokens=array("i", bytes(row["tokens"])).tolist() if row["tokens"] is not None else None,
+        tokens=unpack_tokens(row["tokens"]),
         tokenizer=row["tokenizer"],
     )

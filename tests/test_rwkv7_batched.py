@@ -16,13 +16,12 @@ import torch
 
 from bot.backend import State, clone_state
 from bot.checkpoint import make_checkpoint
-from bot.errors import ModelLoadError
+from bot.errors import ModelLoadError, NonFiniteLogitsError
 from bot.package_backend import PackageBackend
 from bot.rwkv7_batched import (
     LOG_W_SCALE,
     WKV_CHUNK,
     BatchedRWKV7Backend,
-    NonFiniteLogitsError,
     _wkv_seq,
     _wkv_step,
 )

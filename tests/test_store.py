@@ -89,6 +89,21 @@ async def test_a_version_1_database_is_migrated_and_keeps_its_data(db_path: Path
     assert peek(db_path, "PRAGMA user_version") == [(SCHEMA_VERSION,)]
 
 
+async def test_reply_token_ids_are_stored_little_endian_and_a_malformed_blob_reads_as_none(
+        db_path: Path) -> None:
+    async with Store(db_path) as store:
+        await store.ensure_thread(KEY, "default")
+        user = await store.add_message(KEY, "user", "hi")
+        reply = await store.finish_turn(KEY, user.id, "hello", None, tokens=[1, 65535, 70000], tokenizer="tok")
+        # The same bytes on any machine, whatever its byte order.
+        assert peek(db_path, f"SELECT tokens FROM messages WHERE id = {reply.id}") == [(
+            b"\x01\x00\x00\x00" b"\xff\xff\x00\x00" b"\x70\x11\x01\x00",)]
+        await store.db.execute("UPDATE messages SET tokens = ? WHERE id = ?", (b"\x01\x00\x00", reply.id))
+        await store.db.commit()
+        stored = await store.get_message(reply.id)
+        assert stored is not None and stored.tokens is None  # a rebuild re-reads the text instead
+
+
 async def test_reopening_is_idempotent_and_keeps_data(db_path: Path) -> None:
     async with Store(db_path) as first:
         await first.ensure_thread(KEY, "default")
