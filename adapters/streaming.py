@@ -19,6 +19,8 @@ from adapters.text_split import split_message
 log = logging.getLogger(__name__)
 Handle = TypeVar("Handle")
 PLACEHOLDER = "…"
+MARK = " " + PLACEHOLDER  # appended to the last message while the reply is still being written
+CONTINUED = "(continued above)"
 
 
 @dataclass
@@ -52,9 +54,13 @@ class StreamRenderer(Generic[Handle]):
         rendered = self.transform(text) if text.strip() else ("" if final else PLACEHOLDER)
         if not rendered:
             rendered = "(no reply)"
-        suffix = "" if final else " " + PLACEHOLDER
-        pieces = split_message(rendered, self.limit - len(suffix))  # room for the mark within the limit
-        pieces[-1] += suffix
+        # Split with room for the mark even in the final edit: the split points then stay where they
+        # were while streaming, and a reply never needs fewer messages than it already posted.
+        pieces = split_message(rendered, self.limit - len(MARK))
+        if not final:
+            pieces[-1] += MARK
+        elif len(pieces) < len(self.messages):  # a transform shortened the text: none may stay "…"
+            pieces += [CONTINUED] * (len(self.messages) - len(pieces))
         for index, piece in enumerate(pieces):
             if index < len(self.messages):
                 if self._shown[index] != piece:

@@ -11,7 +11,7 @@ from collections.abc import AsyncIterator, Iterable
 
 import pytest
 
-from adapters.streaming import PLACEHOLDER, StreamRenderer
+from adapters.streaming import CONTINUED, PLACEHOLDER, StreamRenderer
 from adapters.text_split import FENCE, split_message
 
 # --- split_message -------------------------------------------------------------------------------
@@ -251,3 +251,28 @@ async def test_empty_stream_says_no_reply() -> None:
 
     assert await renderer.render(nothing()) == ""
     assert [c[0] for c in rec.calls] == ["post"] and rec.current == {0: "(no reply)"}
+
+
+async def test_a_reply_that_fills_its_message_exactly_leaves_no_unfinished_message() -> None:
+    """Mid-stream the "still writing" mark pushed 99 characters over a 100-character limit, into a
+    second message; the final text (100 characters) must still end both messages cleanly."""
+    clock = FakeClock()
+    rec = Recorder(clock)
+    renderer = renderer_on(clock, rec, limit=100, min_interval_s=1.0)
+    parts = ["word " * 10, "word " * 9 + "word", "s"]  # 50, then 99 (+ mark: 2 messages), then 100
+    full = await renderer.render(fake_stream(parts, clock, 1.0))
+    assert len(full) == 100 and len(rec.current) == 2
+    final = [rec.current[h] for h in renderer.messages]
+    assert not any(text.endswith(PLACEHOLDER) for text in final), final
+    assert "".join(final).replace(" ", "") == full.replace(" ", "")
+
+
+async def test_messages_a_shorter_final_rendering_no_longer_needs_say_so() -> None:
+    clock = FakeClock()
+    rec = Recorder(clock)
+    # A transform that is not monotone: once the reply ends with "END", it collapses to a short form.
+    renderer = renderer_on(clock, rec, limit=100, min_interval_s=1.0,
+                           transform=lambda text: "short END" if text.endswith("END") else text)
+    await renderer.render(fake_stream(["a" * 90, "\n" + "b" * 60, "END"], clock, 1.0))
+    final = [rec.current[h] for h in renderer.messages]
+    assert final == ["short END", CONTINUED]
