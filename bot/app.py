@@ -84,7 +84,7 @@ async def open_service(settings: Settings) -> AsyncIterator[ChatService]:
     tune_allocator()  # before the model's first allocation (see bot/allocator.py)
     choice = await in_fresh_thread(lambda: choose_model(settings))  # may write the demo model
     personas = PersonaLibrary(settings.personas_dir)
-    personas.get(settings.default_persona)  # fail at start-up, not on the first message
+    await asyncio.to_thread(personas.get, settings.default_persona)  # fail at start-up, not on the first message
     tokenizer = await asyncio.to_thread(load_tokenizer, settings.tokenizer)
     backend = await in_fresh_thread(lambda: load_backend(settings, choice.path))
     fingerprint = await asyncio.to_thread(model_fingerprint, choice.path)

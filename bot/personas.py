@@ -127,6 +127,17 @@ class PersonaLibrary:
     def all(self) -> list[Persona]:
         return [self.get(name) for name in self.names()]
 
+    def load_all(self) -> dict[str, Persona | PersonaError]:
+        """Every persona by name, through the cache; a malformed file maps to its error, so one
+        broken file does not hide the others."""
+        found: dict[str, Persona | PersonaError] = {}
+        for name in self.names():
+            try:
+                found[name] = self.get(name)
+            except PersonaError as exc:
+                found[name] = exc
+        return found
+
     def get(self, name: str) -> Persona:
         check_name(name)
         for directory in self.dirs:

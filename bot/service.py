@@ -22,7 +22,7 @@ from bot.commands import HELP_TEXT, Command, parse_command
 from bot.engine import Completion, Engine, GenerateRequest, ModelState
 from bot.errors import EngineBusy, InputError, PersonaError, RavenError, StateError
 from bot.events import Event, ThreadKey
-from bot.personas import Persona, PersonaLibrary
+from bot.personas import Persona, PersonaLibrary, check_name
 from bot.prompt import FORMAT_VERSION, PromptFormat
 from bot.sampling import SamplingParams
 from bot.settings import Settings
@@ -54,6 +54,9 @@ class ChatService:
         self.store = store
         self.engine = engine
         self.library = personas
+        # Persona files are read in a thread (refresh_personas, once per turn), never on the event
+        # loop; adapters' lookups (autocomplete, /advisor) read this snapshot. Built here at start-up.
+        self._personas = personas.load_all()
         self.family = family
         self.model_fingerprint = model_fingerprint
         self.states = StateCache(settings.state_cache_mb * 1024 * 1024)
@@ -67,10 +70,21 @@ class ChatService:
     # --- queries adapters use --------------------------------------------------------------------
 
     def personas(self) -> list[Persona]:
-        return self.library.all()
+        return [p for p in self._personas.values() if isinstance(p, Persona)]
 
     def persona(self, name: str) -> Persona:
-        return self.library.get(name)
+        check_name(name)
+        found = self._personas.get(name)
+        if isinstance(found, Persona):
+            return found
+        if isinstance(found, PersonaError):
+            raise PersonaError(str(found))
+        available = ", ".join(p.name for p in self.personas())
+        raise PersonaError(f"unknown persona {name!r}; available: {available}")
+
+    async def refresh_personas(self) -> None:
+        """Pick up added, edited and removed persona files (changed files only are re-read)."""
+        self._personas = await asyncio.to_thread(self.library.load_all)
 
     async def knows_thread(self, key: ThreadKey) -> bool:
         return await self.store.get_thread(key) is not None
@@ -136,7 +150,8 @@ class ChatService:
             out.put_nowait(str(exc))
             return
         key = event.thread
-        async with self._lock(key):
+        async with self._lock(key):  # taken before any await: a thread's messages keep their order
+            await self.refresh_personas()
             thread = await self.store.get_thread(key)
             command = parse_command(text)
             if command is not None:
@@ -207,10 +222,11 @@ class ChatService:
             values["max_tokens" if name == "max_reply_tokens" else name] = value
         return SamplingParams(**values)  # type: ignore[arg-type]
 
-    def _seed(self, key: ThreadKey, message_id: int) -> int:
-        """Fixed seed → reproducible replies; otherwise fresh randomness per turn."""
+    def _seed(self, key: ThreadKey, position: int) -> int:
+        """Fixed seed → reproducible replies: the same conversation gets the same replies whatever
+        other threads do (``position`` counts this thread's messages); otherwise fresh randomness."""
         base = self.settings.seed
-        material = f"{base}:{key}:{message_id}" if base is not None else f"{time.time_ns()}:{key}"
+        material = f"{base}:{key}:{position}" if base is not None else f"{time.time_ns()}:{key}"
         return int.from_bytes(hashlib.sha256(material.encode()).digest()[:8], "little") & (2**63 - 1)
 
     def _stored_reply(self, raw: str, fmt: PromptFormat) -> str:
@@ -233,9 +249,10 @@ class ChatService:
         fingerprint = self._fingerprint(persona)
         start, resumed_from = await self._resume(thread, persona, fmt, fingerprint, user_message.id)
         prompt = fmt.user_turn_tokens(user_message.text)
+        position = await self.store.position_in_thread(key, user_message.id)
         request = GenerateRequest(
             start=start, prompt_tokens=prompt, sampling=self._sampling(persona),
-            stop_strings=fmt.stop_strings, seed=self._seed(key, user_message.id),
+            stop_strings=fmt.stop_strings, seed=self._seed(key, position),
             separator_text=fmt.separator, separator_tokens=fmt.separator_tokens(), label=str(key),
         )
         try:

@@ -292,6 +292,14 @@ class Store:
             rows = await cursor.fetchall()
         return [_message(row) for row in rows]
 
+    async def position_in_thread(self, key: ThreadKey, message_id: int) -> int:
+        """How many messages of the thread come before this one (0 for its first): a per-thread
+        count, unlike the row id, which depends on what every other thread wrote meanwhile."""
+        async with self.db.execute("SELECT COUNT(*) FROM messages WHERE thread_key = ? AND id < ?",
+                                   (str(key), message_id)) as cursor:
+            row = await cursor.fetchone()
+        return int(row[0]) if row else 0
+
     async def set_status(self, message_id: int, status: Status) -> None:
         await self._write("UPDATE messages SET status = ? WHERE id = ?", (status, message_id))
 

@@ -66,7 +66,20 @@ async def test_same_seed_same_reply_alone_or_alongside_others(settings_factory: 
     async with open_service(settings2) as service:
         others = [say(service, ThreadKey("test", f"noise{i}"), f"noise {i}") for i in range(4)]
         results = await asyncio.gather(say(service, key, "tell me a story"), *others)
+        assert service.engine.stats.max_batch_seen == 5
     assert results[0] == alone
+    # Arriving after the others: written to the log after theirs, read into a batch already busy.
+    settings3 = settings_factory(seed=42, data_dir=settings.data_dir.parent / "third")
+    async with open_service(settings3) as service:
+        noise = [asyncio.create_task(say(service, ThreadKey("test", f"noise{i}"), f"noise {i}")) for i in range(4)]
+        for _ in range(5000):  # until the others are decoding
+            if service.engine.stats.decode_steps:
+                break
+            await asyncio.sleep(0.002)
+        late = await say(service, key, "tell me a story")
+        await asyncio.gather(*noise)
+        assert service.engine.stats.max_batch_seen == 5
+    assert late == alone
 
 
 async def test_persona_switch_restarts_the_context_and_keeps_the_log(service: ChatService) -> None:
@@ -241,3 +254,31 @@ async def test_a_rebuild_from_the_log_continues_exactly_like_the_saved_state(
     # The recurrent state keeps the history long after the logits forget it: compare it too.
     worst = max((a.float() - b.float()).abs().max().item() for a, b in zip(state_a.state, state_b.state, strict=True))
     assert worst <= 1e-5  # observed ~1e-6; re-tokenizing the replies instead of their ids gives ~6e-4
+
+
+async def test_persona_files_are_reread_off_the_event_loop_on_each_turn(
+        settings_factory: SettingsFactory, tmp_path) -> None:  # type: ignore[no-untyped-def]
+    import threading
+
+    personas = tmp_path / "personas"
+    personas.mkdir()
+    settings = settings_factory(personas_dir=personas)
+    async with open_service(settings) as service:
+        readers: list[str] = []
+        load_all = service.library.load_all
+
+        def recording_load_all():  # type: ignore[no-untyped-def]
+            readers.append(threading.current_thread().name)
+            return load_all()
+
+        service.library.load_all = recording_load_all  # type: ignore[method-assign]
+        key = ThreadKey("test", "live-personas")
+        assert "unknown persona 'coach'" in await say(service, key, "/advisor coach")
+        # Added, then broken, while the bot runs: the next turn sees each change.
+        (personas / "coach.md").write_text("---\nname: Coach\n---\nYou are a running coach.\n")
+        assert "Now talking with **Coach**" in await say(service, key, "/advisor coach")
+        (personas / "broken.md").write_text("---\nname: [unclosed\n---\nx\n")
+        reply = await say(service, key, "/advisor broken")
+        assert "broken" in reply and "Now talking" not in reply
+        assert {p.name for p in service.personas()} == {"coach", "default", "project", "sql"}
+        assert readers and threading.main_thread().name not in readers  # never on the loop's thread
