@@ -10,7 +10,8 @@ Why it is more than a softmax and a sort: at 64 rows of a 65,536-token vocabular
 cut is found among a few candidates per row, all rows at once:
 
 1. the vocabulary is split into ``CHUNK`` strided parts; the ``k`` columns with the largest maximum
-   over the parts are kept (``k × CHUNK`` probabilities), and their ``k`` largest are sorted;
+   over the parts are kept (``k × CHUNK`` probabilities), and their ``k`` largest are sorted (the
+   column maxima themselves are narrowed the same way, level by level, see ``_candidates``);
 2. every probability *above* the smallest kept column maximum (``th``) is guaranteed to be among
    them, so the sorted candidates are exact down to ``th``. A row whose cut lies there is done;
 3. a row whose cut lies further (a flat distribution) goes to a wider search, then to a full sort.
@@ -154,7 +155,8 @@ def _candidates(probs: torch.Tensor, k: int) -> tuple[torch.Tensor, torch.Tensor
     ids = top.indices
     for finer in reversed(levels[:-1]):
         parts = finer.shape[1] // CHUNK
-        th = top.values.amin(dim=-1, keepdim=True)  # of the level just left: the last one is the bound
+        # The smallest maximum kept at the level being left; at the finest level it bounds the result.
+        th = top.values.amin(dim=-1, keepdim=True)
         columns = (ids.unsqueeze(-1) + torch.arange(CHUNK) * parts).view(rows, -1)
         top = torch.topk(finer.gather(1, columns), k, dim=-1, sorted=finer is probs)
         ids = columns.gather(1, top.indices)
@@ -230,4 +232,7 @@ def sample_rows(logits: torch.Tensor, samplers: list[RowSampler]) -> list[int]:
         pending = [i for i in pending if tokens[i] is None]
         # Wider each round, up to the whole row (sorted in full).
         k = next((n for n in (CANDIDATES, WIDE_CANDIDATES) if n > k), width)
-    return [t for t in tokens if t is not None]
+    picks = [t for t in tokens if t is not None]
+    if len(picks) != len(tokens):  # the full sort resolves every row; anything else is a bug here
+        raise RuntimeError("a row was left without a token")
+    return picks
