@@ -249,7 +249,8 @@ class ChatService:
         fingerprint = self._fingerprint(persona)
         start, resumed_from = await self._resume(thread, persona, fmt, fingerprint, user_message.id)
         prompt = fmt.user_turn_tokens(user_message.text)
-        position = await self.store.position_in_thread(key, user_message.id)
+        position = (await self.store.position_in_thread(key, user_message.id)
+                    if self.settings.seed is not None else 0)
         request = GenerateRequest(
             start=start, prompt_tokens=prompt, sampling=self._sampling(persona),
             stop_strings=fmt.stop_strings, seed=self._seed(key, position),
