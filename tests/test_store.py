@@ -351,3 +351,16 @@ async def test_load_state_detects_a_corrupted_blob(store: Store, db_path: Path) 
     assert bad is not None and bad.checksum_ok is False and bad.blob == b"\x01\x02\x03\x05" * 64
     await store.delete_state(KEY)
     assert await store.load_state(KEY) is None
+
+
+async def test_a_messages_position_counts_only_its_own_thread(db_path: Path) -> None:
+    other = ThreadKey("test", "other")
+    async with Store(db_path) as store:
+        await store.ensure_thread(KEY, "default")
+        await store.ensure_thread(other, "default")
+        first = await store.add_message(KEY, "user", "one")
+        for text in ("x", "y", "z"):  # another thread writes in between
+            await store.add_message(other, "user", text)
+        second = await store.add_message(KEY, "user", "two")
+        assert [await store.position_in_thread(KEY, m.id) for m in (first, second)] == [0, 1]
+        assert second.id - first.id == 4
