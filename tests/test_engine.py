@@ -259,3 +259,28 @@ async def test_a_failing_model_step_ends_the_replies_in_flight_and_the_engine_go
         await asyncio.wait_for(collect(doomed), timeout=30)
     _, done, _ = await asyncio.wait_for(collect(engine.generate(request(engine, start, "again", max_tokens=3))), 30)
     assert done.generated_tokens == 3 and done.final is not None
+
+
+async def test_a_message_arriving_in_a_busy_batch_streams_after_one_step(settings_factory: SettingsFactory) -> None:
+    settings = settings_factory()
+    assert settings.model_path is not None
+    backend = load_backend(settings, settings.model_path)
+    async with Engine(backend, load_tokenizer(settings.tokenizer), max_batch=8, prefill_chunk=64,
+                      max_queue=8, reply_timeout_s=30) as engine:
+        start = engine.zero_state()
+        busy = [engine.generate(request(engine, start, f"keep talking {i}", max_tokens=80, seed=i))
+                for i in range(5)]
+        for generation in busy:  # all of them are streaming
+            await generation.__aiter__().__anext__()
+        text = "a question of twenty or so tokens, which the model reads before answering"
+        newcomer = engine.generate(request(engine, start, text, max_tokens=3, seed=9))
+        submitted_at = engine.stats.decode_steps
+        await newcomer.__aiter__().__anext__()
+        # Its whole prompt is read in the step that admits it (not one token per step), so its first
+        # token follows within a step or two, however long the prompt.
+        prompt_tokens = len(engine.tokenizer.encode(f"User: {text}\n\nAssistant:"))
+        assert prompt_tokens > 10
+        assert engine.stats.decode_steps - submitted_at <= 2
+        assert prompt_tokens in engine.stats.prefill_sizes
+        for generation in [*busy, newcomer]:
+            await generation.result()
