@@ -15,6 +15,8 @@ What is measured (JSON keys):
   (loaded from its saved state) ÷ on a new thread. ``rebuild_8k_s`` is what re-reading would cost.
 * ``ours_decode_step_tok_s_<N>``: the model alone, one decode step over N rows (no sampling, no
   scheduling): the ceiling the engine's figure approaches.
+* ``ttft_busy_ms``: time to the first streamed token of a 40-token message sent while 32 replies
+  (``busy_streams``) are streaming: what a user waits for when the bot is busy (median of 5).
 * ``prefill_ratio``: a 512-token message, our prefill tok/s ÷ the package's.
 * ``max_loop_stall_ms``: the longest the asyncio event loop went without running a 1 ms ticker while
   the engine generated.
@@ -54,6 +56,7 @@ _T = TypeVar("_T")
 HISTORY_TOKENS = 8000
 MESSAGE_TOKENS = 512
 PROMPT_TOKENS = 16
+BUSY_PROBE_TOKENS = 40
 
 # The issue's targets for the 0.1B model on our 2-core CPU (shown beside the figures, not enforced).
 TARGETS: dict[str, dict[str, float]] = {
@@ -181,6 +184,31 @@ async def _engine_phase(backend: Backend, threads: int, max_tokens: int, seed: i
         stop.set()
         await ticker
     return wall, sum(r[2] for r in results)
+
+
+async def _busy_phase(backend: Backend, streams: int, probes: int, stream_tokens: int, gaps: list[float],
+                      torch_threads: int) -> list[float]:
+    """Seconds to the first token of a ``BUSY_PROBE_TOKENS`` message sent while ``streams`` replies
+    are streaming, for ``probes`` such messages one after another."""
+    engine = Engine(backend, _BenchTokenizer(), max_batch=streams + 1, max_queue=streams + 8,
+                    torch_threads=torch_threads)
+    stop = asyncio.Event()
+    firsts: list[float] = []
+    async with engine:
+        ticker = asyncio.create_task(_ticker(stop, gaps))
+        zero = engine.zero_state()
+        busy = [asyncio.create_task(_generate(engine, zero, _tokens(PROMPT_TOKENS, 300 + i), stream_tokens,
+                                              300 + i)) for i in range(streams)]
+        for _ in range(10_000):  # until every reply is streaming
+            if engine.stats.decoded_tokens >= streams * 4:
+                break
+            await asyncio.sleep(0.005)
+        for p in range(probes):
+            firsts.append((await _generate(engine, zero, _tokens(BUSY_PROBE_TOKENS, 400 + p), 2, 400 + p))[0])
+        await asyncio.gather(*busy)
+        stop.set()
+        await ticker
+    return firsts
 
 
 async def _resume_phase(backend: Backend, history: ModelState, rounds: int, gaps: list[float],
@@ -389,6 +417,11 @@ def _run(size: str, dtype: str, device: str, threads: tuple[int, ...], quick: bo
                 for r in range(1 if quick else 2)]
         aggregate[str(n)] = _median([tokens / wall for wall, tokens in runs])
 
+    say("time to first token beside busy replies")
+    busy_streams = min(32, max(threads))
+    busy_ttft = asyncio.run(_busy_phase(ours, busy_streams, 2 if quick else 5, 24 if quick else 96, stall,
+                                        torch_threads))
+
     ours_single = decode_steps / _median(direct.ours_decode)
     ref_single = decode_steps / _median(direct.ref_decode)
     ours_prefill_rate = MESSAGE_TOKENS / _median(direct.ours_prefill)
@@ -413,6 +446,8 @@ def _run(size: str, dtype: str, device: str, threads: tuple[int, ...], quick: bo
         "package_prefill_tok_s": round(ref_prefill_rate, 1),
         "ttft_history_ms": round(ttft_history * 1000, 1),
         "ttft_fresh_ms": round(ttft_fresh * 1000, 1),
+        "ttft_busy_ms": round(_median(busy_ttft) * 1000, 1),
+        "busy_streams": busy_streams,
         "rebuild_8k_s": round(direct.rebuild_s, 2),
         "size": size, "dtype": dtype, "device": device, "device_name": _device_name(dev),
         "threads": list(threads), "torch_threads": torch_threads,
@@ -453,6 +488,8 @@ def format_table(result: dict[str, Any]) -> str:
     rows.append(("first token: 8k history / new (ms)", f"{result['ttft_history_ms']:.0f}",
                  f"{result['ttft_fresh_ms']:.0f}", f"{result['resume_ratio_8k']:.2f}x",
                  f"rebuild would take {result['rebuild_8k_s']:.1f} s"))
+    rows.append((f"first token beside {result['busy_streams']} replies (ms)", f"{result['ttft_busy_ms']:.0f}",
+                 "", "", f"a {BUSY_PROBE_TOKENS}-token message"))
     rows.append(("max |logit ours - package|", f"{result['max_logit_diff']:.3g}", "", "",
                  mark("max_logit_diff", result["max_logit_diff"])))
     rows.append(("argmax agreement", f"{result['argmax_agreement']:.1%}", "", "", ""))

@@ -14,7 +14,7 @@ RATIOS = ["single_stream_ratio", "aggregate_ratio_16", "aggregate_ratio_64", "re
           "prefill_ratio", "max_loop_stall_ms", "max_logit_diff"]
 RAW = ["ours_single_tok_s", "package_single_tok_s", "ours_aggregate_tok_s_16", "ours_aggregate_tok_s_64",
        "ours_decode_step_tok_s_16", "package_engine_tok_s", "ours_prefill_tok_s", "package_prefill_tok_s",
-       "ttft_history_ms", "ttft_fresh_ms", "rebuild_8k_s", "peak_rss_mb", "argmax_agreement"]
+       "ttft_history_ms", "ttft_fresh_ms", "ttft_busy_ms", "rebuild_8k_s", "peak_rss_mb", "argmax_agreement"]
 
 
 def test_quick_benchmark_reports_every_figure(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
@@ -33,3 +33,5 @@ def test_quick_benchmark_reports_every_figure(tmp_path: Path, monkeypatch: pytes
     assert (tmp_path / "rwkv7-tiny-seed0.pth").is_file()
     table = format_table(result)
     assert "single-stream decode" in table and "64 threads at once" in table and "prefill 512" in table
+    assert result["busy_streams"] == 32 and "first token beside 32 replies" in table
+    assert result["malloc_tuned"] in (True, False)
