@@ -344,10 +344,12 @@ class ChatService:
 
     async def _rebuild(self, context: list[StoredMessage], persona: Persona, fmt: PromptFormat) -> ModelState:
         tokens: list[int] = []
+        vocab = self.engine.backend.vocab_size
         for message in context:
             if message.role != "assistant":
                 tokens += fmt.user_turn_tokens(message.text)
-            elif message.tokens and message.tokenizer == self.engine.tokenizer.name:
+            elif (message.tokens and message.tokenizer == self.engine.tokenizer.name
+                  and all(0 <= t < vocab for t in message.tokens)):  # ids from a damaged blob: use the text
                 tokens += message.tokens  # exactly what the model read when it wrote the reply
             else:
                 tokens += fmt.reply_tokens(message.text)

@@ -159,6 +159,23 @@ async def test_corrupt_state_blob_is_rebuilt_from_the_log(settings_factory: Sett
     assert stored is not None and stored.checksum_ok and len(stored.blob) > 1000
 
 
+@pytest.mark.parametrize("blob", [b"\x01\x02\x03", b"\xff\xff\xff\x7f" * 3], ids=["torn", "out-of-vocabulary"])
+async def test_damaged_reply_token_ids_are_rebuilt_from_the_reply_text(
+        settings_factory: SettingsFactory, blob: bytes) -> None:
+    settings = settings_factory()
+    key = ThreadKey("test", "damaged-tokens")
+    async with open_service(settings) as service:
+        await say(service, key, "hello")
+    with sqlite3.connect(settings.database_path) as db:
+        db.execute("UPDATE messages SET tokens = ? WHERE role = 'assistant'", (blob,))
+        db.execute("DELETE FROM states")  # the next turn must rebuild from the log
+    async with open_service(settings) as service:
+        reply = await say(service, key, "still there?")
+        turn = service.last_turn(key)
+    assert reply.strip() and "went wrong" not in reply
+    assert turn is not None and turn.resumed_from == "rebuild"
+
+
 async def test_state_with_a_valid_checksum_but_garbage_content_is_rebuilt(settings_factory: SettingsFactory) -> None:
     settings = settings_factory()
     key = ThreadKey("test", "garbage")
