@@ -98,6 +98,7 @@ async def open_service(settings: Settings) -> AsyncIterator[ChatService]:
         if interrupted:
             log.warning("%d message(s) were interrupted by a restart; their threads say so", len(interrupted))
         service = ChatService(settings, store, engine, personas, fingerprint, backend.family)
+        await service.refresh_personas()
         service.is_demo_model = choice.is_demo
         # Everything loaded so far lives as long as the process: keep the collector from walking it
         # again (full collections over it paused the event loop for ~100 ms).

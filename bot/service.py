@@ -54,9 +54,9 @@ class ChatService:
         self.store = store
         self.engine = engine
         self.library = personas
-        # Persona files are read in a thread (refresh_personas, once per turn), never on the event
-        # loop; adapters' lookups (autocomplete, /advisor) read this snapshot. Built here at start-up.
-        self._personas = personas.load_all()
+        # Persona files are read in a thread (refresh_personas: at start-up and once per turn), never
+        # on the event loop; adapters' lookups (autocomplete, /advisor) read this snapshot.
+        self._personas: dict[str, Persona | PersonaError] = {}
         self.family = family
         self.model_fingerprint = model_fingerprint
         self.states = StateCache(settings.state_cache_mb * 1024 * 1024)
