@@ -18,6 +18,7 @@ from pathlib import Path
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
 from bot.benchmark import format_table, run_benchmark
+from bot.errors import RavenError
 
 
 def main() -> None:
@@ -34,8 +35,11 @@ def main() -> None:
     def progress(message: str) -> None:
         print(f"... {message}", file=sys.stderr, flush=True)
 
-    result = run_benchmark(size=args.size, dtype=args.dtype, device=args.device, threads=threads,
-                           quick=args.quick, progress=progress)
+    try:
+        result = run_benchmark(size=args.size, dtype=args.dtype, device=args.device, threads=threads,
+                               quick=args.quick, progress=progress)
+    except RavenError as exc:
+        parser.exit(2, f"{parser.prog}: {exc}\n")
     print(json.dumps(result) if args.json else format_table(result))
 
 

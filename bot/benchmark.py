@@ -45,6 +45,7 @@ from bot.allocator import tune_allocator
 from bot.backend import Backend
 from bot.checkpoint import SizeName, make_checkpoint
 from bot.engine import Engine, GenerateRequest, ModelState
+from bot.errors import ConfigError
 from bot.package_backend import PackageBackend
 from bot.rwkv7_batched import BatchedRWKV7Backend
 from bot.sampling import SamplingParams
@@ -371,6 +372,7 @@ def run_benchmark(size: str = "0.1b", dtype: str = "fp32", device: str = "cpu",
     The calling thread runs the event loop and is set to one torch thread while this runs (see
     ``_in_fresh_thread``); the model work runs with the torch thread count it had on entry.
     """
+    _check_options(size, dtype, device)
     tuned = tune_allocator()  # as the bot does at start; the package's figures run under it too
     torch_threads = torch.get_num_threads()  # also pins this thread's count (see _in_fresh_thread)
     torch.set_num_threads(1)
@@ -383,10 +385,24 @@ def run_benchmark(size: str = "0.1b", dtype: str = "fp32", device: str = "cpu",
         torch.set_num_threads(torch_threads)
 
 
+def _check_options(size: str, dtype: str, device: str) -> None:
+    """Refuse what cannot run before minutes of work, with a message that says why."""
+    if size not in ("tiny", "0.1b"):
+        raise ConfigError(f"size must be tiny or 0.1b, not {size!r}")
+    if dtype not in ("fp32", "bf16", "fp16"):
+        raise ConfigError(f"dtype must be fp32, bf16 or fp16, not {dtype!r}")
+    try:
+        dev = torch.device(device)
+    except RuntimeError:
+        raise ConfigError(f"device must be cpu, cuda or cuda:N, not {device!r}") from None
+    if dev.type not in ("cpu", "cuda"):
+        raise ConfigError(f"device must be cpu, cuda or cuda:N, not {device!r}")
+    if dev.type == "cuda" and not torch.cuda.is_available():
+        raise ConfigError(f"device {device!r}: no CUDA device is available to torch {torch.__version__}")
+
+
 def _run(size: str, dtype: str, device: str, threads: tuple[int, ...], quick: bool, torch_threads: int,
          say: Progress) -> dict[str, Any]:
-    if size not in ("tiny", "0.1b"):
-        raise ValueError(f"size must be tiny or 0.1b, not {size!r}")
     began = time.perf_counter()
     rounds = 1 if quick else 3
     decode_steps = 8 if quick else 32

@@ -251,7 +251,10 @@ def bench(
     from bot.benchmark import format_table, run_benchmark
 
     started = time.monotonic()
-    result = run_benchmark(size=size, dtype=dtype, device=device, quick=quick)
+    try:
+        result = run_benchmark(size=size, dtype=dtype, device=device, quick=quick)
+    except RavenError as exc:
+        raise _fail(exc) from None
     if as_json:
         typer.echo(json.dumps(result))
     else:

@@ -4,11 +4,15 @@ from __future__ import annotations
 
 import json
 import math
+import subprocess
+import sys
 from pathlib import Path
 
 import pytest
+import torch
 
 from bot.benchmark import format_table, run_benchmark
+from bot.errors import ConfigError
 
 RATIOS = ["single_stream_ratio", "aggregate_ratio_16", "aggregate_ratio_64", "resume_ratio_8k",
           "prefill_ratio", "max_loop_stall_ms", "max_logit_diff"]
@@ -35,3 +39,28 @@ def test_quick_benchmark_reports_every_figure(tmp_path: Path, monkeypatch: pytes
     assert "single-stream decode" in table and "64 threads at once" in table and "prefill 512" in table
     assert result["busy_streams"] == 32 and "first token beside 32 replies" in table
     assert result["malloc_tuned"] in (True, False)
+
+
+@pytest.mark.parametrize(("option", "message"), [
+    ({"size": "7b"}, "size must be tiny or 0.1b"),
+    ({"dtype": "fp64"}, "dtype must be fp32, bf16 or fp16"),
+    ({"device": "tpu"}, "device must be cpu, cuda or cuda:N"),
+    ({"device": "cuda"}, "no CUDA device is available"),
+])
+def test_options_that_cannot_run_are_refused_before_any_work(
+        option: dict[str, str], message: str, tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    if option.get("device") == "cuda" and torch.cuda.is_available():
+        pytest.skip("this machine has a CUDA device")
+    monkeypatch.setenv("RAVEN_BENCH_CACHE", str(tmp_path))
+    with pytest.raises(ConfigError, match=message):
+        run_benchmark(quick=True, **option)  # type: ignore[arg-type]
+    assert list(tmp_path.iterdir()) == []  # refused before the checkpoint was even written
+
+
+def test_the_command_says_what_is_wrong_without_a_traceback(tmp_path: Path) -> None:
+    raven = str(Path(sys.executable).with_name("raven"))
+    done = subprocess.run([raven, "bench", "--size", "tiny", "--quick", "--dtype", "fp64"], cwd=tmp_path,
+                          capture_output=True, text=True, timeout=120)
+    assert done.returncode == 1
+    assert "raven: dtype must be fp32, bf16 or fp16, not 'fp64'" in done.stderr
+    assert "Traceback" not in done.stderr
