@@ -59,7 +59,6 @@ class RowSampler:
 
     def __init__(self, params: SamplingParams, seed: int, never: torch.Tensor | None = None) -> None:
         self.params = params
-        self.seed = seed
         #: ids never to sample (the tokenizer cannot decode them); shared, read-only
         self.never = never
         self.banned: set[int] = {END_OF_TEXT}
