@@ -19,7 +19,7 @@ run: $(STAMP)
 
 test: $(STAMP)
 	$(BIN)/ruff check bot adapters tests bench
-	$(BIN)/mypy bot adapters
+	$(BIN)/mypy bot adapters bench
 	$(BIN)/pytest -q
 
 bench: $(STAMP)

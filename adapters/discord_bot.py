@@ -24,9 +24,9 @@ import discord
 from discord import app_commands
 
 from adapters.streaming import StreamRenderer
+from bot.core.service import ChatService
 from bot.errors import ConfigError, PersonaError
 from bot.events import Event, ThreadKey
-from bot.service import ChatService
 from bot.settings import Settings
 
 log = logging.getLogger(__name__)

@@ -46,7 +46,7 @@ from bot.events import Event, ThreadKey
 from bot.settings import Settings
 
 if TYPE_CHECKING:
-    from bot.service import ChatService
+    from bot.core.service import ChatService
 
 log = logging.getLogger(__name__)
 

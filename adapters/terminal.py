@@ -11,8 +11,8 @@ import getpass
 import sys
 from typing import TextIO
 
+from bot.core.service import ChatService
 from bot.events import Event, ThreadKey
-from bot.service import ChatService
 
 PLATFORM = "terminal"
 

@@ -11,7 +11,7 @@ persona and answers in one turn; everything else about threads, personas and his
 Security: loopback by default; with ``RAVEN_WEB_TOKEN`` set every API call needs
 ``Authorization: Bearer <token>`` (or the page's session cookie), compared in constant time and
 never logged. Request bodies are capped at ``RAVEN_WEB_MAX_BODY_BYTES``; CORS is off unless
-``RAVEN_WEB_CORS_ORIGINS`` names origins. See docs/web.md.
+``RAVEN_WEB_CORS_ORIGINS`` names origins. See the README's web section.
 """
 
 from __future__ import annotations
@@ -41,13 +41,13 @@ from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_valida
 from sse_starlette import EventSourceResponse, ServerSentEvent
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
-from bot.commands import parse_command
+from bot.core.commands import parse_command
 from bot.errors import ConfigError, PersonaError
 from bot.events import Event, ThreadKey
 from bot.settings import Settings
 
 if TYPE_CHECKING:
-    from bot.service import ChatService
+    from bot.core.service import ChatService
 
 log = logging.getLogger(__name__)
 
@@ -243,7 +243,7 @@ def create_app(service: ChatService, settings: Settings) -> FastAPI:
     app = FastAPI(
         title="Raven web API",
         version="1",
-        description="Chat with Raven's personas. See docs/web.md.",
+        description="Chat with Raven's personas. See the README's web section.",
         docs_url=None,
         redoc_url=None,
         openapi_url=None,

@@ -8,9 +8,9 @@ from typing import Any
 
 import pytest
 
-from bot.app import open_service
-from bot.checkpoint import make_checkpoint
-from bot.service import ChatService
+from bot.app.assembly import open_service
+from bot.core.service import ChatService
+from bot.inference.checkpoint import make_checkpoint
 from bot.settings import Settings, load_settings
 
 SettingsFactory = Callable[..., Settings]

@@ -1,4 +1,4 @@
-"""The malloc tuning that keeps freed tensor memory mapped (bot/allocator.py)."""
+"""The malloc tuning that keeps freed tensor memory mapped (bot/inference/allocator.py)."""
 
 from __future__ import annotations
 
@@ -9,7 +9,7 @@ import textwrap
 
 import pytest
 
-from bot.allocator import tune_allocator
+from bot.inference.allocator import tune_allocator
 
 glibc_only = pytest.mark.skipif(platform.libc_ver()[0] != "glibc", reason="mallopt is glibc's")
 
@@ -18,7 +18,7 @@ glibc_only = pytest.mark.skipif(platform.libc_ver()[0] != "glibc", reason="mallo
 WORKLOAD = textwrap.dedent("""
     import resource, sys, threading
     import torch
-    from bot.allocator import tune_allocator
+    from bot.inference.allocator import tune_allocator
     if sys.argv[1] == "tuned":
         assert tune_allocator()
     def steps():

@@ -1,11 +1,13 @@
-"""Layering rules, checked on the source with ``ast``:
+"""Layering rules, checked on the source with ``ast``.
 
-* the core (``bot/``) never imports a chat platform SDK or a web framework;
-* ``adapters`` may import ``bot``, never the other way round — except ``bot/cli.py``, the composition
-  root, which picks the adapters to start and so imports them, but only lazily inside its command
-  functions (importing ``bot.cli`` must not pull in discord, slack or fastapi);
-* nothing in ``bot/`` or ``adapters/`` calls ``print`` (ruff's T20 enforces it too): output goes
-  through logging, or explicitly through the terminal adapter's stream / typer.echo.
+The arrows point one way: ``adapters → bot.core → bot.inference / bot.storage``, with the shared
+vocabulary (``bot.errors``, ``bot.events``, ``bot.settings``) usable from every layer. ``bot.app`` is the
+composition root, the only place that knows every layer and the adapters; it imports the adapters lazily
+(inside the command that starts them), so ``raven chat`` never loads a chat platform's SDK. The
+benchmark (``bench``) measures the inference layer and is not part of the runtime.
+
+Also: no module under ``bot/`` but the composition root imports a chat platform SDK or a web framework,
+and nothing calls ``print`` (ruff's T20 enforces it too).
 """
 
 from __future__ import annotations
@@ -16,33 +18,68 @@ import sys
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parent.parent
-BOT = ROOT / "bot"
-ADAPTERS = ROOT / "adapters"
 PLATFORM_MODULES = {"discord", "slack_bolt", "slack_sdk", "fastapi", "starlette", "uvicorn", "sse_starlette",
                     "aiohttp"}
-COMPOSITION_ROOT = BOT / "cli.py"
+SHARED = {"bot.errors", "bot.events", "bot.settings"}
+
+# layer -> the layers (by module prefix) it may import from our own code
+ALLOWED: dict[str, set[str]] = {
+    "bot": set(),  # the package itself: its __init__ imports nothing
+    "bot.errors": set(),
+    "bot.events": set(),
+    "bot.settings": {"bot.errors"},
+    "bot.inference": SHARED | {"bot.inference"},
+    "bot.storage": SHARED | {"bot.storage"},
+    "bot.core": SHARED | {"bot.core", "bot.inference", "bot.storage"},
+    "adapters": SHARED | {"bot.core", "adapters"},
+    "bench": SHARED | {"bot.inference", "bench"},
+    "bot.app": SHARED | {"bot.app", "bot.core", "bot.inference", "bot.storage", "adapters", "bench"},
+}
+OURS = ("bot", "adapters", "bench", "instructions")
 
 
-def sources(directory: Path) -> list[Path]:
-    files = sorted(directory.rglob("*.py"))
-    assert files, f"no Python files under {directory}"
+def module_name(path: Path) -> str:
+    parts = list(path.relative_to(ROOT).with_suffix("").parts)
+    if parts[-1] == "__init__":
+        parts.pop()
+    return ".".join(parts)
+
+
+def layer_of(module: str) -> str:
+    """The longest layer prefix of ``module`` (``bot.core.service`` → ``bot.core``)."""
+    matches = [layer for layer in ALLOWED if module == layer or module.startswith(layer + ".")]
+    assert matches, f"{module} belongs to no layer: add it to ALLOWED"
+    return max(matches, key=len)
+
+
+def sources() -> list[Path]:
+    files = sorted(p for top in ("bot", "adapters", "bench") for p in (ROOT / top).rglob("*.py"))
+    assert len(files) > 30, files
     return files
 
 
-def imports(tree: ast.AST) -> list[tuple[str, ast.AST]]:
-    """Every imported top-level module name with its node (``import a.b``, ``from a.b import c``,
+def imports(tree: ast.AST, module: str) -> list[tuple[str, ast.AST]]:
+    """Every imported module with its node (``import a.b``, ``from a.b import c``, ``from . import x``,
     ``importlib.import_module("a.b")`` and ``__import__("a")`` with a literal name)."""
+    package = module.rsplit(".", 1)[0] if "." in module else module
     found: list[tuple[str, ast.AST]] = []
     for node in ast.walk(tree):
         if isinstance(node, ast.Import):
-            found += [(alias.name.split(".")[0], node) for alias in node.names]
-        elif isinstance(node, ast.ImportFrom) and node.level == 0 and node.module:
-            found.append((node.module.split(".")[0], node))
+            found += [(alias.name, node) for alias in node.names]
+        elif isinstance(node, ast.ImportFrom):
+            if node.level:
+                base = package.rsplit(".", node.level - 1)[0] if node.level > 1 else package
+                target = f"{base}.{node.module}" if node.module else base
+            else:
+                target = node.module or ""
+            found.append((target, node))
+            # ``from bot import core`` imports bot.core
+            found += [(f"{target}.{alias.name}", node) for alias in node.names]
         elif isinstance(node, ast.Call) and node.args and isinstance(node.args[0], ast.Constant):
             func = node.func
             name = func.attr if isinstance(func, ast.Attribute) else func.id if isinstance(func, ast.Name) else ""
             if name in ("import_module", "__import__") and isinstance(node.args[0].value, str):
-                found.append((node.args[0].value.split(".")[0], node))
+                found.append((node.args[0].value, node))
     return found
 
 
@@ -54,51 +91,78 @@ def where(path: Path, node: ast.AST) -> str:
     return f"{path.relative_to(ROOT)}:{getattr(node, 'lineno', '?')}"
 
 
-def test_core_never_imports_platform_sdks_or_web_frameworks() -> None:
+def own_target(name: str) -> str | None:
+    """The layer an imported name of ours belongs to, or None for a third-party module. Names such as
+    ``bot`` or ``bot.core.service.ChatService`` resolve to their layer."""
+    if name.split(".")[0] not in OURS or name == "bot":
+        return None
+    if name.split(".")[0] == "instructions":
+        return "instructions"
+    try:
+        return layer_of(name)
+    except AssertionError:
+        return name
+
+
+def test_every_arrow_points_the_allowed_way() -> None:
+    offenders = []
+    for path in sources():
+        module = module_name(path)
+        layer = layer_of(module)
+        for name, node in imports(parse(path), module):
+            target = own_target(name)
+            if target is not None and target not in ALLOWED[layer]:
+                offenders.append(f"{where(path, node)}: {layer} imports {name}")
+    assert offenders == []
+
+
+def test_the_checker_sees_a_backwards_arrow() -> None:
+    """The rule above must be able to fail: a storage module importing the core is caught."""
+    tree = ast.parse("from bot.core.service import ChatService\nfrom ..core import prompt\n")
+    names = [name for name, _ in imports(tree, "bot.storage.sqlite")]
+    assert {own_target(name) for name in names} == {"bot.core"}
+    assert "bot.core" not in ALLOWED[layer_of("bot.storage.sqlite")]
+
+
+def test_only_the_composition_root_and_adapters_touch_platform_sdks() -> None:
     offenders = [f"{where(path, node)} imports {name}"
-                 for path in sources(BOT) for name, node in imports(parse(path)) if name in PLATFORM_MODULES]
+                 for path in sources() if layer_of(module_name(path)) not in ("adapters", "bot.app")
+                 for name, node in imports(parse(path), module_name(path)) if name.split(".")[0] in PLATFORM_MODULES]
     assert offenders == []
 
 
-def test_core_never_imports_adapters_except_the_composition_root_lazily() -> None:
-    offenders = [f"{where(path, node)} imports adapters"
-                 for path in sources(BOT) if path != COMPOSITION_ROOT
-                 for name, node in imports(parse(path)) if name == "adapters"]
-    assert offenders == []
-
-    # bot/cli.py: adapters only inside function bodies, never at module level (not even under if/try).
-    tree = parse(COMPOSITION_ROOT)
-    lazy: set[int] = set()
-    for func in ast.walk(tree):
-        if isinstance(func, ast.FunctionDef | ast.AsyncFunctionDef):
-            lazy |= {id(node) for name, node in imports(func) if name == "adapters"}
-    everywhere = [node for name, node in imports(tree) if name == "adapters"]
-    eager = [where(COMPOSITION_ROOT, node) for node in everywhere if id(node) not in lazy]
-    assert eager == []
-    assert len(lazy) >= 2  # it does start adapters (terminal chat, web ...): the check looks at real imports
+def test_the_composition_root_imports_adapters_only_inside_functions() -> None:
+    for path in sorted((ROOT / "bot" / "app").rglob("*.py")):
+        tree = parse(path)
+        lazy: set[int] = set()
+        for func in ast.walk(tree):
+            if isinstance(func, ast.FunctionDef | ast.AsyncFunctionDef):
+                lazy |= {id(node) for name, node in imports(func, module_name(path))
+                         if name.split(".")[0] in PLATFORM_MODULES | {"adapters"}}
+        eager = [where(path, node) for name, node in imports(tree, module_name(path))
+                 if name.split(".")[0] in PLATFORM_MODULES | {"adapters"} and id(node) not in lazy]
+        assert eager == [], path
 
 
-def test_adapters_depend_on_the_core_not_on_each_other_s_sdks_at_import() -> None:
-    """The adapters import ``bot``; the lightweight shared helpers import no platform SDK at all."""
-    used = {name for path in sources(ADAPTERS) for name, _ in imports(parse(path))}
-    assert "bot" in used
+def test_shared_adapter_helpers_import_no_platform_sdk() -> None:
     for helper in ("streaming.py", "text_split.py", "terminal.py"):
-        names = {name for name, _ in imports(parse(ADAPTERS / helper))}
+        path = ROOT / "adapters" / helper
+        names = {name.split(".")[0] for name, _ in imports(parse(path), module_name(path))}
         assert not names & PLATFORM_MODULES, helper
 
 
 def test_no_print_calls() -> None:
     offenders = [
         where(path, node)
-        for directory in (BOT, ADAPTERS) for path in sources(directory)
+        for path in sources()
         for node in ast.walk(parse(path))
         if isinstance(node, ast.Call) and isinstance(node.func, ast.Name) and node.func.id in ("print", "pprint")
     ]
     assert offenders == []
 
 
-def test_importing_the_core_loads_no_platform_sdk() -> None:
-    modules = "bot.cli, bot.app, bot.service"
+def test_importing_the_command_line_loads_no_platform_sdk() -> None:
+    modules = "bot.app.cli, bot.app.assembly, bot.core.service"
     watched = sorted(PLATFORM_MODULES | {"adapters"})
     code = f"import sys, {modules}; print(sorted(m for m in {watched!r} if m in sys.modules))"
     result = subprocess.run([sys.executable, "-c", code], cwd=ROOT, capture_output=True, text=True, timeout=60)

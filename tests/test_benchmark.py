@@ -11,7 +11,7 @@ from pathlib import Path
 import pytest
 import torch
 
-from bot.benchmark import format_table, run_benchmark
+from bench.benchmark import format_table, run_benchmark
 from bot.errors import ConfigError
 
 RATIOS = ["single_stream_ratio", "aggregate_ratio_16", "aggregate_ratio_64", "resume_ratio_8k",

@@ -11,9 +11,9 @@ from pathlib import Path
 import pytest
 import torch
 
-from bot.checkpoint import SIZES, WORLD_VOCAB, describe, detect_family, make_checkpoint, read_state_dict
 from bot.errors import ModelLoadError
-from bot.rwkv_package import convert_checkpoint, load_package_model
+from bot.inference.checkpoint import SIZES, WORLD_VOCAB, describe, detect_family, make_checkpoint, read_state_dict
+from bot.inference.rwkv_package import convert_checkpoint, load_package_model
 
 RAVEN = str(Path(sys.executable).parent / "raven")
 PROMPT = [510, 3158, 33, 4811, 11, 49, 3319, 1010]  # any in-vocabulary ids

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import pytest
 
-from bot.commands import COMMANDS, HELP_TEXT, Command, parse_command
+from bot.core.commands import COMMANDS, HELP_TEXT, Command, parse_command
 
 
 @pytest.mark.parametrize(

@@ -17,9 +17,9 @@ from typing import Any, cast
 import pytest
 
 from adapters.discord_bot import DiscordAdapter, thread_name, to_core_text
+from bot.core.service import ChatService
 from bot.errors import ConfigError
 from bot.events import Event, ThreadKey
-from bot.service import ChatService
 from tests.fakes.discord_server import MESSAGE_CONTENT_INTENT, FakeDiscord
 
 PLACEHOLDER_TAIL = " …"  # the streaming renderer's "still writing" mark

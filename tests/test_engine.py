@@ -10,13 +10,13 @@ from pathlib import Path
 import pytest
 import torch
 
-from bot.app import load_backend, open_service
-from bot.engine import Completion, Engine, GenerateRequest, ModelState
+from bot.app.assembly import load_backend, open_service
 from bot.errors import EngineBusy
 from bot.events import Event, ThreadKey
-from bot.sampling import SamplingParams
-from bot.state_cache import decode_state
-from bot.tokenizer import load_tokenizer
+from bot.inference.engine import Completion, Engine, GenerateRequest, ModelState
+from bot.inference.sampling import SamplingParams
+from bot.inference.state_codec import decode_state
+from bot.inference.tokenizer import load_tokenizer
 from tests.conftest import SettingsFactory
 
 
@@ -175,7 +175,7 @@ async def test_states_past_the_memory_budget_come_back_from_sqlite_identically(
 
 
 def test_engine_refuses_a_backend_without_room(tiny_v7_path: Path) -> None:
-    from bot.package_backend import PackageBackend
+    from bot.inference.package_backend import PackageBackend
 
     backend = PackageBackend(tiny_v7_path, max_slots=4)
     with pytest.raises(ValueError, match="max_batch"):
@@ -197,8 +197,8 @@ async def test_tensor_work_runs_in_the_worker_thread(engine: Engine) -> None:
 
 @pytest.mark.parametrize("backend_name", ["batched", "package"])
 def test_prefill_rows_equals_prefilling_each_row(tiny_v7_path: Path, backend_name: str) -> None:
-    from bot.package_backend import PackageBackend
-    from bot.rwkv7_batched import BatchedRWKV7Backend
+    from bot.inference.package_backend import PackageBackend
+    from bot.inference.rwkv7_batched import BatchedRWKV7Backend
 
     backend = (BatchedRWKV7Backend(tiny_v7_path, max_slots=8) if backend_name == "batched"
                else PackageBackend(tiny_v7_path, max_slots=8))

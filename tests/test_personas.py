@@ -8,8 +8,8 @@ from pathlib import Path
 
 import pytest
 
+from bot.core.personas import BUILTIN_DIR, PersonaLibrary, parse_persona
 from bot.errors import PersonaError
-from bot.personas import BUILTIN_DIR, PersonaLibrary, parse_persona
 from bot.settings import load_settings
 
 VALID = "---\nname: Extra\ndescription: An extra persona.\n---\nYou are an extra persona.\n"

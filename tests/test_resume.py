@@ -7,11 +7,11 @@ from pathlib import Path
 import pytest
 import torch
 
-from bot.app import open_service
+from bot.app.assembly import open_service
+from bot.core.prompt import PromptFormat
 from bot.events import Event, ThreadKey
-from bot.prompt import PromptFormat
-from bot.rwkv_package import load_package_model
-from bot.state_cache import decode_state
+from bot.inference.rwkv_package import load_package_model
+from bot.inference.state_codec import decode_state
 from tests.conftest import SettingsFactory
 
 TOLERANCE = 1e-4  # fp32 on the CPU; observed differences are ~1e-6

@@ -14,11 +14,11 @@ from pathlib import Path
 import pytest
 import torch
 
-from bot.backend import State, clone_state
-from bot.checkpoint import make_checkpoint
 from bot.errors import ModelLoadError, NonFiniteLogitsError
-from bot.package_backend import PackageBackend
-from bot.rwkv7_batched import (
+from bot.inference.backend import State, clone_state
+from bot.inference.checkpoint import make_checkpoint
+from bot.inference.package_backend import PackageBackend
+from bot.inference.rwkv7_batched import (
     LOG_W_SCALE,
     WKV_CHUNK,
     BatchedRWKV7Backend,
@@ -202,7 +202,7 @@ def test_bf16_drift_is_bounded(b7_ckpt: Path, pair: tuple[BatchedRWKV7Backend, P
 def test_plain_linear_path_matches(b7_ckpt: Path, monkeypatch: pytest.MonkeyPatch,
                                    pair: tuple[BatchedRWKV7Backend, PackageBackend]) -> None:
     """The ``F.linear`` path (what CUDA and fp16 use) gives the same numbers as oneDNN's."""
-    import bot.rwkv7_batched as module
+    import bot.inference.rwkv7_batched as module
 
     _, ref = pair
     if ref.device.type != "cpu":

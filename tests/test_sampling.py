@@ -6,7 +6,7 @@ import numpy as np
 import pytest
 import torch
 
-from bot.sampling import END_OF_TEXT, RowSampler, SamplingParams, sample_rows
+from bot.inference.sampling import END_OF_TEXT, RowSampler, SamplingParams, sample_rows
 
 
 def logits_with_peak(peak: int, width: int = 1000) -> torch.Tensor:

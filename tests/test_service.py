@@ -7,10 +7,10 @@ import sqlite3
 
 import pytest
 
-from bot.app import open_service
+from bot.app.assembly import open_service
+from bot.core.service import ChatService
 from bot.events import Event, ThreadKey
-from bot.service import ChatService
-from bot.store import Store
+from bot.storage.sqlite import Store
 from tests.conftest import SettingsFactory
 
 
@@ -240,7 +240,7 @@ async def test_a_rebuild_from_the_log_continues_exactly_like_the_saved_state(
 ) -> None:
     import shutil
 
-    from bot.state_cache import decode_state
+    from bot.inference.state_codec import decode_state
 
     key = ThreadKey("test", "rebuild-equal")
     original = settings_factory(data_dir=tmp_path / "a")

@@ -21,9 +21,9 @@ import pytest
 
 from adapters.slack_bot import ERROR_NOTICE, SlackAdapter
 from adapters.streaming import PLACEHOLDER
+from bot.core.service import ChatService
 from bot.errors import ConfigError
 from bot.events import Event, ThreadKey
-from bot.service import ChatService
 from bot.settings import Settings
 from tests.fakes.slack_server import FakeSlack, Message, signed_headers
 

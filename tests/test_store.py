@@ -17,7 +17,7 @@ import pytest
 
 from bot.errors import RavenError
 from bot.events import ThreadKey
-from bot.store import SCHEMA_VERSION, Store, StoredState
+from bot.storage.sqlite import SCHEMA_VERSION, Store, StoredState
 
 KEY = ThreadKey("terminal", "t1")
 OTHER = ThreadKey("terminal", "t2")
@@ -70,7 +70,7 @@ async def test_open_creates_schema_with_wal_and_user_version(store: Store, db_pa
 async def test_a_version_1_database_is_migrated_and_keeps_its_data(db_path: Path) -> None:
     import sqlite3
 
-    from bot.store import MIGRATIONS
+    from bot.storage.sqlite import MIGRATIONS
 
     db_path.parent.mkdir(parents=True, exist_ok=True)
     with sqlite3.connect(db_path) as db:  # what Raven's first schema left on disk

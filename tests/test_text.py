@@ -4,8 +4,8 @@ from __future__ import annotations
 
 import pytest
 
+from bot.core.text import clean_text
 from bot.errors import InputError
-from bot.text import clean_text
 
 
 @pytest.mark.parametrize("raw", ["", "   ", "\n\n\t \r\n", "\x00\x1b\x7f", b"", b"  \n"])

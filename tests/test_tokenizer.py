@@ -8,7 +8,7 @@ from pathlib import Path
 import pytest
 
 from bot.errors import ModelLoadError
-from bot.tokenizer import WORLD, load_tokenizer
+from bot.inference.tokenizer import WORLD, load_tokenizer
 
 
 def test_world_tokenizer_round_trips_text_and_names_undecodable_ids() -> None:

@@ -15,9 +15,9 @@ import httpx
 import pytest
 
 from adapters.web import SESSION_COOKIE, STATIC_DIR, WebAdapter
+from bot.core.service import ChatService
 from bot.errors import ConfigError
 from bot.events import ThreadKey
-from bot.service import ChatService
 
 StartWeb = Callable[..., Awaitable[str]]
 TOKEN = "s3cret-web-token-123"

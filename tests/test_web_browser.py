@@ -12,8 +12,8 @@ from typing import Any
 import pytest
 
 from adapters.web import WebAdapter
+from bot.core.service import ChatService
 from bot.events import ThreadKey
-from bot.service import ChatService
 from tests.test_web_api import start_adapter
 
 CHROMIUM = Path("/usr/bin/chromium")

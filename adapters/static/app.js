@@ -1,5 +1,5 @@
 // Raven's chat page: plain JavaScript, no build step, nothing loaded from elsewhere.
-// It talks to the same server's API (docs/web.md): personas, the user's threads, a thread's
+// It talks to the same server's API (the README's web section): personas, the user's threads, a thread's
 // messages, and POST /generate-response/stream, read as Server-Sent Events with fetch().
 "use strict";
 

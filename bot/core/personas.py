@@ -28,7 +28,7 @@ import yaml
 from bot.errors import PersonaError
 
 NAME_PATTERN = re.compile(r"^[a-z0-9][a-z0-9_-]{0,31}$")
-BUILTIN_DIR = Path(__file__).resolve().parent.parent / "instructions"
+BUILTIN_DIR = Path(__file__).resolve().parents[2] / "instructions"
 SAMPLING_KEYS = {
     "temperature": float, "top_p": float, "top_k": int, "presence_penalty": float,
     "frequency_penalty": float, "penalty_decay": float, "max_reply_tokens": int,

@@ -15,8 +15,8 @@ from __future__ import annotations
 import re
 from dataclasses import dataclass
 
-from bot.personas import Persona
-from bot.tokenizer import Tokenizer
+from bot.core.personas import Persona
+from bot.inference.tokenizer import Tokenizer
 
 FORMAT_VERSION = "1"
 _BLANK_LINES = re.compile(r"\n\s*\n+")

@@ -14,16 +14,16 @@ from collections.abc import AsyncIterator
 from dataclasses import dataclass
 from pathlib import Path
 
-from bot.allocator import tune_allocator
-from bot.backend import Backend
-from bot.checkpoint import describe, make_checkpoint
-from bot.engine import Engine, in_fresh_thread
+from bot.core.personas import PersonaLibrary
+from bot.core.service import ChatService
 from bot.errors import ModelLoadError
-from bot.personas import PersonaLibrary
-from bot.service import ChatService
+from bot.inference.allocator import tune_allocator
+from bot.inference.backend import Backend
+from bot.inference.checkpoint import describe, make_checkpoint
+from bot.inference.engine import Engine, in_fresh_thread
+from bot.inference.tokenizer import load_tokenizer
 from bot.settings import Settings
-from bot.store import Store
-from bot.tokenizer import load_tokenizer
+from bot.storage.sqlite import Store
 
 log = logging.getLogger(__name__)
 DEMO_MODEL_NAME = "demo-rwkv7-tiny.pth"
@@ -66,13 +66,13 @@ def load_backend(settings: Settings, path: Path) -> Backend:
         raise ModelLoadError(f"RAVEN_BACKEND=batched serves RWKV-7 only; {path} is RWKV-{family[1:]}")
     if use_batched:
         try:
-            from bot.rwkv7_batched import BatchedRWKV7Backend
+            from bot.inference.rwkv7_batched import BatchedRWKV7Backend
         except ImportError:  # pragma: no cover - only while the batched path is absent
             use_batched = False
     if use_batched:
         device, _, dtype = settings.strategy.strip().partition(" ")
         return BatchedRWKV7Backend(path, device=device, dtype=dtype.strip() or "fp32", max_slots=slots)
-    from bot.package_backend import PackageBackend
+    from bot.inference.package_backend import PackageBackend
 
     return PackageBackend(path, settings.strategy, max_slots=slots)
 
@@ -81,7 +81,7 @@ def load_backend(settings: Settings, path: Path) -> Backend:
 async def open_service(settings: Settings) -> AsyncIterator[ChatService]:
     import asyncio
 
-    tune_allocator()  # before the model's first allocation (see bot/allocator.py)
+    tune_allocator()  # before the model's first allocation (see bot/inference/allocator.py)
     choice = await in_fresh_thread(lambda: choose_model(settings))  # may write the demo model
     personas = PersonaLibrary(settings.personas_dir)
     await asyncio.to_thread(personas.get, settings.default_persona)  # fail at start-up, not on the first message

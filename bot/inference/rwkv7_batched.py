@@ -49,9 +49,9 @@ from pathlib import Path
 import torch
 import torch.nn.functional as F
 
-from bot.backend import State
-from bot.checkpoint import detect_family, read_state_dict
 from bot.errors import ModelLoadError, NonFiniteLogitsError
+from bot.inference.backend import State
+from bot.inference.checkpoint import detect_family, read_state_dict
 
 log = logging.getLogger(__name__)
 

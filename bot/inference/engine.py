@@ -31,10 +31,10 @@ from typing import Any, Literal, TypeVar
 
 import torch
 
-from bot.backend import Backend, State
 from bot.errors import EngineBusy, RavenError
-from bot.sampling import END_OF_TEXT, RowSampler, SamplingParams, sample_rows
-from bot.tokenizer import Tokenizer
+from bot.inference.backend import Backend, State
+from bot.inference.sampling import END_OF_TEXT, RowSampler, SamplingParams, sample_rows
+from bot.inference.tokenizer import Tokenizer
 
 log = logging.getLogger(__name__)
 T = TypeVar("T")

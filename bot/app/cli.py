@@ -77,7 +77,7 @@ def _fail(exc: RavenError) -> typer.Exit:
 
 async def _chat(settings: Settings, thread: str, persona: str | None) -> None:
     from adapters.terminal import TerminalChat
-    from bot.app import open_service
+    from bot.app.assembly import open_service
 
     async with open_service(settings) as service:
         if service.is_demo_model:
@@ -87,7 +87,7 @@ async def _chat(settings: Settings, thread: str, persona: str | None) -> None:
 
 async def _serve(settings: Settings) -> None:
     """Every configured adapter in one process, sharing one engine."""
-    from bot.app import open_service
+    from bot.app.assembly import open_service
 
     async with open_service(settings) as service:
         if service.is_demo_model:
@@ -162,7 +162,7 @@ def web(
 
     async def serve() -> None:
         from adapters.web import WebAdapter
-        from bot.app import open_service
+        from bot.app.assembly import open_service
 
         async with open_service(settings) as service:
             if service.is_demo_model:
@@ -178,7 +178,7 @@ def web(
 @app.command()
 def personas() -> None:
     """List the personas."""
-    from bot.personas import PersonaLibrary
+    from bot.core.personas import PersonaLibrary
 
     settings = _settings()
     try:
@@ -196,7 +196,7 @@ def make_model(
     seed: Annotated[int, typer.Option(help="Random seed")] = 0,
 ) -> None:
     """Write a random-weight checkpoint in the real RWKV format (for tests and demos)."""
-    from bot.checkpoint import make_checkpoint
+    from bot.inference.checkpoint import make_checkpoint
 
     if family not in ("v7", "v4") or size not in ("tiny", "0.1b"):
         typer.echo("raven: --family must be v7 or v4 and --size tiny or 0.1b", err=True)
@@ -214,7 +214,7 @@ def convert(
     """Pre-convert an RWKV-4/5/6 checkpoint for a strategy, for faster loading."""
     from tqdm import tqdm
 
-    from bot.rwkv_package import convert_checkpoint
+    from bot.inference.rwkv_package import convert_checkpoint
 
     failure: list[BaseException] = []
 
@@ -243,16 +243,29 @@ def convert(
 def bench(
     size: Annotated[str, typer.Option(help="tiny or 0.1b")] = "0.1b",
     dtype: Annotated[str, typer.Option(help="fp32, bf16 or fp16")] = "fp32",
-    device: Annotated[str, typer.Option(help="cpu or cuda")] = "cpu",
+    device: Annotated[str, typer.Option(help="cpu, cuda or cuda:N")] = "cpu",
+    threads: Annotated[str, typer.Option(help="Comma-separated thread counts for the aggregate figures.")] = "16,64",
     as_json: Annotated[bool, typer.Option("--json", help="Print one JSON object.")] = False,
-    quick: Annotated[bool, typer.Option(help="A short smoke run.")] = False,
+    quick: Annotated[bool, typer.Option(help="A short smoke run; noisy figures.")] = False,
+    verbose: Annotated[bool, typer.Option(help="Say on stderr what is being measured.")] = False,
 ) -> None:
-    """Measure the engine against the plain rwkv package (see bench/)."""
-    from bot.benchmark import format_table, run_benchmark
+    """Measure the engine against the plain rwkv package (bench/benchmark.py says how)."""
+    from bench.benchmark import format_table, run_benchmark
+
+    try:
+        counts = tuple(int(n) for n in threads.split(",") if n.strip())
+    except ValueError:
+        typer.echo(f"raven: --threads must be comma-separated numbers, not {threads!r}", err=True)
+        raise typer.Exit(2) from None
+
+    def progress(message: str) -> None:
+        if verbose:
+            typer.echo(f"... {message}", err=True)
 
     started = time.monotonic()
     try:
-        result = run_benchmark(size=size, dtype=dtype, device=device, quick=quick)
+        result = run_benchmark(size=size, dtype=dtype, device=device, threads=counts, quick=quick,
+                               progress=progress)
     except RavenError as exc:
         raise _fail(exc) from None
     if as_json:

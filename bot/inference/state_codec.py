@@ -1,66 +1,14 @@
-"""Hot model states in memory, up to a byte budget (LRU); everything else lives in SQLite.
-
-Also the (de)serialisation of states for the store, with the checks that keep a corrupt or
-mismatched blob from ever being loaded into the model.
-"""
+"""Model states as bytes for the store, with the checks that keep a corrupt or mismatched blob from
+ever being loaded into the model."""
 
 from __future__ import annotations
 
 import io
-from collections import OrderedDict
-from dataclasses import dataclass
 
 import torch
 
-from bot.engine import ModelState
 from bot.errors import StateError
-from bot.events import ThreadKey
-
-
-@dataclass(frozen=True)
-class CachedState:
-    model: ModelState
-    fingerprint: str
-    epoch: int
-    last_message_id: int
-
-
-class StateCache:
-    def __init__(self, budget_bytes: int) -> None:
-        self.budget_bytes = budget_bytes
-        self._items: OrderedDict[ThreadKey, CachedState] = OrderedDict()
-        self._bytes = 0
-        self.evictions = 0
-
-    @property
-    def used_bytes(self) -> int:
-        return self._bytes
-
-    def __contains__(self, key: ThreadKey) -> bool:
-        return key in self._items
-
-    def get(self, key: ThreadKey) -> CachedState | None:
-        item = self._items.get(key)
-        if item is not None:
-            self._items.move_to_end(key)
-        return item
-
-    def put(self, key: ThreadKey, item: CachedState) -> None:
-        self.discard(key)
-        size = item.model.nbytes()
-        if size > self.budget_bytes:
-            return
-        self._items[key] = item
-        self._bytes += size
-        while self._bytes > self.budget_bytes:
-            _, evicted = self._items.popitem(last=False)
-            self._bytes -= evicted.model.nbytes()
-            self.evictions += 1
-
-    def discard(self, key: ThreadKey) -> None:
-        item = self._items.pop(key, None)
-        if item is not None:
-            self._bytes -= item.model.nbytes()
+from bot.inference.engine import ModelState
 
 
 def encode_state(model: ModelState) -> bytes:

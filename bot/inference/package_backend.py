@@ -12,8 +12,8 @@ from typing import Any
 
 import torch
 
-from bot.backend import State, clone_state
-from bot.rwkv_package import load_package_model
+from bot.inference.backend import State, clone_state
+from bot.inference.rwkv_package import load_package_model
 
 PREFILL_CHUNK = 256
 

@@ -22,8 +22,8 @@ from typing import Any
 
 import torch
 
-from bot.checkpoint import Family, check_shapes, detect_family, read_state_dict
 from bot.errors import ModelLoadError
+from bot.inference.checkpoint import Family, check_shapes, detect_family, read_state_dict
 
 log = logging.getLogger(__name__)
 _modules: dict[str, ModuleType] = {}

@@ -41,14 +41,14 @@ from typing import Any, TypeVar
 
 import torch
 
-from bot.allocator import tune_allocator
-from bot.backend import Backend
-from bot.checkpoint import SizeName, make_checkpoint
-from bot.engine import Engine, GenerateRequest, ModelState
 from bot.errors import ConfigError
-from bot.package_backend import PackageBackend
-from bot.rwkv7_batched import BatchedRWKV7Backend
-from bot.sampling import SamplingParams
+from bot.inference.allocator import tune_allocator
+from bot.inference.backend import Backend
+from bot.inference.checkpoint import SizeName, make_checkpoint
+from bot.inference.engine import Engine, GenerateRequest, ModelState
+from bot.inference.package_backend import PackageBackend
+from bot.inference.rwkv7_batched import BatchedRWKV7Backend
+from bot.inference.sampling import SamplingParams
 
 log = logging.getLogger(__name__)
 Progress = Callable[[str], None]

@@ -18,17 +18,18 @@ from typing import Literal
 
 import torch
 
-from bot.commands import HELP_TEXT, Command, parse_command
-from bot.engine import Completion, Engine, GenerateRequest, ModelState
+from bot.core.commands import HELP_TEXT, Command, parse_command
+from bot.core.personas import Persona, PersonaLibrary, check_name
+from bot.core.prompt import FORMAT_VERSION, PromptFormat
+from bot.core.state_cache import CachedState, StateCache
+from bot.core.thinking import ThinkingFilter, strip_thinking
 from bot.errors import EngineBusy, InputError, PersonaError, RavenError, StateError
 from bot.events import Event, ThreadKey
-from bot.personas import Persona, PersonaLibrary, check_name
-from bot.prompt import FORMAT_VERSION, PromptFormat
-from bot.sampling import SamplingParams
+from bot.inference.engine import Completion, Engine, GenerateRequest, ModelState
+from bot.inference.sampling import SamplingParams
+from bot.inference.state_codec import decode_state, encode_state
 from bot.settings import Settings
-from bot.state_cache import CachedState, StateCache, decode_state, encode_state
-from bot.store import Store, StoredMessage, StoredState, ThreadInfo
-from bot.thinking import ThinkingFilter, strip_thinking
+from bot.storage.sqlite import Store, StoredMessage, StoredState, ThreadInfo
 
 log = logging.getLogger(__name__)
 ResumedFrom = Literal["memory", "store", "rebuild", "new"]
@@ -142,7 +143,7 @@ class ChatService:
             out.put_nowait(None)
 
     async def _turn_inner(self, event: Event, out: asyncio.Queue[str | None]) -> None:
-        from bot.text import clean_text
+        from bot.core.text import clean_text
 
         try:
             text = clean_text(event.text, self.settings.max_message_chars)

@@ -1,0 +1,1 @@
+"""The model: one engine that owns it, sampling, backends, checkpoints, tokenizers, the state codec."""
