@@ -29,7 +29,7 @@ from bot.inference.engine import Completion, Engine, GenerateRequest, ModelState
 from bot.inference.sampling import SamplingParams
 from bot.inference.state_codec import decode_state, encode_state
 from bot.settings import Settings
-from bot.storage.sqlite import Store, StoredMessage, StoredState, ThreadInfo
+from bot.storage import Store, StoredMessage, StoredState, ThreadInfo
 
 log = logging.getLogger(__name__)
 ResumedFrom = Literal["memory", "store", "rebuild", "new"]
