@@ -1,5 +1,7 @@
 """Where threads, the message log and saved states live: the Store contract and its implementations."""
 
-from bot.storage.sqlite import Store, StoredMessage, StoredState, ThreadInfo
+from bot.storage.protocol import Store
+from bot.storage.records import Role, StateDraft, Status, StoredMessage, StoredState, ThreadInfo
+from bot.storage.sqlite import SQLiteStore
 
-__all__ = ["Store", "StoredMessage", "StoredState", "ThreadInfo"]
+__all__ = ["Role", "SQLiteStore", "StateDraft", "Status", "Store", "StoredMessage", "StoredState", "ThreadInfo"]

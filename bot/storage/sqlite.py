@@ -1,76 +1,39 @@
 """The SQLite store (aiosqlite, WAL): threads, the message log, saved model states, processed events.
 
-The message log is the source of truth: a saved state is only a cache of "the model after reading
-this thread up to message N" and can always be rebuilt from the log. Each thread has an *epoch*
-that a persona switch or ``/reset`` increments; the model's context is the current epoch's messages.
+Every SQLite detail lives here — pragmas, ``BEGIN IMMEDIATE``, ``INSERT OR IGNORE``, ``lastrowid``, the
+``user_version`` migrations (``bot.storage.migrations``); what each method promises is the ``Store``
+protocol's (``bot.storage.protocol``).
 """
 
 from __future__ import annotations
 
 import asyncio
-import hashlib
 import time
 from collections.abc import Awaitable, Callable, Sequence
-from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Literal
+from typing import TYPE_CHECKING, Any
 
 import aiosqlite
-import numpy as np
 
 from bot.errors import StoreError
 from bot.events import ThreadKey
-
-Role = Literal["user", "assistant", "notice"]
-Status = Literal["pending", "answered", "interrupted", "failed", "done"]
-
-MIGRATIONS: list[Sequence[str]] = [
-    # version 1
-    (
-        """CREATE TABLE threads (
-            key TEXT PRIMARY KEY,
-            persona TEXT NOT NULL,
-            epoch INTEGER NOT NULL DEFAULT 0,
-            created_at REAL NOT NULL,
-            updated_at REAL NOT NULL
-        )""",
-        """CREATE TABLE messages (
-            id INTEGER PRIMARY KEY AUTOINCREMENT,
-            thread_key TEXT NOT NULL REFERENCES threads(key) ON DELETE CASCADE,
-            epoch INTEGER NOT NULL,
-            role TEXT NOT NULL CHECK (role IN ('user', 'assistant', 'notice')),
-            author TEXT NOT NULL DEFAULT '',
-            text TEXT NOT NULL,
-            platform_message_id TEXT,
-            status TEXT NOT NULL DEFAULT 'done',
-            created_at REAL NOT NULL
-        )""",
-        "CREATE INDEX messages_by_thread ON messages (thread_key, id)",
-        """CREATE TABLE states (
-            thread_key TEXT PRIMARY KEY REFERENCES threads(key) ON DELETE CASCADE,
-            fingerprint TEXT NOT NULL,
-            epoch INTEGER NOT NULL,
-            last_message_id INTEGER NOT NULL,
-            token_count INTEGER NOT NULL,
-            checksum TEXT NOT NULL,
-            blob BLOB NOT NULL,
-            updated_at REAL NOT NULL
-        )""",
-        """CREATE TABLE processed_events (
-            key TEXT PRIMARY KEY,
-            created_at REAL NOT NULL
-        )""",
-        "CREATE INDEX processed_events_by_time ON processed_events (created_at)",
-    ),
-]
-MIGRATIONS.append(
-    # version 2: the token ids of a reply as the model read them, and the tokenizer that made them
-    (
-        "ALTER TABLE messages ADD COLUMN tokens BLOB",
-        "ALTER TABLE messages ADD COLUMN tokenizer TEXT",
-    )
+from bot.storage.migrations import MIGRATIONS, SCHEMA_VERSION
+from bot.storage.records import (
+    Role,
+    StateDraft,
+    Status,
+    StoredMessage,
+    StoredState,
+    ThreadInfo,
+    checksum,
+    pack_tokens,
+    unpack_tokens,
 )
-SCHEMA_VERSION = len(MIGRATIONS)
+
+if TYPE_CHECKING:
+    from bot.storage.protocol import Store
+
+__all__ = ["SCHEMA_VERSION", "SQLiteStore"]
 
 _UPSERT_STATE = """
     INSERT INTO states (thread_key, fingerprint, epoch, last_message_id, token_count, checksum, blob, updated_at)
@@ -79,48 +42,29 @@ _UPSERT_STATE = """
       last_message_id = excluded.last_message_id, token_count = excluded.token_count,
       checksum = excluded.checksum, blob = excluded.blob, updated_at = excluded.updated_at"""
 
+_THREAD_COLUMNS = """t.*, (SELECT text FROM messages m WHERE m.thread_key = t.key AND m.role = 'user'
+                           ORDER BY id LIMIT 1) AS title"""
 
-@dataclass(frozen=True)
-class ThreadInfo:
-    key: ThreadKey
-    persona: str
-    epoch: int
-    title: str
-    created_at: float
-    updated_at: float
-
-
-@dataclass(frozen=True)
-class StoredMessage:
-    id: int
-    thread: ThreadKey
-    epoch: int
-    role: Role
-    author: str
-    text: str
-    platform_message_id: str | None
-    status: Status
-    created_at: float
-    tokens: list[int] | None = None
-    tokenizer: str | None = None
+# The queries every turn runs, named so that tests can check their plans (each one an index seek).
+GET_THREAD_QUERY = f"SELECT {_THREAD_COLUMNS} FROM threads t WHERE key = ?"
+INSERT_MESSAGE_QUERY = """
+    INSERT INTO messages (thread_key, epoch, seq, role, author, text, platform_message_id, status, created_at,
+                          tokens, tokenizer)
+    VALUES (?1, (SELECT epoch FROM threads WHERE key = ?1),
+            (SELECT COALESCE(MAX(seq) + 1, 0) FROM messages WHERE thread_key = ?1), ?, ?, ?, ?, ?, ?, ?, ?)"""
+LAST_REPLY_QUERY = """
+    SELECT id FROM messages WHERE thread_key = ? AND role = 'assistant' AND epoch = ? AND id < ?
+    ORDER BY id DESC LIMIT 1"""
+# seq numbers a thread's messages 0, 1, 2… in id order, so the newest one below ``id`` says how many are.
+POSITION_QUERY = "SELECT seq + 1 FROM messages WHERE thread_key = ? AND id < ? ORDER BY id DESC LIMIT 1"
+_CONTEXT_QUERY = """
+    SELECT * FROM messages WHERE thread_key = ? AND epoch = ? AND id < ?
+      AND (role = 'assistant' OR (role = 'user' AND status = 'answered'))
+    ORDER BY id"""
 
 
-@dataclass(frozen=True)
-class StoredState:
-    fingerprint: str
-    epoch: int
-    last_message_id: int
-    token_count: int
-    blob: bytes
-    checksum_ok: bool
-
-
-def checksum(blob: bytes) -> str:
-    return hashlib.sha256(blob).hexdigest()
-
-
-class Store:
-    """One database file. Open with ``async with Store(path) as store``."""
+class SQLiteStore:
+    """One database file. Open with ``async with SQLiteStore(path) as store``."""
 
     def __init__(self, path: Path, clock: Callable[[], float] = time.time) -> None:
         self.path = path
@@ -130,7 +74,7 @@ class Store:
         # writes: each write holds this lock.
         self._write_lock = asyncio.Lock()
 
-    async def __aenter__(self) -> Store:
+    async def __aenter__(self) -> SQLiteStore:
         await self.open()
         return self
 
@@ -201,15 +145,15 @@ class Store:
 
         return int(await self._transaction(work))
 
+    async def _scalar(self, sql: str, args: Sequence[object]) -> Any:
+        async with self.db.execute(sql, args) as cursor:
+            row = await cursor.fetchone()
+        return row[0] if row else None
+
     # --- threads -------------------------------------------------------------------------------------
 
     async def get_thread(self, key: ThreadKey) -> ThreadInfo | None:
-        async with self.db.execute(
-            """SELECT t.*, (SELECT text FROM messages m WHERE m.thread_key = t.key AND m.role = 'user'
-                            ORDER BY id LIMIT 1) AS title
-               FROM threads t WHERE key = ?""",
-            (str(key),),
-        ) as cursor:
+        async with self.db.execute(GET_THREAD_QUERY, (str(key),)) as cursor:
             row = await cursor.fetchone()
         return _thread(row) if row else None
 
@@ -224,7 +168,6 @@ class Store:
         return info
 
     async def restart_thread(self, key: ThreadKey, persona: str) -> ThreadInfo:
-        """A new epoch: the model's context starts over from ``persona``; the log is kept."""
         async def work(db: aiosqlite.Connection) -> None:
             await db.execute(
                 "UPDATE threads SET persona = ?, epoch = epoch + 1, updated_at = ? WHERE key = ?",
@@ -240,9 +183,7 @@ class Store:
     async def list_threads(self, platform: str, prefix: str = "", limit: int = 100) -> list[ThreadInfo]:
         start = f"{platform}:{prefix}"  # thread ids are case-sensitive: compare exactly, not with LIKE
         async with self.db.execute(
-            """SELECT t.*, (SELECT text FROM messages m WHERE m.thread_key = t.key AND m.role = 'user'
-                            ORDER BY id LIMIT 1) AS title
-               FROM threads t WHERE substr(key, 1, ?) = ? ORDER BY updated_at DESC LIMIT ?""",
+            f"SELECT {_THREAD_COLUMNS} FROM threads t WHERE substr(key, 1, ?) = ? ORDER BY updated_at DESC LIMIT ?",
             (len(start), start, limit),
         ) as cursor:
             rows = await cursor.fetchall()
@@ -254,7 +195,6 @@ class Store:
         self, key: ThreadKey, role: Role, text: str, *, author: str = "",
         platform_message_id: str | None = None, status: Status = "done",
     ) -> StoredMessage:
-        """Append to the log and commit at once (a user's message is durable before it is answered)."""
         async def work(db: aiosqlite.Connection) -> int:
             return await self._insert_message(db, key, role, text, author, platform_message_id, status)
 
@@ -265,13 +205,13 @@ class Store:
 
     async def _insert_message(
         self, db: aiosqlite.Connection, key: ThreadKey, role: Role, text: str, author: str,
-        platform_message_id: str | None, status: Status,
+        platform_message_id: str | None, status: Status, tokens: bytes | None = None, tokenizer: str | None = None,
     ) -> int:
+        """Inside a write transaction, so the thread's next ``seq`` cannot be taken meanwhile."""
         now = self.clock()
         cursor = await db.execute(
-            """INSERT INTO messages (thread_key, epoch, role, author, text, platform_message_id, status, created_at)
-               VALUES (?, (SELECT epoch FROM threads WHERE key = ?), ?, ?, ?, ?, ?, ?)""",
-            (str(key), str(key), role, author, text, platform_message_id, status, now),
+            INSERT_MESSAGE_QUERY,
+            (str(key), role, author, text, platform_message_id, status, now, tokens, tokenizer),
         )
         await db.execute("UPDATE threads SET updated_at = ? WHERE key = ?", (now, str(key)))
         assert cursor.lastrowid is not None
@@ -293,19 +233,20 @@ class Store:
         return [_message(row) for row in rows]
 
     async def position_in_thread(self, key: ThreadKey, message_id: int) -> int:
-        """How many messages of the thread come before this one (0 for its first): a per-thread
-        count, unlike the row id, which depends on what every other thread wrote meanwhile."""
-        async with self.db.execute("SELECT COUNT(*) FROM messages WHERE thread_key = ? AND id < ?",
-                                   (str(key), message_id)) as cursor:
-            row = await cursor.fetchone()
-        return int(row[0]) if row else 0
+        return int(await self._scalar(POSITION_QUERY, (str(key), message_id)) or 0)
+
+    async def last_reply_id(self, key: ThreadKey, epoch: int, before_id: int) -> int:
+        return int(await self._scalar(LAST_REPLY_QUERY, (str(key), epoch, before_id)) or 0)
+
+    async def context(self, key: ThreadKey, epoch: int, before_id: int) -> list[StoredMessage]:
+        async with self.db.execute(_CONTEXT_QUERY, (str(key), epoch, before_id)) as cursor:
+            rows = await cursor.fetchall()
+        return [_message(row) for row in rows]
 
     async def set_status(self, message_id: int, status: Status) -> None:
         await self._write("UPDATE messages SET status = ? WHERE id = ?", (status, message_id))
 
     async def mark_interrupted(self) -> list[StoredMessage]:
-        """After a crash or kill: user messages still pending were never answered. Mark them and
-        add a notice to their thread, so the thread shows what happened instead of hanging."""
         async with self.db.execute("SELECT * FROM messages WHERE status = 'pending' ORDER BY id") as cursor:
             pending = [_message(row) for row in await cursor.fetchall()]
 
@@ -323,16 +264,14 @@ class Store:
         return pending
 
     async def finish_turn(
-        self, key: ThreadKey, user_message_id: int, reply: str, state: StoredState | None,
+        self, key: ThreadKey, user_message_id: int, reply: str, state: StateDraft | None,
         status: Status = "answered", tokens: list[int] | None = None, tokenizer: str | None = None,
     ) -> StoredMessage:
-        """Store the reply (with the token ids the model read), mark the user's message answered and
-        save the new state — one transaction, so a crash leaves either the whole turn or none of it."""
+        packed = pack_tokens(tokens) if tokens is not None else None
+
         async def work(db: aiosqlite.Connection) -> int:
-            reply_id = await self._insert_message(db, key, "assistant", reply, "raven", None, "done")
-            if tokens is not None:
-                await db.execute("UPDATE messages SET tokens = ?, tokenizer = ? WHERE id = ?",
-                                 (pack_tokens(tokens), tokenizer, reply_id))
+            reply_id = await self._insert_message(db, key, "assistant", reply, "raven", None, "done",
+                                                  packed, tokenizer if tokens is not None else None)
             await db.execute("UPDATE messages SET status = ? WHERE id = ?", (status, user_message_id))
             if state is not None:
                 await db.execute(
@@ -360,10 +299,10 @@ class Store:
             token_count=row["token_count"], blob=blob, checksum_ok=checksum(blob) == row["checksum"],
         )
 
-    async def save_state(self, key: ThreadKey, state: StoredState) -> None:
+    async def save_state(self, key: ThreadKey, state: StateDraft, last_message_id: int) -> None:
         await self._write(
             _UPSERT_STATE,
-            (str(key), state.fingerprint, state.epoch, state.last_message_id, state.token_count,
+            (str(key), state.fingerprint, state.epoch, last_message_id, state.token_count,
              checksum(state.blob), state.blob, self.clock()),
         )
 
@@ -373,7 +312,6 @@ class Store:
     # --- deduplication -------------------------------------------------------------------------------
 
     async def claim_event(self, key: str, ttl_s: float) -> bool:
-        """True the first time ``key`` is claimed within ``ttl_s``; expired keys are swept here."""
         now = self.clock()
 
         async def work(db: aiosqlite.Connection) -> bool:
@@ -385,20 +323,6 @@ class Store:
 
         return bool(await self._transaction(work))
 
-
-TOKEN_FORMAT = np.dtype("<i4")
-"""Reply token ids on disk: little-endian int32, the same bytes on every machine."""
-
-
-def pack_tokens(tokens: Sequence[int]) -> bytes:
-    return np.asarray(tokens, dtype=TOKEN_FORMAT).tobytes()
-
-
-def unpack_tokens(blob: bytes | None) -> list[int] | None:
-    """The stored ids; None when absent or malformed (a rebuild then re-reads the reply's text)."""
-    if blob is None or len(blob) % TOKEN_FORMAT.itemsize:
-        return None
-    return [int(t) for t in np.frombuffer(bytes(blob), dtype=TOKEN_FORMAT)]
 
 
 def _thread(row: aiosqlite.Row) -> ThreadInfo:
@@ -417,3 +341,8 @@ def _message(row: aiosqlite.Row) -> StoredMessage:
         tokens=unpack_tokens(row["tokens"]),
         tokenizer=row["tokenizer"],
     )
+
+
+if TYPE_CHECKING:
+    def _is_a_store(store: SQLiteStore) -> Store:  # mypy checks SQLiteStore against the protocol here
+        return store

@@ -1,0 +1,70 @@
+"""The SQLite schema, as the migrations that build it: ``PRAGMA user_version`` is how many have run.
+
+Never edit a released migration: an existing database has already run it. Change the schema by
+appending one, which must also bring the rows already there up to date.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+
+MIGRATIONS: list[Sequence[str]] = [
+    # version 1
+    (
+        """CREATE TABLE threads (
+            key TEXT PRIMARY KEY,
+            persona TEXT NOT NULL,
+            epoch INTEGER NOT NULL DEFAULT 0,
+            created_at REAL NOT NULL,
+            updated_at REAL NOT NULL
+        )""",
+        """CREATE TABLE messages (
+            id INTEGER PRIMARY KEY AUTOINCREMENT,
+            thread_key TEXT NOT NULL REFERENCES threads(key) ON DELETE CASCADE,
+            epoch INTEGER NOT NULL,
+            role TEXT NOT NULL CHECK (role IN ('user', 'assistant', 'notice')),
+            author TEXT NOT NULL DEFAULT '',
+            text TEXT NOT NULL,
+            platform_message_id TEXT,
+            status TEXT NOT NULL DEFAULT 'done',
+            created_at REAL NOT NULL
+        )""",
+        "CREATE INDEX messages_by_thread ON messages (thread_key, id)",
+        """CREATE TABLE states (
+            thread_key TEXT PRIMARY KEY REFERENCES threads(key) ON DELETE CASCADE,
+            fingerprint TEXT NOT NULL,
+            epoch INTEGER NOT NULL,
+            last_message_id INTEGER NOT NULL,
+            token_count INTEGER NOT NULL,
+            checksum TEXT NOT NULL,
+            blob BLOB NOT NULL,
+            updated_at REAL NOT NULL
+        )""",
+        """CREATE TABLE processed_events (
+            key TEXT PRIMARY KEY,
+            created_at REAL NOT NULL
+        )""",
+        "CREATE INDEX processed_events_by_time ON processed_events (created_at)",
+    ),
+    # version 2: the token ids of a reply as the model read them, and the tokenizer that made them
+    (
+        "ALTER TABLE messages ADD COLUMN tokens BLOB",
+        "ALTER TABLE messages ADD COLUMN tokenizer TEXT",
+    ),
+    # version 3: what a turn reads is found without walking the thread.
+    # - seq: the message's place in its thread (0, 1, 2, … with no gaps), so a position is one lookup
+    #   instead of COUNT(*) over the thread. Backfilled through a keyed temporary table: one pass,
+    #   where a correlated COUNT(*) per row would be quadratic in a thread's length.
+    # - messages_by_role: the newest reply of an epoch (last_reply_id, every turn) is one index seek.
+    (
+        "ALTER TABLE messages ADD COLUMN seq INTEGER",
+        "CREATE TEMP TABLE message_seq (id INTEGER PRIMARY KEY, seq INTEGER NOT NULL)",
+        """INSERT INTO temp.message_seq (id, seq)
+           SELECT id, ROW_NUMBER() OVER (PARTITION BY thread_key ORDER BY id) - 1 FROM messages""",
+        "UPDATE messages SET seq = (SELECT seq FROM temp.message_seq WHERE message_seq.id = messages.id)",
+        "DROP TABLE temp.message_seq",
+        "CREATE UNIQUE INDEX messages_by_thread_seq ON messages (thread_key, seq)",
+        "CREATE INDEX messages_by_role ON messages (thread_key, role, epoch, id)",
+    ),
+]
+SCHEMA_VERSION = len(MIGRATIONS)

@@ -1,0 +1,139 @@
+"""The Store contract: what the chat service and the adapters may rely on, whatever the database.
+
+The message log is the source of truth: a saved state is only a cache of "the model after reading
+this thread up to message N" and can always be rebuilt from the log. Each thread has an *epoch* that
+a persona switch or ``/reset`` increments; the model's context is the current epoch's messages.
+
+Every implementation must pass ``tests/store_contract.py``. Message ids grow with every insert across
+all threads (so they order a thread's messages, and a later message always has a later epoch or the
+same one); every method that returns a list returns it oldest first unless it says otherwise. Each
+write is committed before the method returns, and methods may be awaited concurrently from many
+coroutines of one event loop.
+"""
+
+from __future__ import annotations
+
+from typing import Protocol, Self
+
+from bot.events import ThreadKey
+from bot.storage.records import Role, StateDraft, Status, StoredMessage, StoredState, ThreadInfo
+
+
+class Store(Protocol):
+    """A database of threads, their message log, their saved model states and claimed event keys."""
+
+    async def __aenter__(self) -> Self:
+        """``open()``, then the store itself."""
+        ...
+
+    async def __aexit__(self, *exc: object) -> None:
+        """``close()``."""
+        ...
+
+    async def open(self) -> None:
+        """Connect and bring the schema up to date; a database from a newer Raven is refused with a
+        ``StoreError`` (a ``RavenError``) and nothing is left open or changed."""
+        ...
+
+    async def close(self) -> None:
+        """Release the connection; closing a closed store does nothing."""
+        ...
+
+    # --- threads ---------------------------------------------------------------------------------------
+
+    async def get_thread(self, key: ThreadKey) -> ThreadInfo | None:
+        """The thread, or None when it was never created."""
+        ...
+
+    async def ensure_thread(self, key: ThreadKey, persona: str) -> ThreadInfo:
+        """Create the thread at epoch 0 with ``persona`` unless it exists (then it is left as it is)."""
+        ...
+
+    async def restart_thread(self, key: ThreadKey, persona: str) -> ThreadInfo:
+        """A new epoch with ``persona``, and the saved state dropped, in one transaction; the log is
+        kept. The thread must exist."""
+        ...
+
+    async def list_threads(self, platform: str, prefix: str = "", limit: int = 100) -> list[ThreadInfo]:
+        """The platform's threads whose id starts with ``prefix`` — compared exactly: case-sensitive,
+        no wildcards — most recently updated first, at most ``limit``."""
+        ...
+
+    # --- the log ---------------------------------------------------------------------------------------
+
+    async def add_message(
+        self, key: ThreadKey, role: Role, text: str, *, author: str = "",
+        platform_message_id: str | None = None, status: Status = "done",
+    ) -> StoredMessage:
+        """Append to the thread's current epoch, committed before this returns (a user's message is
+        durable before it is answered), and touch the thread's ``updated_at``. The thread must exist."""
+        ...
+
+    async def get_message(self, message_id: int) -> StoredMessage | None:
+        """The message, or None."""
+        ...
+
+    async def messages(self, key: ThreadKey, epoch: int | None = None) -> list[StoredMessage]:
+        """The thread's whole log, or one epoch of it, oldest first."""
+        ...
+
+    async def position_in_thread(self, key: ThreadKey, message_id: int) -> int:
+        """How many of the thread's messages have an id below ``message_id`` (0 for its first): a
+        per-thread count, unlike the id, which depends on what every other thread wrote meanwhile.
+        O(log n), not a count over the thread."""
+        ...
+
+    async def last_reply_id(self, key: ThreadKey, epoch: int, before_id: int) -> int:
+        """The id of the newest ``assistant`` message of that thread and epoch with id < ``before_id``,
+        or 0 when there is none: what a saved state must have read to be current. One indexed lookup,
+        whatever the thread's length (it runs on every turn)."""
+        ...
+
+    async def context(self, key: ThreadKey, epoch: int, before_id: int) -> list[StoredMessage]:
+        """What the model has read of that epoch before ``before_id``, oldest first: its ``assistant``
+        messages and its ``user`` messages with status ``answered`` (no notices, nothing pending, failed
+        or interrupted). What a rebuild from the log reads; may cost O(thread)."""
+        ...
+
+    async def set_status(self, message_id: int, status: Status) -> None:
+        """Change one message's status (nothing happens for an unknown id)."""
+        ...
+
+    async def mark_interrupted(self) -> list[StoredMessage]:
+        """After a crash or kill: mark every ``pending`` message ``interrupted`` and add a ``notice``
+        to its thread, in one transaction. Returns those messages as they were (still ``pending``),
+        oldest first; a second call finds nothing."""
+        ...
+
+    async def finish_turn(
+        self, key: ThreadKey, user_message_id: int, reply: str, state: StateDraft | None,
+        status: Status = "answered", tokens: list[int] | None = None, tokenizer: str | None = None,
+    ) -> StoredMessage:
+        """Store the reply (author ``raven``, with the token ids the model read), set the user
+        message's ``status`` and save ``state`` with ``last_message_id`` = the reply's id (the
+        ``last_message_id`` passed in is ignored): one transaction, so a crash or an error anywhere
+        inside leaves either the whole turn or none of it."""
+        ...
+
+    # --- saved states ----------------------------------------------------------------------------------
+
+    async def load_state(self, key: ThreadKey) -> StoredState | None:
+        """The thread's saved state, its blob checked against the checksum written with it."""
+        ...
+
+    async def save_state(self, key: ThreadKey, state: StateDraft, last_message_id: int) -> None:
+        """Replace the thread's saved state (one per thread): ``state`` is the model after the epoch up
+        to ``last_message_id``; the store writes a checksum of its blob."""
+        ...
+
+    async def delete_state(self, key: ThreadKey) -> None:
+        """Drop the thread's saved state, if any."""
+        ...
+
+    # --- deduplication ---------------------------------------------------------------------------------
+
+    async def claim_event(self, key: str, ttl_s: float) -> bool:
+        """True when ``key`` was not claimed in the last ``ttl_s`` seconds of the store's clock (a claim
+        at t blocks the key up to t + ttl_s inclusive; a refused claim does not extend that). Claims
+        are committed, so they survive a restart; expired ones are swept here."""
+        ...

@@ -1,0 +1,93 @@
+"""What a store hands back: plain frozen records, the same whatever database is behind them.
+
+Nothing here knows about SQL. The reply token ids' byte format lives here too, because it is part of
+what a store keeps, not of how one database keeps it: every store must write the same bytes.
+"""
+
+from __future__ import annotations
+
+import hashlib
+from collections.abc import Sequence
+from dataclasses import dataclass
+from typing import Literal
+
+import numpy as np
+
+from bot.events import ThreadKey
+
+Role = Literal["user", "assistant", "notice"]
+Status = Literal["pending", "answered", "interrupted", "failed", "done"]
+
+
+@dataclass(frozen=True)
+class ThreadInfo:
+    """A thread's header. ``title`` is the first line of its first user message (any epoch), ≤ 80 chars."""
+
+    key: ThreadKey
+    persona: str
+    epoch: int
+    title: str
+    created_at: float
+    updated_at: float
+
+
+@dataclass(frozen=True)
+class StoredMessage:
+    """One entry of the log. ``id`` grows across all threads, so it orders messages but is no position."""
+
+    id: int
+    thread: ThreadKey
+    epoch: int
+    role: Role
+    author: str
+    text: str
+    platform_message_id: str | None
+    status: Status
+    created_at: float
+    tokens: list[int] | None = None
+    tokenizer: str | None = None
+
+
+@dataclass(frozen=True)
+class StateDraft:
+    """A model state to save: what it was built from. Which message it follows is the store's to
+    record (``finish_turn``: the reply it commits) or the caller's to say (``save_state``)."""
+
+    fingerprint: str
+    epoch: int
+    token_count: int
+    blob: bytes
+
+
+@dataclass(frozen=True)
+class StoredState:
+    """A saved model state: a cache of "the model after reading the epoch up to ``last_message_id``".
+
+    ``checksum_ok`` is False when the blob read back is not the one written (a torn or damaged row)."""
+
+    fingerprint: str
+    epoch: int
+    last_message_id: int
+    token_count: int
+    blob: bytes
+    checksum_ok: bool
+
+
+def checksum(blob: bytes) -> str:
+    """What a state's blob is checked against when it is loaded."""
+    return hashlib.sha256(blob).hexdigest()
+
+
+TOKEN_FORMAT = np.dtype("<i4")
+"""Reply token ids on disk: little-endian int32, the same bytes on every machine."""
+
+
+def pack_tokens(tokens: Sequence[int]) -> bytes:
+    return np.asarray(tokens, dtype=TOKEN_FORMAT).tobytes()
+
+
+def unpack_tokens(blob: bytes | None) -> list[int] | None:
+    """The stored ids; None when absent or malformed (a rebuild then re-reads the reply's text)."""
+    if blob is None or len(blob) % TOKEN_FORMAT.itemsize:
+        return None
+    return [int(t) for t in np.frombuffer(bytes(blob), dtype=TOKEN_FORMAT)]

@@ -1,0 +1,447 @@
+"""The Store contract as tests: what every store implementation must do, asserted through the protocol
+only (``bot.storage.protocol.Store``), never through the database behind it.
+
+Use it by subclassing ``StoreContract`` in a ``test_*.py`` module and defining the ``make_store``
+fixture: ``make_store(clock)`` returns a new, unopened handle on the one database of the test (each
+call another connection to the same data), whose clock is ``clock``. A second handle opened while
+the first is still open plays "another process": what it reads is what was committed. Set
+``integrity_errors`` to what the database raises for a NOT NULL violation.
+"""
+
+from __future__ import annotations
+
+import asyncio
+from collections.abc import AsyncIterator, Callable
+from typing import ClassVar
+
+import pytest
+
+from bot.events import ThreadKey
+from bot.storage import StateDraft, Store, StoredMessage, StoredState
+
+KEY = ThreadKey("terminal", "t1")
+OTHER = ThreadKey("terminal", "t2")
+MakeStore = Callable[["FakeClock"], Store]
+
+
+class FakeClock:
+    """The store's time, moved by hand (the dedupe TTL, ``updated_at`` ordering)."""
+
+    def __init__(self, now: float = 1_000_000.0) -> None:
+        self.now = now
+
+    def __call__(self) -> float:
+        return self.now
+
+
+def state(blob: bytes = b"model-state", epoch: int = 0, fingerprint: str = "fp") -> StateDraft:
+    return StateDraft(fingerprint=fingerprint, epoch=epoch, token_count=7, blob=blob)
+
+
+async def turn(store: Store, key: ThreadKey, question: str, answer: str,
+               saved: StateDraft | None = None) -> tuple[StoredMessage, StoredMessage]:
+    """One answered exchange, as the service stores it."""
+    user = await store.add_message(key, "user", question, status="pending")
+    return user, await store.finish_turn(key, user.id, answer, saved)
+
+
+class StoreContract:
+    integrity_errors: ClassVar[tuple[type[BaseException], ...]] = ()
+
+    @pytest.fixture
+    def make_store(self) -> MakeStore:
+        raise NotImplementedError("a store's test module defines make_store(clock) -> an unopened Store")
+
+    @pytest.fixture
+    def clock(self) -> FakeClock:
+        return FakeClock()
+
+    @pytest.fixture
+    async def store(self, make_store: MakeStore, clock: FakeClock) -> AsyncIterator[Store]:
+        async with make_store(clock) as opened:
+            yield opened
+
+    # --- lifecycle -----------------------------------------------------------------------------------
+
+    async def test_reopening_keeps_data(self, make_store: MakeStore, clock: FakeClock) -> None:
+        async with make_store(clock) as first:
+            await first.ensure_thread(KEY, "default")
+            await first.add_message(KEY, "user", "hello")
+        for _ in range(2):  # opening again must not re-create or reset anything
+            async with make_store(clock) as again:
+                assert [m.text for m in await again.messages(KEY)] == ["hello"]
+                thread = await again.get_thread(KEY)
+                assert thread is not None and thread.persona == "default" and thread.epoch == 0
+
+    async def test_close_twice_is_harmless(self, make_store: MakeStore, clock: FakeClock) -> None:
+        store = make_store(clock)
+        await store.open()
+        await store.close()
+        await store.close()
+
+    # --- threads -------------------------------------------------------------------------------------
+
+    async def test_ensure_thread_creates_once_and_keeps_the_first_persona(self, store: Store, clock: FakeClock) -> None:
+        assert await store.get_thread(KEY) is None
+        created = await store.ensure_thread(KEY, "default")
+        assert (created.key, created.persona, created.epoch, created.title) == (KEY, "default", 0, "")
+        assert created.created_at == created.updated_at == clock.now
+        clock.now += 5
+        again = await store.ensure_thread(KEY, "sql")
+        assert again == created
+        assert await store.get_thread(KEY) == created
+        assert await store.get_thread(OTHER) is None
+
+    async def test_restart_thread_new_epoch_keeps_log_drops_state(self, store: Store) -> None:
+        await store.ensure_thread(KEY, "default")
+        await store.ensure_thread(OTHER, "default")
+        await turn(store, KEY, "before", "reply before", state())
+        await store.save_state(OTHER, state(b"other"), 0)
+        assert await store.load_state(KEY) is not None
+
+        info = await store.restart_thread(KEY, "sql")
+        assert (info.epoch, info.persona) == (1, "sql")
+        assert await store.get_thread(KEY) == info
+        assert await store.load_state(KEY) is None
+        other = await store.load_state(OTHER)  # another thread's state is not touched
+        assert other is not None and other.blob == b"other"
+        assert [(m.text, m.epoch) for m in await store.messages(KEY)] == [("before", 0), ("reply before", 0)]
+
+        await store.add_message(KEY, "user", "after")
+        assert [m.text for m in await store.messages(KEY, epoch=1)] == ["after"]
+        assert (await store.restart_thread(KEY, "sql")).epoch == 2
+
+    async def test_list_threads_prefix_metacharacters_are_literal(self, store: Store) -> None:
+        ids = ["a_b/1", "axb/1", "a%c/1", "aZZc/1", "a\\d/1", "ab/1"]
+        for thread_id in ids:
+            await store.ensure_thread(ThreadKey("web", thread_id), "default")
+        await store.ensure_thread(ThreadKey("slack", "a_b/1"), "default")
+
+        def listed(prefix: str) -> set[str]:
+            return {str(t.key) for t in threads[prefix]}
+
+        threads = {prefix: await store.list_threads("web", prefix) for prefix in ("a_", "a%", "a\\", "a", "", "a*")}
+        assert listed("a_") == {"web:a_b/1"}
+        assert listed("a%") == {"web:a%c/1"}
+        assert listed("a\\") == {"web:a\\d/1"}
+        assert listed("a*") == set()
+        assert listed("a") == {f"web:{i}" for i in ids}
+        assert listed("") == {f"web:{i}" for i in ids}  # the other platform is never listed
+
+    async def test_list_threads_prefix_is_case_sensitive_and_exact(self, store: Store) -> None:
+        """Thread ids are case-sensitive (``ThreadKey`` compares exactly; Slack channel ids, web user
+        ids), so a prefix must not match an id that differs only in case (SQL's LIKE often does)."""
+        await store.ensure_thread(ThreadKey("web", "Alice/1"), "default")
+        await store.ensure_thread(ThreadKey("web", "alice/2"), "default")
+        await store.ensure_thread(ThreadKey("webx", "alice/3"), "default")  # a platform is not a prefix
+        assert [str(t.key) for t in await store.list_threads("web", "alice/")] == ["web:alice/2"]
+        assert [str(t.key) for t in await store.list_threads("web", "Alice/")] == ["web:Alice/1"]
+        assert await store.list_threads("web", "ALICE/") == []
+        assert await store.list_threads("web", "alice/2/") == []
+        assert {str(t.key) for t in await store.list_threads("web")} == {"web:Alice/1", "web:alice/2"}
+        assert [str(t.key) for t in await store.list_threads("we", "")] == []
+
+    async def test_list_threads_title_and_order(self, store: Store, clock: FakeClock) -> None:
+        first, second = ThreadKey("web", "u/1"), ThreadKey("web", "u/2")
+        await store.ensure_thread(first, "default")
+        clock.now += 1
+        await store.ensure_thread(second, "default")
+        clock.now += 1
+        await store.add_message(first, "notice", "not a title")
+        await store.add_message(first, "user", "  How do I index this?\nmore detail")
+        await store.add_message(first, "user", "a later question")
+        listed = await store.list_threads("web", "u/")
+        assert [str(t.key) for t in listed] == ["web:u/1", "web:u/2"]  # most recently updated first
+        assert listed[0].title == "How do I index this?" and listed[1].title == ""
+        assert listed[0].updated_at == clock.now and listed[0].created_at == clock.now - 2
+        assert len(await store.list_threads("web", "u/", limit=1)) == 1
+        await store.add_message(second, "user", "x" * 200)
+        clock.now += 1
+        assert (await store.get_thread(second)).title == "x" * 80  # type: ignore[union-attr]
+
+    # --- the log ---------------------------------------------------------------------------------------
+
+    async def test_add_message_is_committed_at_once(self, store: Store, make_store: MakeStore,
+                                                    clock: FakeClock) -> None:
+        await store.ensure_thread(KEY, "default")
+        message = await store.add_message(KEY, "user", "is this durable?", author="ann",
+                                          platform_message_id="m-1", status="pending")
+        assert (message.thread, message.epoch, message.role, message.author, message.text,
+                message.platform_message_id, message.status, message.created_at, message.tokens,
+                message.tokenizer) == (KEY, 0, "user", "ann", "is this durable?", "m-1", "pending", clock.now,
+                                       None, None)
+        # Visible to another connection right away: no later write is needed to commit it.
+        async with make_store(clock) as other:
+            assert await other.messages(KEY) == [message]
+            assert await other.get_message(message.id) == message
+
+    async def test_add_message_defaults(self, store: Store) -> None:
+        await store.ensure_thread(KEY, "default")
+        message = await store.add_message(KEY, "notice", "hi")
+        assert (message.author, message.platform_message_id, message.status) == ("", None, "done")
+        assert await store.get_message(message.id) == message
+        assert await store.get_message(message.id + 1000) is None
+
+    async def test_messages_in_order_and_by_epoch(self, store: Store) -> None:
+        await store.ensure_thread(KEY, "default")
+        await store.ensure_thread(OTHER, "default")
+        for text in ("one", "two", "three"):
+            await store.add_message(KEY, "user", text)
+        await store.add_message(OTHER, "user", "elsewhere")
+        assert [m.text for m in await store.messages(KEY)] == ["one", "two", "three"]
+        assert [m.text for m in await store.messages(KEY, epoch=0)] == ["one", "two", "three"]
+        assert await store.messages(KEY, epoch=1) == []
+        ids = [m.id for m in await store.messages(KEY)]
+        assert ids == sorted(ids) and len(set(ids)) == 3
+
+    async def test_set_status(self, store: Store) -> None:
+        await store.ensure_thread(KEY, "default")
+        message = await store.add_message(KEY, "user", "q", status="pending")
+        await store.set_status(message.id, "failed")
+        stored = await store.get_message(message.id)
+        assert stored is not None and stored.status == "failed"
+        await store.set_status(message.id + 1000, "failed")  # an unknown id changes nothing
+
+    async def test_a_messages_position_counts_only_its_own_thread(self, store: Store) -> None:
+        await store.ensure_thread(KEY, "default")
+        await store.ensure_thread(OTHER, "default")
+        first = await store.add_message(KEY, "user", "one")
+        for text in ("x", "y", "z"):  # another thread writes in between
+            await store.add_message(OTHER, "user", text)
+        second = await store.add_message(KEY, "user", "two")
+        assert [await store.position_in_thread(KEY, m.id) for m in (first, second)] == [0, 1]
+        assert second.id - first.id == 4
+        others = await store.messages(OTHER)
+        assert [await store.position_in_thread(OTHER, m.id) for m in others] == [0, 1, 2]
+
+    async def test_position_counts_every_role_and_epoch(self, store: Store) -> None:
+        await store.ensure_thread(KEY, "default")
+        user, reply = await turn(store, KEY, "q", "a")
+        await store.add_message(KEY, "notice", "n")
+        await store.restart_thread(KEY, "sql")  # a new epoch does not restart the count
+        after = await store.add_message(KEY, "user", "after")
+        assert [await store.position_in_thread(KEY, m.id) for m in (user, reply, after)] == [0, 1, 3]
+        # Defined for any id: how many of the thread's messages come before it.
+        assert await store.position_in_thread(KEY, after.id + 1000) == 4
+        assert await store.position_in_thread(KEY, 0) == 0
+        assert await store.position_in_thread(OTHER, after.id) == 0
+
+    async def test_positions_stay_dense_under_concurrent_writes(self, store: Store) -> None:
+        await store.ensure_thread(KEY, "default")
+        await store.ensure_thread(OTHER, "default")
+        written = await asyncio.gather(*(store.add_message(KEY if i % 3 else OTHER, "user", str(i)) for i in range(30)))
+        assert len({m.id for m in written}) == 30
+        for key in (KEY, OTHER):
+            log = await store.messages(key)
+            assert [await store.position_in_thread(key, m.id) for m in log] == list(range(len(log)))
+
+    # --- last_reply_id and context ---------------------------------------------------------------------
+
+    async def test_last_reply_id_is_zero_without_a_reply(self, store: Store) -> None:
+        assert await store.last_reply_id(KEY, 0, 10**9) == 0  # no thread at all
+        await store.ensure_thread(KEY, "default")
+        assert await store.last_reply_id(KEY, 0, 10**9) == 0
+        await store.add_message(KEY, "user", "q", status="answered")
+        await store.add_message(KEY, "notice", "n")
+        assert await store.last_reply_id(KEY, 0, 10**9) == 0
+
+    async def test_last_reply_id_respects_before_id(self, store: Store) -> None:
+        await store.ensure_thread(KEY, "default")
+        _, first = await turn(store, KEY, "q1", "a1")
+        user, second = await turn(store, KEY, "q2", "a2")
+        assert await store.last_reply_id(KEY, 0, first.id) == 0  # strictly below
+        assert await store.last_reply_id(KEY, 0, first.id + 1) == first.id
+        assert await store.last_reply_id(KEY, 0, user.id) == first.id
+        assert await store.last_reply_id(KEY, 0, second.id) == first.id
+        assert await store.last_reply_id(KEY, 0, second.id + 1) == second.id
+        assert await store.last_reply_id(KEY, 0, 10**9) == second.id
+
+    async def test_last_reply_id_stays_inside_its_epoch_and_thread(self, store: Store) -> None:
+        await store.ensure_thread(KEY, "default")
+        await store.ensure_thread(OTHER, "default")
+        _, old = await turn(store, KEY, "q", "a")
+        await store.restart_thread(KEY, "sql")
+        assert await store.last_reply_id(KEY, 1, 10**9) == 0  # the new epoch has read nothing yet
+        user, new = await turn(store, KEY, "q", "a")
+        _, elsewhere = await turn(store, OTHER, "q", "a")
+        assert await store.last_reply_id(KEY, 1, user.id) == 0
+        assert await store.last_reply_id(KEY, 1, 10**9) == new.id
+        assert await store.last_reply_id(KEY, 0, 10**9) == old.id
+        assert await store.last_reply_id(KEY, 2, 10**9) == 0
+        assert await store.last_reply_id(OTHER, 0, 10**9) == elsewhere.id
+
+    async def test_last_reply_id_ignores_notices(self, store: Store) -> None:
+        await store.ensure_thread(KEY, "default")
+        _, reply = await turn(store, KEY, "q", "a")
+        await store.add_message(KEY, "user", "lost", status="pending")
+        await store.mark_interrupted()  # adds a notice after the reply
+        notice = (await store.messages(KEY))[-1]
+        assert notice.role == "notice" and notice.author == "raven"
+        assert await store.last_reply_id(KEY, 0, 10**9) == reply.id
+
+    async def test_context_is_what_the_model_read(self, store: Store) -> None:
+        await store.ensure_thread(KEY, "default")
+        await store.ensure_thread(OTHER, "default")
+        statuses = ("pending", "interrupted", "failed", "done", "answered")
+        users = {s: await store.add_message(KEY, "user", s, status=s) for s in statuses}  # type: ignore[arg-type]
+        await store.add_message(KEY, "notice", "a notice")
+        await turn(store, OTHER, "elsewhere", "elsewhere")
+        asked, answered = await turn(store, KEY, "question", "reply")
+        assert [(m.role, m.text) for m in await store.context(KEY, 0, 10**9)] == [
+            ("user", "answered"), ("user", "question"), ("assistant", "reply")]
+        assert await store.context(KEY, 0, answered.id) == [users["answered"], (await store.get_message(asked.id))]
+        assert await store.context(KEY, 0, users["answered"].id) == []
+
+    async def test_context_is_one_epoch_oldest_first(self, store: Store) -> None:
+        await store.ensure_thread(KEY, "default")
+        for i in range(3):
+            await turn(store, KEY, f"old q{i}", f"old a{i}")
+        await store.restart_thread(KEY, "sql")
+        await turn(store, KEY, "new q", "new a")
+        pending = await store.add_message(KEY, "user", "being answered", status="pending")
+        old = await store.context(KEY, 0, 10**9)
+        assert [m.text for m in old] == ["old q0", "old a0", "old q1", "old a1", "old q2", "old a2"]
+        new = await store.context(KEY, 1, pending.id)
+        assert [m.text for m in new] == ["new q", "new a"] and all(m.epoch == 1 for m in new)
+        # The same as filtering the epoch's log by hand.
+        by_hand = [m for m in await store.messages(KEY, 1)
+                   if m.id < pending.id and (m.role == "assistant" or (m.role == "user" and m.status == "answered"))]
+        assert new == by_hand
+
+    # --- the end of a turn -----------------------------------------------------------------------------
+
+    @pytest.mark.parametrize("sabotage", ["blob is not bytes", "fingerprint violates NOT NULL"])
+    async def test_finish_turn_is_all_or_nothing(self, store: Store, make_store: MakeStore, clock: FakeClock,
+                                                 sabotage: str) -> None:
+        await store.ensure_thread(KEY, "default")
+        user = await store.add_message(KEY, "user", "question", status="pending")
+        before = await store.get_thread(KEY)
+        if sabotage == "blob is not bytes":
+            # Fails in Python, after the reply's insert and the status update would have run.
+            bad = StateDraft("fp", 0, 3, blob=None)  # type: ignore[arg-type]
+        else:
+            # Fails in the database, in the transaction's last statement.
+            bad = StateDraft(None, 0, 3, blob=b"x")  # type: ignore[arg-type]
+        clock.now += 1
+        with pytest.raises((TypeError, AttributeError, *self.integrity_errors)):
+            await store.finish_turn(KEY, user.id, "the reply", bad, tokens=[1, 2], tokenizer="tok")
+
+        # Neither the reply, nor the status change, nor a state — seen here and from another connection.
+        async with make_store(clock) as other:
+            for view in (store, other):
+                assert [(m.role, m.status) for m in await view.messages(KEY)] == [("user", "pending")]
+                assert await view.load_state(KEY) is None
+                assert await view.last_reply_id(KEY, 0, 10**9) == 0
+                assert await view.get_thread(KEY) == before
+
+        # The store is not stuck inside the failed transaction: the next turn commits normally.
+        reply = await store.finish_turn(KEY, user.id, "the reply", state(b"good"))
+        assert [(m.role, m.status, m.text) for m in await store.messages(KEY)] == [
+            ("user", "answered", "question"), ("assistant", "done", "the reply")]
+        assert await store.position_in_thread(KEY, reply.id) == 1
+        loaded = await store.load_state(KEY)
+        assert loaded is not None and loaded.blob == b"good" and loaded.checksum_ok
+        assert loaded.last_message_id == reply.id  # finish_turn records the reply it follows
+
+    async def test_finish_turn_stores_reply_status_and_state_together(self, store: Store, make_store: MakeStore,
+                                                                      clock: FakeClock) -> None:
+        await store.ensure_thread(KEY, "default")
+        user = await store.add_message(KEY, "user", "q", status="pending")
+        clock.now += 3
+        saved = StateDraft("fp", 0, token_count=7, blob=b"\x00\x01state")
+        reply = await store.finish_turn(KEY, user.id, "a", saved, status="answered")
+        assert (reply.role, reply.author, reply.text, reply.status, reply.epoch) == (
+            "assistant", "raven", "a", "done", 0)
+        assert (reply.tokens, reply.tokenizer, reply.platform_message_id) == (None, None, None)
+        assert reply.created_at == clock.now and (await store.get_thread(KEY)).updated_at == clock.now  # type: ignore[union-attr]
+        async with make_store(clock) as other:
+            loaded = await other.load_state(KEY)
+            assert loaded == StoredState("fp", 0, reply.id, 7, b"\x00\x01state", True)  # its own id, its own checksum
+            stored_user = await other.get_message(user.id)
+            assert stored_user is not None and stored_user.status == "answered"
+
+    async def test_finish_turn_with_another_status_and_no_state(self, store: Store) -> None:
+        await store.ensure_thread(KEY, "default")
+        await store.save_state(KEY, state(b"kept"), 0)
+        user = await store.add_message(KEY, "user", "q", status="pending")
+        await store.finish_turn(KEY, user.id, "partial", None, status="failed")
+        assert [m.status for m in await store.messages(KEY)] == ["failed", "done"]
+        kept = await store.load_state(KEY)  # no state given: the saved one is left as it was
+        assert kept is not None and kept.blob == b"kept"
+        assert await store.context(KEY, 0, 10**9) == (await store.messages(KEY))[1:]
+
+    async def test_reply_token_ids_round_trip(self, store: Store) -> None:
+        await store.ensure_thread(KEY, "default")
+        user = await store.add_message(KEY, "user", "hi")
+        ids = [0, 1, 255, 256, 65535, 65536, 70000, 2**31 - 1]
+        reply = await store.finish_turn(KEY, user.id, "hello", None, tokens=ids, tokenizer="tok")
+        assert (reply.tokens, reply.tokenizer) == (ids, "tok")
+        stored = await store.get_message(reply.id)
+        assert stored is not None and (stored.tokens, stored.tokenizer) == (ids, "tok")
+        assert (await store.context(KEY, 0, 10**9))[-1].tokens == ids
+        empty = await store.finish_turn(KEY, user.id, "", None, tokens=[], tokenizer="tok")
+        assert (empty.tokens, empty.tokenizer) == ([], "tok")
+
+    # --- crash recovery --------------------------------------------------------------------------------
+
+    async def test_mark_interrupted_marks_pending_and_adds_notices(self, store: Store) -> None:
+        await store.ensure_thread(KEY, "default")
+        await store.ensure_thread(OTHER, "default")
+        pending_1 = await store.add_message(KEY, "user", "lost one", status="pending")
+        answered = await store.add_message(KEY, "user", "fine", status="pending")
+        await store.finish_turn(KEY, answered.id, "reply", None)
+        pending_2 = await store.add_message(OTHER, "user", "lost two", status="pending")
+
+        marked = await store.mark_interrupted()
+        assert [m.id for m in marked] == [pending_1.id, pending_2.id]
+        assert marked == [pending_1, pending_2]  # as they were
+
+        first = await store.messages(KEY)
+        assert [(m.role, m.status) for m in first] == [
+            ("user", "interrupted"), ("user", "answered"), ("assistant", "done"), ("notice", "done")]
+        assert "restarted" in first[-1].text and first[-1].author == "raven"
+        second = await store.messages(OTHER)
+        assert [(m.role, m.status) for m in second] == [("user", "interrupted"), ("notice", "done")]
+        assert await store.position_in_thread(OTHER, second[-1].id) == 1
+
+        assert await store.mark_interrupted() == []  # nothing left pending: no second notice
+        assert len(await store.messages(KEY)) == 4
+
+    # --- saved states ----------------------------------------------------------------------------------
+
+    async def test_save_load_replace_and_delete_state(self, store: Store) -> None:
+        await store.ensure_thread(KEY, "default")
+        await store.ensure_thread(OTHER, "default")
+        assert await store.load_state(KEY) is None
+        blob = b"\x01\x02\x03\x04" * 64
+        await store.save_state(KEY, StateDraft("fp", 0, 7, blob), 9)
+        good = await store.load_state(KEY)
+        assert good == StoredState("fp", 0, 9, 7, blob, True)  # the checksum is the store's, not the caller's
+        await store.save_state(KEY, state(b"newer", epoch=2, fingerprint="fp2"), 0)  # one state per thread
+        assert await store.load_state(KEY) == StoredState("fp2", 2, 0, 7, b"newer", True)
+        await store.save_state(OTHER, state(b"other"), 0)
+        await store.delete_state(KEY)
+        assert await store.load_state(KEY) is None
+        await store.delete_state(KEY)  # deleting nothing is fine
+        assert (await store.load_state(OTHER)).blob == b"other"  # type: ignore[union-attr]
+
+    # --- deduplication ---------------------------------------------------------------------------------
+
+    async def test_claim_event_once_per_ttl(self, store: Store, make_store: MakeStore, clock: FakeClock) -> None:
+        assert await store.claim_event("slack:event:E1", ttl_s=600) is True
+        assert await store.claim_event("slack:event:E1", ttl_s=600) is False
+        assert await store.claim_event("slack:event:E2", ttl_s=600) is True
+        assert await store.claim_event("slack:EVENT:E1", ttl_s=600) is True  # keys are exact
+        clock.now += 599
+        assert await store.claim_event("slack:event:E1", ttl_s=600) is False  # does not extend the claim
+        clock.now += 1  # exactly ttl_s after the first claim: still blocked
+        assert await store.claim_event("slack:event:E1", ttl_s=600) is False
+        clock.now += 1  # 601 s after the first claim
+        assert await store.claim_event("slack:event:E1", ttl_s=600) is True
+        assert await store.claim_event("slack:event:E1", ttl_s=600) is False
+        # Claims are committed: after a restart the event is still known.
+        await store.close()
+        async with make_store(clock) as again:
+            assert await again.claim_event("slack:event:E1", ttl_s=600) is False
+            clock.now += 601
+            assert await again.claim_event("slack:event:E1", ttl_s=600) is True
