@@ -21,6 +21,9 @@ What is measured (JSON keys):
 * ``max_loop_stall_ms``: the longest the asyncio event loop went without running a 1 ms ticker while
   the engine generated.
 * ``max_logit_diff``: largest |ours − package| over the prefill and the decode steps compared.
+* ``turn_overhead_ms_10`` / ``_2000`` and ``turn_overhead_ratio``: what a turn costs besides the model
+  on a hot thread of 10 and of 2,000 messages, and their ratio (target ≤ 1.2: per-turn work does not
+  grow with the thread; see ``bench/turn_overhead.py``).
 """
 
 from __future__ import annotations
@@ -32,15 +35,15 @@ import platform
 import resource
 import statistics
 import tempfile
-import threading
 import time
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, TypeVar
+from typing import Any
 
 import torch
 
+from bench.turn_overhead import LONG_MESSAGES, measure_turn_overhead
 from bot.errors import ConfigError
 from bot.inference.allocator import tune_allocator
 from bot.inference.backend import Backend
@@ -49,10 +52,10 @@ from bot.inference.engine import Engine, GenerateRequest, ModelState
 from bot.inference.package_backend import PackageBackend
 from bot.inference.rwkv7_batched import BatchedRWKV7Backend
 from bot.inference.sampling import SamplingParams
+from bot.inference.threads import run_in_fresh_thread
 
 log = logging.getLogger(__name__)
 Progress = Callable[[str], None]
-_T = TypeVar("_T")
 
 HISTORY_TOKENS = 8000
 MESSAGE_TOKENS = 512
@@ -155,7 +158,7 @@ async def _generate(engine: Engine, start: ModelState, prompt: list[int], max_to
     """One reply through the engine: (seconds to its first streamed token, seconds to the end, tokens)."""
     params = SamplingParams(max_tokens=max_tokens)  # the chat defaults
     request = GenerateRequest(start=start, prompt_tokens=prompt, sampling=params, stop_strings=(),
-                              seed=seed, label=f"bench-{seed}")
+                              seed=seed)
     started = time.perf_counter()
     generation = engine.generate(request)
     first = -1.0
@@ -252,33 +255,6 @@ def _device_name(device: torch.device) -> str:
     return f"{name}, {os.cpu_count()} CPUs"
 
 
-def _in_fresh_thread(fn: Callable[[], _T], torch_threads: int) -> _T:
-    """Run ``fn`` in a new thread that ends afterwards, with ``torch_threads`` OpenMP threads.
-
-    Why: with GNU OpenMP, every thread that runs a parallel torch op keeps a team of worker threads
-    for as long as it lives, and once the process holds more such threads than CPUs, every team
-    stops spinning between parallel regions. On our 2-core machine that made the engine's worker
-    2× slower whenever the main thread had run a single large op (measured: prefill of 66 tokens
-    81 → 190 ms). So heavy work runs in threads that end, and the event loop's thread stays at 1.
-    """
-    box: dict[str, Any] = {}
-
-    def target() -> None:
-        torch.set_num_threads(torch_threads)
-        try:
-            with torch.no_grad():
-                box["value"] = fn()
-        except BaseException as exc:  # re-raised in the caller
-            box["error"] = exc
-
-    worker = threading.Thread(target=target, name="raven-bench")
-    worker.start()
-    worker.join()
-    if "error" in box:
-        raise box["error"]
-    return box["value"]  # type: ignore[no-any-return]
-
-
 @dataclass
 class _Direct:
     """The backends, and what was measured by calling them directly (no engine)."""
@@ -370,16 +346,19 @@ def run_benchmark(size: str = "0.1b", dtype: str = "fp32", device: str = "cpu",
 
     ``quick`` shortens every phase to a smoke run (seconds on the tiny model); its figures are noisy.
     The calling thread runs the event loop and is set to one torch thread while this runs (see
-    ``_in_fresh_thread``); the model work runs with the torch thread count it had on entry.
+    ``bot.inference.threads``); the model work runs with the torch thread count it had on entry.
     """
     _check_options(size, dtype, device)
     tuned = tune_allocator()  # as the bot does at start; the package's figures run under it too
-    torch_threads = torch.get_num_threads()  # also pins this thread's count (see _in_fresh_thread)
+    torch_threads = torch.get_num_threads()  # also pins this thread's count (see bot.inference.threads)
     torch.set_num_threads(1)
     try:
-        result = _run(size, dtype, device, tuple(int(n) for n in threads), quick, torch_threads,
-                      progress or (lambda message: log.info("bench: %s", message)))
+        say = progress or (lambda message: log.info("bench: %s", message))
+        result = _run(size, dtype, device, tuple(int(n) for n in threads), quick, torch_threads, say)
         result["malloc_tuned"] = tuned
+        say("turn overhead, short vs long thread (tiny model)")
+        result.update(measure_turn_overhead(_checkpoint("tiny"), long=200 if quick else LONG_MESSAGES,
+                                            turns=6 if quick else 40))
         return result
     finally:
         torch.set_num_threads(torch_threads)
@@ -413,8 +392,10 @@ def _run(size: str, dtype: str, device: str, threads: tuple[int, ...], quick: bo
 
     say(f"checkpoint ({size})")
     path = _checkpoint(size)  # type: ignore[arg-type]
-    direct = _in_fresh_thread(
-        lambda: _measure_directly(path, device, dtype, threads, rounds, decode_steps, say), torch_threads)
+    # In a thread that ends, with the torch threads the caller had: the event loop's thread stays at 1.
+    direct = run_in_fresh_thread(
+        lambda: _measure_directly(path, device, dtype, threads, rounds, decode_steps, say),
+        name="raven-bench", torch_threads=torch_threads)
     ours, ref = direct.ours, direct.ref
 
     stall: list[float] = []
@@ -506,6 +487,10 @@ def format_table(result: dict[str, Any]) -> str:
                  f"rebuild would take {result['rebuild_8k_s']:.1f} s"))
     rows.append((f"first token beside {result['busy_streams']} replies (ms)", f"{result['ttft_busy_ms']:.0f}",
                  "", "", f"a {BUSY_PROBE_TOKENS}-token message"))
+    long = max(int(k.rsplit("_", 1)[1]) for k in result if k.startswith("turn_overhead_ms_"))
+    rows.append((f"turn overhead, thread of {long} / 10 msgs (ms)", f"{result[f'turn_overhead_ms_{long}']:.1f}",
+                 f"{result['turn_overhead_ms_10']:.1f}", f"{result['turn_overhead_ratio']:.2f}x",
+                 "<= 1.2  " + ("ok" if result["turn_overhead_ratio"] <= 1.2 else "MISSED")))
     rows.append(("max |logit ours - package|", f"{result['max_logit_diff']:.3g}", "", "",
                  mark("max_logit_diff", result["max_logit_diff"])))
     rows.append(("argmax agreement", f"{result['argmax_agreement']:.1%}", "", "", ""))

@@ -11,11 +11,11 @@ import pytest
 import torch
 
 from bot.app.assembly import load_backend, open_service
+from bot.core.outcomes import Busy, CutOff
 from bot.errors import EngineBusy
 from bot.events import Event, ThreadKey
 from bot.inference.engine import Completion, Engine, GenerateRequest, ModelState
 from bot.inference.sampling import SamplingParams
-from bot.inference.state_codec import decode_state
 from bot.inference.tokenizer import load_tokenizer
 from tests.conftest import SettingsFactory
 
@@ -91,10 +91,51 @@ async def test_a_full_queue_answers_busy(settings_factory: SettingsFactory) -> N
         assert (await second.result()).generated_tokens == 3
 
 
+async def test_prefill_jobs_count_toward_the_queue_and_are_refused_when_it_is_full(engine: Engine) -> None:
+    import threading
+
+    start = engine.zero_state()
+    tokens = engine.tokenizer.encode("System: a persona prompt\n\n")
+    entered, gate = threading.Event(), threading.Event()
+
+    def hold() -> None:  # keeps the worker busy, so submitted work stays queued
+        entered.set()
+        gate.wait(30)
+
+    held = asyncio.create_task(engine.call(hold))
+    try:
+        assert await asyncio.to_thread(entered.wait, 30)  # the worker is inside the call
+        first = asyncio.create_task(engine.prefill(start, tokens))
+        second = asyncio.create_task(engine.prefill(start, tokens[:-1]))
+        await asyncio.sleep(0.01)  # both are submitted
+        assert engine.queued == 2 == engine.max_queue
+        with pytest.raises(EngineBusy) as busy:
+            await engine.prefill(start, tokens)
+        assert busy.value.ahead == 2 and "2 ahead of you" in str(busy.value)
+        with pytest.raises(EngineBusy) as busy:  # a fresh-state prefill is refused before any work
+            await engine.prefill(None, tokens)
+        assert busy.value.ahead == 2
+        with pytest.raises(EngineBusy):  # queued prefill jobs hold places a reply would need
+            engine.generate(request(engine, start, "hi", max_tokens=3))
+        assert engine.stats.busy_rejections == 3
+        assert (await engine.prefill(start, [])) is start  # nothing to read: no place needed
+    finally:
+        gate.set()
+    await held
+    done = await asyncio.wait_for(asyncio.gather(first, second), timeout=30)
+    assert [d.token_count for d in done] == [len(tokens), len(tokens) - 1]
+    assert engine.queued == 0
+    again = await engine.prefill(start, tokens)  # room again; the same tokens give the same state
+    assert torch.equal(again.logits, done[0].logits)
+
+
 async def test_busy_reaches_the_user_as_a_notice(settings_factory: SettingsFactory) -> None:
     async with open_service(settings_factory(max_batch=1, max_queue=1, max_reply_tokens=300)) as service:
         async def say(thread: str) -> str:
-            return "".join([c async for c in service.reply(Event(ThreadKey("t", thread), "u", "U", "hi"))])
+            turn = service.reply(Event(ThreadKey("t", thread), "u", "U", "hi"))
+            shown = await turn.text()
+            outcome = await turn.outcome()
+            return outcome.message if isinstance(outcome, Busy) else shown
 
         stream = service.reply(Event(ThreadKey("t", "a"), "u", "U", "hi"))
         await stream.__anext__()  # "a" is streaming and holds the only place
@@ -111,8 +152,11 @@ async def test_busy_reaches_the_user_as_a_notice(settings_factory: SettingsFacto
 async def test_a_reply_that_runs_too_long_ends_with_a_notice(settings_factory: SettingsFactory) -> None:
     async with open_service(settings_factory(reply_timeout_s=0.5, max_reply_tokens=5000)) as service:
         key = ThreadKey("t", "slow")
-        reply = "".join([c async for c in service.reply(Event(key, "u", "U", "go on forever"))])
-        assert "reply cut off" in reply
+        turn = service.reply(Event(key, "u", "U", "go on forever"))
+        reply = await turn.text()
+        outcome = await turn.outcome()
+        assert isinstance(outcome, CutOff) and outcome.reason == "timeout" and outcome.text == reply
+        assert "reply cut off" in outcome.message and "0.5 s" in outcome.message
         turn = service.last_turn(key)
         assert turn is not None and turn.finish_reason == "timeout" and turn.generated_tokens < 5000
         messages = await service.thread_messages(key)
@@ -166,7 +210,7 @@ async def test_states_past_the_memory_budget_come_back_from_sqlite_identically(
         key = evicted[0]
         stored = await service.store.load_state(key)
         assert stored is not None
-        loaded = decode_state(stored.blob, service.engine.backend.zero_state(), service.engine.backend.vocab_size)
+        loaded = await service.engine.decode_state(stored.blob)
         assert torch.equal(loaded.logits, before[key].logits)
         for a, b in zip(loaded.state, before[key].state, strict=True):
             assert torch.equal(a, b)

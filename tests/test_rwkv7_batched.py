@@ -252,3 +252,20 @@ def test_rejects_other_families_and_bad_options(tmp_path: Path, b7_ckpt: Path) -
         BatchedRWKV7Backend(b7_ckpt, dtype="int8")
     with pytest.raises(ModelLoadError, match="does not exist"):
         BatchedRWKV7Backend(tmp_path / "nope.pth")
+
+
+@pytest.mark.parametrize(("rows", "length"), [(2, WKV_CHUNK + 1), (3, 55), (4, 2 * WKV_CHUNK + 3)])
+def test_multi_row_prefill_past_a_chunk_boundary_matches_package(
+        pair: tuple[BatchedRWKV7Backend, PackageBackend], rows: int, length: int) -> None:
+    """Several prompts read together, of a length that leaves the last wkv chunk padded (it failed
+    with a strided view once: four 55-token messages arriving in one step)."""
+    ours, ref = pair
+    prompts = [_tokens(length, seed=500 + row) for row in range(rows)]
+    for row in range(rows):
+        ours.load_slot(row, ref.zero_state())
+    got = ours.prefill_rows(0, prompts)
+    assert got.shape == (rows, ours.vocab_size)
+    for row, prompt in enumerate(prompts):
+        want, state = _package_run(ref, ref.zero_state(), prompt)
+        assert float((got[row] - want).abs().max()) <= FP32_TOL
+        assert _max_state_diff(ours.read_slot(row), state) <= FP32_TOL

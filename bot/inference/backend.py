@@ -7,16 +7,32 @@ another and a saved state survives a change between them.
 
 The engine keeps the threads it is serving in slots ``0 .. n-1`` of the pool, compacted: a batched
 decode step works on the first ``n`` slots without gathering anything.
+
+A :class:`ModelState` is what the engine hands out and takes back: a state with the logits for the
+next token (``bot.inference.state_codec`` turns it into bytes for the store and back).
 """
 
 from __future__ import annotations
 
 from collections.abc import Sequence
+from dataclasses import dataclass
 from typing import Protocol
 
 import torch
 
 State = list[torch.Tensor]
+
+
+@dataclass
+class ModelState:
+    """The model after reading some tokens: the recurrent state and the logits for the next token."""
+
+    state: State
+    logits: torch.Tensor
+    token_count: int
+
+    def nbytes(self) -> int:
+        return sum(t.numel() * t.element_size() for t in self.state) + self.logits.numel() * 4
 
 
 class Backend(Protocol):

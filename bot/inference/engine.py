@@ -27,13 +27,15 @@ import time
 from collections import deque
 from collections.abc import AsyncIterator, Callable, Sequence
 from dataclasses import dataclass, field
-from typing import Any, Literal, TypeVar
+from typing import Literal, TypeVar
 
 import torch
 
 from bot.errors import EngineBusy, RavenError
-from bot.inference.backend import Backend, State
+from bot.inference import state_codec
+from bot.inference.backend import Backend, ModelState, State
 from bot.inference.sampling import END_OF_TEXT, RowSampler, SamplingParams, sample_rows
+from bot.inference.threads import settle
 from bot.inference.tokenizer import Tokenizer
 
 log = logging.getLogger(__name__)
@@ -42,18 +44,6 @@ COALESCE_S = 0.002
 MAX_ADMIT_ROUNDS = 4
 """Distinct prompt lengths admitted in one step: each is one more pass over the weights."""
 FinishReason = Literal["stop", "length", "timeout", "cancelled", "error"]
-
-
-@dataclass
-class ModelState:
-    """The model after reading some tokens: the recurrent state and the logits for the next token."""
-
-    state: State
-    logits: torch.Tensor
-    token_count: int
-
-    def nbytes(self) -> int:
-        return sum(t.numel() * t.element_size() for t in self.state) + self.logits.numel() * 4
 
 
 @dataclass
@@ -77,17 +67,6 @@ class GenerateRequest:
     #: the end of a turn: appended to a reply's segment unless its text already ends with it
     separator_text: str = "\n\n"
     separator_tokens: list[int] = field(default_factory=list)
-    label: str = ""
-
-
-def _settle(future: asyncio.Future[Any], value: object, error: BaseException | None) -> None:
-    """Complete a future on its loop's thread, unless it was already (e.g. cancelled)."""
-    if future.done():
-        return
-    if error is not None:
-        future.set_exception(error)
-    else:
-        future.set_result(value)
 
 
 class _Call:
@@ -102,9 +81,9 @@ class _Call:
         try:
             value = self.fn()
         except Exception as exc:
-            self.loop.call_soon_threadsafe(_settle, self.result, None, exc)
+            self.loop.call_soon_threadsafe(settle, self.result, None, exc)
             return
-        self.loop.call_soon_threadsafe(_settle, self.result, value, None)
+        self.loop.call_soon_threadsafe(settle, self.result, value, None)
 
 
 class _Job:
@@ -141,7 +120,7 @@ class _Job:
 
     def resolve(self, value: object) -> None:
         error = value if isinstance(value, BaseException) else None
-        self.loop.call_soon_threadsafe(_settle, self.result, None if error else value, error)
+        self.loop.call_soon_threadsafe(settle, self.result, None if error else value, error)
 
 
 class Generation:
@@ -200,7 +179,6 @@ class Engine:
         self._prefill_slot = max_batch
         self._cond = threading.Condition()
         self._incoming: deque[_Job] = deque()
-        self._urgent: deque[_Job] = deque()  # jumps the queue of prefill work
         self._calls: deque[_Call] = deque()
         self._waiting: deque[_Job] = deque()
         self._decoding: list[_Job] = []
@@ -209,6 +187,7 @@ class Engine:
         self._thread: threading.Thread | None = None
         self._failure: BaseException | None = None
         self._never = torch.tensor(tokenizer.unknown_ids(backend.vocab_size), dtype=torch.long)
+        self._template: State | None = None  # the model's state layout, for decode_state (worker only)
 
     # --- lifecycle ------------------------------------------------------------------------------
 
@@ -238,8 +217,22 @@ class Engine:
 
     @property
     def queued(self) -> int:
-        """Generations waiting for a place (not yet streaming)."""
+        """Work waiting its turn: replies not yet streaming and prefill jobs not yet started."""
         return len(self._incoming) + len(self._waiting)
+
+    @property
+    def vocab_size(self) -> int:
+        return self.backend.vocab_size
+
+    @property
+    def tokenizer_name(self) -> str:
+        """The tokenizer's name, stored beside reply token ids (ids are only replayed under it)."""
+        return self.tokenizer.name
+
+    def valid_tokens(self, tokens: Sequence[int]) -> bool:
+        """Whether every id is one of the model's tokens (stored ids may come from a damaged row)."""
+        vocab = self.backend.vocab_size
+        return all(isinstance(t, int) and not isinstance(t, bool) and 0 <= t < vocab for t in tokens)
 
     def zero_state(self) -> ModelState:
         """A fresh state. Tensor work: call it in the worker (``call``) or outside a running engine."""
@@ -258,14 +251,31 @@ class Engine:
             self._cond.notify_all()
         return await job.result  # type: ignore[return-value]
 
+    async def encode_state(self, state: ModelState) -> bytes:
+        """``state`` as bytes for the store (serialised in the worker thread)."""
+        return await self.call(lambda: state_codec.encode_state(state))
+
+    async def decode_state(self, blob: bytes) -> ModelState:
+        """A stored blob back into a state, checked against this model's state layout and vocabulary;
+        raises :class:`~bot.errors.StateError` if it is corrupt or another model's."""
+
+        def decode() -> ModelState:
+            if self._template is None:
+                self._template = self.backend.zero_state()
+            return state_codec.decode_state(blob, self._template, self.backend.vocab_size)
+
+        return await self.call(decode)
+
     async def prefill(self, start: ModelState | None, tokens: list[int]) -> ModelState:
         """The model after reading ``tokens`` from ``start`` (None: a fresh state); for persona
-        prompts and rebuilds."""
+        prompts and rebuilds. Raises :class:`EngineBusy` when the queue is full."""
+        if tokens:
+            self._check_room()  # before the worker call: refuse at once
         if start is None:
             start = await self.call(self.zero_state)
         if not tokens:
             return start
-        job = self._submit(start, tokens, None, urgent=False)
+        job = self._submit(start, tokens, None)
         value = await job.result
         assert isinstance(value, ModelState)
         return value
@@ -276,20 +286,23 @@ class Engine:
             raise ValueError("a generation needs prompt tokens")
         if not request.separator_tokens:
             request.separator_tokens = self.tokenizer.encode(request.separator_text)
+        job = self._submit(request.start, list(request.prompt_tokens), request)
+        return Generation(self, job)
+
+    def _check_room(self) -> None:
+        """Raise :class:`EngineBusy` (saying how many are ahead) when ``max_queue`` jobs are waiting."""
         if self.queued >= self.max_queue:
             self.stats.busy_rejections += 1
             raise EngineBusy(self.queued + len(self._decoding))
-        job = self._submit(request.start, list(request.prompt_tokens), request, urgent=False)
-        return Generation(self, job)
 
-    def _submit(self, start: ModelState, tokens: list[int], request: GenerateRequest | None,
-                urgent: bool) -> _Job:
+    def _submit(self, start: ModelState, tokens: list[int], request: GenerateRequest | None) -> _Job:
         if self._failure is not None:
             raise RavenError(f"the engine stopped after an error: {self._failure}")
+        self._check_room()
         deadline = time.monotonic() + self.reply_timeout_s if request is not None else float("inf")
         job = _Job(asyncio.get_running_loop(), start, tokens, deadline, request)
         with self._cond:
-            (self._urgent if urgent else self._incoming).append(job)
+            self._incoming.append(job)
             self._cond.notify_all()
         return job
 
@@ -303,7 +316,7 @@ class Engine:
                 while True:
                     with self._cond:
                         idle = False
-                        while not (self._stopping or self._incoming or self._urgent or self._waiting
+                        while not (self._stopping or self._incoming or self._waiting
                                    or self._decoding or self._prefilling or self._calls):
                             idle = True
                             self._cond.wait()
@@ -340,10 +353,9 @@ class Engine:
         stopped = RavenError(f"the engine stopped: {error}")
         with self._cond:
             for call in self._calls:
-                call.loop.call_soon_threadsafe(_settle, call.result, None, stopped)
+                call.loop.call_soon_threadsafe(settle, call.result, None, stopped)
             self._calls.clear()
-            queued = [*self._urgent, *self._incoming, *self._waiting]
-            self._urgent.clear()
+            queued = [*self._incoming, *self._waiting]
             self._incoming.clear()
             self._waiting.clear()
         self._fail_jobs(queued, stopped)
@@ -397,8 +409,6 @@ class Engine:
 
     def _next_prefill(self) -> _Job | None:
         with self._cond:
-            if self._urgent:
-                return self._urgent.popleft()
             while self._waiting:
                 job = self._waiting[0]
                 if job.cancelled or time.monotonic() > job.deadline:
@@ -596,20 +606,3 @@ class Engine:
         job.emit(None)
         job.resolve(Completion("", reason, 0, None, []))
 
-
-async def in_fresh_thread(fn: Callable[[], T]) -> T:
-    """Run blocking tensor work (loading a model) in a thread of its own that ends afterwards, rather
-    than in asyncio's long-lived executor, whose threads would keep OpenMP teams alive."""
-    loop = asyncio.get_running_loop()
-    result: asyncio.Future[T] = loop.create_future()
-
-    def work() -> None:
-        try:
-            value = fn()
-        except BaseException as exc:
-            loop.call_soon_threadsafe(_settle, result, None, exc)
-        else:
-            loop.call_soon_threadsafe(_settle, result, value, None)
-
-    threading.Thread(target=work, name="raven-load", daemon=True).start()
-    return await result

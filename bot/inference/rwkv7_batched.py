@@ -41,8 +41,7 @@ matrix-vector product, so we do it in O(N²) in place.
 from __future__ import annotations
 
 import logging
-import threading
-from collections.abc import Callable, Sequence
+from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -52,6 +51,7 @@ import torch.nn.functional as F
 from bot.errors import ModelLoadError, NonFiniteLogitsError
 from bot.inference.backend import State
 from bot.inference.checkpoint import detect_family, read_state_dict
+from bot.inference.threads import run_in_fresh_thread
 
 log = logging.getLogger(__name__)
 
@@ -214,29 +214,6 @@ def _validate(path: Path, sd: dict[str, torch.Tensor]) -> tuple[int, int, int]:
     return n_layer, C, V
 
 
-def _in_short_lived_thread(fn: Callable[[], None]) -> None:
-    """Run ``fn`` (under no_grad) in a thread that ends when it is done, re-raising its error.
-
-    The loader's large parallel ops would otherwise give the calling thread — typically a pooled
-    executor thread that lives on — an OpenMP team of its own, which slows the engine's worker
-    (see the OpenMP note on ``BatchedRWKV7Backend``). A thread that ends takes its team with it.
-    """
-    errors: list[BaseException] = []
-
-    def target() -> None:
-        try:
-            with torch.no_grad():
-                fn()
-        except BaseException as exc:  # re-raised in the caller
-            errors.append(exc)
-
-    worker = threading.Thread(target=target, name="rwkv7-load")
-    worker.start()
-    worker.join()
-    if errors:
-        raise errors[0]
-
-
 # --------------------------------------------------------------------------------------------------
 # The wkv recurrence
 # --------------------------------------------------------------------------------------------------
@@ -377,7 +354,10 @@ class BatchedRWKV7Backend:
         sd = read_state_dict(self.path)
         self.n_layer, self.n_embd, self.vocab_size = _validate(self.path, sd)
         self.n_head, self.head_size = (int(s) for s in sd["blocks.0.att.r_k"].shape)
-        _in_short_lived_thread(lambda: self._load(sd))  # sd is memory-mapped; dropped on return
+        # The loader's large parallel ops would give the calling thread (often a pooled executor
+        # thread that lives on) an OpenMP team of its own: they run in a thread that ends.
+        # sd is memory-mapped; it is dropped on return.
+        run_in_fresh_thread(lambda: self._load(sd), name="rwkv7-load")
 
     # ---- loading -----------------------------------------------------------------------------
 
@@ -489,7 +469,9 @@ class BatchedRWKV7Backend:
         def heads(t: torch.Tensor) -> torch.Tensor:
             return t.view(S_, T, H, N)
 
-        return _wkv_seq(state, heads(r), heads(log_w), heads(k), heads(v), heads(kk), heads(a)).reshape(S_, T, C)
+        # contiguous: a padded last chunk leaves a strided view, which group_norm's .view cannot take
+        y = _wkv_seq(state, heads(r), heads(log_w), heads(k), heads(v), heads(kk), heads(a))
+        return y.reshape(S_, T, C).contiguous()
 
     def _channel_mix(self, i: int, x: torch.Tensor, slots: slice) -> torch.Tensor:
         """The MLP half of block i: relu(shifted x @ K)² @ V. x (S, T, C) is ln2's output."""

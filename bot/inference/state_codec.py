@@ -8,7 +8,7 @@ import io
 import torch
 
 from bot.errors import StateError
-from bot.inference.engine import ModelState
+from bot.inference.backend import ModelState
 
 
 def encode_state(model: ModelState) -> bytes:
