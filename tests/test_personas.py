@@ -3,12 +3,13 @@ built, the extra directory (RAVEN_PERSONAS_DIR), the mtime cache and the prompt 
 
 from __future__ import annotations
 
+import importlib.resources
 import os
 from pathlib import Path
 
 import pytest
 
-from bot.core.personas import BUILTIN_DIR, PersonaLibrary, parse_persona
+from bot.core.personas import BUILTIN_DIR, PersonaLibrary, builtin_dir, parse_persona
 from bot.errors import PersonaError
 from bot.settings import load_settings
 
@@ -84,6 +85,14 @@ def test_no_front_matter_means_prompt_only() -> None:
         ("---\ntop_k: [1, 2]\n---\nPrompt.\n", "top_k must be a number"),
         ("---\nmax_reply_tokens: {a: 1}\n---\nPrompt.\n", "max_reply_tokens must be a number"),
         ("---\ntop_p:\n---\nPrompt.\n", "top_p must be a number"),
+        # python-frontmatter alone would take these as prompt text or drop the front matter
+        ("---\n", "not closed"),
+        ("---", "not closed"),
+        ("---\nname: x\n--- not a fence\nPrompt.\n", "not closed"),
+        ("---\njust a string\n---\nPrompt.\n", "must be a mapping"),
+        ("---\n[a, b]\n---\nPrompt.\n", "must be a mapping"),
+        # the YAML is loaded safely: no Python objects
+        ("---\nname: !!python/object/apply:os.system ['true']\n---\nPrompt.\n", "bad front matter"),
     ],
 )
 def test_malformed_persona_file_names_the_file(extra: Path, text: str, complaint: str) -> None:
@@ -92,6 +101,17 @@ def test_malformed_persona_file_names_the_file(extra: Path, text: str, complaint
         PersonaLibrary(extra).get("broken")
     assert str(path) in str(info.value)
     assert complaint in str(info.value)
+
+
+def test_front_matter_edges() -> None:
+    # Empty front matter is allowed; a later `---` line (a Markdown rule) stays in the prompt.
+    persona = parse_persona("e", "---\n---\nFirst part.\n\n---\n\nSecond part.\n")
+    assert (persona.display_name, persona.prompt) == ("e", "First part.\n\n---\n\nSecond part.")
+    # Only YAML front matter: a prompt that opens with JSON or TOML delimiters is prompt text.
+    for text in ("{\n\"a\": 1\n}\nPrompt.", "+++\na = 1\n+++\nPrompt."):
+        assert parse_persona("j", text).prompt == text
+    # Without an opening `---` line a later one is just text.
+    assert parse_persona("n", "Prompt.\n---\nname: x\n---\n").prompt == "Prompt.\n---\nname: x\n---"
 
 
 @pytest.mark.parametrize("value", ["true", "on"])
@@ -192,6 +212,19 @@ def test_fingerprint_follows_prompt_and_roles_only() -> None:
 
 def test_builtin_dir_is_the_repository_instructions() -> None:
     assert sorted(p.name for p in BUILTIN_DIR.glob("*.md")) == ["default.md", "project.md", "sql.md"]
+    # Found as the `instructions` package (package data in a wheel; tests/test_wheel.py installs one).
+    assert BUILTIN_DIR == Path(str(importlib.resources.files("instructions")))
+    assert BUILTIN_DIR == Path(__file__).resolve().parent.parent / "instructions"
+
+
+def test_builtin_dir_falls_back_to_the_checkout(monkeypatch: pytest.MonkeyPatch) -> None:
+    """An editable install made before ``instructions`` was a package cannot import it."""
+
+    def missing(name: str) -> None:
+        raise ModuleNotFoundError(name)
+
+    monkeypatch.setattr(importlib.resources, "files", missing)
+    assert builtin_dir() == BUILTIN_DIR
 
 
 @pytest.mark.parametrize("line", ["top_p: 7", "max_reply_tokens: 0", "temperature: -1", "penalty_decay: 2"])

@@ -18,17 +18,39 @@ before any path is built, so ``../x`` can never reach the file system.
 from __future__ import annotations
 
 import hashlib
+import importlib.resources
 import re
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
 import yaml
+from frontmatter.default_handlers import YAMLHandler
 
 from bot.errors import PersonaError
 
 NAME_PATTERN = re.compile(r"^[a-z0-9][a-z0-9_-]{0,31}$")
-BUILTIN_DIR = Path(__file__).resolve().parents[2] / "instructions"
+# python-frontmatter's YAML handler: a `---` line opens and closes the front matter, and it loads
+# with yaml's SafeLoader (CSafeLoader when libyaml is there), the same as yaml.safe_load.
+FRONT_MATTER = YAMLHandler()
+
+
+def builtin_dir() -> Path:
+    """The built-in personas: the ``instructions`` package's folder, found through
+    ``importlib.resources`` so that it works for a wheel install (site-packages/instructions), an
+    editable install (setuptools maps the package to the checkout) and a source checkout on
+    ``sys.path``. An old editable install that predates the package falls back to the checkout
+    folder next to ``bot/``."""
+    try:
+        root = importlib.resources.files("instructions")
+    except ModuleNotFoundError:
+        root = None
+    if isinstance(root, Path) and (root / "default.md").is_file():
+        return root
+    return Path(__file__).resolve().parents[2] / "instructions"
+
+
+BUILTIN_DIR = builtin_dir()
 SAMPLING_KEYS = {
     "temperature": float, "top_p": float, "top_k": int, "presence_penalty": float,
     "frequency_penalty": float, "penalty_decay": float, "max_reply_tokens": int,
@@ -69,21 +91,29 @@ def check_name(name: str) -> str:
     return name
 
 
+def split_front_matter(text: str, where: str) -> tuple[dict[str, Any], str]:
+    """The front matter mapping and the body. The handler's methods are called one by one because
+    ``frontmatter.loads`` is lenient where a persona file must not be: it returns the whole file as
+    content when the closing ``---`` is missing, and drops front matter that is not a mapping."""
+    if not FRONT_MATTER.detect(text):  # no opening `---` line: the whole file is the prompt
+        return {}, text
+    try:
+        raw, body = FRONT_MATTER.split(text)
+    except ValueError:  # only the opening `---`
+        raise PersonaError(f"persona file {where}: front matter is not closed with '---'") from None
+    try:
+        loaded = FRONT_MATTER.load(raw)
+    except yaml.YAMLError as exc:
+        raise PersonaError(f"persona file {where}: bad front matter: {exc}") from exc
+    if loaded is None:  # empty front matter
+        loaded = {}
+    if not isinstance(loaded, dict):
+        raise PersonaError(f"persona file {where}: front matter must be a mapping")
+    return loaded, body
+
+
 def parse_persona(name: str, text: str, source: str = "") -> Persona:
-    front: dict[str, Any] = {}
-    body = text
-    if text.startswith("---"):
-        parts = text.split("\n---", 1)
-        if len(parts) != 2:
-            raise PersonaError(f"persona file {source or name}: front matter is not closed with '---'")
-        try:
-            loaded = yaml.safe_load(parts[0].removeprefix("---")) or {}
-        except yaml.YAMLError as exc:
-            raise PersonaError(f"persona file {source or name}: bad front matter: {exc}") from exc
-        if not isinstance(loaded, dict):
-            raise PersonaError(f"persona file {source or name}: front matter must be a mapping")
-        front = loaded
-        body = parts[1].lstrip("-").lstrip("\n")
+    front, body = split_front_matter(text, source or name)
     sampling: dict[str, float | int] = {}
     for key, kind in SAMPLING_KEYS.items():
         if key in front:
