@@ -5,8 +5,10 @@
   (``ThreadKey("discord", <thread id>)``) and later messages there need no mention.
 - A mention in any other thread joins it; from then on that thread is followed too.
 - Direct messages are one conversation per DM channel (``DISCORD_ANSWER_DMS``).
-- ``/advisor``, ``/reset`` and ``/personas``, and the same words after a mention, become the core's
-  text commands (``/advisor sql ...``).
+- ``/advisor``, ``/reset``, ``/personas`` and ``/help``; the same words after a mention reach the core as
+  text addressed to it, and the core's one command mapper decides (``@Raven reset`` is a command,
+  "@Raven reset the counter please" a message).
+- Notices (busy, refused, failed, a Discord error) are embeds, ephemeral for slash commands.
 
 No prompt, persona or history logic lives here: the core decides what to say, this module only
 decides where to say it.
@@ -24,6 +26,8 @@ import discord
 from discord import app_commands
 
 from adapters.streaming import StreamRenderer
+from bot.core.commands import HELP_TEXT
+from bot.core.outcomes import NOTICES, CutOff
 from bot.core.service import ChatService
 from bot.errors import ConfigError, PersonaError
 from bot.events import Event, ThreadKey
@@ -35,20 +39,13 @@ PLATFORM = "discord"
 MESSAGE_LIMIT = 2000  # characters of content per Discord message
 THREAD_NAME_LIMIT = 100
 TYPING_REPEAT_S = 8.0  # a typing indicator lasts about 10 s
-TEXT_COMMANDS = ("advisor", "reset", "personas", "help")
 ANSWERED_TYPES = (discord.MessageType.default, discord.MessageType.reply)
 NO_MENTIONS = discord.AllowedMentions.none()
+EMBED_LIMIT = 4096  # characters of an embed's description
+NOTICE_COLOUR = discord.Colour.orange()
 
 Post = Callable[[str], Awaitable[Any]]
-
-
-def to_core_text(text: str) -> str:
-    """``advisor sql why?`` → ``/advisor sql why?``; anything else unchanged (already stripped)."""
-    head, sep, tail = text.partition(" ")
-    first, nl, rest = head.partition("\n")
-    if first.lower() in TEXT_COMMANDS:
-        return "/" + first.lower() + nl + rest + sep + tail
-    return text
+Notify = Callable[[str], Awaitable[None]]
 
 
 def thread_name(text: str, fallback: str = "Raven") -> str:
@@ -62,15 +59,21 @@ def thread_name(text: str, fallback: str = "Raven") -> str:
 def notice_for(exc: discord.HTTPException) -> str:
     """A short line telling the user what went wrong on Discord's side."""
     if isinstance(exc, discord.Forbidden):
-        return ("⚠️ I'm missing a Discord permission here (I need Send Messages, Send Messages in "
+        return ("I'm missing a Discord permission here (I need Send Messages, Send Messages in "
                 "Threads, Create Public Threads and Read Message History).")
     if isinstance(exc, discord.NotFound):
-        return "⚠️ The message I was writing to was deleted, so I stopped."
+        return "The message I was writing to was deleted, so I stopped."
     if exc.status == 429:
-        return "⚠️ Discord is rate-limiting me right now; please try again in a minute."
+        return "Discord is rate-limiting me right now; please try again in a minute."
     if exc.status >= 500:
-        return "⚠️ Discord had a server error while I was answering; please try again."
-    return f"⚠️ Discord rejected my reply (HTTP {exc.status}); please try again."
+        return "Discord had a server error while I was answering; please try again."
+    return f"Discord rejected my reply (HTTP {exc.status}); please try again."
+
+
+def notice_embed(text: str) -> discord.Embed:
+    """A notice (busy, refused, failed, a Discord error) is an embed with a coloured bar, so it never
+    looks like one of Raven's answers."""
+    return discord.Embed(description=f"⚠️ {text}"[:EMBED_LIMIT], colour=NOTICE_COLOUR)
 
 
 def _describe(exc: discord.HTTPException) -> str:
@@ -193,12 +196,11 @@ class DiscordAdapter:
             return
         mentioned = self._mentions_me(message)
         text = self._clean_text(message)
-        if mentioned:
-            text = to_core_text(text)
+        addressed = mentioned or message.guild is None  # a DM is written to the bot
 
         if message.guild is None:
             if await self._claim(message):
-                await self._answer_message(message, channel, ThreadKey(PLATFORM, str(channel.id)), text)
+                await self._answer_message(message, channel, ThreadKey(PLATFORM, str(channel.id)), text, addressed)
         elif isinstance(channel, discord.Thread):
             key = ThreadKey(PLATFORM, str(channel.id))
             known = await self.service.knows_thread(key)
@@ -206,15 +208,15 @@ class DiscordAdapter:
                 return
             if not known:
                 await self._join(channel)
-            await self._answer_message(message, channel, key, text)
+            await self._answer_message(message, channel, key, text, addressed)
         elif mentioned and await self._claim(message):
             if not isinstance(channel, discord.TextChannel):
                 # e.g. a voice channel's chat: no threads there, so the channel is the conversation
-                await self._answer_message(message, channel, ThreadKey(PLATFORM, str(channel.id)), text)
+                await self._answer_message(message, channel, ThreadKey(PLATFORM, str(channel.id)), text, addressed)
                 return
             thread = await self._open_thread(message, channel, text)
             if thread is not None:
-                await self._answer_message(message, thread, ThreadKey(PLATFORM, str(thread.id)), text)
+                await self._answer_message(message, thread, ThreadKey(PLATFORM, str(thread.id)), text, addressed)
 
     async def _claim(self, message: discord.Message) -> bool:
         """False when this message was already handled (a gateway resume can deliver it twice)."""
@@ -263,29 +265,31 @@ class DiscordAdapter:
             return await message.create_thread(name=thread_name(text))
         except discord.HTTPException as exc:
             log.warning("discord: could not open a thread in channel %s (%s)", channel.id, _describe(exc))
-            reason = notice_for(exc).removeprefix("⚠️ ")
-            await self._try_send(channel, "⚠️ I couldn't open a thread here. " + reason)
+            reason = notice_for(exc)
+            await self._try_send(channel, "I couldn't open a thread here. " + reason)
             return None
 
     async def _answer_message(self, message: discord.Message, channel: Any, key: ThreadKey,
-                              text: str) -> None:
+                              text: str, addressed: bool) -> None:
         event = Event(thread=key, user_id=str(message.author.id), user_name=message.author.display_name,
-                      text=text, message_id=str(message.id))
+                      text=text, message_id=str(message.id), addressed=addressed)
 
         async def post(content: str) -> discord.Message:
             return await channel.send(content, allowed_mentions=NO_MENTIONS)
 
         try:
-            await self._stream(event, post, channel, notice_in_channel=True)
+            await self._stream(event, post, channel, notify=lambda text: self._try_send(channel, text))
         except Exception:
             log.exception("discord: failed to answer message %s in %s", message.id, key)
-            await self._try_send(channel, "⚠️ Sorry, something went wrong on my side.")
+            await self._try_send(channel, "Sorry, something went wrong on my side.")
 
     # --- streaming ------------------------------------------------------------------------------
 
-    async def _stream(self, event: Event, post: Post, channel: Any, *, notice_in_channel: bool) -> None:
+    async def _stream(self, event: Event, post: Post, channel: Any, *, notify: Notify) -> None:
         """Render the core's reply with ``post`` (and message edits), with a typing indicator until
-        the first piece is posted. Discord errors are logged and, where possible, shown."""
+        the first piece is posted; then the outcome: a cut-off note closes the reply, a notice (busy,
+        refused, failed) goes out through ``notify``. Discord errors are logged and, where possible,
+        shown."""
         typing = None
         if channel is not None and await self._typing(channel):
             typing = asyncio.create_task(self._keep_typing(channel))
@@ -302,20 +306,26 @@ class DiscordAdapter:
             post=first_post, edit=edit, limit=MESSAGE_LIMIT,
             min_interval_s=self.settings.discord_edit_interval_s,
         )
-        chunks = self.service.reply(event)
+        turn = self.service.reply(event)
         try:
-            await renderer.render(chunks)
+            text = await renderer.stream(turn)
+            outcome = await turn.outcome()
+            if isinstance(outcome, CutOff):
+                text += f"\n\n_({outcome.message})_"
+            if text or not isinstance(outcome, NOTICES):
+                await renderer.finish(text)
+            if isinstance(outcome, NOTICES) and not isinstance(outcome, CutOff):
+                if typing is not None:
+                    typing.cancel()
+                await notify(outcome.message)
         except discord.HTTPException as exc:
             log.warning("discord: reply in %s failed (%s)", event.thread, _describe(exc))
             # after a 403 in this channel another send there is just one more invalid request
-            if notice_in_channel and not isinstance(exc, discord.Forbidden):
-                await self._try_send(channel, notice_for(exc))
-            elif not notice_in_channel:
-                await self._try_post(post, notice_for(exc))
+            if not isinstance(exc, discord.Forbidden) or channel is None:
+                await notify(notice_for(exc))
         finally:
             if typing is not None:
                 typing.cancel()
-            await chunks.aclose()  # type: ignore[attr-defined]  # the core finishes the turn anyway
 
     async def _typing(self, channel: Any) -> bool:
         try:
@@ -333,17 +343,12 @@ class DiscordAdapter:
                 return
 
     async def _try_send(self, channel: Any, text: str) -> None:
+        """Post a notice in ``channel`` (an embed: never mistaken for an answer); errors are logged."""
         try:
-            await channel.send(text, allowed_mentions=NO_MENTIONS)
+            await channel.send(embed=notice_embed(text), allowed_mentions=NO_MENTIONS)
         except discord.HTTPException as exc:
             log.warning("discord: could not post a notice in %s (%s)", getattr(channel, "id", "?"),
                         _describe(exc))
-
-    async def _try_post(self, post: Post, text: str) -> None:
-        try:
-            await post(text)
-        except discord.HTTPException as exc:
-            log.warning("discord: could not post a notice (%s)", _describe(exc))
 
     # --- slash commands ---------------------------------------------------------------------------
 
@@ -370,9 +375,14 @@ class DiscordAdapter:
         async def personas(interaction: discord.Interaction) -> None:
             await adapter.on_personas(interaction)
 
+        @app_commands.command(name="help", description="What Raven can do, and its commands")
+        async def help_(interaction: discord.Interaction) -> None:
+            await adapter.on_help(interaction)
+
         self.tree.add_command(advisor)
         self.tree.add_command(reset)
         self.tree.add_command(personas)
+        self.tree.add_command(help_)
 
     def persona_choices(self, interaction: discord.Interaction,
                         current: str) -> list[app_commands.Choice[str]]:
@@ -411,7 +421,7 @@ class DiscordAdapter:
         """Defer, or answer "not here" outside the allow-lists; True when the command may go on."""
         if not self.allowed(interaction.guild, interaction.channel, interaction.user):
             if await self._defer(interaction, ephemeral=True):
-                await self._followup(interaction, "Raven isn't enabled here.", ephemeral=True)
+                await self._followup(interaction, "Raven isn't enabled here.", ephemeral=True, notice=True)
             return False
         return await self._defer(interaction, ephemeral=ephemeral)
 
@@ -429,19 +439,19 @@ class DiscordAdapter:
             try:
                 persona = self.service.persona(persona_name.strip().lower())
             except PersonaError as exc:
-                await self._followup(interaction, f"{exc}. Try `/personas`.")
+                await self._followup(interaction, f"{exc}. Try `/personas`.", notice=True)
                 return
             await self._advisor_thread(interaction, persona.display_name, question.strip(), text)
         except Exception:
             log.exception("discord: /advisor failed")
-            await self._followup(interaction, "⚠️ Sorry, something went wrong on my side.")
+            await self._followup(interaction, "Sorry, something went wrong on my side.", notice=True)
 
     async def _advisor_thread(self, interaction: discord.Interaction, display_name: str, question: str,
                               text: str) -> None:
         """``/advisor`` in a channel: announce, open a thread on the announcement, answer there."""
         channel = interaction.channel
         if not isinstance(channel, discord.TextChannel):
-            await self._followup(interaction, "Use `/advisor` in a text channel, a thread or a DM.")
+            await self._followup(interaction, "Use `/advisor` in a text channel, a thread or a DM.", notice=True)
             return
         user = interaction.user
         announce = (f"{user.mention} asked **{display_name}**: {question}" if question
@@ -451,8 +461,7 @@ class DiscordAdapter:
             thread = await channel.create_thread(name=thread_name(question, display_name), message=starter)
         except discord.HTTPException as exc:
             log.warning("discord: /advisor could not open a thread in %s (%s)", channel.id, _describe(exc))
-            await self._followup(interaction, "⚠️ I couldn't open a thread here. "
-                                 + notice_for(exc).removeprefix("⚠️ "))
+            await self._followup(interaction, "I couldn't open a thread here. " + notice_for(exc), notice=True)
             return
         event = Event(thread=ThreadKey(PLATFORM, str(thread.id)), user_id=str(user.id),
                       user_name=user.display_name, text=text, message_id=None)
@@ -460,7 +469,7 @@ class DiscordAdapter:
         async def post(content: str) -> discord.Message:
             return await thread.send(content, allowed_mentions=NO_MENTIONS)
 
-        await self._stream(event, post, thread, notice_in_channel=True)
+        await self._stream(event, post, thread, notify=lambda notice: self._try_send(thread, notice))
 
     async def on_reset(self, interaction: discord.Interaction) -> None:
         try:
@@ -469,12 +478,12 @@ class DiscordAdapter:
                 return
             if key is None:
                 await self._followup(interaction, "Use `/reset` inside a thread I'm answering in "
-                                     "(or `/advisor` to start one).", ephemeral=True)
+                                     "(or `/advisor` to start one).", ephemeral=True, notice=True)
                 return
             await self._answer_interaction(interaction, key, "/reset")
         except Exception:
             log.exception("discord: /reset failed")
-            await self._followup(interaction, "⚠️ Sorry, something went wrong on my side.")
+            await self._followup(interaction, "Sorry, something went wrong on my side.", notice=True)
 
     async def on_personas(self, interaction: discord.Interaction) -> None:
         try:
@@ -486,7 +495,18 @@ class DiscordAdapter:
             await self._followup(interaction, text[:MESSAGE_LIMIT], ephemeral=True)
         except Exception:
             log.exception("discord: /personas failed")
-            await self._followup(interaction, "⚠️ Sorry, something went wrong on my side.", ephemeral=True)
+            await self._followup(interaction, "Sorry, something went wrong on my side.", ephemeral=True,
+                                 notice=True)
+
+    async def on_help(self, interaction: discord.Interaction) -> None:
+        try:
+            if not await self._interaction_guard(interaction, ephemeral=True):
+                return
+            await self._followup(interaction, HELP_TEXT[:MESSAGE_LIMIT], ephemeral=True)
+        except Exception:
+            log.exception("discord: /help failed")
+            await self._followup(interaction, "Sorry, something went wrong on my side.", ephemeral=True,
+                                 notice=True)
 
     async def _answer_interaction(self, interaction: discord.Interaction, key: ThreadKey, text: str) -> None:
         """Stream the core's answer as follow-ups of the interaction (a thread or DM)."""
@@ -497,12 +517,20 @@ class DiscordAdapter:
         async def post(content: str) -> discord.WebhookMessage:
             return await interaction.followup.send(content, wait=True, allowed_mentions=NO_MENTIONS)
 
-        await self._stream(event, post, None, notice_in_channel=False)
+        async def notify(notice: str) -> None:  # seen by the user only, where Discord allows it
+            await self._followup(interaction, notice, ephemeral=True, notice=True)
+
+        await self._stream(event, post, None, notify=notify)
 
     async def _followup(self, interaction: discord.Interaction, text: str, *,
-                        ephemeral: bool = False) -> None:
+                        ephemeral: bool = False, notice: bool = False) -> None:
+        """A follow-up message; a ``notice`` goes out as an embed, never looking like an answer."""
         try:
-            await interaction.followup.send(text, ephemeral=ephemeral, allowed_mentions=NO_MENTIONS)
+            if notice:
+                await interaction.followup.send(embed=notice_embed(text), ephemeral=ephemeral,
+                                                allowed_mentions=NO_MENTIONS)
+            else:
+                await interaction.followup.send(text, ephemeral=ephemeral, allowed_mentions=NO_MENTIONS)
         except discord.HTTPException as exc:
             log.warning("discord: follow-up failed (%s)", _describe(exc))
 

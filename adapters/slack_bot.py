@@ -23,11 +23,12 @@ import asyncio
 import logging
 import re
 import time
-from collections.abc import AsyncGenerator, Awaitable, Callable
+from collections.abc import Awaitable, Callable
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any
 
 from aiohttp import web
+from cachetools import TTLCache
 from slack_bolt.adapter.socket_mode.async_handler import AsyncSocketModeHandler
 from slack_bolt.async_app import AsyncApp
 from slack_sdk.errors import SlackApiError
@@ -41,6 +42,8 @@ from slack_sdk.web.async_client import AsyncWebClient
 from adapters.slack_mrkdwn import escape, from_slack, to_mrkdwn
 from adapters.streaming import StreamRenderer
 from adapters.text_split import split_message
+from bot.core.commands import HELP_TEXT
+from bot.core.outcomes import NOTICES, CutOff
 from bot.errors import ConfigError, PersonaError
 from bot.events import Event, ThreadKey
 from bot.settings import Settings
@@ -60,25 +63,8 @@ _UNREACHABLE = {"not_in_channel", "channel_not_found", "is_archived", "restricte
 _BAD_TOKEN = {"invalid_auth", "not_authed", "account_inactive", "token_revoked", "not_allowed_token_type"}
 _MIN_CHARS = 100  # never split finer than this while learning Slack's length limit
 ERROR_NOTICE = "Sorry, something went wrong while answering. Please try again."
-
-
-def text_command(text: str) -> str:
-    """Map the words after a mention onto the core's text commands: ``advisor sql why?`` →
-    ``/advisor sql why?``; ``reset``, ``personas`` and ``help`` alone → ``/reset`` etc.; an empty
-    mention → ``/help``. Anything else is an ordinary message."""
-    stripped = text.strip()
-    if not stripped:
-        return "/help"
-    head, _, tail = stripped.partition(" ")
-    if "\n" in head:
-        head, _, more = head.partition("\n")
-        tail = more + " " + tail
-    word = head.lower().rstrip(":,.!?")
-    if word == "advisor":
-        return f"/advisor {tail.strip()}".strip()
-    if word in ("reset", "personas", "help") and not tail.strip():
-        return "/" + word
-    return stripped
+NAME_CACHE_SIZE = 4096  # display names kept (users.info is rate-limited; people rename themselves)
+NAME_CACHE_TTL_S = 3600
 
 
 def split_advisor(text: str) -> tuple[str, str]:
@@ -150,10 +136,11 @@ class SlackAdapter:
         self.app.event("app_mention")(self._on_mention)
         self.app.event("message")(self._on_message)
         self.app.command("/advisor")(ack=self._ack_advisor, lazy=[self._run_advisor])
+        self.app.command("/help")(self._on_help)
         self.app.error(self._on_bolt_error)
         self._socket: AsyncSocketModeHandler | None = None
         self._runner: web.AppRunner | None = None
-        self._names: dict[str, str] = {}
+        self._names: TTLCache[str, str] = TTLCache(maxsize=NAME_CACHE_SIZE, ttl=NAME_CACHE_TTL_S)
         self._max_chars: int | None = None  # learned from msg_too_long: Slack's real limit is lower
         self._tasks: set[asyncio.Task[Any]] = set()
 
@@ -272,10 +259,9 @@ class SlackAdapter:
             log.debug("slack: duplicate delivery of %s/%s ignored", channel, ts)
             return
         plain = from_slack(text, bot_user)
-        if mentioned or direct:
-            plain = text_command(plain)
         name = await self._user_name(user)
-        await self._reply(Event(key, user, name, plain, message_id=ts), channel, thread_ts)
+        await self._reply(Event(key, user, name, plain, message_id=ts, addressed=mentioned or direct),
+                          channel, thread_ts)
 
     async def _claim(self, event_id: str | None, channel: str, ts: str) -> bool:
         """Claim an event when its processing starts: first on its id (Slack's retries), then on the
@@ -325,6 +311,13 @@ class SlackAdapter:
             return f"There is no persona `{escape(name[:40])}`.\n" + self._persona_list()
         return None
 
+    async def _on_help(self, ack: Callable[..., Awaitable[Any]], command: dict[str, Any]) -> None:
+        """``/help``: the commands, seen by the user only (answered in the ack, well within 3 s)."""
+        if not self._allowed(str(command.get("channel_id", ""))):
+            await ack(text="Raven is not enabled in this channel.", response_type="ephemeral")
+            return
+        await ack(text=to_mrkdwn(HELP_TEXT), response_type="ephemeral")
+
     async def _ack_advisor(self, ack: Callable[..., Awaitable[Any]], command: dict[str, Any]) -> None:
         answer = self._advisor_answer(command)
         if answer is None:
@@ -369,8 +362,9 @@ class SlackAdapter:
 
     # --- replies -----------------------------------------------------------------------------------
     async def _reply(self, event: Event, channel: str, thread_ts: str | None) -> None:
-        """Stream the core's reply into the conversation; errors are logged and, where the
-        conversation can still be reached, the user sees a short notice."""
+        """Stream the core's reply into the conversation, then show how the turn ended: a cut-off
+        note closes the reply; a notice (busy, refused, failed) is shown to the user only. Errors are
+        logged and, where the conversation can still be reached, the user sees a short notice."""
         started = self.clock()
         renderer: StreamRenderer[_Posted] = StreamRenderer(
             post=lambda piece: self._post(channel, thread_ts, piece),
@@ -379,13 +373,16 @@ class SlackAdapter:
             min_interval_s=self.settings.slack_update_interval_s,
             transform=to_mrkdwn,
         )
-        chunks = self.service.reply(event)
+        turn = self.service.reply(event)
         try:
-            try:
-                text = await renderer.render(chunks)
-            finally:
-                if isinstance(chunks, AsyncGenerator):
-                    await chunks.aclose()
+            text = await renderer.stream(turn)
+            outcome = await turn.outcome()
+            if isinstance(outcome, CutOff):
+                text += f"\n\n_({outcome.message})_"
+            if text or not isinstance(outcome, NOTICES):
+                await renderer.finish(text)
+            if isinstance(outcome, NOTICES) and not isinstance(outcome, CutOff):
+                await self._notice(channel, thread_ts, event.user_id, outcome.message)
             log.info("slack: answered %s in %.1fs (%d chars, %d messages)", event.thread,
                      self.clock() - started, len(text), len(renderer.messages))
         except SlackApiError as exc:
@@ -393,16 +390,26 @@ class SlackAdapter:
             log.error("slack: %s failed (%s) while answering in %s; the message stays in the log",
                       _api_method(exc), error, event.thread)
             if error not in _UNREACHABLE:
-                await self._notice(channel, thread_ts)
+                await self._notice(channel, thread_ts, event.user_id, ERROR_NOTICE)
         except Exception:
             log.exception("slack: failed to answer in %s", event.thread)
-            await self._notice(channel, thread_ts)
+            await self._notice(channel, thread_ts, event.user_id, ERROR_NOTICE)
 
-    async def _notice(self, channel: str, thread_ts: str | None) -> None:
+    async def _notice(self, channel: str, thread_ts: str | None, user: str, text: str) -> None:
+        """A notice, never mistaken for an answer: a context block (small grey text) that only
+        ``user`` sees; posted for everyone in the thread if Slack refuses the ephemeral message."""
+        shown = f":warning: {escape(text)}"
+        blocks = [{"type": "context", "elements": [{"type": "mrkdwn", "text": shown[:3000]}]}]
         try:
-            await self.client.chat_postMessage(channel=channel, thread_ts=thread_ts, text=ERROR_NOTICE)
+            await self.client.chat_postEphemeral(channel=channel, thread_ts=thread_ts, user=user,
+                                                 text=shown, blocks=blocks)
+            return
         except SlackApiError as exc:
-            log.warning("slack: could not post the error notice in %s (%s)", channel, _api_error(exc))
+            log.warning("slack: could not post an ephemeral notice in %s (%s)", channel, _api_error(exc))
+        try:
+            await self.client.chat_postMessage(channel=channel, thread_ts=thread_ts, text=shown, blocks=blocks)
+        except SlackApiError as exc:
+            log.warning("slack: could not post the notice in %s (%s)", channel, _api_error(exc))
 
     async def _post(self, channel: str, thread_ts: str | None, piece: str) -> _Posted:
         posted = _Posted(channel, thread_ts, [])

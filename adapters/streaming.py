@@ -14,7 +14,7 @@ from collections.abc import AsyncIterator, Awaitable, Callable
 from dataclasses import dataclass, field
 from typing import Generic, TypeVar
 
-from adapters.text_split import split_message
+from adapters.text_split import FENCE, fence_state, split_message
 
 log = logging.getLogger(__name__)
 Handle = TypeVar("Handle")
@@ -37,18 +37,31 @@ class StreamRenderer(Generic[Handle]):
     _last_edit: float = float("-inf")
 
     async def render(self, chunks: AsyncIterator[str]) -> str:
-        """Consume the reply stream; returns the full text."""
+        """Consume the reply stream and show it in full; returns the text."""
+        text = await self.stream(chunks)
+        await self.finish(text)
+        return text
+
+    async def stream(self, chunks: AsyncIterator[str]) -> str:
+        """Show the reply as it arrives (still marked as being written); returns the text so far.
+        Nothing is posted until the first chunk."""
         text = ""
         async for chunk in chunks:
             text += chunk
             if self.clock() - self._last_edit >= self.min_interval_s:
                 await self._sync(text, final=False)
+        return text
+
+    async def finish(self, text: str) -> None:
+        """Show ``text`` as the final reply (the streamed text plus whatever the adapter adds, such as
+        a cut-off note). A code block the reply left open is closed, so the last message renders."""
+        if fence_state(text) is not None:
+            text += "\n" + FENCE
         # The last edit also respects the interval: wait out what is left of it.
         remaining = self.min_interval_s - (self.clock() - self._last_edit)
         if self.messages and remaining > 0:
             await self.sleep(remaining)
         await self._sync(text, final=True)
-        return text
 
     async def _sync(self, text: str, final: bool) -> None:
         rendered = self.transform(text) if text.strip() else ("" if final else PLACEHOLDER)

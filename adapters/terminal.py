@@ -11,6 +11,7 @@ import getpass
 import sys
 from typing import TextIO
 
+from bot.core.outcomes import NOTICES
 from bot.core.service import ChatService
 from bot.events import Event, ThreadKey
 
@@ -31,9 +32,13 @@ class TerminalChat:
         return Event(thread=self.key, user_id=self.user, user_name=self.user, text=text)
 
     async def _say(self, text: str) -> None:
-        async for chunk in self.service.reply(self._event(text)):
+        turn = self.service.reply(self._event(text))
+        async for chunk in turn:
             self.stdout.write(chunk)
             self.stdout.flush()
+        outcome = await turn.outcome()
+        if isinstance(outcome, NOTICES):  # a notice, not Raven's words: set apart in brackets
+            self.stdout.write(("\n" if turn.shown else "") + f"[{outcome.message}]")
         self.stdout.write("\n")
         self.stdout.flush()
 

@@ -10,7 +10,7 @@ FENCE = "```"
 MIN_LIMIT = 64
 
 
-def _fence_state(text: str) -> str | None:
+def fence_state(text: str) -> str | None:
     """The fence opener still open at the end of ``text`` (e.g. ```` ```sql ````), or None."""
     open_fence: str | None = None
     for line in text.split("\n"):
@@ -40,7 +40,7 @@ def split_message(text: str, limit: int) -> list[str]:
         addition = line if index == len(lines) - 1 else line + "\n"
         for part in (_hard_cut(addition, width) if len(addition) > width else [addition]):
             if current and len(current) + len(part) > budget:
-                fence_now = _fence_state(current)
+                fence_now = fence_state(current)
                 body = current.rstrip("\n")
                 if fence_now is not None:
                     body += "\n" + FENCE

@@ -27,7 +27,7 @@ import socket
 import time
 from collections.abc import AsyncIterator, Generator
 from pathlib import Path
-from typing import TYPE_CHECKING, Annotated, Any
+from typing import TYPE_CHECKING, Annotated, Any, Literal
 from urllib.parse import parse_qs
 
 import uvicorn
@@ -42,6 +42,7 @@ from sse_starlette import EventSourceResponse, ServerSentEvent
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
 from bot.core.commands import parse_command
+from bot.core.outcomes import Answered, Busy, CommandDone, CutOff, Failed, Outcome, Refused
 from bot.errors import ConfigError, PersonaError
 from bot.events import Event, ThreadKey
 from bot.settings import Settings
@@ -115,8 +116,38 @@ class ChatRequest(BaseModel):
         return ThreadKey(PLATFORM, f"{self.user_id}/{self.discussion_id}")
 
 
+OutcomeName = Literal["answered", "cut_off", "command"]
+
+
 class ChatResponse(BaseModel):
-    generated_text: str
+    generated_text: str = Field(description="Raven's reply (or what a command did), as shown")
+    outcome: OutcomeName = Field("answered", description="answered; cut_off (timeout or token limit); command")
+    notice: str | None = Field(None, description="What to tell the user beside the reply (a cut-off note)")
+
+
+class Problem(BaseModel):
+    detail: str
+    reason: str | None = None
+
+
+def _success(outcome: Outcome) -> ChatResponse:
+    if isinstance(outcome, CutOff):
+        return ChatResponse(generated_text=outcome.text, outcome="cut_off", notice=outcome.message)
+    if isinstance(outcome, CommandDone):
+        return ChatResponse(generated_text=outcome.text, outcome="command", notice=None)
+    assert isinstance(outcome, Answered)
+    return ChatResponse(generated_text=outcome.text, outcome="answered", notice=None)
+
+
+def _refusal(outcome: Busy | Refused | Failed) -> JSONResponse:
+    """A turn that produced no answer, as an HTTP error: busy 503 (with Retry-After), refused input
+    422, a failure 500."""
+    if isinstance(outcome, Busy):
+        return JSONResponse({"detail": outcome.message, "reason": "busy"}, status_code=503,
+                            headers={"Retry-After": str(outcome.retry_after_s)})
+    if isinstance(outcome, Refused):
+        return JSONResponse({"detail": outcome.message, "reason": outcome.reason}, status_code=422)
+    return JSONResponse({"detail": outcome.message, "reason": "failed"}, status_code=500)
 
 
 class PersonaOut(BaseModel):
@@ -319,7 +350,7 @@ def create_app(service: ChatService, settings: Settings) -> FastAPI:
             persona = resolve_persona(chat.prompt_file)
             # A command (/reset, /advisor x, ...) goes through as typed; a message to a thread that
             # is new or has another persona switches it first, in the same turn.
-            if parse_command(text) is None and await thread_persona(key) != persona:
+            if service.command(text) is None and await thread_persona(key) != persona:
                 text = f"/advisor {persona} {text}"
         return Event(thread=key, user_id=chat.user_id, user_name=chat.user_name or chat.user_id, text=text)
 
@@ -333,45 +364,57 @@ def create_app(service: ChatService, settings: Settings) -> FastAPI:
 
     # --- the API --------------------------------------------------------------------------------------
 
+    error_responses: dict[int | str, dict[str, Any]] = {
+        422: {"model": Problem, "description": "invalid request, unknown persona, or a message the core refused"},
+        500: {"model": Problem, "description": "answering failed"},
+        503: {"model": Problem, "description": "busy: try again after Retry-After seconds"},
+    }
+
     @app.post("/generate-response", response_model=ChatResponse, dependencies=[Authorized],
+              responses=error_responses,
               openapi_extra={"requestBody": {"required": True, "content": {
                   "application/json": {"schema": ChatRequest.model_json_schema()}}}})
-    async def generate_response(request: Request) -> ChatResponse:
+    async def generate_response(request: Request) -> ChatResponse | JSONResponse:
         """The seed's endpoint: send one message, get the whole reply."""
         event = await to_event(await read_chat_request(request))
-        parts: list[str] = []
-        try:
-            async for chunk in service.reply(event):
-                parts.append(chunk)
-        except Exception:
-            log.exception("web reply failed for %s", event.thread)
-            raise HTTPException(500, "the bot failed to answer; the server log has the details") from None
-        return ChatResponse(generated_text="".join(parts))
+        turn = service.reply(event)
+        await turn.text()
+        outcome = await turn.outcome()
+        if isinstance(outcome, Busy | Refused | Failed):
+            return _refusal(outcome)
+        return _success(outcome)
 
     @app.post("/generate-response/stream", dependencies=[Authorized],
               responses={200: {"content": {"text/event-stream": {}},
-                               "description": "token events, then one done event"}},
+                               "description": "token events, then one done event"}, **error_responses},
               openapi_extra={"requestBody": {"required": True, "content": {
                   "application/json": {"schema": ChatRequest.model_json_schema()}}}})
-    async def generate_response_stream(request: Request) -> EventSourceResponse:
+    async def generate_response_stream(request: Request) -> Response:
         """The same request; the reply as Server-Sent Events: ``token`` events (``{"text"}``, in
-        order), then one ``done`` event (``{"generated_text"}``). A failure sends an ``error`` event
-        before ``done``."""
+        order), then one ``done`` event (the JSON of the non-streaming answer). A turn that ends
+        before any text (busy, refused) is an ordinary HTTP error instead; a failure midway sends an
+        ``error`` event (``{"detail"}``) before ``done``."""
         event = await to_event(await read_chat_request(request))
+        turn = service.reply(event)
+        first = await anext(turn, None)
+        if first is None:
+            outcome = await turn.outcome()
+            if isinstance(outcome, Busy | Refused | Failed):
+                return _refusal(outcome)
 
         async def events() -> AsyncIterator[ServerSentEvent]:
-            parts: list[str] = []
-            try:
-                async for chunk in service.reply(event):
-                    parts.append(chunk)
+            if first is not None:
+                yield ServerSentEvent(json.dumps({"text": first}), event="token")
+                async for chunk in turn:
                     yield ServerSentEvent(json.dumps({"text": chunk}), event="token")
-            except Exception:
-                log.exception("web stream failed for %s", event.thread)
-                yield ServerSentEvent(
-                    json.dumps({"detail": "the bot failed to answer; the server log has the details"}),
-                    event="error",
-                )
-            yield ServerSentEvent(json.dumps({"generated_text": "".join(parts)}), event="done")
+            outcome = await turn.outcome()
+            if isinstance(outcome, Busy | Refused | Failed):
+                log.warning("web stream for %s ended: %s", event.thread, type(outcome).__name__)
+                yield ServerSentEvent(json.dumps({"detail": outcome.message}), event="error")
+                done = ChatResponse(generated_text=turn.shown, outcome="answered", notice=None)
+            else:
+                done = _success(outcome)
+            yield ServerSentEvent(done.model_dump_json(), event="done")
 
         return EventSourceResponse(events(), ping=SSE_PING_S, sep="\n")
 

@@ -18,7 +18,11 @@ class PersonaError(RavenError):
 
 
 class InputError(RavenError):
-    """A user's message cannot be accepted (empty, too long, undecodable)."""
+    """A user's message cannot be accepted; ``reason`` says why in one word (``empty``, ``too_long``)."""
+
+    def __init__(self, message: str, reason: str = "invalid") -> None:
+        super().__init__(message)
+        self.reason = reason
 
 
 class StoreError(RavenError):

@@ -36,7 +36,9 @@ class Event:
     """A user's message, already translated from the platform's own shape.
 
     Adapters map native slash commands onto the same text form (``/advisor sql why?``) so
-    that the core parses every command in one place.
+    that the core parses every command in one place. ``addressed`` says the text was written to
+    the bot (the words after a mention, or a direct message): then a command word counts without
+    its slash too (``@Raven reset``), and an empty text asks for the help.
     """
 
     thread: ThreadKey
@@ -44,6 +46,7 @@ class Event:
     user_name: str
     text: str
     message_id: str | None = None
+    addressed: bool = False
 
     @property
     def platform(self) -> str:

@@ -39,6 +39,11 @@ def test_quick_benchmark_reports_every_figure(tmp_path: Path, monkeypatch: pytes
     assert "single-stream decode" in table and "64 threads at once" in table and "prefill 512" in table
     assert result["busy_streams"] == 32 and "first token beside 32 replies" in table
     assert result["malloc_tuned"] in (True, False)
+    # per-turn work besides the model, hot threads of 10 and (quick) 200 messages
+    assert result["turn_overhead_ms_10"] > 0 and result["turn_overhead_ms_200"] > 0
+    assert result["turn_overhead_ratio"] == pytest.approx(
+        result["turn_overhead_ms_200"] / result["turn_overhead_ms_10"], rel=0.01)
+    assert "turn overhead, thread of 200 / 10 msgs" in table
 
 
 @pytest.mark.parametrize(("option", "message"), [

@@ -43,3 +43,40 @@ def test_help_text_mentions_every_command() -> None:
     assert COMMANDS == ("advisor", "reset", "personas", "help")
     for name in COMMANDS:
         assert f"/{name}" in HELP_TEXT
+
+
+PERSONAS = {"default", "sql", "project"}
+
+
+@pytest.mark.parametrize(
+    ("text", "expected"),
+    [
+        # the words after a mention: a command word counts only with its own argument
+        ("advisor sql why is my join slow?", Command("advisor", "sql", "why is my join slow?")),
+        ("Advisor SQL", Command("advisor", "sql", "")),
+        ("advisor", Command("advisor", "", "")),
+        ("advisor: sql", Command("advisor", "sql", "")),
+        ("advisor sql, why?", Command("advisor", "sql", "why?")),
+        ("advisor me on this schema", None),  # "me" is not a persona
+        ("Reset", Command("reset")),
+        ("reset!", Command("reset")),
+        ("personas?", Command("personas")),
+        ("help", Command("help")),
+        ("help me with this join", None),
+        ("reset the counter please", None),
+        ("resetting the router?", None),
+        ("what does advisor mean", None),
+        ("helpful", None),
+        # the slash form stays a command after a mention too
+        ("/reset please", Command("reset")),
+        ("/advisor nope", Command("advisor", "nope", "")),
+    ],
+)
+def test_parse_addressed_text(text: str, expected: Command | None) -> None:
+    assert parse_command(text, addressed=True, personas=PERSONAS) == expected
+
+
+def test_unaddressed_text_needs_the_slash() -> None:
+    assert parse_command("reset", personas=PERSONAS) is None
+    assert parse_command("help me", personas=PERSONAS) is None
+    assert parse_command("/help", personas=PERSONAS) == Command("help")

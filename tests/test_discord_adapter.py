@@ -16,11 +16,13 @@ from typing import Any, cast
 
 import pytest
 
-from adapters.discord_bot import DiscordAdapter, thread_name, to_core_text
+from adapters.discord_bot import DiscordAdapter, thread_name
 from bot.core.service import ChatService
+from bot.core.turn import Turn
 from bot.errors import ConfigError
 from bot.events import Event, ThreadKey
 from tests.fakes.discord_server import MESSAGE_CONTENT_INTENT, FakeDiscord
+from tests.fakes.scripted import scripted_turn
 
 PLACEHOLDER_TAIL = " …"  # the streaming renderer's "still writing" mark
 StartBot = Callable[..., Awaitable[DiscordAdapter]]
@@ -74,11 +76,10 @@ class ScriptedService:
     def __getattr__(self, name: str) -> Any:
         return getattr(self.inner, name)
 
-    async def reply(self, event: Event) -> AsyncIterator[str]:
+    def reply(self, event: Event) -> Turn:
         self.events.append(event)
-        for start in range(0, len(self.text), self.chunk):
-            await asyncio.sleep(self.delay_s)
-            yield self.text[start:start + self.chunk]
+        pieces = [self.text[start:start + self.chunk] for start in range(0, len(self.text), self.chunk)]
+        return scripted_turn(pieces, self.delay_s)
 
 
 # --- helpers -------------------------------------------------------------------------------------
@@ -117,15 +118,6 @@ def fences_balanced(text: str) -> bool:
 
 
 # --- pure translation ------------------------------------------------------------------------------
-
-def test_text_commands_map_to_core_commands() -> None:
-    assert to_core_text("advisor sql why is my join slow?") == "/advisor sql why is my join slow?"
-    assert to_core_text("Reset") == "/reset"
-    assert to_core_text("personas") == "/personas"
-    assert to_core_text("help") == "/help"
-    assert to_core_text("resetting the router?") == "resetting the router?"
-    assert to_core_text("what does advisor mean") == "what does advisor mean"
-
 
 def test_thread_names_fit_discord() -> None:
     assert thread_name("  why is\nthe sky   blue? ") == "why is the sky blue?"
@@ -234,7 +226,8 @@ async def test_bots_and_outsiders_are_ignored(
     await fake.wait_calls("POST", rf"/webhooks/{fake.application_id}/{interaction['token']}")
     assert fake.interaction_callbacks(interaction) == [{"type": 5, "data": {"flags": 64}}]
     original = fake.original_response(interaction)
-    assert original is not None and "isn't enabled" in original["content"]
+    assert original is not None and "isn't enabled" in fake.shown(original)
+    assert original["content"] == "" and len(original["embeds"]) == 1  # a notice, not an answer
 
 
 # --- commands --------------------------------------------------------------------------------------
@@ -246,7 +239,7 @@ async def test_advisor_in_a_channel_starts_a_thread_with_that_persona(
     synced = fake.calls_to("PUT", rf"/applications/{fake.application_id}/guilds/{fake.guild_id}/commands")
     assert len(synced) == 1 and fake.calls_to("PUT", rf"/applications/{fake.application_id}/commands") == []
     commands = {c["name"]: c for c in synced[0].body}
-    assert set(commands) == {"advisor", "reset", "personas"}
+    assert set(commands) == {"advisor", "reset", "personas", "help"}
     persona_option = next(o for o in commands["advisor"]["options"] if o["name"] == "persona")
     assert persona_option["autocomplete"] is True and persona_option["required"] is True
 
@@ -329,6 +322,48 @@ async def test_text_commands_and_slash_commands_inside_a_thread(
     await fake.wait_calls("POST", rf"/webhooks/{fake.application_id}/{hint['token']}")
     assert fake.interaction_callbacks(hint) == [{"type": 5, "data": {"flags": 64}}]
     assert [t.key for t in await service.list_threads("discord")] == [key(thread_id)]
+
+
+@pytest.mark.parametrize("phrase", ["help me with this join", "reset the counter please"])
+async def test_a_command_word_followed_by_free_text_is_an_ordinary_message(
+    fake: FakeDiscord, start_bot: StartBot, service: ChatService, phrase: str
+) -> None:
+    await start_bot()
+    asked = await fake.user_message(fake.general_id, "advisor sql", mention_bot=True)
+    thread_id = await thread_of(fake, asked)
+    first = await finished_reply(fake, thread_id)
+    before = await service.thread(key(thread_id))
+    await fake.user_message(thread_id, phrase, mention_bot=True)
+    await finished_reply(fake, thread_id, count=len(first) + 1)
+    after = await service.thread(key(thread_id))
+    stored = await service.thread_messages(key(thread_id))
+    assert before is not None and after is not None and after.epoch == before.epoch  # no reset
+    assert [m.text for m in stored if m.role == "user"][-1] == phrase
+    assert stored[-1].role == "assistant"  # the model answered it
+    assert not any("Commands:" in fake.shown(m) for m in fake.bot_messages(thread_id))
+
+
+async def test_help_is_a_slash_command_answered_privately(fake: FakeDiscord, start_bot: StartBot) -> None:
+    await start_bot()
+    interaction = await fake.slash_command("help")
+    await fake.wait_calls("POST", rf"/webhooks/{fake.application_id}/{interaction['token']}")
+    assert fake.interaction_callbacks(interaction) == [{"type": 5, "data": {"flags": 64}}]
+    original = fake.original_response(interaction)
+    assert original is not None and "/advisor" in original["content"] and "/reset" in original["content"]
+
+
+async def test_busy_is_a_notice_embed_not_an_answer(
+    fake: FakeDiscord, start_bot: StartBot, service: ChatService, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    await start_bot()
+    monkeypatch.setattr(service.engine, "max_queue", 0)  # every new reply finds the queue full
+    asked = await fake.user_message(fake.general_id, "are you there?", mention_bot=True)
+    thread_id = await thread_of(fake, asked)
+    await fake.wait_for(lambda: bool(fake.bot_messages(thread_id)))
+    [notice] = fake.bot_messages(thread_id)
+    assert notice["content"] == "" and "busy" in fake.shown(notice) and notice["embeds"][0]["color"]
+    stored = await service.thread_messages(key(thread_id))
+    assert [(m.role, m.status) for m in stored] == [("user", "failed")]
 
 
 # --- streaming -------------------------------------------------------------------------------------
@@ -427,19 +462,19 @@ async def test_rate_limit_and_deleted_message_get_a_notice(
     asked = await fake.user_message(fake.general_id, "one", mention_bot=True)
     thread_id = await thread_of(fake, asked)
     notice = await finished_reply(fake, thread_id)
-    assert "rate-limiting" in notice[-1]["content"]
+    assert "rate-limiting" in fake.shown(notice[-1]) and notice[-1]["embeds"]
 
     # the message being streamed is deleted: the edit answers 404 and the user is told
     fake.fail_next("PATCH", r"/channels/\d+/messages/\d+", 404, code=10008, message="Unknown Message")
     await fake.user_message(thread_id, "two", mention_bot=True)
-    await fake.wait_for(lambda: any("was deleted" in m["content"] for m in fake.bot_messages(thread_id)))
+    await fake.wait_for(lambda: any("was deleted" in fake.shown(m) for m in fake.bot_messages(thread_id)))
 
     # a Discord server error discord.py does not retry: the user is told
     fake.fail_next("POST", r"/channels/\d+/messages", 503, message="upstream connect error")
     before = len(fake.bot_messages(thread_id))
     await fake.user_message(thread_id, "two and a half", mention_bot=True)
     await fake.wait_for(lambda: len(fake.bot_messages(thread_id)) > before)
-    assert "server error" in fake.bot_messages(thread_id)[-1]["content"]
+    assert "server error" in fake.shown(fake.bot_messages(thread_id)[-1])
 
     # a 429 that discord.py waits out is invisible to the user
     fake.fail_next("POST", r"/channels/\d+/messages", 429, retry_after=0.05)

@@ -8,14 +8,21 @@ import sqlite3
 import pytest
 
 from bot.app.assembly import open_service
+from bot.core.outcomes import Answered, Busy, CommandDone, CutOff, Failed, Refused
 from bot.core.service import ChatService
 from bot.events import Event, ThreadKey
-from bot.storage.sqlite import Store
+from bot.storage import SQLiteStore
 from tests.conftest import SettingsFactory
 
 
 async def say(service: ChatService, key: ThreadKey, text: str, user: str = "u1") -> str:
-    return "".join([chunk async for chunk in service.reply(Event(key, user, user.upper(), text, f"m-{text[:8]}"))])
+    """What the user sees: the text shown, and a notice's words (a cut-off note aside)."""
+    turn = service.reply(Event(key, user, user.upper(), text, f"m-{text[:8]}"))
+    shown = await turn.text()
+    outcome = await turn.outcome()
+    if isinstance(outcome, Busy | Refused | Failed):
+        shown += outcome.message
+    return shown
 
 
 async def test_a_thread_survives_a_restart(settings_factory: SettingsFactory) -> None:
@@ -212,7 +219,7 @@ async def test_a_crash_mid_reply_leaves_the_message_marked_interrupted(settings_
     async with open_service(settings) as service:
         await say(service, key, "hello")
     # What a kill during generation leaves behind: the user's message committed, still pending.
-    async with Store(settings.database_path) as store:
+    async with SQLiteStore(settings.database_path) as store:
         await store.add_message(key, "user", "this one was being answered", author="U1", status="pending")
     async with open_service(settings) as service:
         messages = await service.thread_messages(key)
@@ -299,3 +306,90 @@ async def test_persona_files_are_reread_off_the_event_loop_on_each_turn(
         assert "broken" in reply and "Now talking" not in reply
         assert {p.name for p in service.personas()} == {"coach", "default", "project", "sql"}
         assert readers and threading.main_thread().name not in readers  # never on the loop's thread
+
+
+# --- outcomes as data ------------------------------------------------------------------------------
+
+
+async def outcome_of(service: ChatService, key: ThreadKey, text: str, addressed: bool = False):  # type: ignore[no-untyped-def]
+    turn = service.reply(Event(key, "u1", "U1", text, addressed=addressed))
+    shown = await turn.text()
+    return shown, await turn.outcome()
+
+
+async def test_an_answer_is_reported_with_its_row_in_the_log(settings_factory: SettingsFactory) -> None:
+    async with open_service(settings_factory(max_reply_tokens=400)) as service:
+        key = ThreadKey("test", "outcome-answer")
+        shown, outcome = await outcome_of(service, key, "hello")
+        messages = await service.thread_messages(key)
+    assert isinstance(outcome, Answered | CutOff)
+    assert outcome.reply_id == messages[-1].id and messages[-1].role == "assistant"
+    assert outcome.text == shown
+
+
+async def test_a_reply_at_the_token_limit_is_cut_off(settings_factory: SettingsFactory) -> None:
+    async with open_service(settings_factory(max_reply_tokens=1)) as service:
+        key = ThreadKey("test", "outcome-length")
+        _, outcome = await outcome_of(service, key, "hello")
+        stored = (await service.thread_messages(key))[-1]
+    assert isinstance(outcome, CutOff) and outcome.reason == "length" and outcome.limit == 1
+    assert "1-token limit" in outcome.message
+    assert stored.role == "assistant" and "cut off" not in stored.text  # the log keeps the model's words
+
+
+@pytest.mark.parametrize(("text", "reason"), [("   ", "empty"), ("x" * 101, "too_long")])
+async def test_refused_input_is_a_notice_and_nothing_is_stored(
+        settings_factory: SettingsFactory, text: str, reason: str) -> None:
+    async with open_service(settings_factory(max_message_chars=100)) as service:
+        key = ThreadKey("test", f"refused-{reason}")
+        shown, outcome = await outcome_of(service, key, text)
+        assert await service.thread(key) is None
+    assert shown == "" and isinstance(outcome, Refused) and outcome.reason == reason
+
+
+@pytest.mark.parametrize(("name", "reason"), [("nope", "unknown_persona"), ("../x", "invalid_persona")])
+async def test_a_bad_persona_is_refused_with_its_reason(service: ChatService, name: str, reason: str) -> None:
+    shown, outcome = await outcome_of(service, ThreadKey("test", "bad"), f"/advisor {name}")
+    assert shown == "" and isinstance(outcome, Refused) and outcome.reason == reason
+    assert "`sql`" in outcome.message
+
+
+async def test_commands_are_command_results(service: ChatService) -> None:
+    key = ThreadKey("test", "command-result")
+    shown, outcome = await outcome_of(service, key, "/help")
+    assert isinstance(outcome, CommandDone) and outcome.command == "help" and outcome.text == shown
+    _, switched = await outcome_of(service, key, "/advisor sql")
+    assert isinstance(switched, CommandDone) and "SQL advisor" in switched.text
+
+
+@pytest.mark.parametrize(("text", "command"), [
+    ("help", "help"), ("reset", "reset"), ("", "help"), ("advisor sql", "advisor"),
+    ("help me with this join", None), ("reset the counter please", None),
+])
+async def test_addressed_text_goes_through_the_one_command_mapper(
+        service: ChatService, text: str, command: str | None) -> None:
+    key = ThreadKey("test", f"mapper-{len(text)}")
+    _, outcome = await outcome_of(service, key, text, addressed=True)
+    if command is None:
+        assert isinstance(outcome, Answered | CutOff)  # an ordinary message, answered by the model
+        assert [m.text for m in await service.thread_messages(key) if m.role == "user"] == [text]
+    else:
+        assert isinstance(outcome, CommandDone) and outcome.command == command
+
+
+async def test_a_failing_model_step_is_a_failure_outcome_and_the_message_stays(service: ChatService) -> None:
+    key = ThreadKey("test", "fails")
+    backend = service.engine.backend
+    real_decode = backend.decode
+
+    def broken(tokens):  # type: ignore[no-untyped-def]
+        raise RuntimeError("simulated out of memory")
+
+    backend.decode = broken  # type: ignore[method-assign]
+    try:
+        shown, outcome = await outcome_of(service, key, "hello")
+    finally:
+        backend.decode = real_decode  # type: ignore[method-assign]
+    assert isinstance(outcome, Failed) and "try again" in outcome.message
+    assert outcome.partial == shown
+    assert [(m.role, m.status) for m in await service.thread_messages(key)] == [("user", "failed")]

@@ -22,9 +22,11 @@ import pytest
 from adapters.slack_bot import ERROR_NOTICE, SlackAdapter
 from adapters.streaming import PLACEHOLDER
 from bot.core.service import ChatService
+from bot.core.turn import Turn
 from bot.errors import ConfigError
 from bot.events import Event, ThreadKey
 from bot.settings import Settings
+from tests.fakes.scripted import scripted_turn
 from tests.fakes.slack_server import FakeSlack, Message, signed_headers
 
 SECRET = "test-signing-secret"
@@ -61,10 +63,10 @@ def message(ts: str, text: str, channel: str = "C1", thread_ts: str | None = Non
     return event
 
 
-def command(text: str, fake: FakeSlack, channel: str = "C1") -> dict[str, str]:
+def command(text: str, fake: FakeSlack, channel: str = "C1", name: str = "/advisor") -> dict[str, str]:
     return {
         "token": "legacy", "team_id": "T1", "team_domain": "fake", "channel_id": channel,
-        "channel_name": "general", "user_id": USER, "user_name": "alice", "command": "/advisor",
+        "channel_name": "general", "user_id": USER, "user_name": "alice", "command": name,
         "text": text, "api_app_id": "A1", "response_url": fake.response_url(str(next(_ids))),
         "trigger_id": f"trig-{next(_ids)}",
     }
@@ -190,11 +192,9 @@ class ScriptedService:
     def __getattr__(self, name: str) -> Any:
         return getattr(self._service, name)
 
-    async def reply(self, event: Event) -> AsyncIterator[str]:
+    def reply(self, event: Event) -> Turn:
         self.events.append(event)
-        for chunk in self.chunks:
-            await asyncio.sleep(self.delay_s)
-            yield chunk
+        return scripted_turn(self.chunks, self.delay_s)
 
 
 def final_texts(messages: list[Message]) -> list[str]:
@@ -449,7 +449,10 @@ async def test_api_errors_are_logged_and_the_bot_keeps_running(
         fake.fail("chat.postMessage", "internal_error", status=500, times=3)  # outlasts the retries
         await slack.deliver.event(event_body(mention("950.000003", "and now?")))
         await slack.settle()
-        assert [m.text for m in fake.thread("C1", "950.000003")] == [ERROR_NOTICE]
+        assert fake.thread("C1", "950.000003") == []  # the reply could not be posted ...
+        notice = fake.ephemerals[-1]  # ... and the user is told, privately, as a notice
+        assert (notice.channel, notice.thread_ts) == ("C1", "950.000003") and ERROR_NOTICE in notice.text
+        assert notice.blocks[0]["type"] == "context"
 
         await slack.deliver.event(event_body(mention("950.000005", "still alive?")))
         await slack.settle()
@@ -495,3 +498,47 @@ async def test_configuration_errors_fail_at_start(settings_factory: SettingsFact
         await adapter.start()
     await adapter.stop()
     assert [c.token for c in fake.calls_to("apps.connections.open")] == ["xapp-test"]
+
+
+# --- the one command mapper, /help, notices ----------------------------------------------------------
+@pytest.mark.parametrize("phrase", ["help me with this join", "reset the counter please"])
+async def test_a_command_word_followed_by_free_text_is_an_ordinary_message(
+        service: ChatService, settings_factory: SettingsFactory, fake: FakeSlack, phrase: str) -> None:
+    async with running("http", service, settings_factory, fake) as slack:
+        thread = "960.000001"
+        key = ThreadKey("slack", f"C1:{thread}")
+        await slack.deliver.event(event_body(mention(thread, "advisor sql")))
+        await slack.settle()
+        before = await service.thread(key)
+        await slack.deliver.event(event_body(mention("960.000002", phrase, thread_ts=thread)))
+        await slack.settle()
+        after = await service.thread(key)
+        stored = await service.thread_messages(key)
+    assert before is not None and after is not None and after.epoch == before.epoch  # not a reset
+    assert [m.text for m in stored if m.role == "user"][-1] == phrase and stored[-1].role == "assistant"
+    assert not any("Commands:" in m.text for m in slack.replies("C1", thread))
+
+
+@pytest.mark.parametrize("mode", ["http", "socket"])
+async def test_help_is_a_slash_command_answered_privately(
+        mode: str, service: ChatService, settings_factory: SettingsFactory, fake: FakeSlack) -> None:
+    async with running(mode, service, settings_factory, fake) as slack:
+        took, answer = await slack.deliver.command(command("", fake, name="/help"))
+    assert took < 3.0 and answer.get("response_type") == "ephemeral"
+    assert "/advisor" in answer["text"] and "/reset" in answer["text"]
+    assert fake.calls_to("chat.postMessage") == []
+
+
+async def test_busy_is_an_ephemeral_notice_and_the_message_is_kept(
+        service: ChatService, settings_factory: SettingsFactory, fake: FakeSlack,
+        monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setattr(service.engine, "max_queue", 0)  # every new reply finds the queue full
+    async with running("http", service, settings_factory, fake) as slack:
+        await slack.deliver.event(event_body(mention("970.000001", "are you there?")))
+        await slack.settle()
+    assert fake.thread("C1", "970.000001") == []  # nothing that looks like an answer
+    [notice] = fake.ephemerals
+    assert notice.user == USER and notice.thread_ts == "970.000001" and "busy" in notice.text
+    assert notice.blocks[0]["type"] == "context"
+    stored = await service.thread_messages(ThreadKey("slack", "C1:970.000001"))
+    assert [(m.role, m.status) for m in stored] == [("user", "failed")]

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import pytest
 
-from adapters.slack_bot import split_advisor, text_command
+from adapters.slack_bot import split_advisor
 from adapters.slack_mrkdwn import escape, from_slack, to_mrkdwn, unescape
 
 MRKDWN_CASES = [
@@ -78,27 +78,6 @@ def test_from_slack(slack: str, expected: str) -> None:
 def test_escape_round_trip() -> None:
     text = "a & b <c> &amp;"
     assert unescape(escape(text)) == text
-
-
-COMMAND_CASES = [
-    ("advisor sql why is it slow?", "/advisor sql why is it slow?"),
-    ("Advisor project", "/advisor project"),
-    ("advisor", "/advisor"),
-    ("reset", "/reset"),
-    ("Reset.", "/reset"),
-    ("personas", "/personas"),
-    ("help", "/help"),
-    ("", "/help"),
-    ("help me write a query", "help me write a query"),
-    ("reset the counter please", "reset the counter please"),
-    ("/advisor sql", "/advisor sql"),
-    ("what is an advisor?", "what is an advisor?"),
-]
-
-
-@pytest.mark.parametrize(("text", "expected"), COMMAND_CASES)
-def test_text_command(text: str, expected: str) -> None:
-    assert text_command(text) == expected
 
 
 def test_split_advisor() -> None:

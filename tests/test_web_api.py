@@ -18,6 +18,7 @@ from adapters.web import SESSION_COOKIE, STATIC_DIR, WebAdapter
 from bot.core.service import ChatService
 from bot.errors import ConfigError
 from bot.events import ThreadKey
+from tests.fakes.scripted import scripted_turn
 
 StartWeb = Callable[..., Awaitable[str]]
 TOKEN = "s3cret-web-token-123"
@@ -109,8 +110,10 @@ async def test_seed_request_returns_generated_text_in_an_sql_thread(
     response = await client.post("/generate-response", json=ask("Why is my join slow?", discussion=1))
     assert response.status_code == 200, response.text
     body = response.json()
-    assert set(body) == {"generated_text"}
+    assert set(body) == {"generated_text", "outcome", "notice"}  # the seed's field, and how the turn ended
     assert isinstance(body["generated_text"], str) and body["generated_text"].strip()
+    assert body["outcome"] in ("answered", "cut_off")
+    assert (body["notice"] is None) == (body["outcome"] == "answered")
 
     thread = await service.thread(key)
     assert thread is not None and thread.persona == "sql"
@@ -179,7 +182,7 @@ async def test_stream_delivers_tokens_in_order_and_ends_with_done(
     assert names[-1] == "done" and names.count("done") == 1
     assert set(names[:-1]) == {"token"} and len(names) > 3
     streamed = "".join(data["text"] for name, data in events if name == "token")
-    assert events[-1][1] == {"generated_text": streamed}
+    assert events[-1][1]["generated_text"] == streamed
     messages = await service.thread_messages(key)
     assert messages[-1].role == "assistant"
     assert messages[-1].text == as_stored(streamed)
@@ -220,21 +223,31 @@ async def test_an_unexpected_failure_gets_a_short_notice_and_a_logged_traceback(
     client: httpx.AsyncClient, service: ChatService, monkeypatch: pytest.MonkeyPatch,
     caplog: pytest.LogCaptureFixture,
 ) -> None:
-    async def broken(event: Any) -> AsyncIterator[str]:
-        yield "partial"
+    # A model step that fails after the first token: the core logs the traceback and reports a failure.
+    backend = service.engine.backend
+    real_decode = backend.decode
+
+    def broken(tokens: Any) -> Any:
         raise RuntimeError("engine exploded")
 
-    monkeypatch.setattr(service, "reply", broken)
+    monkeypatch.setattr(backend, "decode", broken)
     response = await client.post("/generate-response", json=ask("hi", discussion="boom"))
-    assert response.status_code == 500 and "server log" in response.json()["detail"]
-    response, events = await read_sse(client, ask("hi", discussion="boom"))
+    assert response.status_code == 500 and "try again" in response.json()["detail"]
+    assert response.json()["reason"] == "failed"
+    failures = [r for r in caplog.records if r.exc_info and "engine exploded" in str(r.exc_info[1])]
+    assert failures  # the traceback is in the server log
+    monkeypatch.setattr(backend, "decode", real_decode)
+
+    # A failure after text was streamed: the stream carries it, then an error event, then done.
+    monkeypatch.setattr(service, "reply", lambda event: scripted_turn(["par", "tial"], fail=True))
+    response, events = await read_sse(client, ask("hi", discussion="boom2"))
     assert response.status_code == 200
-    assert [name for name, _ in events] == ["token", "error", "done"]
-    assert "server log" in events[1][1]["detail"] and events[2][1] == {"generated_text": "partial"}
-    failures = [r for r in caplog.records if r.name == "adapters.web" and r.exc_info]
-    assert len(failures) == 2
-    assert all("engine exploded" in caplog.text and r.exc_info and r.exc_info[0] is RuntimeError for r in failures)
+    assert [name for name, _ in events] == ["token", "token", "error", "done"]
+    assert "try again" in events[2][1]["detail"] and events[3][1]["generated_text"] == "partial"
+    monkeypatch.undo()
     assert (await client.get("/healthz")).status_code == 200  # still serving
+    ok = await client.post("/generate-response", json=ask("hi again", discussion="boom"))
+    assert ok.status_code == 200
 
 
 # --- reading threads -------------------------------------------------------------------------------
@@ -476,3 +489,50 @@ async def test_adapter_stops_when_cancelled_and_reports_a_busy_port(
     with pytest.raises(ConfigError, match="RAVEN_WEB_TOKEN"):  # beyond localhost only with a token
         WebAdapter(service, settings_factory(web_host="0.0.0.0"))
     assert WebAdapter(service, settings_factory(web_host="0.0.0.0", web_token=TOKEN)).app is not None
+
+
+# --- outcomes as HTTP ------------------------------------------------------------------------------
+
+
+async def test_busy_is_503_with_retry_after_and_the_message_is_kept(settings_factory: Any) -> None:
+    from bot.app.assembly import open_service
+    from bot.events import Event
+
+    settings = settings_factory(max_batch=1, max_queue=1, max_reply_tokens=300, web_port=0)
+    async with open_service(settings) as service:
+        adapter = WebAdapter(service, settings)
+        task = await start_adapter(adapter)
+        try:
+            streaming = service.reply(Event(ThreadKey("web", "x/a"), "x", "x", "hi"))
+            await anext(streaming)  # holds the only place in the batch
+            queued = service.reply(Event(ThreadKey("web", "x/b"), "x", "x", "hi"))
+            for _ in range(500):  # until it waits in the engine's queue
+                if service.engine.queued:
+                    break
+                await asyncio.sleep(0.01)
+            assert service.engine.queued == 1
+            async with httpx.AsyncClient(base_url=adapter.url, timeout=60) as http:
+                # no persona switch: the turn ends before showing anything
+                plain = await http.post("/generate-response", json=ask("me too", discussion="c", persona=None))
+                stream = await http.post("/generate-response/stream",
+                                         json=ask("me three", discussion="d", persona=None))
+            for response in (plain, stream):
+                assert response.status_code == 503, response.text
+                assert response.headers["retry-after"] == "60"
+                body = response.json()
+                assert body["reason"] == "busy" and "ahead of you" in body["detail"]
+            for discussion, text in (("c", "me too"), ("d", "me three")):
+                stored = await service.thread_messages(ThreadKey("web", f"alice/{discussion}"))
+                assert [(m.role, m.text, m.status) for m in stored if m.role == "user"][-1] == ("user", text, "failed")
+            await streaming.text()
+            await queued.text()
+        finally:
+            await stop(task)
+
+
+async def test_refused_input_is_422_with_its_reason(client: httpx.AsyncClient) -> None:
+    response = await client.post("/generate-response", json=ask("/advisor", persona=None, discussion="r1"))
+    assert response.status_code == 422 and response.json()["reason"] == "no_persona"
+    response = await client.post("/generate-response/stream", json=ask("/advisor nope", persona=None, discussion="r2"))
+    assert response.status_code == 422 and response.json()["reason"] == "unknown_persona"
+    assert "`sql`" in response.json()["detail"]

@@ -154,6 +154,21 @@
     return item;
   }
 
+  // A reply that turned out to be a notice (busy, refused, failed) is shown as one.
+  function asNotice(item, text) {
+    item.className = "msg notice";
+    item.querySelector(".who").textContent = "Note";
+    renderText(item.querySelector(".body"), text);
+  }
+
+  // A note beside a reply, such as "reply cut off at the 400-token limit".
+  function addNote(item, text) {
+    const note = document.createElement("p");
+    note.className = "note";
+    note.textContent = `(${text})`;
+    item.append(note);
+  }
+
   function addDivider(text) {
     const item = document.createElement("p");
     item.className = "divider";
@@ -322,8 +337,9 @@
         }),
       });
       if (!response.ok) {
+        // busy (503), refused (422), failed (500): a notice from the server, not Raven's words
         failed = true;
-        renderText(body, await problem(response));
+        asNotice(reply, await problem(response));
         return;
       }
       await readEvents(response, (name, data) => {
@@ -337,6 +353,7 @@
         } else if (name === "done" && !failed) {
           shown = data.generated_text;
           renderText(body, shown || "(no reply)");
+          if (data.notice) addNote(reply, data.notice);
         }
       });
     } catch (error) {

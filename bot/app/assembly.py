@@ -20,10 +20,11 @@ from bot.errors import ModelLoadError
 from bot.inference.allocator import tune_allocator
 from bot.inference.backend import Backend
 from bot.inference.checkpoint import describe, make_checkpoint
-from bot.inference.engine import Engine, in_fresh_thread
+from bot.inference.engine import Engine
+from bot.inference.threads import in_fresh_thread
 from bot.inference.tokenizer import load_tokenizer
 from bot.settings import Settings
-from bot.storage.sqlite import Store
+from bot.storage import SQLiteStore
 
 log = logging.getLogger(__name__)
 DEMO_MODEL_NAME = "demo-rwkv7-tiny.pth"
@@ -65,11 +66,8 @@ def load_backend(settings: Settings, path: Path) -> Backend:
     if settings.backend == "batched" and family != "v7":
         raise ModelLoadError(f"RAVEN_BACKEND=batched serves RWKV-7 only; {path} is RWKV-{family[1:]}")
     if use_batched:
-        try:
-            from bot.inference.rwkv7_batched import BatchedRWKV7Backend
-        except ImportError:  # pragma: no cover - only while the batched path is absent
-            use_batched = False
-    if use_batched:
+        from bot.inference.rwkv7_batched import BatchedRWKV7Backend
+
         device, _, dtype = settings.strategy.strip().partition(" ")
         return BatchedRWKV7Backend(path, device=device, dtype=dtype.strip() or "fp32", max_slots=slots)
     from bot.inference.package_backend import PackageBackend
@@ -93,11 +91,11 @@ async def open_service(settings: Settings) -> AsyncIterator[ChatService]:
         max_queue=settings.max_queue, reply_timeout_s=settings.reply_timeout_s,
         torch_threads=settings.torch_threads,
     )
-    async with Store(settings.database_path) as store, engine:
+    async with SQLiteStore(settings.database_path) as store, engine:
         interrupted = await store.mark_interrupted()
         if interrupted:
             log.warning("%d message(s) were interrupted by a restart; their threads say so", len(interrupted))
-        service = ChatService(settings, store, engine, personas, fingerprint, backend.family)
+        service = ChatService(settings, store, engine, tokenizer, personas, fingerprint, backend.family)
         await service.refresh_personas()
         service.is_demo_model = choice.is_demo
         # Everything loaded so far lives as long as the process: keep the collector from walking it

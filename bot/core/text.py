@@ -19,10 +19,11 @@ def clean_text(raw: str | bytes, max_chars: int) -> str:
     text = unicodedata.normalize("NFC", text.replace("\r\n", "\n").replace("\r", "\n"))
     text = _CONTROL.sub("", text).strip()
     if not text:
-        raise InputError("That message is empty — there is nothing to answer.")
+        raise InputError("That message is empty — there is nothing to answer.", "empty")
     if len(text) > max_chars:
         raise InputError(
             f"That message is {len(text):,} characters long; the limit is {max_chars:,}. "
-            "Please shorten it or split it up."
+            "Please shorten it or split it up.",
+            "too_long",
         )
     return text

@@ -350,6 +350,11 @@ class FakeDiscord(LocalServer):
             if m["channel_id"] == channel_id and m["author"]["id"] == self.bot_user["id"]
         ]
 
+    @staticmethod
+    def shown(message: Payload) -> str:
+        """What a message shows: its content, then its embeds' descriptions (notices are embeds)."""
+        return "\n".join([message["content"], *(e.get("description") or "" for e in message.get("embeds", []))]).strip()
+
     def threads_created(self) -> list[Payload]:
         return [c for c in self.channels.values() if c["type"] == 11 and c["owner_id"] == self.bot_user["id"]]
 
@@ -476,6 +481,7 @@ class FakeDiscord(LocalServer):
         if too_long := _check_length(body):
             return 400, too_long
         payload = self._message_payload(channel_id, self.bot_user, body.get("content") or "")
+        payload["embeds"] = list(body.get("embeds") or [])
         self.messages[payload["id"]] = payload
         await self.dispatch("MESSAGE_CREATE", payload)  # Discord echoes the bot's own messages
         return 200, payload
@@ -488,6 +494,8 @@ class FakeDiscord(LocalServer):
             return 400, too_long
         if "content" in body:
             message["content"] = body["content"]
+        if "embeds" in body:
+            message["embeds"] = list(body["embeds"] or [])
         message["edited_timestamp"] = _now_iso()
         return 200, message
 
@@ -549,9 +557,11 @@ class FakeDiscord(LocalServer):
             record.original_pending = False  # the first follow-up after a defer fills the "thinking" message
             message = self.messages[record.original_id]
             message["content"] = body.get("content") or ""
+            message["embeds"] = list(body.get("embeds") or [])
             message["flags"] = body.get("flags") or message["flags"]
             return 200, message
         message = self._message_payload(record.channel_id, self.bot_user, body.get("content") or "")
+        message["embeds"] = list(body.get("embeds") or [])
         message["flags"] = body.get("flags") or 0
         self.messages[message["id"]] = message
         return 200, message

@@ -48,6 +48,17 @@ class Message:
     writes: list[float] = field(default_factory=list)  # post and every update, monotonic seconds
 
 
+@dataclass(frozen=True)
+class Ephemeral:
+    """A message only ``user`` sees (``chat.postEphemeral``)."""
+
+    channel: str
+    thread_ts: str | None
+    user: str
+    text: str
+    blocks: Any
+
+
 @dataclass
 class _Failure:
     error: str
@@ -81,6 +92,7 @@ class FakeSlack(LocalServer):
         self.outside_channels = outside_channels or set()  # the bot is not a member: not_in_channel
         self.calls: list[ApiCall] = []
         self.messages: dict[tuple[str, str], Message] = {}
+        self.ephemerals: list[Ephemeral] = []
         self.responses: list[dict[str, Any]] = []  # posts to response_url
         self.acks: dict[str, tuple[float, dict[str, Any]]] = {}
         self.connections = 0
@@ -263,5 +275,12 @@ class FakeSlack(LocalServer):
             message.writes.append(now)
             return self._json({"ok": True, "channel": channel, "ts": message.ts, "text": text})
         if method == "chat.postEphemeral":
+            if not args.get("user"):
+                return self._json({"ok": False, "error": "user_not_in_channel"})
+            blocks = args.get("blocks")
+            if isinstance(blocks, str):  # form-encoded calls carry blocks as JSON text
+                blocks = json.loads(blocks)
+            self.ephemerals.append(Ephemeral(channel, args.get("thread_ts") or None, str(args["user"]),
+                                             str(args.get("text", "")), blocks))
             return self._json({"ok": True, "message_ts": self._new_ts()})
         return self._json({"ok": False, "error": "unknown_method"}, 404)

@@ -1,0 +1,72 @@
+"""The handle an adapter holds while a turn runs: the text to show as it arrives, then the outcome.
+
+The turn itself runs in a task of its own, so a reader that goes away (a closed page, a platform
+error) does not stop the reply from being finished and stored.
+"""
+
+from __future__ import annotations
+
+import asyncio
+from dataclasses import dataclass
+from typing import Literal
+
+from bot.core.outcomes import Outcome
+
+ResumedFrom = Literal["memory", "store", "rebuild", "new"]
+
+
+@dataclass(frozen=True)
+class TurnInfo:
+    """What a turn cost: logs, tests and metrics read it."""
+
+    resumed_from: ResumedFrom
+    prompt_tokens: int
+    generated_tokens: int
+    finish_reason: str
+    seconds: float
+
+
+class Turn:
+    """Iterate for the text to show (an answer, or a command's result) as it is written; then
+    ``await turn.outcome()`` says how the turn ended. Notices are never part of the text."""
+
+    def __init__(self) -> None:
+        self._chunks: asyncio.Queue[str | None] = asyncio.Queue()
+        self._outcome: asyncio.Future[Outcome] = asyncio.get_running_loop().create_future()
+        self._ended = False
+        self.shown = ""  # everything shown so far
+        self.info: TurnInfo | None = None
+
+    # --- the reader's side ------------------------------------------------------------------------
+
+    def __aiter__(self) -> Turn:
+        return self
+
+    async def __anext__(self) -> str:
+        if self._ended:
+            raise StopAsyncIteration
+        chunk = await self._chunks.get()
+        if chunk is None:
+            self._ended = True
+            raise StopAsyncIteration
+        return chunk
+
+    async def outcome(self) -> Outcome:
+        """How the turn ended (waits for it; does not consume the text)."""
+        return await asyncio.shield(self._outcome)
+
+    async def text(self) -> str:
+        """Everything shown, once the turn is over (for callers that do not stream)."""
+        return "".join([chunk async for chunk in self])
+
+    # --- the core's side ----------------------------------------------------------------------------
+
+    def show(self, text: str) -> None:
+        if text:
+            self.shown += text
+            self._chunks.put_nowait(text)
+
+    def end(self, outcome: Outcome) -> None:
+        if not self._outcome.done():
+            self._chunks.put_nowait(None)
+            self._outcome.set_result(outcome)
