@@ -25,13 +25,13 @@ from typing import Any
 import discord
 from discord import app_commands
 
+from adapters.settings import DiscordSettings
 from adapters.streaming import StreamRenderer
 from bot.core.commands import HELP_TEXT
 from bot.core.outcomes import NOTICES, CutOff
 from bot.core.service import ChatService
 from bot.errors import ConfigError, PersonaError
 from bot.events import Event, ThreadKey
-from bot.settings import Settings
 
 log = logging.getLogger(__name__)
 
@@ -101,10 +101,10 @@ class _RavenClient(discord.Client):
 class DiscordAdapter:
     """Runs a discord.py client that answers mentions, threads, DMs and slash commands."""
 
-    def __init__(self, service: ChatService, settings: Settings, *, guild_ready_timeout: float = 2.0) -> None:
+    def __init__(self, service: ChatService, settings: DiscordSettings, *, guild_ready_timeout: float = 2.0) -> None:
         self.service = service
         self.settings = settings
-        self.command_guilds = _snowflakes("DISCORD_COMMAND_GUILDS", settings.discord_command_guilds)
+        self.command_guilds = _snowflakes(settings.variable("command_guilds"), settings.command_guilds)
         intents = discord.Intents.none()
         intents.guilds = True
         intents.guild_messages = True
@@ -120,7 +120,7 @@ class DiscordAdapter:
 
     async def run(self) -> None:
         """Log in, connect and answer until cancelled."""
-        token = self.settings.discord_token
+        token = self.settings.token
         if token is None:
             raise ConfigError("DISCORD_TOKEN is not set")
         try:
@@ -159,17 +159,17 @@ class DiscordAdapter:
         channel, and a channel's category counts as well."""
         s = self.settings
         if guild is None:
-            return s.discord_answer_dms
-        if s.discord_allowed_guilds and str(guild.id) not in s.discord_allowed_guilds:
+            return s.answer_dms
+        if s.allowed_guilds and str(guild.id) not in s.allowed_guilds:
             return False
-        if s.discord_allowed_channels:
+        if s.allowed_channels:
             ids = {getattr(channel, "id", None), getattr(channel, "parent_id", None),
                    getattr(channel, "category_id", None)}
-            if not {str(i) for i in ids if i is not None} & set(s.discord_allowed_channels):
+            if not {str(i) for i in ids if i is not None} & set(s.allowed_channels):
                 return False
-        if s.discord_allowed_roles:
+        if s.allowed_roles:
             roles = {str(role.id) for role in getattr(member, "roles", [])}
-            if not roles & set(s.discord_allowed_roles):
+            if not roles & set(s.allowed_roles):
                 return False
         return True
 
@@ -304,7 +304,7 @@ class DiscordAdapter:
 
         renderer: StreamRenderer[Any] = StreamRenderer(
             post=first_post, edit=edit, limit=MESSAGE_LIMIT,
-            min_interval_s=self.settings.discord_edit_interval_s,
+            min_interval_s=self.settings.edit_interval_s,
         )
         turn = self.service.reply(event)
         try:

@@ -39,6 +39,7 @@ from slack_sdk.http_retry.builtin_async_handlers import (
 )
 from slack_sdk.web.async_client import AsyncWebClient
 
+from adapters.settings import SlackSettings
 from adapters.slack_mrkdwn import escape, from_slack, to_mrkdwn
 from adapters.streaming import StreamRenderer
 from adapters.text_split import split_message
@@ -46,7 +47,6 @@ from bot.core.commands import HELP_TEXT
 from bot.core.outcomes import NOTICES, CutOff
 from bot.errors import ConfigError, PersonaError
 from bot.events import Event, ThreadKey
-from bot.settings import Settings
 
 if TYPE_CHECKING:
     from bot.core.service import ChatService
@@ -109,20 +109,20 @@ class SlackAdapter:
     """Runs the bolt app until cancelled: Socket Mode when ``SLACK_APP_TOKEN`` is set, otherwise an
     aiohttp server for the Events API, verified with ``SLACK_SIGNING_SECRET``."""
 
-    def __init__(self, service: ChatService, settings: Settings,
+    def __init__(self, service: ChatService, settings: SlackSettings,
                  clock: Callable[[], float] = time.monotonic) -> None:
-        if settings.slack_bot_token is None:
+        if settings.bot_token is None:
             raise ConfigError("SLACK_BOT_TOKEN is not set")
-        if settings.slack_app_token is None and settings.slack_signing_secret is None:
+        if settings.app_token is None and settings.signing_secret is None:
             raise ConfigError("Slack needs SLACK_APP_TOKEN (Socket Mode) or SLACK_SIGNING_SECRET "
                               "(HTTP mode); neither is set")
         self.service = service
         self.settings = settings
         self.clock = clock
-        self.socket_mode = settings.slack_app_token is not None
-        api_url = settings.slack_api_url.rstrip("/") + "/"  # slack_sdk joins method names onto it
+        self.socket_mode = settings.app_token is not None
+        api_url = settings.api_url.rstrip("/") + "/"  # slack_sdk joins method names onto it
         self.client = AsyncWebClient(
-            token=settings.slack_bot_token.get_secret_value(),
+            token=settings.bot_token.get_secret_value(),
             base_url=api_url,
             retry_handlers=[
                 AsyncConnectionErrorRetryHandler(max_retry_count=2),
@@ -130,7 +130,7 @@ class SlackAdapter:
                 AsyncServerErrorRetryHandler(max_retry_count=2),
             ],
         )
-        secret = settings.slack_signing_secret.get_secret_value() if settings.slack_signing_secret else ""
+        secret = settings.signing_secret.get_secret_value() if settings.signing_secret else ""
         self.app = AsyncApp(client=self.client, signing_secret=secret, name="raven",
                             request_verification_enabled=not self.socket_mode)
         self.app.event("app_mention")(self._on_mention)
@@ -156,8 +156,8 @@ class SlackAdapter:
     async def start(self) -> None:
         await self._check_token()
         if self.socket_mode:
-            assert self.settings.slack_app_token is not None
-            app_token = self.settings.slack_app_token.get_secret_value()
+            assert self.settings.app_token is not None
+            app_token = self.settings.app_token.get_secret_value()
             try:  # ask for the first websocket URL here, so a bad app token fails at start-up
                 opened = await self.client.apps_connections_open(app_token=app_token)
             except SlackApiError as exc:
@@ -167,13 +167,13 @@ class SlackAdapter:
             await self._socket.connect_async()
             log.info("slack: connected in Socket Mode")
         else:
-            path = self.settings.slack_http_path
-            self._runner = web.AppRunner(self.app.web_app(path=path, port=self.settings.slack_http_port),
+            path = self.settings.http_path
+            self._runner = web.AppRunner(self.app.web_app(path=path, port=self.settings.http_port),
                                          handle_signals=False)
             await self._runner.setup()
-            site = web.TCPSite(self._runner, self.settings.slack_http_host, self.settings.slack_http_port)
+            site = web.TCPSite(self._runner, self.settings.http_host, self.settings.http_port)
             await site.start()
-            log.info("slack: listening for events on http://%s:%s%s", self.settings.slack_http_host,
+            log.info("slack: listening for events on http://%s:%s%s", self.settings.http_host,
                      self.http_port, path)
 
     async def stop(self) -> None:
@@ -271,7 +271,7 @@ class SlackAdapter:
         return await self.service.claim_event(f"slack:message:{channel}:{ts}")
 
     def _allowed(self, channel: str) -> bool:
-        allowed = self.settings.slack_allowed_channels
+        allowed = self.settings.allowed_channels
         return not allowed or channel in allowed
 
     async def _user_name(self, user: str, fallback: str | None = None) -> str:
@@ -369,8 +369,8 @@ class SlackAdapter:
         renderer: StreamRenderer[_Posted] = StreamRenderer(
             post=lambda piece: self._post(channel, thread_ts, piece),
             edit=self._update,
-            limit=self.settings.slack_max_message_chars,
-            min_interval_s=self.settings.slack_update_interval_s,
+            limit=self.settings.max_message_chars,
+            min_interval_s=self.settings.update_interval_s,
             transform=to_mrkdwn,
         )
         turn = self.service.reply(event)
@@ -418,7 +418,7 @@ class SlackAdapter:
 
     async def _update(self, posted: _Posted, piece: str) -> None:
         """Show ``piece``: edit the handle's messages (each at most once per
-        ``slack_update_interval_s``) and post new ones in the thread for what does not fit."""
+        ``SLACK_UPDATE_INTERVAL_S``) and post new ones in the thread for what does not fit."""
         while True:
             parts = [piece]
             if self._max_chars is not None and len(piece) > self._max_chars:
@@ -444,7 +444,7 @@ class SlackAdapter:
     async def _edit(self, channel: str, message: _Message, text: str) -> None:
         if text == message.text:
             return
-        wait = message.last_write + self.settings.slack_update_interval_s - self.clock()
+        wait = message.last_write + self.settings.update_interval_s - self.clock()
         if wait > 0:
             await asyncio.sleep(wait)
         await self.client.chat_update(channel=channel, ts=message.ts, text=text)

@@ -41,11 +41,11 @@ from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_valida
 from sse_starlette import EventSourceResponse, ServerSentEvent
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
+from adapters.settings import WebSettings
 from bot.core.commands import parse_command
 from bot.core.outcomes import Answered, Busy, CommandDone, CutOff, Failed, Outcome, Refused
 from bot.errors import ConfigError, PersonaError
 from bot.events import Event, ThreadKey
-from bot.settings import Settings
 
 if TYPE_CHECKING:
     from bot.core.service import ChatService
@@ -60,7 +60,6 @@ ID_RULE = "1-64 characters: letters, digits, '_', '-', '.', '@'"
 # the seed's prompt files, matched case-insensitively; any other value is a persona name
 PROMPT_FILE_ALIASES = {"sqladvisor": "sql", "projectadvisor": "project"}
 SESSION_COOKIE = "raven_session"
-LOOPBACK_HOSTS = ("127.0.0.1", "localhost", "::1")
 SSE_PING_S = 15
 # The page loads nothing but its own files; the browser enforces it.
 PAGE_HEADERS = {
@@ -265,11 +264,11 @@ class AccessLog:
 # --- the app -------------------------------------------------------------------------------------------
 
 
-def create_app(service: ChatService, settings: Settings) -> FastAPI:
+def create_app(service: ChatService, settings: WebSettings) -> FastAPI:
     """The FastAPI app for one service. Nothing starts until an ASGI server runs it."""
-    token = settings.web_token.get_secret_value() if settings.web_token else None
+    token = settings.token.get_secret_value() if settings.token else None
     guard = TokenGuard(token)
-    max_body = settings.web_max_body_bytes
+    max_body = settings.max_body_bytes
 
     app = FastAPI(
         title="Raven web API",
@@ -509,11 +508,11 @@ def create_app(service: ChatService, settings: Settings) -> FastAPI:
     app.mount("/static", StaticFiles(directory=STATIC_DIR), name="static")
 
     app.add_middleware(AccessLog)
-    if settings.web_cors_origins:
+    if settings.cors_origins:
         from fastapi.middleware.cors import CORSMiddleware
 
         app.add_middleware(
-            CORSMiddleware, allow_origins=list(settings.web_cors_origins), allow_methods=["GET", "POST"],
+            CORSMiddleware, allow_origins=list(settings.cors_origins), allow_methods=["GET", "POST"],
             allow_headers=["Authorization", "Content-Type"], allow_credentials=False,
         )
     return app
@@ -552,13 +551,13 @@ def _listen(host: str, port: int) -> socket.socket:
 
 
 class WebAdapter:
-    """Serves the page and the API on ``settings.web_host:web_port`` until cancelled."""
+    """Serves the page and the API on ``settings.host:port`` until cancelled."""
 
-    def __init__(self, service: ChatService, settings: Settings) -> None:
-        if settings.web_host not in LOOPBACK_HOSTS and settings.web_token is None:
-            # Settings checks this when RAVEN_WEB_ENABLED is set; check again for any other caller.
+    def __init__(self, service: ChatService, settings: WebSettings) -> None:
+        if not settings.local and settings.token is None:
+            # WebSettings checks this when RAVEN_WEB_ENABLED is set; check again for any other caller.
             raise ConfigError(
-                f"RAVEN_WEB_TOKEN must be set when RAVEN_WEB_HOST binds beyond localhost ({settings.web_host!r})"
+                f"RAVEN_WEB_TOKEN must be set when RAVEN_WEB_HOST binds beyond localhost ({settings.host!r})"
             )
         self.service = service
         self.settings = settings
@@ -570,7 +569,7 @@ class WebAdapter:
     def url(self) -> str:
         if self.port is None:
             raise RuntimeError("the web adapter is not listening yet")
-        host = self.settings.web_host
+        host = self.settings.host
         host = f"[{host}]" if ":" in host else host
         return f"http://{host}:{self.port}"
 
@@ -583,7 +582,7 @@ class WebAdapter:
             self.app, log_config=None, access_log=False, lifespan="off", server_header=False,
             timeout_graceful_shutdown=5,
         )
-        sock = _listen(self.settings.web_host, self.settings.web_port)
+        sock = _listen(self.settings.host, self.settings.port)
         self.port = sock.getsockname()[1]
         server = _Server(config, self._ready)
         serving = asyncio.create_task(server.serve(sockets=[sock]), name="raven-web")

@@ -21,10 +21,10 @@ from pathlib import Path
 from typing import Any
 
 from bot.app.assembly import open_service
+from bot.app.settings import load_settings
 from bot.core.outcomes import Answered, CutOff
 from bot.core.service import ChatService
 from bot.events import Event, ThreadKey
-from bot.settings import load_settings
 
 SHORT_MESSAGES = 10
 LONG_MESSAGES = 2000
@@ -54,7 +54,7 @@ async def _turn(service: ChatService, key: ThreadKey, text: str) -> tuple[float,
 
 
 async def _measure(checkpoint: Path, data_dir: Path, short: int, long: int, turns: int) -> dict[str, Any]:
-    settings = load_settings(env_file=None, model_path=checkpoint, data_dir=data_dir, seed=1,
+    settings = load_settings(env_file=None, model=checkpoint, data_dir=data_dir, seed=1,
                              max_reply_tokens=1, max_batch=4)
     async with open_service(settings) as service:
         keys = {short: ThreadKey("bench", "short"), long: ThreadKey("bench", "long")}

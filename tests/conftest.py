@@ -9,9 +9,9 @@ from typing import Any
 import pytest
 
 from bot.app.assembly import open_service
+from bot.app.settings import Settings, load_settings
 from bot.core.service import ChatService
 from bot.inference.checkpoint import make_checkpoint
-from bot.settings import Settings, load_settings
 
 SettingsFactory = Callable[..., Settings]
 
@@ -34,7 +34,8 @@ def tiny_v4_path(models_dir: Path) -> Path:
 @pytest.fixture
 def settings_factory(tiny_v7_path: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> SettingsFactory:
     """Settings for a test: the tiny model, a fresh data directory, short seeded replies, and no
-    influence from the developer's environment or ``.env``."""
+    influence from the developer's environment or ``.env``. Core fields by name, an adapter's
+    section as a mapping: ``settings_factory(seed=2, web={"port": 0})``."""
     import os
 
     for name in list(os.environ):
@@ -43,7 +44,7 @@ def settings_factory(tiny_v7_path: Path, tmp_path: Path, monkeypatch: pytest.Mon
 
     def make(**overrides: Any) -> Settings:
         values: dict[str, Any] = {
-            "model_path": tiny_v7_path, "data_dir": tmp_path / "data", "seed": 1,
+            "model": tiny_v7_path, "data_dir": tmp_path / "data", "seed": 1,
             "max_reply_tokens": 40, "max_batch": 8, "backend": "auto",
         }
         values.update(overrides)

@@ -23,8 +23,8 @@ from tests.conftest import SettingsFactory
 @pytest.fixture
 async def engine(settings_factory: SettingsFactory) -> AsyncIterator[Engine]:
     settings = settings_factory()
-    assert settings.model_path is not None
-    backend = load_backend(settings, settings.model_path)
+    assert settings.model is not None
+    backend = load_backend(settings, settings.model)
     async with Engine(backend, load_tokenizer(settings.tokenizer), max_batch=4, prefill_chunk=32,
                       max_queue=2, reply_timeout_s=30) as running:
         yield running
@@ -76,8 +76,8 @@ async def test_prefill_is_bounded_per_step_and_streaming_continues(engine: Engin
 
 async def test_a_full_queue_answers_busy(settings_factory: SettingsFactory) -> None:
     settings = settings_factory()
-    assert settings.model_path is not None
-    backend = load_backend(settings, settings.model_path)
+    assert settings.model is not None
+    backend = load_backend(settings, settings.model)
     async with Engine(backend, load_tokenizer(settings.tokenizer), max_batch=1, max_queue=1) as engine:
         start = engine.zero_state()
         first = engine.generate(request(engine, start, "one", max_tokens=200))
@@ -307,8 +307,8 @@ async def test_a_failing_model_step_ends_the_replies_in_flight_and_the_engine_go
 
 async def test_a_message_arriving_in_a_busy_batch_streams_after_one_step(settings_factory: SettingsFactory) -> None:
     settings = settings_factory()
-    assert settings.model_path is not None
-    backend = load_backend(settings, settings.model_path)
+    assert settings.model is not None
+    backend = load_backend(settings, settings.model)
     async with Engine(backend, load_tokenizer(settings.tokenizer), max_batch=8, prefill_chunk=64,
                       max_queue=8, reply_timeout_s=30) as engine:
         start = engine.zero_state()

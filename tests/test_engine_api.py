@@ -26,8 +26,8 @@ from tests.conftest import SettingsFactory
 @pytest.fixture
 async def engine(settings_factory: SettingsFactory) -> AsyncIterator[Engine]:
     settings = settings_factory()
-    assert settings.model_path is not None
-    backend = load_backend(settings, settings.model_path)
+    assert settings.model is not None
+    backend = load_backend(settings, settings.model)
     async with Engine(backend, load_tokenizer(settings.tokenizer), max_batch=2, max_queue=4) as running:
         yield running
 

@@ -9,9 +9,9 @@ from pathlib import Path
 
 import pytest
 
+from bot.app.settings import load_settings
 from bot.core.personas import BUILTIN_DIR, PersonaLibrary, builtin_dir, parse_persona
 from bot.errors import PersonaError
-from bot.settings import load_settings
 
 VALID = "---\nname: Extra\ndescription: An extra persona.\n---\nYou are an extra persona.\n"
 

@@ -27,7 +27,7 @@ async def test_resume_from_saved_state_equals_rereading_history(
 ) -> None:
     path = tiny_v7_path if family == "v7" else tiny_v4_path
     key = ThreadKey("test", f"resume-{family}")
-    async with open_service(settings_factory(model_path=path)) as service:
+    async with open_service(settings_factory(model=path)) as service:
         await _say(service, key, "Hello, who are you?")
         await _say(service, key, "Tell me about SQL indexes.\n\nAnd about\r\nviews.")
         assert service.last_turn(key).resumed_from == "memory"  # type: ignore[union-attr]

@@ -52,3 +52,18 @@ def test_run_serves_the_web_adapter_and_stops_cleanly_on_sigterm(tiny_v7_path: P
     with sqlite3.connect(tmp_path / "data" / "raven.db") as db:
         rows = db.execute("SELECT role, status FROM messages WHERE thread_key = 'web:ann/1' ORDER BY id").fetchall()
     assert rows[-2:] == [("user", "answered"), ("assistant", "done")]
+
+
+def test_run_and_web_refuse_the_same_bad_setting_with_the_same_status(tmp_path: Path) -> None:
+    """A settings error exits 2 whichever command reads the settings, before anything is created."""
+    env = {k: v for k, v in os.environ.items() if not k.startswith(("RAVEN_", "DISCORD_", "SLACK_"))}
+    env |= {"RAVEN_DATA_DIR": str(tmp_path / "data"), "RAVEN_WEB_ENABLED": "true"}
+    cases = [({"RAVEN_TOP_P": "abc"}, "RAVEN_TOP_P: "), ({"RAVEN_WEB_PORT": "99999"}, "RAVEN_WEB_PORT: "),
+             ({"RAVEN_WEB_HOST": "0.0.0.0"}, "RAVEN_WEB_TOKEN must be set")]
+    for bad, complaint in cases:
+        for command in ("run", "web"):
+            done = subprocess.run([RAVEN, command], cwd=tmp_path, env=env | bad, capture_output=True, text=True,
+                                  timeout=60, stdin=subprocess.DEVNULL)
+            assert done.returncode == 2, (command, bad, done.stderr)
+            assert complaint in done.stderr and "Traceback" not in done.stderr, (command, done.stderr)
+    assert not (tmp_path / "data").exists()

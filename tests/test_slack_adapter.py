@@ -21,11 +21,11 @@ import pytest
 
 from adapters.slack_bot import ERROR_NOTICE, SlackAdapter
 from adapters.streaming import PLACEHOLDER
+from bot.app.settings import Settings
 from bot.core.service import ChatService
 from bot.core.turn import Turn
 from bot.errors import ConfigError
 from bot.events import Event, ThreadKey
-from bot.settings import Settings
 from tests.fakes.scripted import scripted_turn
 from tests.fakes.slack_server import FakeSlack, Message, signed_headers
 
@@ -150,14 +150,13 @@ class Harness:
 @contextlib.asynccontextmanager
 async def running(mode: str, service: Any, settings_factory: SettingsFactory, fake: FakeSlack,
                   **overrides: Any) -> AsyncIterator[Harness]:
-    values: dict[str, Any] = {"slack_bot_token": "xoxb-test", "slack_api_url": fake.base_url}
+    values: dict[str, Any] = {"bot_token": "xoxb-test", "api_url": fake.base_url}
     if mode == "socket":
-        values["slack_app_token"] = "xapp-test"
+        values["app_token"] = "xapp-test"
     else:
-        values |= {"slack_signing_secret": SECRET, "slack_http_host": "127.0.0.1",
-                   "slack_http_port": free_port()}
+        values |= {"signing_secret": SECRET, "http_host": "127.0.0.1", "http_port": free_port()}
     values.update(overrides)
-    adapter = SlackAdapter(service, settings_factory(**values))
+    adapter = SlackAdapter(service, settings_factory(slack=values).slack)
     await adapter.start()
     try:
         if mode == "socket":
@@ -165,7 +164,7 @@ async def running(mode: str, service: Any, settings_factory: SettingsFactory, fa
             deliver: Delivery = SocketDelivery(fake)
         else:
             assert adapter.http_port is not None
-            deliver = HttpDelivery(adapter.http_port, adapter.settings.slack_http_path)
+            deliver = HttpDelivery(adapter.http_port, adapter.settings.http_path)
         yield Harness(adapter, fake, deliver)
     finally:
         await adapter.stop()
@@ -353,7 +352,7 @@ async def test_a_long_reply_continues_in_new_messages(service: ChatService, sett
     body = paragraph * 12 + "```sql\n" + "SELECT a, b FROM t WHERE a < 10;\n" * 30 + "```\n" + paragraph * 5
     chunks = [body[i:i + 40] for i in range(0, len(body), 40)]
     async with running("socket", ScriptedService(service, chunks), settings_factory, fake,
-                       slack_max_message_chars=500) as slack:
+                       max_message_chars=500) as slack:
         await slack.deliver.event(event_body(mention("600.000001", "long please")))
         await slack.settle()
     messages = fake.thread("C1", "600.000001")
@@ -375,7 +374,7 @@ async def test_msg_too_long_continues_in_a_new_message(service: ChatService,
     body = "\n".join(line.format(i) for i in range(16))  # ~930 characters, one renderer piece
     chunks = [body[i:i + 120] for i in range(0, len(body), 120)]
     async with running("socket", ScriptedService(service, chunks, delay_s=0.3), settings_factory, fake,
-                       slack_max_message_chars=3000) as slack:
+                       max_message_chars=3000) as slack:
         await slack.deliver.event(event_body(mention("700.000001", "long please")))
         await slack.settle()
     messages = fake.thread("C1", "700.000001")
@@ -390,7 +389,7 @@ async def test_msg_too_long_continues_in_a_new_message(service: ChatService,
 async def test_allow_list_dms_commands_after_a_mention_and_ignored_messages(
         service: ChatService, settings_factory: SettingsFactory, fake: FakeSlack) -> None:
     async with running("socket", service, settings_factory, fake,
-                       slack_allowed_channels=["C1", "D1"]) as slack:
+                       allowed_channels=["C1", "D1"]) as slack:
         # outside the allow-list: silence, and an ephemeral word for a slash command
         await slack.deliver.event(event_body(mention("900.000001", "anyone?", channel="C2")))
         _, answer = await slack.deliver.command(command("sql hi", fake, channel="C2"))
@@ -461,9 +460,9 @@ async def test_api_errors_are_logged_and_the_bot_keeps_running(
 
 async def test_run_serves_http_until_cancelled(settings_factory: SettingsFactory, fake: FakeSlack) -> None:
     port = free_port()
-    adapter = SlackAdapter(Untouchable(), settings_factory(  # type: ignore[arg-type]
-        slack_bot_token="xoxb-test", slack_signing_secret=SECRET, slack_api_url=fake.base_url,
-        slack_http_host="127.0.0.1", slack_http_port=port, slack_http_path="/hooks/slack"))
+    adapter = SlackAdapter(Untouchable(), settings_factory(slack={  # type: ignore[arg-type]
+        "bot_token": "xoxb-test", "signing_secret": SECRET, "api_url": fake.base_url,
+        "http_host": "127.0.0.1", "http_port": port, "http_path": "/hooks/slack"}).slack)
     task = asyncio.create_task(adapter.run())
     deliver = HttpDelivery(port, "/hooks/slack")
     raw = json.dumps({"token": "legacy", "challenge": "abc123", "type": "url_verification"})
@@ -485,12 +484,12 @@ async def test_run_serves_http_until_cancelled(settings_factory: SettingsFactory
 # --- configuration ---------------------------------------------------------------------------------------------
 async def test_configuration_errors_fail_at_start(settings_factory: SettingsFactory, fake: FakeSlack) -> None:
     with pytest.raises(ConfigError, match="SLACK_BOT_TOKEN"):
-        SlackAdapter(object(), settings_factory())  # type: ignore[arg-type]
+        SlackAdapter(object(), settings_factory().slack)  # type: ignore[arg-type]
     with pytest.raises(ConfigError, match=r"SLACK_APP_TOKEN.*SLACK_SIGNING_SECRET"):
-        SlackAdapter(object(), settings_factory(slack_bot_token="xoxb-test"))  # type: ignore[arg-type]
+        SlackAdapter(object(), settings_factory(slack={"bot_token": "xoxb-test"}).slack)  # type: ignore[arg-type]
     fake.fail("auth.test", "invalid_auth")
-    adapter = SlackAdapter(object(), settings_factory(  # type: ignore[arg-type]
-        slack_bot_token="xoxb-test", slack_app_token="xapp-test", slack_api_url=fake.base_url))
+    adapter = SlackAdapter(object(), settings_factory(slack={  # type: ignore[arg-type]
+        "bot_token": "xoxb-test", "app_token": "xapp-test", "api_url": fake.base_url}).slack)
     with pytest.raises(ConfigError, match="SLACK_BOT_TOKEN was refused"):
         await adapter.start()
     fake.fail("apps.connections.open", "invalid_auth")

@@ -50,7 +50,7 @@ async def start_web(service: ChatService, settings_factory: Any) -> AsyncIterato
     tasks: list[asyncio.Task[None]] = []
 
     async def start(**overrides: Any) -> str:
-        adapter = WebAdapter(service, settings_factory(web_port=0, **overrides))
+        adapter = WebAdapter(service, settings_factory(web={"port": 0, **overrides}).web)
         tasks.append(await start_adapter(adapter))
         return adapter.url
 
@@ -308,7 +308,7 @@ async def test_personas_endpoint(client: httpx.AsyncClient, service: ChatService
 
 
 async def test_bad_requests_get_clear_4xx(start_web: StartWeb, service: ChatService) -> None:
-    base = await start_web(web_max_body_bytes=2048)
+    base = await start_web(max_body_bytes=2048)
     async with httpx.AsyncClient(base_url=base, timeout=30) as client:
         headers = {"Content-Type": "application/json"}
 
@@ -370,7 +370,7 @@ async def test_token_required_when_configured(
     start_web: StartWeb, caplog: pytest.LogCaptureFixture
 ) -> None:
     caplog.set_level(logging.DEBUG)
-    base = await start_web(web_token=TOKEN)
+    base = await start_web(token=TOKEN)
     good = {"Authorization": f"Bearer {TOKEN}"}
     async with httpx.AsyncClient(base_url=base, timeout=60) as client:
         response = await client.post("/generate-response", json=ask("hi"))
@@ -427,7 +427,7 @@ async def test_cors_only_for_configured_origins(start_web: StartWeb) -> None:
         response = await client.get("/personas", headers={"Origin": "http://tools.example"})
         assert response.status_code == 200 and "access-control-allow-origin" not in response.headers
 
-    base = await start_web(web_cors_origins="http://tools.example")
+    base = await start_web(cors_origins="http://tools.example")
     async with httpx.AsyncClient(base_url=base, timeout=30) as client:
         response = await client.options("/generate-response", headers=preflight)
         assert response.status_code == 200
@@ -472,13 +472,13 @@ async def test_page_loads_only_its_own_assets(client: httpx.AsyncClient) -> None
 async def test_adapter_stops_when_cancelled_and_reports_a_busy_port(
     service: ChatService, settings_factory: Any
 ) -> None:
-    adapter = WebAdapter(service, settings_factory(web_port=0))
+    adapter = WebAdapter(service, settings_factory(web={"port": 0}).web)
     task = await start_adapter(adapter)
     url = adapter.url
     async with httpx.AsyncClient(base_url=url, timeout=10) as client:
         assert (await client.get("/healthz")).json() == {"status": "ok"}
 
-        busy = WebAdapter(service, settings_factory(web_port=adapter.port))
+        busy = WebAdapter(service, settings_factory(web={"port": adapter.port}).web)
         with pytest.raises(ConfigError, match="RAVEN_WEB_PORT"):
             await busy.run()
 
@@ -487,8 +487,8 @@ async def test_adapter_stops_when_cancelled_and_reports_a_busy_port(
             await client.get("/healthz")
 
     with pytest.raises(ConfigError, match="RAVEN_WEB_TOKEN"):  # beyond localhost only with a token
-        WebAdapter(service, settings_factory(web_host="0.0.0.0"))
-    assert WebAdapter(service, settings_factory(web_host="0.0.0.0", web_token=TOKEN)).app is not None
+        WebAdapter(service, settings_factory(web={"host": "0.0.0.0"}).web)
+    assert WebAdapter(service, settings_factory(web={"host": "0.0.0.0", "token": TOKEN}).web).app is not None
 
 
 # --- outcomes as HTTP ------------------------------------------------------------------------------
@@ -498,9 +498,9 @@ async def test_busy_is_503_with_retry_after_and_the_message_is_kept(settings_fac
     from bot.app.assembly import open_service
     from bot.events import Event
 
-    settings = settings_factory(max_batch=1, max_queue=1, max_reply_tokens=300, web_port=0)
+    settings = settings_factory(max_batch=1, max_queue=1, max_reply_tokens=300, web={"port": 0})
     async with open_service(settings) as service:
-        adapter = WebAdapter(service, settings)
+        adapter = WebAdapter(service, settings.web)
         task = await start_adapter(adapter)
         try:
             streaming = service.reply(Event(ThreadKey("web", "x/a"), "x", "x", "hi"))

@@ -79,7 +79,7 @@ async def test_chat_page_streams_a_reply_and_lists_the_thread(
     service: ChatService, settings_factory: Any
 ) -> None:
     ARTIFACTS.mkdir(exist_ok=True)
-    async with serving(service, settings_factory(web_port=0)) as adapter, chromium() as browser:
+    async with serving(service, settings_factory(web={"port": 0}).web) as adapter, chromium() as browser:
         context = await browser.new_context(viewport={"width": 1100, "height": 760})
         page = await context.new_page()
         foreign, errors = watch(page, adapter.url)
@@ -144,7 +144,7 @@ async def test_chat_page_streams_a_reply_and_lists_the_thread(
 
 
 async def test_page_asks_for_the_token_when_one_is_set(service: ChatService, settings_factory: Any) -> None:
-    settings = settings_factory(web_port=0, web_token=TOKEN)
+    settings = settings_factory(web={"port": 0, "token": TOKEN}).web
     async with serving(service, settings) as adapter, chromium() as browser:
         context = await browser.new_context()
         page = await context.new_page()

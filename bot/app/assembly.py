@@ -23,7 +23,7 @@ from bot.inference.checkpoint import describe, make_checkpoint
 from bot.inference.engine import Engine
 from bot.inference.threads import in_fresh_thread
 from bot.inference.tokenizer import load_tokenizer
-from bot.settings import Settings
+from bot.settings import CoreSettings
 from bot.storage import SQLiteStore
 
 log = logging.getLogger(__name__)
@@ -36,10 +36,10 @@ class ModelChoice:
     is_demo: bool
 
 
-def choose_model(settings: Settings) -> ModelChoice:
+def choose_model(settings: CoreSettings) -> ModelChoice:
     """The configured checkpoint, or the random-weight demo model (made on first use)."""
-    if settings.model_path is not None:
-        return ModelChoice(settings.model_path, False)
+    if settings.model is not None:
+        return ModelChoice(settings.model, False)
     demo = settings.data_dir / DEMO_MODEL_NAME
     if not demo.is_file():
         log.info("no RAVEN_MODEL configured: writing the demo model to %s", demo)
@@ -59,7 +59,7 @@ def model_fingerprint(path: Path) -> str:
     return digest.hexdigest()[:16]
 
 
-def load_backend(settings: Settings, path: Path) -> Backend:
+def load_backend(settings: CoreSettings, path: Path) -> Backend:
     family, _, _, _ = describe(path)
     slots = settings.max_batch + 1
     use_batched = family == "v7" and settings.backend in ("auto", "batched")
@@ -76,7 +76,7 @@ def load_backend(settings: Settings, path: Path) -> Backend:
 
 
 @contextlib.asynccontextmanager
-async def open_service(settings: Settings) -> AsyncIterator[ChatService]:
+async def open_service(settings: CoreSettings) -> AsyncIterator[ChatService]:
     import asyncio
 
     tune_allocator()  # before the model's first allocation (see bot/inference/allocator.py)

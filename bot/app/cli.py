@@ -16,8 +16,8 @@ from typing import Annotated, Any
 
 import typer
 
+from bot.app.settings import Settings, load_settings
 from bot.errors import RavenError
-from bot.settings import Settings, load_settings
 
 app = typer.Typer(add_completion=False, no_args_is_help=False,
                   help="Raven: a team chat bot running an RWKV model on your own hardware.")
@@ -41,12 +41,16 @@ DEMO_BANNER = """\
 └──────────────────────────────────────────────────────────────────────────────┘"""
 
 
-def _settings() -> Settings:
+SETTINGS_ERROR = 2
+"""The exit status of every command for malformed settings (1: anything failing later)."""
+
+
+def _settings(**overrides: Any) -> Settings:
     try:
-        return load_settings()
+        return load_settings(**overrides)
     except RavenError as exc:
         typer.echo(f"raven: {exc}", err=True)
-        raise typer.Exit(2) from None
+        raise typer.Exit(SETTINGS_ERROR) from None
 
 
 def _setup_logging(settings: Settings) -> None:
@@ -93,15 +97,15 @@ async def _serve(settings: Settings) -> None:
         if service.is_demo_model:
             typer.echo(DEMO_BANNER, err=True)
         tasks = []
-        if settings.discord_enabled:
+        if settings.discord.enabled:
             from adapters.discord_bot import DiscordAdapter
-            tasks.append(asyncio.create_task(DiscordAdapter(service, settings).run(), name="discord"))
-        if settings.slack_enabled:
+            tasks.append(asyncio.create_task(DiscordAdapter(service, settings.discord).run(), name="discord"))
+        if settings.slack.enabled:
             from adapters.slack_bot import SlackAdapter
-            tasks.append(asyncio.create_task(SlackAdapter(service, settings).run(), name="slack"))
-        if settings.web_enabled:
+            tasks.append(asyncio.create_task(SlackAdapter(service, settings.slack).run(), name="slack"))
+        if settings.web.enabled:
             from adapters.web import WebAdapter
-            tasks.append(asyncio.create_task(WebAdapter(service, settings).run(), name="web"))
+            tasks.append(asyncio.create_task(WebAdapter(service, settings.web).run(), name="web"))
         log.info("serving: %s", ", ".join(t.get_name() for t in tasks))
         try:
             done, _ = await asyncio.wait(tasks, return_when=asyncio.FIRST_EXCEPTION)
@@ -119,7 +123,7 @@ def run() -> None:
     settings = _settings()
     _setup_logging(settings)
     try:
-        if settings.discord_enabled or settings.slack_enabled or settings.web_enabled:
+        if settings.discord.enabled or settings.slack.enabled or settings.web.enabled:
             _run_async(_serve(settings))
         else:
             typer.echo("No DISCORD_TOKEN, SLACK_BOT_TOKEN or RAVEN_WEB_ENABLED set: opening the "
@@ -149,15 +153,12 @@ def web(
     port: Annotated[int | None, typer.Option(help="Port (default RAVEN_WEB_PORT).")] = None,
 ) -> None:
     """Serve the web chat page and HTTP API."""
-    overrides: dict[str, Any] = {"web_enabled": True}
+    web: dict[str, Any] = {"enabled": True}
     if host is not None:
-        overrides["web_host"] = host
+        web["host"] = host
     if port is not None:
-        overrides["web_port"] = port
-    try:
-        settings = load_settings(**overrides)
-    except RavenError as exc:
-        raise _fail(exc) from None
+        web["port"] = port
+    settings = _settings(web=web)
     _setup_logging(settings)
 
     async def serve() -> None:
@@ -167,7 +168,7 @@ def web(
         async with open_service(settings) as service:
             if service.is_demo_model:
                 typer.echo(DEMO_BANNER, err=True)
-            await WebAdapter(service, settings).run()
+            await WebAdapter(service, settings.web).run()
 
     try:
         _run_async(serve())

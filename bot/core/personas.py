@@ -4,7 +4,7 @@
 ---
 name: SQL advisor
 description: Reviews queries, schemas and indexes.
-temperature: 0.8        # optional sampling overrides
+temperature: 0.8        # optional sampling overrides (the RAVEN_* settings' names and ranges)
 user_role: User          # optional role names for the prompt
 bot_role: Assistant
 ---
@@ -26,8 +26,10 @@ from typing import Any
 
 import yaml
 from frontmatter.default_handlers import YAMLHandler
+from pydantic import ValidationError
 
 from bot.errors import PersonaError
+from bot.settings import Sampling
 
 NAME_PATTERN = re.compile(r"^[a-z0-9][a-z0-9_-]{0,31}$")
 # python-frontmatter's YAML handler: a `---` line opens and closes the front matter, and it loads
@@ -51,17 +53,8 @@ def builtin_dir() -> Path:
 
 
 BUILTIN_DIR = builtin_dir()
-SAMPLING_KEYS = {
-    "temperature": float, "top_p": float, "top_k": int, "presence_penalty": float,
-    "frequency_penalty": float, "penalty_decay": float, "max_reply_tokens": int,
-}
-# The same ranges as the settings they override (bot/settings.py).
-SAMPLING_RANGES: dict[str, tuple[float, float]] = {
-    "temperature": (0.0, 5.0), "top_p": (0.0, 1.0), "top_k": (0, 1_000_000),
-    "presence_penalty": (0.0, 100.0), "frequency_penalty": (0.0, 100.0), "penalty_decay": (1e-6, 1.0),
-    "max_reply_tokens": (1, 8192),
-}
 ROLE_KEYS = ("user_role", "bot_role", "system_role")
+RANGE_ERRORS = ("greater_than", "greater_than_equal", "less_than", "less_than_equal")
 
 
 @dataclass(frozen=True)
@@ -112,21 +105,29 @@ def split_front_matter(text: str, where: str) -> tuple[dict[str, Any], str]:
     return loaded, body
 
 
+def _sampling(front: dict[str, Any], where: str) -> dict[str, float | int]:
+    """The front matter's sampling overrides, validated by the same model as the settings they
+    override (:class:`~bot.settings.Sampling`), so their ranges are the settings' ranges."""
+    given = {key: front[key] for key in Sampling.model_fields if key in front}
+    try:
+        checked = Sampling.model_validate(given)
+    except ValidationError as exc:
+        complaints = []
+        for error in exc.errors():
+            key = str(error["loc"][0]) if error.get("loc") else "?"
+            if error["type"] in RANGE_ERRORS:
+                complaints.append(f"{key} must be {Sampling.range_text(key)}")
+            elif error["type"] == "int_from_float":
+                complaints.append(f"{key} must be a whole number")
+            else:  # not a number at all, a boolean, infinite
+                complaints.append(f"{key} must be a number")
+        raise PersonaError(f"persona file {where}: {'; '.join(complaints)}") from None
+    return {key: getattr(checked, key) for key in given}
+
+
 def parse_persona(name: str, text: str, source: str = "") -> Persona:
     front, body = split_front_matter(text, source or name)
-    sampling: dict[str, float | int] = {}
-    for key, kind in SAMPLING_KEYS.items():
-        if key in front:
-            value = front[key]
-            try:
-                if isinstance(value, bool):  # YAML reads `on`/`true` as booleans; float(True) is 1.0
-                    raise TypeError(key)
-                sampling[key] = kind(value)
-            except (TypeError, ValueError) as exc:
-                raise PersonaError(f"persona file {source or name}: {key} must be a number") from exc
-            low, high = SAMPLING_RANGES[key]
-            if not low <= sampling[key] <= high:
-                raise PersonaError(f"persona file {source or name}: {key} must be between {low:g} and {high:g}")
+    sampling = _sampling(front, source or name)
     roles = {key: str(front[key]).strip() for key in ROLE_KEYS if front.get(key)}
     prompt = body.strip()
     if not prompt:

@@ -32,7 +32,7 @@ from bot.events import Event, ThreadKey
 from bot.inference.engine import Completion, Engine, GenerateRequest
 from bot.inference.sampling import SamplingParams
 from bot.inference.tokenizer import Tokenizer
-from bot.settings import Settings
+from bot.settings import CoreSettings
 from bot.storage import StateDraft, Store, StoredMessage, ThreadInfo
 
 log = logging.getLogger(__name__)
@@ -44,7 +44,7 @@ __all__ = ["ChatService", "StoredMessage", "ThreadInfo", "Turn", "TurnInfo"]
 
 
 class ChatService:
-    def __init__(self, settings: Settings, store: Store, engine: Engine, tokenizer: Tokenizer,
+    def __init__(self, settings: CoreSettings, store: Store, engine: Engine, tokenizer: Tokenizer,
                  personas: PersonaLibrary, model_fingerprint: str, family: str) -> None:
         self.settings = settings
         self.store = store
@@ -209,15 +209,13 @@ class ChatService:
         self.states.forget(key)
 
     def _sampling(self, persona: Persona) -> SamplingParams:
-        s = self.settings
-        values: dict[str, float | int] = {
-            "temperature": s.temperature, "top_p": s.top_p, "top_k": s.top_k,
-            "presence_penalty": s.presence_penalty, "frequency_penalty": s.frequency_penalty,
-            "penalty_decay": s.penalty_decay, "max_tokens": s.max_reply_tokens,
-        }
-        for name, value in persona.sampling.items():
-            values["max_tokens" if name == "max_reply_tokens" else name] = value
-        return SamplingParams(**values)  # type: ignore[arg-type]
+        """The settings' sampling parameters with the persona's overrides (checked by the same model)."""
+        chosen = self.settings.sampling.model_copy(update=persona.sampling)
+        return SamplingParams(
+            temperature=chosen.temperature, top_p=chosen.top_p, top_k=chosen.top_k,
+            presence_penalty=chosen.presence_penalty, frequency_penalty=chosen.frequency_penalty,
+            penalty_decay=chosen.penalty_decay, max_tokens=chosen.max_reply_tokens,
+        )
 
     def _seed(self, key: ThreadKey, position: int) -> int:
         """Fixed seed → reproducible replies: the same conversation gets the same replies whatever
