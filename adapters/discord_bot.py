@@ -265,6 +265,11 @@ class DiscordAdapter:
             return await message.create_thread(name=thread_name(text))
         except discord.HTTPException as exc:
             log.warning("discord: could not open a thread in channel %s (%s)", channel.id, _describe(exc))
+            # Kept in the log under the thread it would have opened (a thread on a message has its id).
+            await self.service.unanswered(
+                Event(ThreadKey(PLATFORM, str(message.id)), str(message.author.id), message.author.display_name,
+                      text, message_id=str(message.id), addressed=True),
+                f"discord could not open a thread (HTTP {exc.status})")
             reason = notice_for(exc)
             await self._try_send(channel, "I couldn't open a thread here. " + reason)
             return None
@@ -314,12 +319,14 @@ class DiscordAdapter:
                 text += f"\n\n_({outcome.message})_"
             if text or not isinstance(outcome, NOTICES):
                 await renderer.finish(text)
+            await self.service.delivered(turn)
             if isinstance(outcome, NOTICES) and not isinstance(outcome, CutOff):
                 if typing is not None:
                     typing.cancel()
                 await notify(outcome.message)
         except discord.HTTPException as exc:
             log.warning("discord: reply in %s failed (%s)", event.thread, _describe(exc))
+            await self.service.undelivered(turn, f"discord HTTP {exc.status}")
             # after a 403 in this channel another send there is just one more invalid request
             if not isinstance(exc, discord.Forbidden) or channel is None:
                 await notify(notice_for(exc))

@@ -23,6 +23,7 @@ import asyncio
 import logging
 import re
 import time
+from collections import Counter
 from collections.abc import Awaitable, Callable
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any
@@ -141,6 +142,8 @@ class SlackAdapter:
         self._socket: AsyncSocketModeHandler | None = None
         self._runner: web.AppRunner | None = None
         self._names: TTLCache[str, str] = TTLCache(maxsize=NAME_CACHE_SIZE, ttl=NAME_CACHE_TTL_S)
+        self._looking_up: set[str] = set()
+        self._opening: Counter[ThreadKey] = Counter()  # threads a mention is opening (see _answer_event)
         self._max_chars: int | None = None  # learned from msg_too_long: Slack's real limit is lower
         self._tasks: set[asyncio.Task[Any]] = set()
 
@@ -251,17 +254,29 @@ class SlackAdapter:
         elif mentioned:
             thread_ts = thread_ts or ts
             key = ThreadKey(PLATFORM, f"{channel}:{thread_ts}")
-        elif thread_ts and await self.service.knows_thread(ThreadKey(PLATFORM, f"{channel}:{thread_ts}")):
+        elif thread_ts and await self._follows(ThreadKey(PLATFORM, f"{channel}:{thread_ts}")):
             key = ThreadKey(PLATFORM, f"{channel}:{thread_ts}")
         else:
             return
-        if not await self._claim(body.get("event_id"), channel, ts):
-            log.debug("slack: duplicate delivery of %s/%s ignored", channel, ts)
-            return
-        plain = from_slack(text, bot_user)
-        name = await self._user_name(user)
-        await self._reply(Event(key, user, name, plain, message_id=ts, addressed=mentioned or direct),
-                          channel, thread_ts)
+        # Known from this moment: a follow-up sent right after the mention arrives while the mention
+        # is still being claimed, and must find its thread.
+        self._opening[key] += 1
+        try:
+            if not await self._claim(body.get("event_id"), channel, ts):
+                log.debug("slack: duplicate delivery of %s/%s ignored", channel, ts)
+                return
+            plain = from_slack(text, bot_user)
+            name = await self._user_name(user)
+            await self._reply(Event(key, user, name, plain, message_id=ts, addressed=mentioned or direct),
+                              channel, thread_ts)
+        finally:
+            self._opening[key] -= 1
+            if self._opening[key] <= 0:
+                del self._opening[key]
+
+    async def _follows(self, key: ThreadKey) -> bool:
+        """A thread Raven talks in: answered before, or being opened by a mention right now."""
+        return key in self._opening or await self.service.knows_thread(key)
 
     async def _claim(self, event_id: str | None, channel: str, ts: str) -> bool:
         """Claim an event when its processing starts: first on its id (Slack's retries), then on the
@@ -275,18 +290,30 @@ class SlackAdapter:
         return not allowed or channel in allowed
 
     async def _user_name(self, user: str, fallback: str | None = None) -> str:
-        """The user's display name (``users:read``); the id when Slack will not say."""
-        if user not in self._names:
-            name = fallback or user
-            try:
-                found = (await self.client.users_info(user=user)).get("user") or {}
-                profile = found.get("profile") or {}
-                name = (profile.get("display_name") or found.get("real_name") or found.get("name")
-                        or name)
-            except SlackApiError as exc:
-                log.debug("slack: users.info for %s failed (%s)", user, _api_error(exc))
-            self._names[user] = name
-        return self._names[user]
+        """The user's display name (``users:read``) if known; otherwise the id (or ``fallback``) now,
+        and the name is looked up in the background for next time. A lookup never holds a reply up
+        (``users.info`` is rate-limited) and its failure never loses a message."""
+        known = self._names.get(user)
+        if known is not None:
+            return known
+        if user not in self._looking_up:
+            self._looking_up.add(user)
+            task = asyncio.create_task(self._look_up_name(user), name=f"slack users.info {user}")
+            self._tasks.add(task)
+            task.add_done_callback(self._tasks.discard)
+        return fallback or user
+
+    async def _look_up_name(self, user: str) -> None:
+        try:
+            found = (await self.client.users_info(user=user)).get("user") or {}
+            profile = found.get("profile") or {}
+            name = profile.get("display_name") or found.get("real_name") or found.get("name")
+            if name:
+                self._names[user] = str(name)
+        except Exception as exc:  # SlackApiError, a connection error …: the id stays the name
+            log.debug("slack: users.info for %s failed (%s)", user, exc)
+        finally:
+            self._looking_up.discard(user)
 
     # --- /advisor ----------------------------------------------------------------------------------
     def _persona_list(self) -> str:
@@ -381,6 +408,7 @@ class SlackAdapter:
                 text += f"\n\n_({outcome.message})_"
             if text or not isinstance(outcome, NOTICES):
                 await renderer.finish(text)
+            await self.service.delivered(turn)
             if isinstance(outcome, NOTICES) and not isinstance(outcome, CutOff):
                 await self._notice(channel, thread_ts, event.user_id, outcome.message)
             log.info("slack: answered %s in %.1fs (%d chars, %d messages)", event.thread,
@@ -389,6 +417,7 @@ class SlackAdapter:
             error = _api_error(exc)  # an expected platform failure: its code says it all
             log.error("slack: %s failed (%s) while answering in %s; the message stays in the log",
                       _api_method(exc), error, event.thread)
+            await self.service.undelivered(turn, f"slack {error}")
             if error not in _UNREACHABLE:
                 await self._notice(channel, thread_ts, event.user_id, ERROR_NOTICE)
         except Exception:

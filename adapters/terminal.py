@@ -41,6 +41,7 @@ class TerminalChat:
             self.stdout.write(("\n" if turn.shown else "") + f"[{outcome.message}]")
         self.stdout.write("\n")
         self.stdout.flush()
+        await self.service.delivered(turn)
 
     async def _read_line(self, prompt: str) -> str | None:
         interactive = self.stdin.isatty()

@@ -381,6 +381,7 @@ def create_app(service: ChatService, settings: WebSettings) -> FastAPI:
         outcome = await turn.outcome()
         if isinstance(outcome, Busy | Refused | Failed):
             return _refusal(outcome)
+        await service.delivered(turn)  # the page and API read the reply from the log from now on
         return _success(outcome)
 
     @app.post("/generate-response/stream", dependencies=[Authorized],
@@ -414,6 +415,7 @@ def create_app(service: ChatService, settings: WebSettings) -> FastAPI:
             else:
                 done = _success(outcome)
             yield ServerSentEvent(done.model_dump_json(), event="done")
+            await service.delivered(turn)
 
         return EventSourceResponse(events(), ping=SSE_PING_S, sep="\n")
 

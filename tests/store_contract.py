@@ -20,6 +20,7 @@ from bot.events import ThreadKey
 from bot.storage import StateDraft, Store, StoredMessage, StoredState
 
 KEY = ThreadKey("terminal", "t1")
+THIRD = ThreadKey("test", "third")
 OTHER = ThreadKey("terminal", "t2")
 MakeStore = Callable[["FakeClock"], Store]
 
@@ -273,8 +274,8 @@ class StoreContract:
     async def test_last_reply_id_ignores_notices(self, store: Store) -> None:
         await store.ensure_thread(KEY, "default")
         _, reply = await turn(store, KEY, "q", "a")
-        await store.add_message(KEY, "user", "lost", status="pending")
-        await store.mark_interrupted()  # adds a notice after the reply
+        await store.accept(KEY, "default", "lost", owner=None)  # a turn nobody owns
+        await store.recover(lease_s=30)  # adds a notice after the reply
         notice = (await store.messages(KEY))[-1]
         assert notice.role == "notice" and notice.author == "raven"
         assert await store.last_reply_id(KEY, 0, 10**9) == reply.id
@@ -384,28 +385,107 @@ class StoreContract:
 
     # --- crash recovery --------------------------------------------------------------------------------
 
-    async def test_mark_interrupted_marks_pending_and_adds_notices(self, store: Store) -> None:
-        await store.ensure_thread(KEY, "default")
-        await store.ensure_thread(OTHER, "default")
-        pending_1 = await store.add_message(KEY, "user", "lost one", status="pending")
-        answered = await store.add_message(KEY, "user", "fine", status="pending")
-        await store.finish_turn(KEY, answered.id, "reply", None)
-        pending_2 = await store.add_message(OTHER, "user", "lost two", status="pending")
+    async def test_accept_stores_thread_message_and_turn_at_once(self, store: Store, make_store: MakeStore,
+                                                                 clock: FakeClock) -> None:
+        accepted = await store.accept(KEY, "sql", "why is it slow?", author="Ann", platform_message_id="m1",
+                                      owner="A")
+        assert accepted.thread.key == KEY and accepted.thread.persona == "sql" and accepted.thread.epoch == 0
+        message = accepted.message
+        assert (message.role, message.text, message.author, message.status, message.platform_message_id) == (
+            "user", "why is it slow?", "Ann", "pending", "m1")
+        assert accepted.turn_id is not None
+        async with make_store(clock) as other:  # committed: another connection sees all three
+            turn = await other.get_turn(accepted.turn_id)
+            assert turn is not None and (turn.thread, turn.message_id, turn.phase, turn.owner, turn.reply_id) == (
+                KEY, message.id, "received", "A", None)
+            assert (await other.get_thread(KEY)) is not None
+        command = await store.accept(KEY, "default", "/reset", owner="A", answer=False)
+        assert command.turn_id is None and command.message.status == "done"
+        assert command.thread.persona == "sql"  # an existing thread keeps its persona
 
-        marked = await store.mark_interrupted()
-        assert [m.id for m in marked] == [pending_1.id, pending_2.id]
-        assert marked == [pending_1, pending_2]  # as they were
+    async def test_a_turn_moves_through_its_phases(self, store: Store, clock: FakeClock) -> None:
+        accepted = await store.accept(KEY, "default", "hello", owner="A")
+        turn_id = accepted.turn_id
+        assert turn_id is not None
+        await store.restart_thread(KEY, "default")  # a reset came in before this turn started
+        clock.now += 1
+        await store.begin_turn(turn_id, epoch=1)
+        begun = await store.get_turn(turn_id)
+        assert begun is not None and begun.phase == "generating" and begun.updated_at == clock.now
+        assert (await store.get_message(accepted.message.id)).epoch == 1  # type: ignore[union-attr]
+        reply = await store.finish_turn(KEY, accepted.message.id, "hi", state(), turn_id=turn_id)
+        done = await store.get_turn(turn_id)
+        assert done is not None and (done.phase, done.reply_id) == ("generated", reply.id)
+        await store.end_turn(turn_id, "delivered")
+        assert (await store.get_turn(turn_id)).phase == "delivered"  # type: ignore[union-attr]
+        assert (await store.get_message(accepted.message.id)).status == "answered"  # type: ignore[union-attr]
 
-        first = await store.messages(KEY)
-        assert [(m.role, m.status) for m in first] == [
-            ("user", "interrupted"), ("user", "answered"), ("assistant", "done"), ("notice", "done")]
-        assert "restarted" in first[-1].text and first[-1].author == "raven"
-        second = await store.messages(OTHER)
-        assert [(m.role, m.status) for m in second] == [("user", "interrupted"), ("notice", "done")]
-        assert await store.position_in_thread(OTHER, second[-1].id) == 1
+    async def test_context_reads_each_question_just_before_its_answer(self, store: Store) -> None:
+        """Two questions sent together are stored as they arrive, before either is answered."""
+        q1 = await store.accept(KEY, "default", "first", owner="A")
+        q2 = await store.accept(KEY, "default", "second", owner="A")
+        r1 = await store.finish_turn(KEY, q1.message.id, "answer one", None, turn_id=q1.turn_id)
+        r2 = await store.finish_turn(KEY, q2.message.id, "answer two", None, turn_id=q2.turn_id)
+        assert [m.text for m in await store.messages(KEY)] == ["first", "second", "answer one", "answer two"]
+        read = await store.context(KEY, 0)
+        assert [m.text for m in read] == ["first", "answer one", "second", "answer two"]
+        assert [m.text for m in await store.context(KEY, 0, before_id=r2.id)] == ["first", "answer one"]
+        assert await store.last_reply_id(KEY, 0) == r2.id
+        assert await store.last_reply_id(KEY, 0, before_id=r2.id) == r1.id
 
-        assert await store.mark_interrupted() == []  # nothing left pending: no second notice
-        assert len(await store.messages(KEY)) == 4
+    async def test_a_failed_turn_marks_its_message_failed(self, store: Store) -> None:
+        accepted = await store.accept(KEY, "default", "hello", owner="A")
+        assert accepted.turn_id is not None
+        await store.end_turn(accepted.turn_id, "failed", "busy")
+        turn = await store.get_turn(accepted.turn_id)
+        assert turn is not None and (turn.phase, turn.reason) == ("failed", "busy")
+        assert (await store.get_message(accepted.message.id)).status == "failed"  # type: ignore[union-attr]
+        assert await store.get_turn(10**9) is None
+
+    async def test_recover_ends_only_the_turns_whose_owner_is_gone(self, store: Store, clock: FakeClock) -> None:
+        await store.register_instance("live", "raven run")
+        await store.register_instance("dead", "killed")
+        await store.register_instance("stopped", "stopped cleanly")
+        live = await store.accept(KEY, "default", "being answered", owner="live")
+        dead = await store.accept(OTHER, "default", "lost one", owner="dead")
+        orphan = await store.accept(OTHER, "default", "nobody's", owner=None)
+        stopped = await store.accept(THIRD, "default", "lost two", owner="stopped")
+        answered = await store.accept(KEY, "default", "fine", owner="dead")
+        assert None not in (live.turn_id, dead.turn_id, orphan.turn_id, stopped.turn_id, answered.turn_id)
+        await store.finish_turn(KEY, answered.message.id, "reply", None, turn_id=answered.turn_id)
+        await store.stop_instance("stopped")
+        clock.now += 20
+        await store.heartbeat("live")
+        clock.now += 20  # "dead" has not beaten for 40 s, "live" for 20 s
+
+        recovered = await store.recover(lease_s=30)
+        assert [t.id for t in recovered] == [dead.turn_id, orphan.turn_id, stopped.turn_id]
+        assert all(t.phase == "received" for t in recovered)  # as they were
+        for accepted, phase, status in ((live, "received", "pending"), (dead, "interrupted", "interrupted"),
+                                        (orphan, "interrupted", "interrupted"),
+                                        (stopped, "interrupted", "interrupted"),
+                                        (answered, "generated", "answered")):
+            turn = await store.get_turn(accepted.turn_id)  # type: ignore[arg-type]
+            message = await store.get_message(accepted.message.id)
+            assert turn is not None and message is not None and (turn.phase, message.status) == (phase, status)
+        other = await store.messages(OTHER)
+        assert [(m.role, m.status) for m in other] == [
+            ("user", "interrupted"), ("user", "interrupted"), ("notice", "done"), ("notice", "done")]
+        assert "restarted" in other[-1].text and other[-1].author == "raven"
+        assert [m.role for m in await store.messages(KEY)] == ["user", "user", "assistant"]  # no notice
+
+        assert await store.recover(lease_s=30) == []  # nothing left: no second notice
+        clock.now += 20  # now "live" is gone too
+        assert [t.id for t in await store.recover(lease_s=30)] == [live.turn_id]
+
+    async def test_a_heartbeat_keeps_a_turn_alive(self, store: Store, clock: FakeClock) -> None:
+        await store.register_instance("A")
+        accepted = await store.accept(KEY, "default", "long reply", owner="A")
+        for _ in range(10):  # ten minutes of beats every 10 s, recovery running all along
+            clock.now += 10
+            await store.heartbeat("A")
+            assert await store.recover(lease_s=30) == []
+        assert (await store.get_turn(accepted.turn_id)).phase == "received"  # type: ignore[arg-type,union-attr]
 
     # --- saved states ----------------------------------------------------------------------------------
 

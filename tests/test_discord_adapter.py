@@ -489,3 +489,19 @@ async def test_rate_limit_and_deleted_message_get_a_notice(
     posts = [c.status for c in fake.calls_to("POST", rf"/channels/{thread_id}/messages")][posts_before:]
     assert posts[:2] == [429, 200] and set(posts[2:]) <= {200}  # retried, then the rest of the reply
 
+
+
+async def test_a_403_on_thread_creation_keeps_the_message_and_tells_the_user(
+    fake: FakeDiscord, start_bot: StartBot, service: ChatService
+) -> None:
+    await start_bot()
+    fake.fail_next("POST", r"/channels/\d+/messages/\d+/threads", 403, code=50013, message="Missing Permissions")
+    asked = await fake.user_message(fake.general_id, "why is my join slow?", mention_bot=True)
+    await fake.wait_for(lambda: bool(fake.bot_messages(fake.general_id)))
+    [notice] = fake.bot_messages(fake.general_id)
+    assert "couldn't open a thread" in fake.shown(notice) and notice["embeds"]
+
+    async def kept() -> bool:
+        stored = await service.thread_messages(key(asked["id"]))
+        return [(m.role, m.text, m.status) for m in stored] == [("user", "why is my join slow?", "failed")]
+    await eventually(kept)

@@ -4,11 +4,13 @@ from __future__ import annotations
 
 import asyncio
 import sqlite3
+import time
 
 import pytest
 
 from bot.app.assembly import open_service
 from bot.core.outcomes import Answered, Busy, CommandDone, CutOff, Failed, Refused
+from bot.core.prompt import PromptFormat
 from bot.core.service import ChatService
 from bot.events import Event, ThreadKey
 from bot.storage import SQLiteStore
@@ -44,12 +46,34 @@ async def test_two_messages_to_one_thread_are_answered_in_order(service: ChatSer
     key = ThreadKey("test", "order")
     first, second = await asyncio.gather(say(service, key, "first question"), say(service, key, "second question"))
     messages = await service.thread_messages(key)
+    # Both questions are stored the moment they arrive; the answers follow, in the same order.
     assert [(m.role, m.text) for m in messages] == [
-        ("user", "first question"), ("assistant", first.strip()),
-        ("user", "second question"), ("assistant", second.strip()),
+        ("user", "first question"), ("user", "second question"),
+        ("assistant", first.strip()), ("assistant", second.strip()),
     ]
     turn = service.last_turn(key)
     assert turn is not None and turn.resumed_from == "memory"  # the second read the first's state
+
+
+async def test_a_rebuild_reads_questions_sent_together_each_before_its_answer(
+        settings_factory: SettingsFactory) -> None:
+    settings = settings_factory()
+    key = ThreadKey("test", "together")
+    async with open_service(settings) as service:
+        await asyncio.gather(say(service, key, "first question"), say(service, key, "second question"))
+        saved = await service.store.load_state(key)
+        assert saved is not None
+        expected = await service.engine.decode_state(saved.blob)
+        with sqlite3.connect(settings.database_path) as db:
+            db.execute("DELETE FROM states")
+        service.states.forget(key)
+        thread = await service.thread(key)
+        assert thread is not None
+        fmt = PromptFormat(service.tokenizer, service.family, service.persona(thread.persona))
+        rebuilt = await service.states.rebuild(thread, fmt)
+    assert rebuilt.token_count == expected.token_count
+    worst = max((a - b).abs().max().item() for a, b in zip(rebuilt.state, expected.state, strict=True))
+    assert worst <= 1e-5  # read in the order the turns were answered, not the order of the log
 
 
 async def test_threads_never_share_state_or_text(service: ChatService) -> None:
@@ -124,7 +148,9 @@ async def test_unknown_or_malicious_persona_is_refused_with_the_list(service: Ch
     assert "Personas:" in reply and "`sql`" in reply
     assert ("unknown persona" in reply) or ("not a valid persona name" in reply)
     thread = await service.thread(key)
-    assert thread is None  # nothing was created or switched
+    # What the user wrote is in the log (stored on arrival); nothing was switched.
+    assert thread is not None and (thread.persona, thread.epoch) == ("default", 0)
+    assert [(m.role, m.status) for m in await service.thread_messages(key)] == [("user", "done")]
 
 
 async def test_help_and_personas_commands(service: ChatService) -> None:
@@ -218,9 +244,11 @@ async def test_a_crash_mid_reply_leaves_the_message_marked_interrupted(settings_
     key = ThreadKey("test", "crash")
     async with open_service(settings) as service:
         await say(service, key, "hello")
-    # What a kill during generation leaves behind: the user's message committed, still pending.
-    async with SQLiteStore(settings.database_path) as store:
-        await store.add_message(key, "user", "this one was being answered", author="U1", status="pending")
+    # What a kill during generation leaves behind: the user's message and its turn committed, owned by
+    # a process whose lease ran out an hour ago.
+    async with SQLiteStore(settings.database_path, clock=lambda: time.time() - 3600) as store:
+        await store.register_instance("killed")
+        await store.accept(key, "default", "this one was being answered", author="U1", owner="killed")
     async with open_service(settings) as service:
         messages = await service.thread_messages(key)
         assert [m.status for m in messages if m.role == "user"] == ["answered", "interrupted"]
@@ -393,3 +421,61 @@ async def test_a_failing_model_step_is_a_failure_outcome_and_the_message_stays(s
     assert isinstance(outcome, Failed) and "try again" in outcome.message
     assert outcome.partial == shown
     assert [(m.role, m.status) for m in await service.thread_messages(key)] == [("user", "failed")]
+
+
+# --- turns with an owner ----------------------------------------------------------------------------------
+
+
+async def test_a_second_process_never_interrupts_the_first_ones_turns(settings_factory: SettingsFactory) -> None:
+    """``raven chat`` started beside ``raven run``, on one database."""
+    settings = settings_factory()
+    key = ThreadKey("test", "two-processes")
+    async with open_service(settings) as first:
+        in_flight = await first.store.accept(key, "default", "being answered", owner=first.instance_id)
+        async with open_service(settings) as second:
+            assert second.instance_id != first.instance_id
+            turn = await second.store.get_turn(in_flight.turn_id)  # type: ignore[arg-type]
+            assert turn is not None and turn.phase == "received"  # untouched: its owner is alive
+        turn = await first.store.get_turn(in_flight.turn_id)  # type: ignore[arg-type]
+        assert turn is not None and turn.phase == "received"
+    # The first stopped with that turn unfinished: the next process to start closes it.
+    async with open_service(settings) as third:
+        turn = await third.store.get_turn(in_flight.turn_id)  # type: ignore[arg-type]
+        assert turn is not None and turn.phase == "interrupted"
+        assert (await third.thread_messages(key))[-1].role == "notice"
+
+
+async def test_every_turn_of_this_process_is_owned_and_ends_in_a_final_phase(service: ChatService) -> None:
+    key = ThreadKey("test", "owned")
+    turn = service.reply(Event(key, "u1", "U1", "hello"))
+    await turn.text()
+    await turn.outcome()
+    assert turn.turn_id is not None
+    record = await service.store.get_turn(turn.turn_id)
+    assert record is not None and record.owner == service.instance_id and record.phase == "generated"
+    messages = await service.thread_messages(key)
+    assert record.reply_id == messages[-1].id and record.message_id == messages[0].id
+
+
+async def test_a_failure_while_resuming_leaves_nothing_pending(
+        service: ChatService, monkeypatch: pytest.MonkeyPatch) -> None:
+    async def broken(*args, **kwargs):  # type: ignore[no-untyped-def]
+        raise RuntimeError("disk I/O error while loading the state")
+
+    monkeypatch.setattr(service.states, "resume", broken)
+    key = ThreadKey("test", "stuck")
+    turn = service.reply(Event(key, "u1", "U1", "hello"))
+    await turn.text()
+    assert isinstance(await turn.outcome(), Failed)
+    record = await service.store.get_turn(turn.turn_id)  # type: ignore[arg-type]
+    assert record is not None and (record.phase, record.reason) == ("failed", "error")
+    assert [(m.role, m.status) for m in await service.thread_messages(key)] == [("user", "failed")]
+
+
+async def test_a_follow_up_right_after_the_first_message_finds_the_thread(service: ChatService) -> None:
+    key = ThreadKey("test", "follow-up")
+    assert not await service.knows_thread(key)
+    turn = service.reply(Event(key, "u1", "U1", "hello"))
+    assert await service.knows_thread(key)  # before the turn's task has written anything
+    await turn.text()
+    assert await service.knows_thread(key)

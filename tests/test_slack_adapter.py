@@ -224,13 +224,15 @@ async def test_mention_is_answered_in_a_thread_and_followups_need_no_mention(
         stored = await service.thread_messages(key)
         assert [m.role for m in stored] == ["user", "assistant"]
         assert stored[0].text == "hello there"  # the mention is stripped
-        assert stored[0].author == "Alice"  # users.info
+        # users.info is asked in the background: the first message is kept under the id at once
+        assert stored[0].author == USER and fake.calls_to("users.info")
         assert stored[0].platform_message_id == "100.000001"
 
         # a later message in that thread, without a mention, continues from the saved state
         await slack.deliver.event(event_body(message("100.000005", "and what next?", thread_ts="100.000001")))
         await slack.settle()
         assert len(slack.replies("C1", "100.000001")) == 2
+        assert (await service.thread_messages(key))[2].author == "Alice"  # the name, now known
         turn = service.last_turn(key)
         assert turn is not None
         assert turn.resumed_from in ("memory", "store")
@@ -541,3 +543,31 @@ async def test_busy_is_an_ephemeral_notice_and_the_message_is_kept(
     assert notice.blocks[0]["type"] == "context"
     stored = await service.thread_messages(ThreadKey("slack", "C1:970.000001"))
     assert [(m.role, m.status) for m in stored] == [("user", "failed")]
+
+
+async def test_a_follow_up_right_after_the_mention_is_answered_while_users_info_is_rate_limited(
+        service: ChatService, settings_factory: SettingsFactory, fake: FakeSlack) -> None:
+    fake.fail("users.info", "ratelimited", status=429, headers={"Retry-After": "2"}, times=5)
+    async with running("http", service, settings_factory, fake) as slack:
+        thread = "980.000001"
+        mention_sent = asyncio.create_task(slack.deliver.event(event_body(mention(thread, "first question"))))
+        await asyncio.sleep(0.05)
+        await slack.deliver.event(event_body(message("980.000002", "and a follow-up", thread_ts=thread)))
+        await mention_sent
+        await slack.settle()
+        stored = await service.thread_messages(ThreadKey("slack", f"C1:{thread}"))
+    assert [m.text for m in stored if m.role == "user"] == ["first question", "and a follow-up"]
+    assert [m.role for m in stored].count("assistant") == 2
+    assert {m.author for m in stored if m.role == "user"} == {USER}  # the id, until the name is known
+
+
+async def test_a_connection_error_in_users_info_loses_nothing(
+        service: ChatService, settings_factory: SettingsFactory, fake: FakeSlack) -> None:
+    fake.drop("users.info", times=10)  # outlasts the SDK's connection-error retries
+    async with running("http", service, settings_factory, fake) as slack:
+        await slack.deliver.event(event_body(mention("981.000001", "are you there?")))
+        await slack.settle()
+        stored = await service.thread_messages(ThreadKey("slack", "C1:981.000001"))
+    assert [(m.role, m.text) for m in stored][:1] == [("user", "are you there?")]
+    assert stored[-1].role == "assistant" and len(fake.thread("C1", "981.000001")) >= 1
+    assert fake.calls_to("users.info")  # it was tried, and failed

@@ -67,15 +67,15 @@ def old_database(path: Path, version: int) -> sqlite3.Connection:
 
 async def test_open_creates_schema_with_wal_and_user_version(store: SQLiteStore, db_path: Path) -> None:
     assert db_path.is_file()
-    assert SCHEMA_VERSION == 3
+    assert SCHEMA_VERSION == 4
     # journal_mode=WAL is a property of the file: a fresh connection sees it too.
     assert peek(db_path, "PRAGMA journal_mode") == [("wal",)]
     assert peek(db_path, "PRAGMA user_version") == [(SCHEMA_VERSION,)]
     tables = {row[0] for row in peek(db_path, "SELECT name FROM sqlite_master WHERE type = 'table'")}
-    assert {"threads", "messages", "states", "processed_events"} <= tables
+    assert {"threads", "messages", "states", "processed_events", "instances", "turns"} <= tables
     assert "message_seq" not in tables  # the migration's scratch table is temporary
     indexes = {row[0] for row in peek(db_path, "SELECT name FROM sqlite_master WHERE type = 'index'")}
-    assert {"messages_by_thread", "messages_by_thread_seq", "messages_by_role"} <= indexes
+    assert {"messages_by_thread", "messages_by_thread_seq", "messages_by_role", "turns_in_flight"} <= indexes
     async with store.db.execute("PRAGMA foreign_keys") as cursor:
         assert tuple(await cursor.fetchone() or ()) == (1,)
     async with store.db.execute("PRAGMA busy_timeout") as cursor:
@@ -123,6 +123,32 @@ async def test_a_version_2_database_gets_positions_backfilled(db_path: Path) -> 
     assert peek(db_path, "SELECT thread_key, seq FROM messages ORDER BY id") == [
         ("test:a", 0), ("test:b", 0), ("test:a", 1), ("test:a", 2), ("test:b", 1), ("test:a", 3), ("test:a", 4),
         ("test:b", 2), ("test:b", 3)]
+
+
+async def test_a_version_3_database_turns_its_pending_messages_into_ownerless_turns(db_path: Path) -> None:
+    """A message a Raven of schema 3 was answering when it stopped: recoverable by the next one."""
+    with old_database(db_path, 3) as db:
+        db.execute("INSERT INTO threads VALUES ('test:t', 'sql', 0, 1.0, 1.0)")
+        db.executemany("INSERT INTO messages (thread_key, epoch, seq, role, text, status, created_at) "
+                       "VALUES ('test:t', 0, ?, ?, ?, ?, 1.0)",
+                       [(0, "user", "answered one", "answered"), (1, "assistant", "reply", "done"),
+                        (2, "user", "was being answered", "pending")])
+    db.close()
+    async with SQLiteStore(db_path) as store:
+        assert peek(db_path, "SELECT message_id, phase, owner FROM turns") == [(3, "received", None)]
+        [recovered] = await store.recover(lease_s=30)
+        assert recovered.message_id == 3 and recovered.owner is None
+        log = await store.messages(ThreadKey("test", "t"))
+        assert [(m.role, m.status) for m in log][-2:] == [("user", "interrupted"), ("notice", "done")]
+
+
+async def test_recovery_finds_turns_in_flight_through_its_partial_index(store: SQLiteStore, db_path: Path) -> None:
+    await store.register_instance("A")
+    for n in range(50):
+        await store.accept(KEY, "default", f"q{n}", owner="A")
+    plan = " ".join(str(row[-1]) for row in peek(
+        db_path, "EXPLAIN QUERY PLAN SELECT * FROM turns WHERE phase IN ('received', 'generating') AND owner = 'A'"))
+    assert "turns_in_flight" in plan
 
 
 async def test_seq_is_unique_per_thread(store: SQLiteStore, db_path: Path) -> None:

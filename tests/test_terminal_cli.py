@@ -86,14 +86,18 @@ def test_chat_through_stdin_and_resume(tmp_path: Path, chat_env: dict[str, str])
     log = rows(db, "SELECT id, role, text, status, epoch FROM messages WHERE thread_key = ? ORDER BY id",
                ("terminal:t1",))
     assert [(role, status, epoch) for _, role, _, status, epoch in log] == [
-        ("user", "answered", 0), ("assistant", "done", 0), ("user", "answered", 0), ("assistant", "done", 0)]
-    assert [log[0][2], log[2][2]] == ["hello", "again"]  # /personas is a command, not a message
+        ("user", "answered", 0), ("assistant", "done", 0), ("user", "done", 0),
+        ("user", "answered", 0), ("assistant", "done", 0)]
+    # /personas is kept as written, as a command (status done), not a message the model read
+    assert [log[0][2], log[2][2], log[3][2]] == ["hello", "/personas", "again"]
     # What was printed is what was stored (the log keeps the reply as one paragraph); a notice such
     # as "[reply cut off at the 20-token limit]" is printed apart, in brackets, and not stored.
     assert squash(log[1][2]) == squash(without_notice(reply_1))
-    assert squash(log[3][2]) == squash(without_notice(reply_2))
+    assert squash(log[4][2]) == squash(without_notice(reply_2))
     # The state saved after the second turn follows its reply.
-    assert rows(db, "SELECT thread_key, epoch, last_message_id FROM states") == [("terminal:t1", 0, log[3][0])]
+    assert rows(db, "SELECT thread_key, epoch, last_message_id FROM states") == [("terminal:t1", 0, log[4][0])]
+    # Every turn was delivered (printed), and owned by the process that answered it.
+    assert rows(db, "SELECT phase FROM turns ORDER BY id") == [("delivered",), ("delivered",)]
 
 
 def test_persona_option_switches_the_thread(tmp_path: Path, chat_env: dict[str, str]) -> None:

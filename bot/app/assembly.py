@@ -6,10 +6,14 @@ reverse order.
 
 from __future__ import annotations
 
+import asyncio
 import contextlib
 import gc
 import hashlib
 import logging
+import os
+import socket
+import uuid
 from collections.abc import AsyncIterator
 from dataclasses import dataclass
 from pathlib import Path
@@ -24,7 +28,7 @@ from bot.inference.engine import Engine
 from bot.inference.threads import in_fresh_thread
 from bot.inference.tokenizer import load_tokenizer
 from bot.settings import CoreSettings
-from bot.storage import SQLiteStore
+from bot.storage import SQLiteStore, Store
 
 log = logging.getLogger(__name__)
 DEMO_MODEL_NAME = "demo-rwkv7-tiny.pth"
@@ -77,7 +81,6 @@ def load_backend(settings: CoreSettings, path: Path) -> Backend:
 
 @contextlib.asynccontextmanager
 async def open_service(settings: CoreSettings) -> AsyncIterator[ChatService]:
-    import asyncio
 
     tune_allocator()  # before the model's first allocation (see bot/inference/allocator.py)
     choice = await in_fresh_thread(lambda: choose_model(settings))  # may write the demo model
@@ -92,12 +95,14 @@ async def open_service(settings: CoreSettings) -> AsyncIterator[ChatService]:
         torch_threads=settings.torch_threads,
     )
     async with SQLiteStore(settings.database_path) as store, engine:
-        interrupted = await store.mark_interrupted()
-        if interrupted:
-            log.warning("%d message(s) were interrupted by a restart; their threads say so", len(interrupted))
-        service = ChatService(settings, store, engine, tokenizer, personas, fingerprint, backend.family)
+        instance_id = f"{socket.gethostname()}:{os.getpid()}:{uuid.uuid4().hex[:8]}"
+        await store.register_instance(instance_id, label=f"raven pid {os.getpid()}")
+        await recover(store, settings.instance_lease_s)
+        service = ChatService(settings, store, engine, tokenizer, personas, fingerprint, backend.family,
+                              instance_id=instance_id)
         await service.refresh_personas()
         service.is_demo_model = choice.is_demo
+        lease = asyncio.create_task(keep_lease(store, instance_id, settings.instance_lease_s), name="raven-lease")
         # Everything loaded so far lives as long as the process: keep the collector from walking it
         # again (full collections over it paused the event loop for ~100 ms).
         gc.freeze()
@@ -105,3 +110,28 @@ async def open_service(settings: CoreSettings) -> AsyncIterator[ChatService]:
             yield service
         finally:
             await service.drain()
+            lease.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await lease
+            await store.stop_instance(instance_id)
+
+
+async def recover(store: Store, lease_s: float) -> None:
+    """Turns whose process is gone (killed, crashed, or stopped mid-turn) are marked interrupted,
+    with a notice in their thread; a live process's turns are left alone."""
+    interrupted = await store.recover(lease_s)
+    if interrupted:
+        log.warning("%d message(s) were interrupted when their process stopped; their threads say so",
+                    len(interrupted))
+
+
+async def keep_lease(store: Store, instance_id: str, lease_s: float) -> None:
+    """Renew this process's lease a few times per lease, and recover the turns of processes whose
+    lease has run out meanwhile (one killed a moment before this one started is caught here)."""
+    while True:
+        await asyncio.sleep(lease_s / 3)
+        try:
+            await store.heartbeat(instance_id)
+            await recover(store, lease_s)
+        except Exception:  # a busy or failing database: try again at the next beat
+            log.exception("could not renew the lease of %s", instance_id)

@@ -14,6 +14,7 @@ import hashlib
 import logging
 import time
 import weakref
+from collections import Counter
 from collections.abc import Callable
 from typing import TypeVar
 
@@ -33,7 +34,7 @@ from bot.inference.engine import Completion, Engine, GenerateRequest
 from bot.inference.sampling import SamplingParams
 from bot.inference.tokenizer import Tokenizer
 from bot.settings import CoreSettings
-from bot.storage import StateDraft, Store, StoredMessage, ThreadInfo
+from bot.storage import Phase, StateDraft, Store, StoredMessage, ThreadInfo
 
 log = logging.getLogger(__name__)
 T = TypeVar("T")
@@ -45,7 +46,7 @@ __all__ = ["ChatService", "StoredMessage", "ThreadInfo", "Turn", "TurnInfo"]
 
 class ChatService:
     def __init__(self, settings: CoreSettings, store: Store, engine: Engine, tokenizer: Tokenizer,
-                 personas: PersonaLibrary, model_fingerprint: str, family: str) -> None:
+                 personas: PersonaLibrary, model_fingerprint: str, family: str, instance_id: str = "") -> None:
         self.settings = settings
         self.store = store
         self.engine = engine
@@ -59,6 +60,9 @@ class ChatService:
         self._locks: weakref.WeakValueDictionary[ThreadKey, asyncio.Lock] = weakref.WeakValueDictionary()
         self._turns: LRUCache[ThreadKey, TurnInfo] = LRUCache(maxsize=TURN_HISTORY)
         self._tasks: set[asyncio.Task[None]] = set()
+        self._active: Counter[ThreadKey] = Counter()  # threads with a turn started and not yet ended
+        self._arrivals: dict[ThreadKey, asyncio.Future[None]] = {}  # each thread's last message to store
+        self.instance_id = instance_id  # owns the turns this process answers (see Store.recover)
         self.is_demo_model = False
 
     # --- queries adapters use --------------------------------------------------------------------
@@ -90,7 +94,9 @@ class ChatService:
         self._personas = await asyncio.to_thread(self.library.load_all)
 
     async def knows_thread(self, key: ThreadKey) -> bool:
-        return await self.store.get_thread(key) is not None
+        """A thread Raven talks in: one in the log, or one whose first turn has just started (its
+        row is written a moment later; a follow-up sent right after the mention must not be missed)."""
+        return key in self._active or await self.store.get_thread(key) is not None
 
     async def claim_event(self, event_key: str) -> bool:
         return await self.store.claim_event(event_key, self.settings.dedupe_ttl_s)
@@ -118,10 +124,49 @@ class ChatService:
         """Start answering ``event``. The turn runs in its own task: if the reader goes away (a
         platform error, a closed page), the reply is still finished and stored."""
         turn = Turn()
-        task = asyncio.create_task(self._run(event, turn), name=f"turn {event.thread}")
+        key = event.thread
+        self._active[key] += 1
+        # Arrival order, kept explicitly: each turn stores its message only after the previous one
+        # of this thread has stored its own (whatever the store, however its writes are scheduled).
+        previous = self._arrivals.get(key)
+        stored = asyncio.get_running_loop().create_future()
+        self._arrivals[key] = stored
+        task = asyncio.create_task(self._run(event, turn, previous, stored), name=f"turn {key}")
         self._tasks.add(task)
-        task.add_done_callback(self._tasks.discard)
+
+        def done(finished: asyncio.Task[None]) -> None:
+            self._tasks.discard(finished)
+            if self._arrivals.get(key) is stored:
+                del self._arrivals[key]
+            self._active[key] -= 1
+            if self._active[key] <= 0:
+                del self._active[key]
+
+        task.add_done_callback(done)
         return turn
+
+    async def delivered(self, turn: Turn) -> None:
+        """The adapter showed the whole reply on its platform: the turn is complete."""
+        if turn.turn_id is not None and isinstance(await turn.outcome(), Answered | CutOff):
+            await self._end_turn(turn, "delivered", "shown")
+
+    async def undelivered(self, turn: Turn, reason: str) -> None:
+        """The platform would not take (all of) the reply: the log says so."""
+        if turn.turn_id is not None and isinstance(await turn.outcome(), Answered | CutOff):
+            await self._end_turn(turn, "delivery_failed", reason)
+
+    async def unanswered(self, event: Event, reason: str) -> None:
+        """Keep a message that cannot be answered at all (e.g. the platform refused to open a thread
+        for it), so that nothing a user wrote is lost; its turn ends failed with ``reason``."""
+        try:
+            text = clean_text(event.text, self.settings.max_message_chars)
+        except InputError:
+            return  # nothing to keep
+        accepted = await self.store.accept(event.thread, self.settings.default_persona, text,
+                                           author=event.user_name or event.user_id,
+                                           platform_message_id=event.message_id, owner=self.instance_id)
+        if accepted.turn_id is not None:
+            await self.store.end_turn(accepted.turn_id, "failed", reason)
 
     def _lock(self, key: ThreadKey) -> asyncio.Lock:
         lock = self._locks.get(key)
@@ -130,15 +175,29 @@ class ChatService:
             self._locks[key] = lock
         return lock
 
-    async def _run(self, event: Event, turn: Turn) -> None:
+    async def _run(self, event: Event, turn: Turn, previous: asyncio.Future[None] | None,
+                   stored: asyncio.Future[None]) -> None:
         try:
-            outcome = await self._turn(event, turn)
+            outcome = await self._turn(event, turn, previous, stored)
         except Exception:
             log.exception("turn failed in %s", event.thread)
             outcome = Failed(partial=turn.shown)
+            await self._end_turn(turn, "failed", "error")  # never left pending (stuck until a restart)
+        finally:
+            if not stored.done():
+                stored.set_result(None)
         turn.end(outcome)
 
-    async def _turn(self, event: Event, turn: Turn) -> Outcome:
+    async def _end_turn(self, turn: Turn, phase: Phase, reason: str) -> None:
+        if turn.turn_id is None:
+            return
+        try:
+            await self.store.end_turn(turn.turn_id, phase, reason)
+        except Exception:  # the store itself may be what failed; recovery catches the turn later
+            log.exception("could not record turn %s as %s", turn.turn_id, phase)
+
+    async def _turn(self, event: Event, turn: Turn, previous: asyncio.Future[None] | None,
+                    stored: asyncio.Future[None]) -> Outcome:
         raw = event.text
         if event.addressed and not raw.strip():
             raw = "/help"  # a bare mention
@@ -147,29 +206,39 @@ class ChatService:
         except InputError as exc:
             return Refused("too_long" if exc.reason == "too_long" else "empty", str(exc))
         key = event.thread
-        async with self._lock(key):  # taken before any await: a thread's messages keep their order
-            await self.refresh_personas()
-            thread = await self.store.get_thread(key)
-            command = self.command(text, addressed=event.addressed)
-            if command is not None:  # the log keeps a command in its slash form, whatever the platform
-                result = await self._command(event, command, thread, as_text(command), turn)
+        # Stored the moment it is accepted, before waiting for the thread's lock (another turn may be
+        # generating there): a crash meanwhile cannot lose it. Persona files are not re-read first (the
+        # names that make "@Raven advisor <name>" a command are the last turn's snapshot).
+        command = self.command(text, addressed=event.addressed)
+        author = event.user_name or event.user_id
+        if previous is not None:
+            await asyncio.wait([previous])  # the message that arrived before this one is stored first
+        # The log keeps a command in its slash form.
+        accepted = await self.store.accept(
+            key, self.settings.default_persona, as_text(command) if command is not None else text,
+            author=author, platform_message_id=event.message_id, owner=self.instance_id,
+            answer=command is None)
+        stored.set_result(None)
+        turn.turn_id = accepted.turn_id
+        message = accepted.message
+        async with self._lock(key):  # a thread's turns run in the order their messages arrived
+            await self.refresh_personas()  # local file checks in a thread: picks up an edited persona
+            thread = await self.store.get_thread(key)  # as it is now: an earlier turn may have switched it
+            assert thread is not None
+            if command is not None:
+                result = await self._command(command, thread, turn)
                 if not isinstance(result, str):
                     return result
-                text = result
-                thread = await self.store.get_thread(key)
-            if thread is None:
-                thread = await self.store.ensure_thread(key, self.settings.default_persona)
-            user_message = await self.store.add_message(
-                key, "user", text, author=event.user_name or event.user_id,
-                platform_message_id=event.message_id, status="pending",
-            )
-            return await self._answer(thread, user_message, turn)
+                # "/advisor <persona> <question>": the question is answered in the new epoch
+                asked = await self.store.accept(key, self.settings.default_persona, result, author=author,
+                                                platform_message_id=event.message_id, owner=self.instance_id)
+                turn.turn_id, message, thread = asked.turn_id, asked.message, asked.thread
+            return await self._answer(thread, message, turn)
 
-    async def _command(self, event: Event, command: Command, thread: ThreadInfo | None, text: str,
-                       turn: Turn) -> Outcome | str:
+    async def _command(self, command: Command, thread: ThreadInfo, turn: Turn) -> Outcome | str:
         """Carry out a command: its outcome, or (``/advisor <persona> <question>``) the question
         still to answer in this turn."""
-        key = event.thread
+        key = thread.key
         if command.name == "help":
             turn.show(HELP_TEXT)
             return CommandDone("help", HELP_TEXT)
@@ -178,9 +247,8 @@ class ChatService:
             turn.show(listing)
             return CommandDone("personas", listing)
         if command.name == "reset":
-            persona = thread.persona if thread else self.settings.default_persona
-            await self._restart(key, persona, text, event)
-            said = (f"Started over with {self.persona(persona).display_name}. "
+            await self._restart(key, thread.persona)
+            said = (f"Started over with {self._thread_persona(thread).display_name}. "
                     "(Earlier messages stay in the log.)\n")
             turn.show(said)
             return CommandDone("reset", said)
@@ -192,7 +260,7 @@ class ChatService:
         except PersonaError as exc:
             reason = "unknown_persona" if NAME_PATTERN.fullmatch(command.argument) else "invalid_persona"
             return Refused(reason, f"{exc}\n\n{self.persona_list()}")  # type: ignore[arg-type]
-        await self._restart(key, chosen.name, text, event)
+        await self._restart(key, chosen.name)
         said = (f"Now talking with **{chosen.display_name}**"
                 f"{' — ' + chosen.description if chosen.description else ''}\n\n")
         turn.show(said)
@@ -200,11 +268,7 @@ class ChatService:
             return CommandDone("advisor", said)
         return command.rest
 
-    async def _restart(self, key: ThreadKey, persona: str, command_text: str, event: Event) -> None:
-        if await self.store.get_thread(key) is None:
-            await self.store.ensure_thread(key, persona)
-        await self.store.add_message(key, "user", command_text, author=event.user_name or event.user_id,
-                                     platform_message_id=event.message_id, status="done")
+    async def _restart(self, key: ThreadKey, persona: str) -> None:
         await self.store.restart_thread(key, persona)
         self.states.forget(key)
 
@@ -245,10 +309,12 @@ class ChatService:
         started = time.monotonic()
         persona = self._thread_persona(thread)
         fmt = PromptFormat(self.tokenizer, self.family, persona)
+        if turn.turn_id is not None:
+            await self.store.begin_turn(turn.turn_id, thread.epoch)
         try:  # a persona prompt or a rebuild is model work too, and waits in the same queue
-            start, resumed_from = await self.states.resume(thread, fmt, user_message.id)
+            start, resumed_from = await self.states.resume(thread, fmt)
         except EngineBusy as exc:
-            await self.store.set_status(user_message.id, "failed")
+            await self._end_turn(turn, "failed", "busy")
             return Busy(exc.ahead)
         prompt, separator = await self._off_loop(
             lambda: (fmt.user_turn_tokens(user_message.text), fmt.separator_tokens()))
@@ -263,7 +329,7 @@ class ChatService:
         try:
             generation = self.engine.generate(request)
         except EngineBusy as exc:
-            await self.store.set_status(user_message.id, "failed")
+            await self._end_turn(turn, "failed", "busy")
             return Busy(exc.ahead)
         visible = ThinkingFilter(show=self.settings.show_thinking)
         async for chunk in generation:
@@ -272,10 +338,10 @@ class ChatService:
             completion = await generation.result()
         except RavenError:
             log.exception("generation failed in %s", key)
-            await self.store.set_status(user_message.id, "failed")
+            await self._end_turn(turn, "failed", "model")
             return Failed(partial=turn.shown)
         reply = self._stored_reply(completion.text, fmt)
-        reply_message = await self._commit(thread, fmt, user_message, completion, reply)
+        reply_message = await self._commit(thread, fmt, user_message, completion, reply, turn.turn_id)
         info = TurnInfo(resumed_from, len(prompt), completion.generated_tokens, completion.finish_reason,
                         time.monotonic() - started)
         self._turns[key] = info
@@ -287,7 +353,7 @@ class ChatService:
         return Answered(turn.shown, reply_message.id)
 
     async def _commit(self, thread: ThreadInfo, fmt: PromptFormat, user_message: StoredMessage,
-                      completion: Completion, reply: str) -> StoredMessage:
+                      completion: Completion, reply: str, turn_id: int | None) -> StoredMessage:
         """The reply, the user's message marked answered and the new state: one transaction."""
         key = thread.key
         final = completion.final
@@ -298,7 +364,7 @@ class ChatService:
             stored = StateDraft(fingerprint, thread.epoch, final.token_count, blob)
         reply_message = await self.store.finish_turn(
             key, user_message.id, reply, stored, tokens=completion.segment_tokens or None,
-            tokenizer=self.tokenizer.name)
+            tokenizer=self.tokenizer.name, turn_id=turn_id)
         if final is not None:
             self.states.remember(key, final, fingerprint, thread.epoch, reply_message.id)
         else:

@@ -109,10 +109,11 @@ class ThreadStates:
 
     # --- resuming ------------------------------------------------------------------------------------
 
-    async def resume(self, thread: ThreadInfo, fmt: PromptFormat, before_id: int) -> tuple[ModelState, ResumedFrom]:
-        """The model after the thread's current epoch up to (not including) message ``before_id``."""
+    async def resume(self, thread: ThreadInfo, fmt: PromptFormat) -> tuple[ModelState, ResumedFrom]:
+        """The model after every turn of the thread's current epoch answered so far (the caller holds
+        the thread's lock, so no other turn of it is under way)."""
         key = thread.key
-        last_id = await self.store.last_reply_id(key, thread.epoch, before_id)
+        last_id = await self.store.last_reply_id(key, thread.epoch)
         if not last_id:
             return await self.prefix(fmt), "new"
         fingerprint = self.fingerprint(fmt)
@@ -132,7 +133,7 @@ class ThreadStates:
                 return model, "store"
             except StateError as exc:
                 log.warning("saved state of %s not used (%s); rebuilding from the log", key, exc)
-        model = await self.rebuild(thread, fmt, before_id)
+        model = await self.rebuild(thread, fmt)
         blob = await self.engine.encode_state(model)
         await self.store.save_state(key, StateDraft(fingerprint, thread.epoch, model.token_count, blob), last_id)
         self.remember(key, model, fingerprint, thread.epoch, last_id)
@@ -141,10 +142,10 @@ class ThreadStates:
     def remember(self, key: ThreadKey, model: ModelState, fingerprint: str, epoch: int, last_id: int) -> None:
         self._keep(key, CachedState(model, fingerprint, epoch, last_id))
 
-    async def rebuild(self, thread: ThreadInfo, fmt: PromptFormat, before_id: int) -> ModelState:
+    async def rebuild(self, thread: ThreadInfo, fmt: PromptFormat) -> ModelState:
         """Re-read the epoch's log: each user turn as the prompt format writes it, each reply as the
         token ids the model generated (re-tokenized from its text only when those are unusable)."""
-        context = await self.store.context(thread.key, thread.epoch, before_id)
+        context = await self.store.context(thread.key, thread.epoch)
         tokens = await asyncio.to_thread(self._context_tokens, context, fmt)
         return await self.engine.prefill(await self.prefix(fmt), tokens)
 

@@ -36,6 +36,7 @@ class Turn:
         self._ended = False
         self.shown = ""  # everything shown so far
         self.info: TurnInfo | None = None
+        self.turn_id: int | None = None  # the turn's record in the store, once accepted
 
     # --- the reader's side ------------------------------------------------------------------------
 

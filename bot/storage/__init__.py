@@ -1,7 +1,21 @@
 """Where threads, the message log and saved states live: the Store contract and its implementations."""
 
 from bot.storage.protocol import Store
-from bot.storage.records import Role, StateDraft, Status, StoredMessage, StoredState, ThreadInfo
+from bot.storage.records import (
+    IN_FLIGHT,
+    Accepted,
+    Phase,
+    Role,
+    StateDraft,
+    Status,
+    StoredMessage,
+    StoredState,
+    ThreadInfo,
+    TurnRecord,
+)
 from bot.storage.sqlite import SQLiteStore
 
-__all__ = ["Role", "SQLiteStore", "StateDraft", "Status", "Store", "StoredMessage", "StoredState", "ThreadInfo"]
+__all__ = [
+    "IN_FLIGHT", "Accepted", "Phase", "Role", "SQLiteStore", "StateDraft", "Status", "Store", "StoredMessage",
+    "StoredState", "ThreadInfo", "TurnRecord",
+]

@@ -66,5 +66,36 @@ MIGRATIONS: list[Sequence[str]] = [
         "CREATE UNIQUE INDEX messages_by_thread_seq ON messages (thread_key, seq)",
         "CREATE INDEX messages_by_role ON messages (thread_key, role, epoch, id)",
     ),
+    # version 4: a turn is a durable record with a lifecycle and an owner.
+    # - instances: each running Raven process (its id, and a heartbeat that is its lease), so that
+    #   recovery touches only turns whose owner is gone, never another live process's.
+    # - turns: one per user message that is to be answered: received → generating → generated →
+    #   delivered, or failed / interrupted / delivery_failed; each transition is committed. A message
+    #   still pending from before this version becomes a turn without an owner (recoverable by anyone).
+    (
+        """CREATE TABLE instances (
+            id TEXT PRIMARY KEY,
+            label TEXT NOT NULL DEFAULT '',
+            started_at REAL NOT NULL,
+            heartbeat_at REAL NOT NULL,
+            stopped_at REAL
+        )""",
+        """CREATE TABLE turns (
+            id INTEGER PRIMARY KEY AUTOINCREMENT,
+            thread_key TEXT NOT NULL REFERENCES threads(key) ON DELETE CASCADE,
+            message_id INTEGER NOT NULL UNIQUE REFERENCES messages(id) ON DELETE CASCADE,
+            reply_id INTEGER REFERENCES messages(id) ON DELETE SET NULL,
+            phase TEXT NOT NULL CHECK (phase IN ('received', 'generating', 'generated', 'delivered',
+                                                 'delivery_failed', 'interrupted', 'failed')),
+            owner TEXT,
+            reason TEXT,
+            created_at REAL NOT NULL,
+            updated_at REAL NOT NULL
+        )""",
+        "CREATE INDEX turns_in_flight ON turns (phase, owner) WHERE phase IN ('received', 'generating')",
+        """INSERT INTO turns (thread_key, message_id, phase, owner, created_at, updated_at)
+           SELECT thread_key, id, 'received', NULL, created_at, created_at FROM messages
+           WHERE role = 'user' AND status = 'pending'""",
+    ),
 ]
 SCHEMA_VERSION = len(MIGRATIONS)

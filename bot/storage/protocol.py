@@ -16,7 +16,17 @@ from __future__ import annotations
 from typing import Protocol, Self
 
 from bot.events import ThreadKey
-from bot.storage.records import Role, StateDraft, Status, StoredMessage, StoredState, ThreadInfo
+from bot.storage.records import (
+    Accepted,
+    Phase,
+    Role,
+    StateDraft,
+    Status,
+    StoredMessage,
+    StoredState,
+    ThreadInfo,
+    TurnRecord,
+)
 
 
 class Store(Protocol):
@@ -83,36 +93,76 @@ class Store(Protocol):
         O(log n), not a count over the thread."""
         ...
 
-    async def last_reply_id(self, key: ThreadKey, epoch: int, before_id: int) -> int:
-        """The id of the newest ``assistant`` message of that thread and epoch with id < ``before_id``,
-        or 0 when there is none: what a saved state must have read to be current. One indexed lookup,
-        whatever the thread's length (it runs on every turn)."""
+    async def last_reply_id(self, key: ThreadKey, epoch: int, before_id: int | None = None) -> int:
+        """The id of the newest ``assistant`` message of that thread and epoch (with id < ``before_id``
+        when given), or 0 when there is none: what a saved state must have read to be current. One
+        indexed lookup, whatever the thread's length (it runs on every turn)."""
         ...
 
-    async def context(self, key: ThreadKey, epoch: int, before_id: int) -> list[StoredMessage]:
-        """What the model has read of that epoch before ``before_id``, oldest first: its ``assistant``
-        messages and its ``user`` messages with status ``answered`` (no notices, nothing pending, failed
-        or interrupted). What a rebuild from the log reads; may cost O(thread)."""
+    async def context(self, key: ThreadKey, epoch: int, before_id: int | None = None) -> list[StoredMessage]:
+        """What the model has read of that epoch, in the order it read it: each ``answered`` ``user``
+        message just before its reply (messages are stored as they arrive, so two questions sent
+        together both precede their answers in the log), then the reply. No notices, nothing pending,
+        failed or interrupted. With ``before_id``, only what was read before the reply (or message)
+        with that id. What a rebuild from the log reads; may cost O(thread)."""
         ...
 
     async def set_status(self, message_id: int, status: Status) -> None:
         """Change one message's status (nothing happens for an unknown id)."""
         ...
 
-    async def mark_interrupted(self) -> list[StoredMessage]:
-        """After a crash or kill: mark every ``pending`` message ``interrupted`` and add a ``notice``
-        to its thread, in one transaction. Returns those messages as they were (still ``pending``),
-        oldest first; a second call finds nothing."""
+    # --- instances and turns ------------------------------------------------------------------------
+
+    async def register_instance(self, instance_id: str, label: str = "") -> None:
+        """A running Raven process announces itself; its heartbeat starts now."""
+        ...
+
+    async def heartbeat(self, instance_id: str) -> None:
+        """Renew the instance's lease (its turns are not recovered while it beats)."""
+        ...
+
+    async def stop_instance(self, instance_id: str) -> None:
+        """A clean stop: what the instance still owns is recoverable at once."""
+        ...
+
+    async def accept(
+        self, key: ThreadKey, default_persona: str, text: str, *, author: str = "",
+        platform_message_id: str | None = None, owner: str | None = None, answer: bool = True,
+    ) -> Accepted:
+        """The moment a message is accepted, in one transaction: the thread (created with
+        ``default_persona`` when new), the user's message (``pending`` when it is to be answered,
+        ``done`` for a command) and, when ``answer``, its turn: ``received``, owned by ``owner``."""
+        ...
+
+    async def begin_turn(self, turn_id: int, epoch: int) -> None:
+        """The turn's owner starts generating: phase ``generating``, and its message joins ``epoch``
+        (the one it is answered in, should a reset have come between its arrival and its turn)."""
+        ...
+
+    async def end_turn(self, turn_id: int, phase: Phase, reason: str | None = None) -> None:
+        """Move the turn to ``phase`` (``failed``, ``delivered`` …) with a ``reason``; ``failed`` and
+        ``interrupted`` mark its still-pending message the same."""
+        ...
+
+    async def get_turn(self, turn_id: int) -> TurnRecord | None:
+        ...
+
+    async def recover(self, lease_s: float) -> list[TurnRecord]:
+        """After a crash, kill or restart: every turn still ``received`` or ``generating`` whose owner
+        is gone — stopped, unknown, or without a heartbeat for ``lease_s`` — becomes ``interrupted``,
+        its message too, and its thread gets a ``notice``, in one transaction. A live owner's turns are
+        never touched. Returns the turns as they were, oldest first; a second call finds nothing."""
         ...
 
     async def finish_turn(
         self, key: ThreadKey, user_message_id: int, reply: str, state: StateDraft | None,
         status: Status = "answered", tokens: list[int] | None = None, tokenizer: str | None = None,
+        turn_id: int | None = None,
     ) -> StoredMessage:
         """Store the reply (author ``raven``, with the token ids the model read), set the user
-        message's ``status`` and save ``state`` with ``last_message_id`` = the reply's id (the
-        ``last_message_id`` passed in is ignored): one transaction, so a crash or an error anywhere
-        inside leaves either the whole turn or none of it."""
+        message's ``status``, move the turn (if given) to ``generated`` with this reply, and save
+        ``state`` as following the reply: one transaction, so a crash or an error anywhere inside
+        leaves either the whole turn or none of it."""
         ...
 
     # --- saved states ----------------------------------------------------------------------------------

@@ -48,6 +48,36 @@ class StoredMessage:
     tokenizer: str | None = None
 
 
+Phase = Literal["received", "generating", "generated", "delivered", "delivery_failed", "interrupted", "failed"]
+IN_FLIGHT: tuple[Phase, ...] = ("received", "generating")
+"""Phases of a turn that its owner is still working on; recovery ends them when the owner is gone."""
+
+
+@dataclass(frozen=True)
+class TurnRecord:
+    """A user message being answered, and where that stands. ``owner`` is the instance working on
+    it; ``reason`` says why a turn failed (``busy``, ``error`` …)."""
+
+    id: int
+    thread: ThreadKey
+    message_id: int
+    reply_id: int | None
+    phase: Phase
+    owner: str | None
+    reason: str | None
+    created_at: float
+    updated_at: float
+
+
+@dataclass(frozen=True)
+class Accepted:
+    """What ``accept`` stored: the thread, the user's message and (for a message to answer) its turn."""
+
+    thread: ThreadInfo
+    message: StoredMessage
+    turn_id: int | None
+
+
 @dataclass(frozen=True)
 class StateDraft:
     """A model state to save: what it was built from. Which message it follows is the store's to

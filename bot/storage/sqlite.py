@@ -19,12 +19,15 @@ from bot.errors import StoreError
 from bot.events import ThreadKey
 from bot.storage.migrations import MIGRATIONS, SCHEMA_VERSION
 from bot.storage.records import (
+    Accepted,
+    Phase,
     Role,
     StateDraft,
     Status,
     StoredMessage,
     StoredState,
     ThreadInfo,
+    TurnRecord,
     checksum,
     pack_tokens,
     unpack_tokens,
@@ -33,7 +36,9 @@ from bot.storage.records import (
 if TYPE_CHECKING:
     from bot.storage.protocol import Store
 
-__all__ = ["SCHEMA_VERSION", "SQLiteStore"]
+__all__ = ["INTERRUPTED_NOTICE", "SCHEMA_VERSION", "SQLiteStore"]
+
+INTERRUPTED_NOTICE = "Raven was restarted while answering this message; please send it again."
 
 _UPSERT_STATE = """
     INSERT INTO states (thread_key, fingerprint, epoch, last_message_id, token_count, checksum, blob, updated_at)
@@ -57,10 +62,16 @@ LAST_REPLY_QUERY = """
     ORDER BY id DESC LIMIT 1"""
 # seq numbers a thread's messages 0, 1, 2… in id order, so the newest one below ``id`` says how many are.
 POSITION_QUERY = "SELECT seq + 1 FROM messages WHERE thread_key = ? AND id < ? ORDER BY id DESC LIMIT 1"
+# The model reads a question just before its answer. Messages are stored as they arrive, so two
+# questions sent together sit before both answers in the log: a question is placed at its answer's id
+# (through its turn), and ahead of it. Messages from before turns existed sit at their own ids.
 _CONTEXT_QUERY = """
-    SELECT * FROM messages WHERE thread_key = ? AND epoch = ? AND id < ?
-      AND (role = 'assistant' OR (role = 'user' AND status = 'answered'))
-    ORDER BY id"""
+    SELECT m.* FROM messages m LEFT JOIN turns t ON t.message_id = m.id
+    WHERE m.thread_key = ? AND m.epoch = ?
+      AND (m.role = 'assistant' OR (m.role = 'user' AND m.status = 'answered'))
+      AND COALESCE(t.reply_id, m.id) < ?
+    ORDER BY COALESCE(t.reply_id, m.id), m.role = 'assistant'"""
+_NO_BOUND = 2**63 - 1
 
 
 class SQLiteStore:
@@ -235,37 +246,115 @@ class SQLiteStore:
     async def position_in_thread(self, key: ThreadKey, message_id: int) -> int:
         return int(await self._scalar(POSITION_QUERY, (str(key), message_id)) or 0)
 
-    async def last_reply_id(self, key: ThreadKey, epoch: int, before_id: int) -> int:
-        return int(await self._scalar(LAST_REPLY_QUERY, (str(key), epoch, before_id)) or 0)
+    async def last_reply_id(self, key: ThreadKey, epoch: int, before_id: int | None = None) -> int:
+        bound = _NO_BOUND if before_id is None else before_id
+        return int(await self._scalar(LAST_REPLY_QUERY, (str(key), epoch, bound)) or 0)
 
-    async def context(self, key: ThreadKey, epoch: int, before_id: int) -> list[StoredMessage]:
-        async with self.db.execute(_CONTEXT_QUERY, (str(key), epoch, before_id)) as cursor:
+    async def context(self, key: ThreadKey, epoch: int, before_id: int | None = None) -> list[StoredMessage]:
+        bound = _NO_BOUND if before_id is None else before_id
+        async with self.db.execute(_CONTEXT_QUERY, (str(key), epoch, bound)) as cursor:
             rows = await cursor.fetchall()
         return [_message(row) for row in rows]
 
     async def set_status(self, message_id: int, status: Status) -> None:
         await self._write("UPDATE messages SET status = ? WHERE id = ?", (status, message_id))
 
-    async def mark_interrupted(self) -> list[StoredMessage]:
-        async with self.db.execute("SELECT * FROM messages WHERE status = 'pending' ORDER BY id") as cursor:
-            pending = [_message(row) for row in await cursor.fetchall()]
+    # --- instances and turns -------------------------------------------------------------------------
 
-        async def work(db: aiosqlite.Connection) -> None:
-            for message in pending:
-                await db.execute("UPDATE messages SET status = 'interrupted' WHERE id = ?", (message.id,))
-                await self._insert_message(
-                    db, message.thread, "notice",
-                    "Raven was restarted while answering this message; please send it again.",
-                    "raven", None, "done",
+    async def register_instance(self, instance_id: str, label: str = "") -> None:
+        now = self.clock()
+        await self._write(
+            """INSERT INTO instances (id, label, started_at, heartbeat_at) VALUES (?, ?, ?, ?)
+               ON CONFLICT (id) DO UPDATE SET heartbeat_at = excluded.heartbeat_at, stopped_at = NULL""",
+            (instance_id, label, now, now),
+        )
+
+    async def heartbeat(self, instance_id: str) -> None:
+        await self._write("UPDATE instances SET heartbeat_at = ? WHERE id = ?", (self.clock(), instance_id))
+
+    async def stop_instance(self, instance_id: str) -> None:
+        await self._write("UPDATE instances SET stopped_at = ? WHERE id = ?", (self.clock(), instance_id))
+
+    async def accept(
+        self, key: ThreadKey, default_persona: str, text: str, *, author: str = "",
+        platform_message_id: str | None = None, owner: str | None = None, answer: bool = True,
+    ) -> Accepted:
+        now = self.clock()
+
+        async def work(db: aiosqlite.Connection) -> tuple[int, int | None]:
+            await db.execute(
+                "INSERT OR IGNORE INTO threads (key, persona, epoch, created_at, updated_at) VALUES (?, ?, 0, ?, ?)",
+                (str(key), default_persona, now, now),
+            )
+            message_id = await self._insert_message(db, key, "user", text, author, platform_message_id,
+                                                    "pending" if answer else "done")
+            turn_id = None
+            if answer:
+                cursor = await db.execute(
+                    """INSERT INTO turns (thread_key, message_id, phase, owner, created_at, updated_at)
+                       VALUES (?, ?, 'received', ?, ?, ?)""",
+                    (str(key), message_id, owner, now, now),
                 )
+                turn_id = cursor.lastrowid
+            return message_id, turn_id
 
-        if pending:
-            await self._transaction(work)
-        return pending
+        message_id, turn_id = await self._transaction(work)
+        thread = await self.get_thread(key)
+        message = await self.get_message(message_id)
+        assert thread is not None and message is not None
+        return Accepted(thread, message, turn_id)
+
+    async def begin_turn(self, turn_id: int, epoch: int) -> None:
+        async def work(db: aiosqlite.Connection) -> None:
+            await db.execute("UPDATE turns SET phase = 'generating', updated_at = ? WHERE id = ?",
+                             (self.clock(), turn_id))
+            await db.execute("UPDATE messages SET epoch = ? WHERE id = (SELECT message_id FROM turns WHERE id = ?)",
+                             (epoch, turn_id))
+
+        await self._transaction(work)
+
+    async def end_turn(self, turn_id: int, phase: Phase, reason: str | None = None) -> None:
+        async def work(db: aiosqlite.Connection) -> None:
+            await db.execute("UPDATE turns SET phase = ?, reason = ?, updated_at = ? WHERE id = ?",
+                             (phase, reason, self.clock(), turn_id))
+            if phase in ("failed", "interrupted"):
+                await db.execute(
+                    """UPDATE messages SET status = ? WHERE status = 'pending'
+                       AND id = (SELECT message_id FROM turns WHERE id = ?)""", (phase, turn_id))
+
+        await self._transaction(work)
+
+    async def get_turn(self, turn_id: int) -> TurnRecord | None:
+        async with self.db.execute("SELECT * FROM turns WHERE id = ?", (turn_id,)) as cursor:
+            row = await cursor.fetchone()
+        return _turn(row) if row else None
+
+    async def recover(self, lease_s: float) -> list[TurnRecord]:
+        stale = self.clock() - lease_s
+
+        async def work(db: aiosqlite.Connection) -> list[TurnRecord]:
+            # In the transaction, so a live owner's heartbeat cannot land between the read and the write.
+            async with db.execute(
+                """SELECT t.* FROM turns t LEFT JOIN instances i ON i.id = t.owner
+                   WHERE t.phase IN ('received', 'generating')
+                     AND (i.id IS NULL OR i.stopped_at IS NOT NULL OR i.heartbeat_at < ?)
+                   ORDER BY t.id""", (stale,),
+            ) as cursor:
+                orphans = [_turn(row) for row in await cursor.fetchall()]
+            now = self.clock()
+            for turn in orphans:
+                await db.execute("UPDATE turns SET phase = 'interrupted', reason = 'owner gone', updated_at = ? "
+                                 "WHERE id = ?", (now, turn.id))
+                await db.execute("UPDATE messages SET status = 'interrupted' WHERE id = ?", (turn.message_id,))
+                await self._insert_message(db, turn.thread, "notice", INTERRUPTED_NOTICE, "raven", None, "done")
+            return orphans
+
+        return list(await self._transaction(work))
 
     async def finish_turn(
         self, key: ThreadKey, user_message_id: int, reply: str, state: StateDraft | None,
         status: Status = "answered", tokens: list[int] | None = None, tokenizer: str | None = None,
+        turn_id: int | None = None,
     ) -> StoredMessage:
         packed = pack_tokens(tokens) if tokens is not None else None
 
@@ -273,6 +362,9 @@ class SQLiteStore:
             reply_id = await self._insert_message(db, key, "assistant", reply, "raven", None, "done",
                                                   packed, tokenizer if tokens is not None else None)
             await db.execute("UPDATE messages SET status = ? WHERE id = ?", (status, user_message_id))
+            if turn_id is not None:
+                await db.execute("UPDATE turns SET phase = 'generated', reply_id = ?, updated_at = ? WHERE id = ?",
+                                 (reply_id, self.clock(), turn_id))
             if state is not None:
                 await db.execute(
                     _UPSERT_STATE,
@@ -329,6 +421,14 @@ def _thread(row: aiosqlite.Row) -> ThreadInfo:
     title = (row["title"] or "").strip().split("\n")[0][:80]
     return ThreadInfo(
         key=ThreadKey.parse(row["key"]), persona=row["persona"], epoch=row["epoch"], title=title,
+        created_at=row["created_at"], updated_at=row["updated_at"],
+    )
+
+
+def _turn(row: aiosqlite.Row) -> TurnRecord:
+    return TurnRecord(
+        id=row["id"], thread=ThreadKey.parse(row["thread_key"]), message_id=row["message_id"],
+        reply_id=row["reply_id"], phase=row["phase"], owner=row["owner"], reason=row["reason"],
         created_at=row["created_at"], updated_at=row["updated_at"],
     )
 

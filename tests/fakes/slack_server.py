@@ -93,6 +93,7 @@ class FakeSlack(LocalServer):
         self.calls: list[ApiCall] = []
         self.messages: dict[tuple[str, str], Message] = {}
         self.ephemerals: list[Ephemeral] = []
+        self._drops: dict[str, int] = {}
         self.responses: list[dict[str, Any]] = []  # posts to response_url
         self.acks: dict[str, tuple[float, dict[str, Any]]] = {}
         self.connections = 0
@@ -121,6 +122,10 @@ class FakeSlack(LocalServer):
              times: int = 1) -> None:
         """Answer the next ``times`` calls of ``method`` with an error."""
         self._failures.setdefault(method, []).append(_Failure(error, status, headers or {}, times))
+
+    def drop(self, method: str, times: int = 1) -> None:
+        """Close the connection of the next ``times`` calls of ``method`` without answering."""
+        self._drops[method] = self._drops.get(method, 0) + times
 
     def calls_to(self, method: str) -> list[ApiCall]:
         return [call for call in self.calls if call.method == method]
@@ -218,6 +223,12 @@ class FakeSlack(LocalServer):
         auth = request.headers.get("Authorization", "")
         token = auth.removeprefix("Bearer ") if auth else args.get("token")
         self.calls.append(ApiCall(method, args, time.monotonic(), token))
+        if self._drops.get(method, 0) > 0:  # the connection breaks: no HTTP answer at all
+            self._drops[method] -= 1
+            assert request.transport is not None
+            request.transport.close()
+            await self._notify()
+            return web.Response(status=500)  # never reaches the client
         try:
             return self._answer(method, args)
         finally:
