@@ -22,9 +22,11 @@ import re
 from collections.abc import Awaitable, Callable
 from typing import Any
 
+import aiohttp
 import discord
 from discord import app_commands
 
+from adapters.retry import RetryPolicy, call_with_retries
 from adapters.settings import DiscordSettings
 from adapters.streaming import StreamRenderer
 from bot.core.commands import HELP_TEXT
@@ -74,6 +76,23 @@ def notice_embed(text: str) -> discord.Embed:
     """A notice (busy, refused, failed, a Discord error) is an embed with a coloured bar, so it never
     looks like one of Raven's answers."""
     return discord.Embed(description=f"⚠️ {text}"[:EMBED_LIMIT], colour=NOTICE_COLOUR)
+
+
+def _retryable(exc: BaseException) -> tuple[int | None, float | None, bool] | None:
+    """What adapters/retry.py needs to know of a failed Discord call (None: not to be retried)."""
+    if isinstance(exc, discord.RateLimited):  # discord.py would not wait this one out itself
+        return 429, exc.retry_after, False
+    if isinstance(exc, discord.HTTPException):
+        if exc.status == 429:
+            header = exc.response.headers.get("Retry-After") if exc.response is not None else None
+            try:
+                return 429, float(header) if header else None, False
+            except ValueError:
+                return 429, None, False
+        return (exc.status, None, False) if exc.status >= 500 else None
+    if isinstance(exc, aiohttp.ClientError | OSError | asyncio.TimeoutError):
+        return None, None, True
+    return None
 
 
 def _describe(exc: discord.HTTPException) -> str:
@@ -299,19 +318,22 @@ class DiscordAdapter:
         if channel is not None and await self._typing(channel):
             typing = asyncio.create_task(self._keep_typing(channel))
 
+        policy = RetryPolicy(budget_s=self.settings.retry_budget_s)
+
         async def first_post(content: str) -> Any:
             if typing is not None:
                 typing.cancel()
-            return await post(content)
+            return await call_with_retries(lambda: post(content), policy, _retryable, "discord: posting a reply")
 
         async def edit(handle: Any, content: str) -> None:
-            await handle.edit(content=content, allowed_mentions=NO_MENTIONS)
+            await call_with_retries(lambda: handle.edit(content=content, allowed_mentions=NO_MENTIONS), policy,
+                                    _retryable, "discord: editing a reply")
 
         renderer: StreamRenderer[Any] = StreamRenderer(
             post=first_post, edit=edit, limit=MESSAGE_LIMIT,
             min_interval_s=self.settings.edit_interval_s,
         )
-        turn = self.service.reply(event)
+        turn = self.service.reply(event, confirm=True)
         try:
             text = await renderer.stream(turn)
             outcome = await turn.outcome()
@@ -330,6 +352,9 @@ class DiscordAdapter:
             # after a 403 in this channel another send there is just one more invalid request
             if not isinstance(exc, discord.Forbidden) or channel is None:
                 await notify(notice_for(exc))
+        except BaseException:
+            await self.service.undelivered(turn, "the adapter failed")
+            raise
         finally:
             if typing is not None:
                 typing.cancel()
@@ -352,7 +377,9 @@ class DiscordAdapter:
     async def _try_send(self, channel: Any, text: str) -> None:
         """Post a notice in ``channel`` (an embed: never mistaken for an answer); errors are logged."""
         try:
-            await channel.send(embed=notice_embed(text), allowed_mentions=NO_MENTIONS)
+            await call_with_retries(lambda: channel.send(embed=notice_embed(text), allowed_mentions=NO_MENTIONS),
+                                    RetryPolicy(budget_s=self.settings.retry_budget_s), _retryable,
+                                    "discord: posting a notice")
         except discord.HTTPException as exc:
             log.warning("discord: could not post a notice in %s (%s)", getattr(channel, "id", "?"),
                         _describe(exc))

@@ -28,6 +28,7 @@ class DiscordSettings(Section):
     allowed_roles: IdList = Field(default_factory=list)
     answer_dms: bool = True
     edit_interval_s: float = Field(1.0, ge=1.0)
+    retry_budget_s: float = Field(60.0, gt=0)
 
     @property
     def enabled(self) -> bool:
@@ -49,6 +50,7 @@ class SlackSettings(Section):
     allowed_channels: IdList = Field(default_factory=list)
     update_interval_s: float = Field(1.2, ge=1.0)
     max_message_chars: int = Field(3900, ge=100, le=40000)
+    retry_budget_s: float = Field(60.0, gt=0)
 
     @property
     def enabled(self) -> bool:

@@ -24,7 +24,7 @@ import logging
 import re
 import time
 from collections import Counter
-from collections.abc import Awaitable, Callable
+from collections.abc import Awaitable, Callable, Mapping
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any
 
@@ -33,13 +33,13 @@ from cachetools import TTLCache
 from slack_bolt.adapter.socket_mode.async_handler import AsyncSocketModeHandler
 from slack_bolt.async_app import AsyncApp
 from slack_sdk.errors import SlackApiError
-from slack_sdk.http_retry.builtin_async_handlers import (
-    AsyncConnectionErrorRetryHandler,
-    AsyncRateLimitErrorRetryHandler,
-    AsyncServerErrorRetryHandler,
-)
+from slack_sdk.http_retry.async_handler import AsyncRetryHandler
+from slack_sdk.http_retry.request import HttpRequest
+from slack_sdk.http_retry.response import HttpResponse
+from slack_sdk.http_retry.state import RetryState
 from slack_sdk.web.async_client import AsyncWebClient
 
+from adapters.retry import RetryPolicy
 from adapters.settings import SlackSettings
 from adapters.slack_mrkdwn import escape, from_slack, to_mrkdwn
 from adapters.streaming import StreamRenderer
@@ -106,6 +106,56 @@ def _api_method(exc: SlackApiError) -> str:
     return url.rstrip("/").rsplit("/", 1)[-1] or "a Web API call"
 
 
+def _retry_after(headers: Mapping[str, list[str] | str] | None) -> float | None:
+    for name, values in (headers or {}).items():
+        if name.lower() == "retry-after" and values:
+            try:
+                return max(0.0, float(values if isinstance(values, str) else values[0]))
+            except ValueError:
+                return None
+    return None
+
+
+class SlackRetryHandler(AsyncRetryHandler):
+    """slack_sdk's handler interface over ``RetryPolicy``: the one handler the Web API client uses."""
+
+    def __init__(self, policy: RetryPolicy, clock: Callable[[], float] = time.monotonic) -> None:
+        super().__init__(max_retry_count=1_000_000)  # the budget decides, not a count
+        self.policy = policy
+        self.clock = clock
+
+    def _next_wait(self, state: RetryState, response: HttpResponse | None, error: Exception | None) -> float | None:
+        values = state.custom_values if state.custom_values is not None else {}
+        state.custom_values = values
+        started = values.setdefault("raven_started", self.clock())
+        if "raven_wait" not in values:
+            status = response.status_code if response is not None else None
+            retry_after = _retry_after(response.headers) if response is not None else None
+            connection = (error is not None and isinstance(error, OSError | asyncio.TimeoutError)) or (
+                error is not None and type(error).__module__.startswith("aiohttp"))
+            values["raven_wait"] = self.policy.delay(state.current_attempt, self.clock() - started, status,
+                                                     retry_after, connection)
+        wait = values["raven_wait"]
+        return None if wait is None else float(wait)
+
+    async def _can_retry_async(self, *, state: RetryState, request: HttpRequest,
+                               response: HttpResponse | None = None, error: Exception | None = None) -> bool:
+        return self._next_wait(state, response, error) is not None
+
+    async def prepare_for_next_attempt_async(self, *, state: RetryState, request: HttpRequest,
+                                             response: HttpResponse | None = None,
+                                             error: Exception | None = None) -> None:
+        wait = self._next_wait(state, response, error) or 0.0
+        assert state.custom_values is not None
+        state.custom_values.pop("raven_wait", None)  # decided afresh after the next answer
+        log.info("slack: %s answered %s; retrying in %.1f s", request.url.rsplit("/", 1)[-1],
+                 response.status_code if response is not None else type(error).__name__, wait)
+        state.next_attempt_requested = True
+        await asyncio.sleep(wait)
+        state.increment_current_attempt()
+
+
+
 class SlackAdapter:
     """Runs the bolt app until cancelled: Socket Mode when ``SLACK_APP_TOKEN`` is set, otherwise an
     aiohttp server for the Events API, verified with ``SLACK_SIGNING_SECRET``."""
@@ -125,11 +175,10 @@ class SlackAdapter:
         self.client = AsyncWebClient(
             token=settings.bot_token.get_secret_value(),
             base_url=api_url,
-            retry_handlers=[
-                AsyncConnectionErrorRetryHandler(max_retry_count=2),
-                AsyncRateLimitErrorRetryHandler(max_retry_count=3),  # sleeps for Retry-After
-                AsyncServerErrorRetryHandler(max_retry_count=2),
-            ],
+            # One handler for 429, 5xx and broken connections alike, with a budget in time (see
+            # adapters/retry.py): slack_sdk's built-in handlers share one attempt counter per call, so
+            # 429, 429, then 500 used to give up on the 500.
+            retry_handlers=[SlackRetryHandler(RetryPolicy(budget_s=settings.retry_budget_s))],
         )
         secret = settings.signing_secret.get_secret_value() if settings.signing_secret else ""
         self.app = AsyncApp(client=self.client, signing_secret=secret, name="raven",
@@ -400,7 +449,7 @@ class SlackAdapter:
             min_interval_s=self.settings.update_interval_s,
             transform=to_mrkdwn,
         )
-        turn = self.service.reply(event)
+        turn = self.service.reply(event, confirm=True)
         try:
             text = await renderer.stream(turn)
             outcome = await turn.outcome()
@@ -422,7 +471,11 @@ class SlackAdapter:
                 await self._notice(channel, thread_ts, event.user_id, ERROR_NOTICE)
         except Exception:
             log.exception("slack: failed to answer in %s", event.thread)
+            await self.service.undelivered(turn, "the adapter failed")
             await self._notice(channel, thread_ts, event.user_id, ERROR_NOTICE)
+        except BaseException:  # cancelled: stopping
+            await self.service.undelivered(turn, "stopped while delivering")
+            raise
 
     async def _notice(self, channel: str, thread_ts: str | None, user: str, text: str) -> None:
         """A notice, never mistaken for an answer: a context block (small grey text) that only

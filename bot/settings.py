@@ -123,6 +123,7 @@ class CoreSettings(Sampling, Section):
     max_message_chars: int = Field(8000, ge=1)
     dedupe_ttl_s: int = Field(3600, ge=600)
     instance_lease_s: float = Field(30.0, ge=3.0)
+    delivery_timeout_s: float = Field(300.0, gt=0)
 
     # --- sampling: the fields of Sampling (RAVEN_TEMPERATURE…; a persona can override each), and -------
     seed: int | None = None

@@ -76,7 +76,7 @@ class ScriptedService:
     def __getattr__(self, name: str) -> Any:
         return getattr(self.inner, name)
 
-    def reply(self, event: Event) -> Turn:
+    def reply(self, event: Event, *, confirm: bool = False) -> Turn:
         self.events.append(event)
         pieces = [self.text[start:start + self.chunk] for start in range(0, len(self.text), self.chunk)]
         return scripted_turn(pieces, self.delay_s)
@@ -456,8 +456,8 @@ async def test_rate_limit_and_deleted_message_get_a_notice(
     fake: FakeDiscord, start_bot: StartBot, service: ChatService
 ) -> None:
     scripted = ScriptedService(service, "word " * 400, chunk=20, delay_s=0.01)
-    await start_bot(scripted)
-    # a 429 discord.py gives up on: the user is told, and the bot goes on
+    await start_bot(scripted, retry_budget_s=5)
+    # a 429 discord.py gives up on, asking for longer than the retry budget: the user is told
     fake.fail_next("POST", r"/channels/\d+/messages", 429, via=False, retry_after=30)
     asked = await fake.user_message(fake.general_id, "one", mention_bot=True)
     thread_id = await thread_of(fake, asked)
@@ -469,12 +469,22 @@ async def test_rate_limit_and_deleted_message_get_a_notice(
     await fake.user_message(thread_id, "two", mention_bot=True)
     await fake.wait_for(lambda: any("was deleted" in fake.shown(m) for m in fake.bot_messages(thread_id)))
 
-    # a Discord server error discord.py does not retry: the user is told
+    # a Discord server error discord.py does not retry: retried with backoff, and the reply goes out
     fake.fail_next("POST", r"/channels/\d+/messages", 503, message="upstream connect error")
     before = len(fake.bot_messages(thread_id))
+    posts_before = len(fake.calls_to("POST", rf"/channels/{thread_id}/messages"))
     await fake.user_message(thread_id, "two and a half", mention_bot=True)
-    await fake.wait_for(lambda: len(fake.bot_messages(thread_id)) > before)
-    assert "server error" in fake.shown(fake.bot_messages(thread_id)[-1])
+    await finished_reply(fake, thread_id, count=before + 1)
+    assert not any("server error" in fake.shown(m) for m in fake.bot_messages(thread_id)[before:])
+    posts = [c.status for c in fake.calls_to("POST", rf"/channels/{thread_id}/messages")][posts_before:]
+    assert posts[:2] == [503, 200]
+
+    # persistent server errors outlast the budget: the user is told
+    fake.fail_next("POST", r"/channels/\d+/messages", 503, message="upstream connect error", times=6)
+    before = len(fake.bot_messages(thread_id))
+    await fake.user_message(thread_id, "two and three quarters", mention_bot=True)
+    await fake.wait_for(lambda: any("server error" in fake.shown(m) for m in fake.bot_messages(thread_id)[before:]),
+                        within=30)
 
     # a 429 that discord.py waits out is invisible to the user
     fake.fail_next("POST", r"/channels/\d+/messages", 429, retry_after=0.05)

@@ -7,6 +7,7 @@ import sqlite3
 import time
 
 import pytest
+import torch
 
 from bot.app.assembly import open_service
 from bot.core.outcomes import Answered, Busy, CommandDone, CutOff, Failed, Refused
@@ -479,3 +480,79 @@ async def test_a_follow_up_right_after_the_first_message_finds_the_thread(servic
     assert await service.knows_thread(key)  # before the turn's task has written anything
     await turn.text()
     assert await service.knows_thread(key)
+
+
+# --- no unseen context --------------------------------------------------------------------------------
+
+
+async def test_an_undelivered_reply_is_not_what_the_next_turn_builds_on(settings_factory: SettingsFactory) -> None:
+    async with open_service(settings_factory()) as service:
+        key = ThreadKey("test", "undelivered")
+        await say(service, key, "first question")
+        first_reply = (await service.thread_messages(key))[-1]
+        saved = await service.store.load_state(key)
+        assert saved is not None and saved.last_message_id == first_reply.id
+        before = await service.engine.decode_state(saved.blob)
+
+        turn = service.reply(Event(key, "u1", "U1", "second question"), confirm=True)
+        await turn.text()
+        assert isinstance(await turn.outcome(), Answered | CutOff)
+        await service.undelivered(turn, "slack HTTP 500")  # the platform never took it
+        await service.drain()
+
+        record = await service.store.get_turn(turn.turn_id)  # type: ignore[arg-type]
+        assert record is not None and (record.phase, record.reason) == ("delivery_failed", "slack HTTP 500")
+        log = await service.thread_messages(key)
+        assert [(m.role, m.status) for m in log[2:]] == [("user", "failed"), ("assistant", "undelivered")]
+        # The thread is back to its state before that reply, in memory and in the store: exactly.
+        rolled = await service.store.load_state(key)
+        assert rolled is not None and rolled.last_message_id == first_reply.id
+        restored = await service.engine.decode_state(rolled.blob)
+        assert restored.token_count == before.token_count
+        assert all(torch.equal(a, b) for a, b in zip(restored.state, before.state, strict=True))
+        assert await service.store.last_reply_id(key, 0) == first_reply.id
+
+        await say(service, key, "third question")
+        turn_info = service.last_turn(key)
+        assert turn_info is not None and turn_info.resumed_from == "memory"  # no rebuild needed
+        # A rebuild from the log (which skips the undelivered reply) reaches the same state.
+        after_third = await service.store.load_state(key)
+        assert after_third is not None
+        expected = await service.engine.decode_state(after_third.blob)
+        thread = await service.thread(key)
+        assert thread is not None
+        fmt = PromptFormat(service.tokenizer, service.family, service.persona(thread.persona))
+        rebuilt = await service.states.rebuild(thread, fmt)
+    worst = max((a - b).abs().max().item() for a, b in zip(rebuilt.state, expected.state, strict=True))
+    assert rebuilt.token_count == expected.token_count and worst <= 1e-5
+
+
+async def test_a_delivered_reply_ends_the_turn_and_the_next_one_waits_for_it(service: ChatService) -> None:
+    key = ThreadKey("test", "confirmed")
+    first = service.reply(Event(key, "u1", "U1", "one"), confirm=True)
+    await first.text()
+    await first.outcome()
+    second = service.reply(Event(key, "u1", "U1", "two"), confirm=True)
+    await asyncio.sleep(0.3)
+    waiting = await service.store.get_turn(first.turn_id)  # type: ignore[arg-type]
+    assert waiting is not None and waiting.phase == "generated"  # not yet confirmed
+    assert second.turn_id is not None and (await service.store.get_turn(second.turn_id)).phase == "received"  # type: ignore[union-attr]
+    await service.delivered(first)
+    await second.text()
+    await service.delivered(second)
+    await service.drain()
+    for turn in (first, second):
+        record = await service.store.get_turn(turn.turn_id)  # type: ignore[arg-type]
+        assert record is not None and record.phase == "delivered"
+
+
+async def test_a_delivery_never_reported_does_not_block_the_thread_forever(
+        settings_factory: SettingsFactory) -> None:
+    async with open_service(settings_factory(delivery_timeout_s=0.3)) as service:
+        key = ThreadKey("test", "unreported")
+        first = service.reply(Event(key, "u1", "U1", "one"), confirm=True)
+        await first.text()
+        await say(service, key, "two")  # answered once the wait for the first one's report ran out
+        record = await service.store.get_turn(first.turn_id)  # type: ignore[arg-type]
+        assert record is not None and record.phase == "delivered"
+        assert [m.role for m in await service.thread_messages(key)].count("assistant") == 2

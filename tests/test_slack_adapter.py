@@ -18,6 +18,7 @@ from typing import Any
 
 import aiohttp
 import pytest
+import torch
 
 from adapters.slack_bot import ERROR_NOTICE, SlackAdapter
 from adapters.streaming import PLACEHOLDER
@@ -191,7 +192,7 @@ class ScriptedService:
     def __getattr__(self, name: str) -> Any:
         return getattr(self._service, name)
 
-    def reply(self, event: Event) -> Turn:
+    def reply(self, event: Event, *, confirm: bool = False) -> Turn:
         self.events.append(event)
         return scripted_turn(self.chunks, self.delay_s)
 
@@ -440,16 +441,17 @@ async def test_api_errors_are_logged_and_the_bot_keeps_running(
         service: ChatService, settings_factory: SettingsFactory, fake: FakeSlack,
         caplog: pytest.LogCaptureFixture) -> None:
     fake.outside_channels.add("C9")
-    async with running("http", service, settings_factory, fake) as slack:
+    async with running("http", service, settings_factory, fake, retry_budget_s=2) as slack:
         await slack.deliver.event(event_body(mention("950.000001", "are you there?", channel="C9")))
         await slack.settle()
         assert re.search(r"not_in_channel", caplog.text)
         stored = await service.thread_messages(ThreadKey("slack", "C9:950.000001"))
         assert stored and stored[0].text == "are you there?"  # the user's message stays in the log
 
-        fake.fail("chat.postMessage", "internal_error", status=500, times=3)  # outlasts the retries
+        fake.fail("chat.postMessage", "internal_error", status=500, times=1000)  # outlasts the retry budget
         await slack.deliver.event(event_body(mention("950.000003", "and now?")))
         await slack.settle()
+        fake.heal()
         assert fake.thread("C1", "950.000003") == []  # the reply could not be posted ...
         notice = fake.ephemerals[-1]  # ... and the user is told, privately, as a notice
         assert (notice.channel, notice.thread_ts) == ("C1", "950.000003") and ERROR_NOTICE in notice.text
@@ -571,3 +573,52 @@ async def test_a_connection_error_in_users_info_loses_nothing(
     assert [(m.role, m.text) for m in stored][:1] == [("user", "are you there?")]
     assert stored[-1].role == "assistant" and len(fake.thread("C1", "981.000001")) >= 1
     assert fake.calls_to("users.info")  # it was tried, and failed
+
+
+# --- one retry policy; no unseen context -----------------------------------------------------------------
+async def test_429_429_then_500_on_one_update_is_retried_and_the_reply_completes(
+        service: ChatService, settings_factory: SettingsFactory, fake: FakeSlack) -> None:
+    fake.fail("chat.update", "ratelimited", status=429, headers={"Retry-After": "1"}, times=2)
+    fake.fail("chat.update", "internal_error", status=500)
+    words = [f"word{i} " for i in range(30)]
+    async with running("socket", ScriptedService(service, words, delay_s=0.1), settings_factory, fake) as slack:
+        await slack.deliver.event(event_body(mention("510.000001", "stream please")))
+        await slack.settle()
+    [reply] = fake.thread("C1", "510.000001")
+    assert reply.text.strip() == "".join(words).strip()  # every word reached the user
+    statuses = [c for c in fake.calls_to("chat.update")]
+    assert len(statuses) >= 4  # 429, 429, 500, then the update that went through (and any later ones)
+    assert fake.ephemerals == []  # no failure notice
+
+
+async def test_persistent_500s_end_with_a_notice_and_the_reply_leaves_the_context(
+        service: ChatService, settings_factory: SettingsFactory, fake: FakeSlack) -> None:
+    key = ThreadKey("slack", "C1:520.000001")
+    async with running("http", service, settings_factory, fake, retry_budget_s=3) as slack:
+        await slack.deliver.event(event_body(mention("520.000001", "first question")))
+        await slack.settle()
+        saved = await service.store.load_state(key)
+        assert saved is not None
+        before = await service.engine.decode_state(saved.blob)
+        first_reply_id = saved.last_message_id
+
+        fake.fail("chat.postMessage", "internal_error", status=500, times=1000)  # Slack is down for good
+        await slack.deliver.event(event_body(mention("520.000002", "second question", thread_ts="520.000001")))
+        await slack.settle()
+        fake.heal()  # Slack is back
+
+        # The user was told, privately; the log says the reply was not delivered ...
+        assert any("went wrong" in e.text and e.thread_ts == "520.000001" for e in fake.ephemerals)
+        log = await service.thread_messages(key)
+        assert [(m.role, m.status) for m in log[-2:]] == [("user", "failed"), ("assistant", "undelivered")]
+        # ... and the thread's state is the one from before it: the next turn does not read it.
+        rolled = await service.store.load_state(key)
+        assert rolled is not None and rolled.last_message_id == first_reply_id
+        restored = await service.engine.decode_state(rolled.blob)
+        assert all(torch.equal(a, b) for a, b in zip(restored.state, before.state, strict=True))
+
+        await slack.deliver.event(event_body(mention("520.000003", "third question", thread_ts="520.000001")))
+        await slack.settle()
+        turn = service.last_turn(key)
+        assert turn is not None and turn.resumed_from == "memory"
+    assert len(fake.thread("C1", "520.000001")) == 2  # the first and the third replies

@@ -24,7 +24,7 @@ from bot.core.commands import HELP_TEXT, Command, as_text, parse_command
 from bot.core.outcomes import Answered, Busy, CommandDone, CutOff, Failed, Outcome, Refused
 from bot.core.personas import NAME_PATTERN, Persona, PersonaLibrary, check_name
 from bot.core.prompt import PromptFormat
-from bot.core.states import ThreadStates
+from bot.core.states import Resumed, ThreadStates
 from bot.core.text import clean_text
 from bot.core.thinking import ThinkingFilter, strip_thinking
 from bot.core.turn import Turn, TurnInfo
@@ -120,10 +120,16 @@ class ChatService:
 
     # --- a turn ------------------------------------------------------------------------------------
 
-    def reply(self, event: Event) -> Turn:
+    def reply(self, event: Event, *, confirm: bool = False) -> Turn:
         """Start answering ``event``. The turn runs in its own task: if the reader goes away (a
-        platform error, a closed page), the reply is still finished and stored."""
-        turn = Turn()
+        platform error, a closed page), the reply is still finished and stored.
+
+        ``confirm``: the caller will report whether the reply reached its user (``delivered`` /
+        ``undelivered``: a chat platform, where posting can fail after the reply is written). Until
+        it does (or ``RAVEN_DELIVERY_TIMEOUT_S`` passes) the thread's next turn waits, so that it never
+        builds on a reply nobody saw: an undelivered reply leaves the log's context, and the thread
+        goes back to the state it had before that reply (kept for this; no rebuild)."""
+        turn = Turn(confirm=confirm)
         key = event.thread
         self._active[key] += 1
         # Arrival order, kept explicitly: each turn stores its message only after the previous one
@@ -147,13 +153,20 @@ class ChatService:
 
     async def delivered(self, turn: Turn) -> None:
         """The adapter showed the whole reply on its platform: the turn is complete."""
-        if turn.turn_id is not None and isinstance(await turn.outcome(), Answered | CutOff):
-            await self._end_turn(turn, "delivered", "shown")
+        await self._delivery(turn, None)
 
     async def undelivered(self, turn: Turn, reason: str) -> None:
-        """The platform would not take (all of) the reply: the log says so."""
-        if turn.turn_id is not None and isinstance(await turn.outcome(), Answered | CutOff):
-            await self._end_turn(turn, "delivery_failed", reason)
+        """The platform would not take (all of) the reply, after its retries: the log says so, and the
+        reply is taken out of the thread's context (see ``reply(confirm=True)``)."""
+        await self._delivery(turn, reason)
+
+    async def _delivery(self, turn: Turn, failure: str | None) -> None:
+        if not isinstance(await turn.outcome(), Answered | CutOff):
+            return  # nothing was answered: the turn already ended as it should
+        if turn.confirm:
+            turn.report_delivery(failure)  # the turn, still holding its thread, settles it
+        elif turn.turn_id is not None:
+            await self._end_turn(turn, "delivered" if failure is None else "delivery_failed", failure or "shown")
 
     async def unanswered(self, event: Event, reason: str) -> None:
         """Keep a message that cannot be answered at all (e.g. the platform refused to open a thread
@@ -233,7 +246,27 @@ class ChatService:
                 asked = await self.store.accept(key, self.settings.default_persona, result, author=author,
                                                 platform_message_id=event.message_id, owner=self.instance_id)
                 turn.turn_id, message, thread = asked.turn_id, asked.message, asked.thread
-            return await self._answer(thread, message, turn)
+            return await self._answer_and_confirm(thread, message, turn)
+
+    async def _answer_and_confirm(self, thread: ThreadInfo, message: StoredMessage, turn: Turn) -> Outcome:
+        outcome, before, fmt = await self._answer(thread, message, turn)
+        if not turn.confirm or before is None or not isinstance(outcome, Answered | CutOff):
+            return outcome
+        turn.end(outcome)  # the adapter finishes showing it, then reports (we still hold the thread)
+        try:
+            failure = await asyncio.wait_for(turn.delivery(), self.settings.delivery_timeout_s)
+        except TimeoutError:
+            log.warning("no delivery report for %s within %g s; taken as delivered", thread.key,
+                        self.settings.delivery_timeout_s)
+            failure = None
+        if failure is None:
+            await self._end_turn(turn, "delivered", "shown")
+            return outcome
+        log.warning("reply in %s was not delivered (%s): the thread goes back to before it", thread.key, failure)
+        await self._end_turn(turn, "delivery_failed", failure)
+        assert fmt is not None
+        await self.states.roll_back(thread, fmt, before)
+        return outcome
 
     async def _command(self, command: Command, thread: ThreadInfo, turn: Turn) -> Outcome | str:
         """Carry out a command: its outcome, or (``/advisor <persona> <question>``) the question
@@ -304,7 +337,9 @@ class ChatService:
         """Tokenizing is pure Python (the World tokenizer): a long message would stall the loop."""
         return await asyncio.to_thread(work)
 
-    async def _answer(self, thread: ThreadInfo, user_message: StoredMessage, turn: Turn) -> Outcome:
+    async def _answer(self, thread: ThreadInfo, user_message: StoredMessage,
+                      turn: Turn) -> tuple[Outcome, Resumed | None, PromptFormat | None]:
+        """Generate and commit the reply; also returns where the turn started (for a roll-back)."""
         key = thread.key
         started = time.monotonic()
         persona = self._thread_persona(thread)
@@ -312,10 +347,11 @@ class ChatService:
         if turn.turn_id is not None:
             await self.store.begin_turn(turn.turn_id, thread.epoch)
         try:  # a persona prompt or a rebuild is model work too, and waits in the same queue
-            start, resumed_from = await self.states.resume(thread, fmt)
+            before = await self.states.resume(thread, fmt)
         except EngineBusy as exc:
             await self._end_turn(turn, "failed", "busy")
-            return Busy(exc.ahead)
+            return Busy(exc.ahead), None, None
+        start, resumed_from = before.model, before.source
         prompt, separator = await self._off_loop(
             lambda: (fmt.user_turn_tokens(user_message.text), fmt.separator_tokens()))
         position = (await self.store.position_in_thread(key, user_message.id)
@@ -330,7 +366,7 @@ class ChatService:
             generation = self.engine.generate(request)
         except EngineBusy as exc:
             await self._end_turn(turn, "failed", "busy")
-            return Busy(exc.ahead)
+            return Busy(exc.ahead), None, None
         visible = ThinkingFilter(show=self.settings.show_thinking)
         async for chunk in generation:
             turn.show(visible.feed(chunk))
@@ -339,18 +375,19 @@ class ChatService:
         except RavenError:
             log.exception("generation failed in %s", key)
             await self._end_turn(turn, "failed", "model")
-            return Failed(partial=turn.shown)
+            return Failed(partial=turn.shown), None, None
         reply = self._stored_reply(completion.text, fmt)
         reply_message = await self._commit(thread, fmt, user_message, completion, reply, turn.turn_id)
         info = TurnInfo(resumed_from, len(prompt), completion.generated_tokens, completion.finish_reason,
                         time.monotonic() - started)
         self._turns[key] = info
         turn.info = info
+        outcome: Outcome = Answered(turn.shown, reply_message.id)
         if completion.finish_reason == "timeout":
-            return CutOff(turn.shown, reply_message.id, "timeout", self.settings.reply_timeout_s)
-        if completion.finish_reason == "length":
-            return CutOff(turn.shown, reply_message.id, "length", sampling.max_tokens)
-        return Answered(turn.shown, reply_message.id)
+            outcome = CutOff(turn.shown, reply_message.id, "timeout", self.settings.reply_timeout_s)
+        elif completion.finish_reason == "length":
+            outcome = CutOff(turn.shown, reply_message.id, "length", sampling.max_tokens)
+        return outcome, before, fmt
 
     async def _commit(self, thread: ThreadInfo, fmt: PromptFormat, user_message: StoredMessage,
                       completion: Completion, reply: str, turn_id: int | None) -> StoredMessage:

@@ -42,6 +42,15 @@ class CachedState:
 
 
 @dataclass(frozen=True)
+class Resumed:
+    """Where a turn starts: the model, where it came from, and the last reply it has read (0: none)."""
+
+    model: ModelState
+    source: ResumedFrom
+    last_id: int
+
+
+@dataclass(frozen=True)
 class _Prefix:
     """The model after a persona's system prompt; every new thread of that persona starts here."""
 
@@ -109,18 +118,18 @@ class ThreadStates:
 
     # --- resuming ------------------------------------------------------------------------------------
 
-    async def resume(self, thread: ThreadInfo, fmt: PromptFormat) -> tuple[ModelState, ResumedFrom]:
+    async def resume(self, thread: ThreadInfo, fmt: PromptFormat) -> Resumed:
         """The model after every turn of the thread's current epoch answered so far (the caller holds
         the thread's lock, so no other turn of it is under way)."""
         key = thread.key
         last_id = await self.store.last_reply_id(key, thread.epoch)
         if not last_id:
-            return await self.prefix(fmt), "new"
+            return Resumed(await self.prefix(fmt), "new", 0)
         fingerprint = self.fingerprint(fmt)
         wanted = (fingerprint, thread.epoch, last_id)
         cached = self.get(key)
         if cached is not None and (cached.fingerprint, cached.epoch, cached.last_message_id) == wanted:
-            return cached.model, "memory"
+            return Resumed(cached.model, "memory", last_id)
         stored = await self.store.load_state(key)
         if stored is not None:
             try:
@@ -130,14 +139,28 @@ class ThreadStates:
                     raise StateError("state is stale (model, persona or log changed)")
                 model = await self.engine.decode_state(stored.blob)
                 self.remember(key, model, fingerprint, thread.epoch, last_id)
-                return model, "store"
+                return Resumed(model, "store", last_id)
             except StateError as exc:
                 log.warning("saved state of %s not used (%s); rebuilding from the log", key, exc)
         model = await self.rebuild(thread, fmt)
         blob = await self.engine.encode_state(model)
         await self.store.save_state(key, StateDraft(fingerprint, thread.epoch, model.token_count, blob), last_id)
         self.remember(key, model, fingerprint, thread.epoch, last_id)
-        return model, "rebuild"
+        return Resumed(model, "rebuild", last_id)
+
+    async def roll_back(self, thread: ThreadInfo, fmt: PromptFormat, before: Resumed) -> None:
+        """Make the state from before a reply the thread's state again (the reply never reached its
+        user, so the next turn must not build on it): cheap, because the turn kept that state."""
+        key = thread.key
+        if not before.last_id:  # it was the thread's first reply: the next turn starts from the prompt
+            self.forget(key)
+            await self.store.delete_state(key)
+            return
+        fingerprint = self.fingerprint(fmt)
+        self.remember(key, before.model, fingerprint, thread.epoch, before.last_id)
+        blob = await self.engine.encode_state(before.model)
+        await self.store.save_state(key, StateDraft(fingerprint, thread.epoch, before.model.token_count, blob),
+                                    before.last_id)
 
     def remember(self, key: ThreadKey, model: ModelState, fingerprint: str, epoch: int, last_id: int) -> None:
         self._keep(key, CachedState(model, fingerprint, epoch, last_id))

@@ -30,9 +30,12 @@ class Turn:
     """Iterate for the text to show (an answer, or a command's result) as it is written; then
     ``await turn.outcome()`` says how the turn ended. Notices are never part of the text."""
 
-    def __init__(self) -> None:
+    def __init__(self, confirm: bool = False) -> None:
+        loop = asyncio.get_running_loop()
         self._chunks: asyncio.Queue[str | None] = asyncio.Queue()
-        self._outcome: asyncio.Future[Outcome] = asyncio.get_running_loop().create_future()
+        self._outcome: asyncio.Future[Outcome] = loop.create_future()
+        self._delivered: asyncio.Future[str | None] = loop.create_future()
+        self.confirm = confirm  # the adapter reports whether the reply reached its user
         self._ended = False
         self.shown = ""  # everything shown so far
         self.info: TurnInfo | None = None
@@ -59,6 +62,16 @@ class Turn:
     async def text(self) -> str:
         """Everything shown, once the turn is over (for callers that do not stream)."""
         return "".join([chunk async for chunk in self])
+
+    # --- delivery (``confirm``) ---------------------------------------------------------------------
+
+    def report_delivery(self, failure: str | None) -> None:
+        """None: shown in full; otherwise why not."""
+        if not self._delivered.done():
+            self._delivered.set_result(failure)
+
+    async def delivery(self) -> str | None:
+        return await asyncio.shield(self._delivered)
 
     # --- the core's side ----------------------------------------------------------------------------
 

@@ -93,6 +93,10 @@ MIGRATIONS: list[Sequence[str]] = [
             updated_at REAL NOT NULL
         )""",
         "CREATE INDEX turns_in_flight ON turns (phase, owner) WHERE phase IN ('received', 'generating')",
+        # the newest reply the thread has read skips undelivered ones: status joins the index, which
+        # then still answers last_reply_id by itself
+        "DROP INDEX messages_by_role",
+        "CREATE INDEX messages_by_role ON messages (thread_key, role, epoch, status, id)",
         """INSERT INTO turns (thread_key, message_id, phase, owner, created_at, updated_at)
            SELECT thread_key, id, 'received', NULL, created_at, created_at FROM messages
            WHERE role = 'user' AND status = 'pending'""",

@@ -94,9 +94,10 @@ class Store(Protocol):
         ...
 
     async def last_reply_id(self, key: ThreadKey, epoch: int, before_id: int | None = None) -> int:
-        """The id of the newest ``assistant`` message of that thread and epoch (with id < ``before_id``
-        when given), or 0 when there is none: what a saved state must have read to be current. One
-        indexed lookup, whatever the thread's length (it runs on every turn)."""
+        """The id of the newest ``assistant`` message with status ``done`` (not an undelivered one) of
+        that thread and epoch (with id < ``before_id`` when given), or 0 when there is none: what a
+        saved state must have read to be current. One indexed lookup, whatever the thread's length
+        (it runs on every turn)."""
         ...
 
     async def context(self, key: ThreadKey, epoch: int, before_id: int | None = None) -> list[StoredMessage]:
@@ -141,7 +142,9 @@ class Store(Protocol):
 
     async def end_turn(self, turn_id: int, phase: Phase, reason: str | None = None) -> None:
         """Move the turn to ``phase`` (``failed``, ``delivered`` …) with a ``reason``; ``failed`` and
-        ``interrupted`` mark its still-pending message the same."""
+        ``interrupted`` mark its still-pending message the same. ``delivery_failed`` takes the reply
+        out of the thread's context (the reply ``undelivered``, the question ``failed``): a reply its
+        user never saw is not what the next turn builds on; ``last_reply_id`` and ``context`` skip it."""
         ...
 
     async def get_turn(self, turn_id: int) -> TurnRecord | None:

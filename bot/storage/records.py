@@ -16,7 +16,7 @@ import numpy as np
 from bot.events import ThreadKey
 
 Role = Literal["user", "assistant", "notice"]
-Status = Literal["pending", "answered", "interrupted", "failed", "done"]
+Status = Literal["pending", "answered", "interrupted", "failed", "done", "undelivered"]
 
 
 @dataclass(frozen=True)

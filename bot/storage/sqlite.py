@@ -59,6 +59,7 @@ INSERT_MESSAGE_QUERY = """
             (SELECT COALESCE(MAX(seq) + 1, 0) FROM messages WHERE thread_key = ?1), ?, ?, ?, ?, ?, ?, ?, ?)"""
 LAST_REPLY_QUERY = """
     SELECT id FROM messages WHERE thread_key = ? AND role = 'assistant' AND epoch = ? AND id < ?
+      AND status = 'done'
     ORDER BY id DESC LIMIT 1"""
 # seq numbers a thread's messages 0, 1, 2… in id order, so the newest one below ``id`` says how many are.
 POSITION_QUERY = "SELECT seq + 1 FROM messages WHERE thread_key = ? AND id < ? ORDER BY id DESC LIMIT 1"
@@ -68,7 +69,7 @@ POSITION_QUERY = "SELECT seq + 1 FROM messages WHERE thread_key = ? AND id < ? O
 _CONTEXT_QUERY = """
     SELECT m.* FROM messages m LEFT JOIN turns t ON t.message_id = m.id
     WHERE m.thread_key = ? AND m.epoch = ?
-      AND (m.role = 'assistant' OR (m.role = 'user' AND m.status = 'answered'))
+      AND ((m.role = 'assistant' AND m.status = 'done') OR (m.role = 'user' AND m.status = 'answered'))
       AND COALESCE(t.reply_id, m.id) < ?
     ORDER BY COALESCE(t.reply_id, m.id), m.role = 'assistant'"""
 _NO_BOUND = 2**63 - 1
@@ -321,6 +322,11 @@ class SQLiteStore:
                 await db.execute(
                     """UPDATE messages SET status = ? WHERE status = 'pending'
                        AND id = (SELECT message_id FROM turns WHERE id = ?)""", (phase, turn_id))
+            elif phase == "delivery_failed":  # never seen: out of the thread's context
+                await db.execute("""UPDATE messages SET status = 'undelivered'
+                                    WHERE id = (SELECT reply_id FROM turns WHERE id = ?)""", (turn_id,))
+                await db.execute("""UPDATE messages SET status = 'failed'
+                                    WHERE id = (SELECT message_id FROM turns WHERE id = ?)""", (turn_id,))
 
         await self._transaction(work)
 

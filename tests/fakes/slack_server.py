@@ -123,6 +123,11 @@ class FakeSlack(LocalServer):
         """Answer the next ``times`` calls of ``method`` with an error."""
         self._failures.setdefault(method, []).append(_Failure(error, status, headers or {}, times))
 
+    def heal(self) -> None:
+        """Forget every failure still queued: the Web API answers normally again."""
+        self._failures.clear()
+        self._drops.clear()
+
     def drop(self, method: str, times: int = 1) -> None:
         """Close the connection of the next ``times`` calls of ``method`` without answering."""
         self._drops[method] = self._drops.get(method, 0) + times
