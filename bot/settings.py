@@ -124,6 +124,7 @@ class CoreSettings(Sampling, Section):
     dedupe_ttl_s: int = Field(3600, ge=600)
     instance_lease_s: float = Field(30.0, ge=3.0)
     delivery_timeout_s: float = Field(300.0, gt=0)
+    shutdown_grace_s: float = Field(30.0, ge=0)
 
     # --- sampling: the fields of Sampling (RAVEN_TEMPERATURE…; a persona can override each), and -------
     seed: int | None = None

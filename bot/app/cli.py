@@ -10,7 +10,7 @@ import signal
 import sys
 import threading
 import time
-from collections.abc import Coroutine
+from collections.abc import Callable, Coroutine
 from pathlib import Path
 from typing import Annotated, Any
 
@@ -58,17 +58,29 @@ def _setup_logging(settings: Settings) -> None:
                         format="%(asctime)s %(levelname)s %(name)s: %(message)s")
 
 
-def _run_async(main: Coroutine[Any, Any, None]) -> None:
-    """Run until done, Ctrl-C or SIGTERM (systemd, docker): both cancel the main task, so adapters and
-    the engine shut down in order and replies in flight are stored."""
+def _run_async(main: Callable[[asyncio.Event], Coroutine[Any, Any, None]], *, graceful: bool = False) -> None:
+    """Run ``main(stopping)`` until done or a signal. SIGTERM (systemd, docker) and Ctrl-C set
+    ``stopping`` when ``graceful`` (``main`` then winds down in its own time) and cancel ``main``
+    otherwise, or on a second signal; either way adapters and the engine shut down in order and
+    replies in flight are stored."""
     async def runner() -> None:
         task = asyncio.current_task()
         assert task is not None
         loop = asyncio.get_running_loop()
-        with contextlib.suppress(NotImplementedError, RuntimeError):
-            loop.add_signal_handler(signal.SIGTERM, task.cancel)
+        stopping = asyncio.Event()
+
+        def on_signal() -> None:
+            if graceful and not stopping.is_set():
+                log.info("stopping: finishing the replies in flight (a second signal stops at once)")
+                stopping.set()
+            else:
+                task.cancel()
+
+        for sig in (signal.SIGTERM, signal.SIGINT):
+            with contextlib.suppress(NotImplementedError, RuntimeError, ValueError):
+                loop.add_signal_handler(sig, on_signal)
         with contextlib.suppress(asyncio.CancelledError):
-            await main
+            await main(stopping)
 
     with contextlib.suppress(KeyboardInterrupt):
         asyncio.run(runner())
@@ -89,29 +101,36 @@ async def _chat(settings: Settings, thread: str, persona: str | None) -> None:
         await TerminalChat(service, thread=thread, persona=persona).run()
 
 
-async def _serve(settings: Settings) -> None:
-    """Every configured adapter in one process, sharing one engine."""
+async def _serve(settings: Settings, stopping: asyncio.Event, only: str | None = None) -> None:
+    """Every configured adapter in one process, sharing one engine. On ``stopping``: no new messages
+    are answered, the replies in flight finish and are delivered (``RAVEN_SHUTDOWN_GRACE_S``), and
+    only then are the platform connections closed."""
     from bot.app.assembly import open_service
 
     async with open_service(settings) as service:
         if service.is_demo_model:
             typer.echo(DEMO_BANNER, err=True)
         tasks = []
-        if settings.discord.enabled:
+        if settings.discord.enabled and only in (None, "discord"):
             from adapters.discord_bot import DiscordAdapter
             tasks.append(asyncio.create_task(DiscordAdapter(service, settings.discord).run(), name="discord"))
-        if settings.slack.enabled:
+        if settings.slack.enabled and only in (None, "slack"):
             from adapters.slack_bot import SlackAdapter
             tasks.append(asyncio.create_task(SlackAdapter(service, settings.slack).run(), name="slack"))
-        if settings.web.enabled:
+        if settings.web.enabled and only in (None, "web"):
             from adapters.web import WebAdapter
             tasks.append(asyncio.create_task(WebAdapter(service, settings.web).run(), name="web"))
         log.info("serving: %s", ", ".join(t.get_name() for t in tasks))
+        signalled = asyncio.create_task(stopping.wait(), name="stop signal")
         try:
-            done, _ = await asyncio.wait(tasks, return_when=asyncio.FIRST_EXCEPTION)
+            done, _ = await asyncio.wait([*tasks, signalled], return_when=asyncio.FIRST_COMPLETED)
             for task in done:
-                task.result()
+                if task is not signalled:
+                    task.result()  # an adapter that ended: its error, or an unexpected stop
+            await service.shutdown(settings.shutdown_grace_s)
+            log.info("replies in flight are finished and delivered; closing the platform connections")
         finally:
+            signalled.cancel()
             for task in tasks:
                 task.cancel()
             await asyncio.gather(*tasks, return_exceptions=True)
@@ -124,11 +143,11 @@ def run() -> None:
     _setup_logging(settings)
     try:
         if settings.discord.enabled or settings.slack.enabled or settings.web.enabled:
-            _run_async(_serve(settings))
+            _run_async(lambda stopping: _serve(settings, stopping), graceful=True)
         else:
             typer.echo("No DISCORD_TOKEN, SLACK_BOT_TOKEN or RAVEN_WEB_ENABLED set: opening the "
                        "terminal chat.", err=True)
-            _run_async(_chat(settings, "default", None))
+            _run_async(lambda stopping: _chat(settings, "default", None))
     except RavenError as exc:
         raise _fail(exc) from None
 
@@ -142,7 +161,7 @@ def chat(
     settings = _settings()
     _setup_logging(settings)
     try:
-        _run_async(_chat(settings, thread, persona))
+        _run_async(lambda stopping: _chat(settings, thread, persona))
     except RavenError as exc:
         raise _fail(exc) from None
 
@@ -161,17 +180,8 @@ def web(
     settings = _settings(web=web)
     _setup_logging(settings)
 
-    async def serve() -> None:
-        from adapters.web import WebAdapter
-        from bot.app.assembly import open_service
-
-        async with open_service(settings) as service:
-            if service.is_demo_model:
-                typer.echo(DEMO_BANNER, err=True)
-            await WebAdapter(service, settings.web).run()
-
     try:
-        _run_async(serve())
+        _run_async(lambda stopping: _serve(settings, stopping, only="web"), graceful=True)
     except RavenError as exc:
         raise _fail(exc) from None
 

@@ -13,7 +13,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 from typing import Literal
 
-CutOffReason = Literal["timeout", "length"]
+CutOffReason = Literal["timeout", "length", "stopped"]
 RefusalReason = Literal["empty", "too_long", "unknown_persona", "invalid_persona", "no_persona"]
 
 
@@ -42,6 +42,8 @@ class CutOff:
     def message(self) -> str:
         if self.reason == "timeout":
             return f"reply cut off: it took longer than {self.limit:g} s"
+        if self.reason == "stopped":
+            return "reply cut off: Raven is restarting"
         return f"reply cut off at the {self.limit:g}-token limit"
 
 
@@ -51,9 +53,12 @@ class Busy:
 
     ahead: int
     retry_after_s: int = 60
+    restarting: bool = False  # not busy but stopping: the next Raven answers
 
     @property
     def message(self) -> str:
+        if self.restarting:
+            return "Raven is restarting; please send your message again in a moment."
         return (f"Raven is busy right now: {self.ahead} conversations are ahead of you. "
                 "Please send your message again in a minute.")
 

@@ -10,6 +10,7 @@ ended is data (:mod:`bot.core.outcomes`); adapters render it.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import hashlib
 import logging
 import time
@@ -62,6 +63,7 @@ class ChatService:
         self._tasks: set[asyncio.Task[None]] = set()
         self._active: Counter[ThreadKey] = Counter()  # threads with a turn started and not yet ended
         self._arrivals: dict[ThreadKey, asyncio.Future[None]] = {}  # each thread's last message to store
+        self._closing = False  # shutting down: new messages are kept, not answered
         self.instance_id = instance_id  # owns the turns this process answers (see Store.recover)
         self.is_demo_model = False
 
@@ -112,6 +114,20 @@ class ChatService:
 
     def last_turn(self, key: ThreadKey) -> TurnInfo | None:
         return self._turns.get(key)
+
+    async def shutdown(self, grace_s: float) -> None:
+        """Stop taking new messages (each gets a "restarting" notice and stays in the log), let the
+        turns in flight finish and be delivered for up to ``grace_s``, then cut off whatever is still
+        being written (kept, with its state) and wait for those to be stored."""
+        self._closing = True
+        try:
+            await asyncio.wait_for(self.drain(), grace_s)
+            return
+        except TimeoutError:
+            log.warning("replies still being written after %g s: cutting them off", grace_s)
+        self.engine.wrap_up()
+        with contextlib.suppress(TimeoutError):
+            await asyncio.wait_for(self.drain(), max(10.0, grace_s))
 
     async def drain(self) -> None:
         """Wait for turns still finishing in the background (a reply whose reader went away)."""
@@ -219,6 +235,9 @@ class ChatService:
         except InputError as exc:
             return Refused("too_long" if exc.reason == "too_long" else "empty", str(exc))
         key = event.thread
+        if self._closing:
+            await self.unanswered(event, "restarting")
+            return Busy(0, retry_after_s=30, restarting=True)
         # Stored the moment it is accepted, before waiting for the thread's lock (another turn may be
         # generating there): a crash meanwhile cannot lose it. Persona files are not re-read first (the
         # names that make "@Raven advisor <name>" a command are the last turn's snapshot).
@@ -376,6 +395,9 @@ class ChatService:
             log.exception("generation failed in %s", key)
             await self._end_turn(turn, "failed", "model")
             return Failed(partial=turn.shown), None, None
+        if completion.finish_reason == "stopped" and completion.final is None and not completion.text:
+            await self._end_turn(turn, "interrupted", "stopped before it started")
+            return Busy(0, retry_after_s=30, restarting=True), None, None
         reply = self._stored_reply(completion.text, fmt)
         reply_message = await self._commit(thread, fmt, user_message, completion, reply, turn.turn_id)
         info = TurnInfo(resumed_from, len(prompt), completion.generated_tokens, completion.finish_reason,
@@ -385,6 +407,8 @@ class ChatService:
         outcome: Outcome = Answered(turn.shown, reply_message.id)
         if completion.finish_reason == "timeout":
             outcome = CutOff(turn.shown, reply_message.id, "timeout", self.settings.reply_timeout_s)
+        elif completion.finish_reason == "stopped":
+            outcome = CutOff(turn.shown, reply_message.id, "stopped", 0)
         elif completion.finish_reason == "length":
             outcome = CutOff(turn.shown, reply_message.id, "length", sampling.max_tokens)
         return outcome, before, fmt

@@ -43,7 +43,7 @@ T = TypeVar("T")
 COALESCE_S = 0.002
 MAX_ADMIT_ROUNDS = 4
 """Distinct prompt lengths admitted in one step: each is one more pass over the weights."""
-FinishReason = Literal["stop", "length", "timeout", "cancelled", "error"]
+FinishReason = Literal["stop", "length", "timeout", "stopped", "cancelled", "error"]
 
 
 @dataclass
@@ -186,6 +186,7 @@ class Engine:
         self._stopping = False
         self._thread: threading.Thread | None = None
         self._failure: BaseException | None = None
+        self._wrapping_up = False
         self._never = torch.tensor(tokenizer.unknown_ids(backend.vocab_size), dtype=torch.long)
         self._template: State | None = None  # the model's state layout, for decode_state (worker only)
 
@@ -279,6 +280,16 @@ class Engine:
         value = await job.result
         assert isinstance(value, ModelState)
         return value
+
+    def wrap_up(self) -> None:
+        """Shutting down: every reply still being written or waiting ends at the next step, closed as
+        a timeout would close it (its state saved), with the reason ``stopped``."""
+        with self._cond:
+            self._wrapping_up = True
+            for job in [*self._incoming, *self._waiting, *self._decoding]:
+                if job.request is not None:  # replies; persona prompts and rebuilds finish as they are
+                    job.deadline = float("-inf")
+            self._cond.notify_all()
 
     def generate(self, request: GenerateRequest) -> Generation:
         """Start a reply; raises :class:`EngineBusy` when the queue is full."""
@@ -384,7 +395,7 @@ class Engine:
             if job.cancelled:
                 self._drop(job)
             elif now > job.deadline:
-                self._close(job, "timeout")
+                self._close(job, "stopped" if self._wrapping_up else "timeout")
         if not self._decoding:
             return
         batch = list(self._decoding)
@@ -413,7 +424,8 @@ class Engine:
                 job = self._waiting[0]
                 if job.cancelled or time.monotonic() > job.deadline:
                     self._waiting.popleft()
-                    self._end_unstarted(job, "cancelled" if job.cancelled else "timeout")
+                    self._end_unstarted(job, "cancelled" if job.cancelled
+                                        else "stopped" if self._wrapping_up else "timeout")
                     continue
                 if job.request is not None and len(self._decoding) >= self.max_batch:
                     return None  # no room to stream another reply yet

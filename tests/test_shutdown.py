@@ -1,0 +1,93 @@
+"""The real ``raven run`` process, stopped with SIGTERM while it writes a reply, against the local
+stand-in of Slack (Socket Mode and the Web API on 127.0.0.1): what the user sees on the platform
+must be the reply the log stored, whole, and the process must exit 0."""
+
+from __future__ import annotations
+
+import asyncio
+import os
+import signal
+import sqlite3
+import sys
+from pathlib import Path
+
+import pytest
+
+from adapters.slack_mrkdwn import to_mrkdwn
+from adapters.streaming import MARK
+from tests.fakes.slack_server import FakeSlack
+from tests.test_slack_adapter import BOT, USER, event_body, mention
+
+RAVEN = str(Path(sys.executable).with_name("raven"))
+
+
+def environment(tmp_path: Path, model: Path, fake: FakeSlack, **extra: str) -> dict[str, str]:
+    env = {k: v for k, v in os.environ.items() if not k.startswith(("RAVEN_", "DISCORD_", "SLACK_"))}
+    env.update(RAVEN_MODEL=str(model), RAVEN_DATA_DIR=str(tmp_path / "data"), RAVEN_SEED="1",
+               RAVEN_MAX_REPLY_TOKENS="1500", RAVEN_LOG_LEVEL="INFO", SLACK_BOT_TOKEN="xoxb-test",
+               SLACK_APP_TOKEN="xapp-test", SLACK_API_URL=fake.base_url, SLACK_UPDATE_INTERVAL_S="1")
+    env.update(extra)
+    return env
+
+
+def stored(db: Path) -> list[tuple[str, str, str]]:
+    with sqlite3.connect(db) as conn:
+        return [tuple(row) for row in conn.execute("SELECT role, status, text FROM messages ORDER BY id")]
+
+
+def turn_phases(db: Path) -> list[str]:
+    with sqlite3.connect(db) as conn:
+        return [row[0] for row in conn.execute("SELECT phase FROM turns ORDER BY id")]
+
+
+async def run_until_sigterm(tmp_path: Path, model: Path, **extra: str) -> tuple[FakeSlack, int, str]:
+    fake = FakeSlack(bot_user_id=BOT, users={USER: "Alice"})
+    await fake.start()
+    try:
+        process = await asyncio.create_subprocess_exec(
+            RAVEN, "run", cwd=tmp_path, env=environment(tmp_path, model, fake, **extra),
+            stdout=asyncio.subprocess.DEVNULL, stderr=asyncio.subprocess.PIPE)
+        try:
+            await fake.wait_connected(within=90)
+            await fake.send_envelope("events_api", event_body(mention("700.000001", "tell me everything")))
+            await fake.wait_for(lambda: bool(fake.calls_to("chat.postMessage")), within=60)  # streaming
+            process.send_signal(signal.SIGTERM)
+            _, err = await asyncio.wait_for(process.communicate(), 120)
+        finally:
+            if process.returncode is None:
+                process.kill()
+                await process.wait()
+        return fake, int(process.returncode or 0), err.decode()
+    finally:
+        await fake.close()
+
+
+@pytest.mark.timeout(240)
+async def test_sigterm_mid_reply_finishes_and_delivers_the_whole_stored_reply(
+        tmp_path: Path, tiny_v7_path: Path) -> None:
+    fake, code, err = await run_until_sigterm(tmp_path, tiny_v7_path)
+    assert code == 0, err
+    assert "finishing the replies in flight" in err
+    db = tmp_path / "data" / "raven.db"
+    log = stored(db)
+    assert [(role, status) for role, status, _ in log] == [("user", "answered"), ("assistant", "done")]
+    messages = fake.thread("C1", "700.000001")
+    assert messages and not any(m.text.endswith(MARK) for m in messages)  # nothing left "still writing"
+    shown = "".join(m.text for m in messages)
+    assert to_mrkdwn(log[1][2])[-60:].strip() in shown  # the end of the stored reply reached the user
+    assert turn_phases(db) == ["delivered"]
+
+
+@pytest.mark.timeout(240)
+async def test_sigterm_with_no_grace_left_cuts_the_reply_off_cleanly(tmp_path: Path, tiny_v7_path: Path) -> None:
+    fake, code, err = await run_until_sigterm(tmp_path, tiny_v7_path, RAVEN_SHUTDOWN_GRACE_S="0",
+                                              RAVEN_MAX_REPLY_TOKENS="8000", RAVEN_REPLY_TIMEOUT_S="600")
+    assert code == 0, err
+    db = tmp_path / "data" / "raven.db"
+    log = stored(db)
+    assert [(role, status) for role, status, _ in log] == [("user", "answered"), ("assistant", "done")]
+    messages = fake.thread("C1", "700.000001")
+    assert messages and not any(m.text.endswith(MARK) for m in messages)
+    assert messages[-1].text.endswith("_(reply cut off: Raven is restarting)_")
+    assert to_mrkdwn(log[1][2])[-40:].strip() in "".join(m.text for m in messages)
+    assert turn_phases(db) == ["delivered"]
