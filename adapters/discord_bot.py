@@ -28,9 +28,8 @@ from discord import app_commands
 
 from adapters.retry import RetryPolicy, call_with_retries
 from adapters.settings import DiscordSettings
-from adapters.streaming import StreamRenderer
+from adapters.streaming import StreamRenderer, present
 from bot.core.commands import HELP_TEXT
-from bot.core.outcomes import NOTICES, CutOff
 from bot.core.service import ChatService
 from bot.errors import ConfigError, PersonaError
 from bot.events import Event, ThreadKey
@@ -335,17 +334,12 @@ class DiscordAdapter:
         )
         turn = self.service.reply(event, confirm=True)
         try:
-            text = await renderer.stream(turn)
-            outcome = await turn.outcome()
-            if isinstance(outcome, CutOff):
-                text += f"\n\n_({outcome.message})_"
-            if text or not isinstance(outcome, NOTICES):
-                await renderer.finish(text)
+            _, notice = await present(renderer, turn)
             await self.service.delivered(turn)
-            if isinstance(outcome, NOTICES) and not isinstance(outcome, CutOff):
+            if notice is not None:
                 if typing is not None:
                     typing.cancel()
-                await notify(outcome.message)
+                await notify(notice)
         except discord.HTTPException as exc:
             log.warning("discord: reply in %s failed (%s)", event.thread, _describe(exc))
             await self.service.undelivered(turn, f"discord HTTP {exc.status}")

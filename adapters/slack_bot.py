@@ -42,10 +42,9 @@ from slack_sdk.web.async_client import AsyncWebClient
 from adapters.retry import RetryPolicy
 from adapters.settings import SlackSettings
 from adapters.slack_mrkdwn import escape, from_slack, to_mrkdwn
-from adapters.streaming import StreamRenderer
+from adapters.streaming import StreamRenderer, present
 from adapters.text_split import split_message
 from bot.core.commands import HELP_TEXT
-from bot.core.outcomes import NOTICES, CutOff
 from bot.errors import ConfigError, PersonaError
 from bot.events import Event, ThreadKey
 
@@ -451,15 +450,10 @@ class SlackAdapter:
         )
         turn = self.service.reply(event, confirm=True)
         try:
-            text = await renderer.stream(turn)
-            outcome = await turn.outcome()
-            if isinstance(outcome, CutOff):
-                text += f"\n\n_({outcome.message})_"
-            if text or not isinstance(outcome, NOTICES):
-                await renderer.finish(text)
+            text, notice = await present(renderer, turn)
             await self.service.delivered(turn)
-            if isinstance(outcome, NOTICES) and not isinstance(outcome, CutOff):
-                await self._notice(channel, thread_ts, event.user_id, outcome.message)
+            if notice is not None:
+                await self._notice(channel, thread_ts, event.user_id, notice)
             log.info("slack: answered %s in %.1fs (%d chars, %d messages)", event.thread,
                      self.clock() - started, len(text), len(renderer.messages))
         except SlackApiError as exc:

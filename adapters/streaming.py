@@ -15,6 +15,8 @@ from dataclasses import dataclass, field
 from typing import Generic, TypeVar
 
 from adapters.text_split import FENCE, fence_state, split_message
+from bot.core.outcomes import NOTICES, CutOff
+from bot.core.turn import Turn
 
 log = logging.getLogger(__name__)
 Handle = TypeVar("Handle")
@@ -83,3 +85,17 @@ class StreamRenderer(Generic[Handle]):
                 self.messages.append(await self.post(piece))
                 self._shown.append(piece)
         self._last_edit = self.clock()
+
+
+async def present(renderer: StreamRenderer[Handle], turn: Turn) -> tuple[str, str | None]:
+    """Show a turn with ``renderer`` as the chat platforms do: the text as it is written, then the
+    final text (a cut-off reply ends with an italic note saying why). Returns the text shown and the
+    notice still to show apart from it (busy, refused, failed), if any."""
+    text = await renderer.stream(turn)
+    outcome = await turn.outcome()
+    if isinstance(outcome, CutOff):
+        text += f"\n\n_({outcome.message})_"
+    if text or not isinstance(outcome, NOTICES):
+        await renderer.finish(text)
+    notice = outcome.message if isinstance(outcome, NOTICES) and not isinstance(outcome, CutOff) else None
+    return text, notice
