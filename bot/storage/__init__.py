@@ -4,7 +4,9 @@ from bot.storage.protocol import Store
 from bot.storage.records import (
     IN_FLIGHT,
     Accepted,
+    Delivery,
     Phase,
+    Repair,
     Role,
     StateDraft,
     Status,
@@ -16,6 +18,6 @@ from bot.storage.records import (
 from bot.storage.sqlite import SQLiteStore
 
 __all__ = [
-    "IN_FLIGHT", "Accepted", "Phase", "Role", "SQLiteStore", "StateDraft", "Status", "Store", "StoredMessage",
-    "StoredState", "ThreadInfo", "TurnRecord",
+    "IN_FLIGHT", "Accepted", "Delivery", "Phase", "Repair", "Role", "SQLiteStore", "StateDraft", "Status",
+    "Store", "StoredMessage", "StoredState", "ThreadInfo", "TurnRecord",
 ]

@@ -72,6 +72,7 @@ MIGRATIONS: list[Sequence[str]] = [
     # - turns: one per user message that is to be answered: received → generating → generated →
     #   delivered, or failed / interrupted / delivery_failed; each transition is committed. A message
     #   still pending from before this version becomes a turn without an owner (recoverable by anyone).
+    #   ``notified``: the platform has been told of a turn that was lost, or shown its reply in full.
     (
         """CREATE TABLE instances (
             id TEXT PRIMARY KEY,
@@ -89,9 +90,22 @@ MIGRATIONS: list[Sequence[str]] = [
                                                  'delivery_failed', 'interrupted', 'failed')),
             owner TEXT,
             reason TEXT,
+            notified INTEGER NOT NULL DEFAULT 0,
             created_at REAL NOT NULL,
             updated_at REAL NOT NULL
         )""",
+        # deliveries: which platform messages carry a turn's reply, and what each one shows, so that
+        # a message left half-written by a crash is repaired, and a lost turn's notice is posted
+        """CREATE TABLE deliveries (
+            turn_id INTEGER NOT NULL REFERENCES turns(id) ON DELETE CASCADE,
+            position INTEGER NOT NULL,
+            platform_message_id TEXT NOT NULL,
+            shown TEXT NOT NULL,
+            updated_at REAL NOT NULL,
+            PRIMARY KEY (turn_id, position)
+        )""",
+        """CREATE INDEX turns_to_repair ON turns (thread_key)
+           WHERE notified = 0 AND phase IN ('generated', 'interrupted')""",
         "CREATE INDEX turns_in_flight ON turns (phase, owner) WHERE phase IN ('received', 'generating')",
         # the newest reply the thread has read skips undelivered ones: status joins the index, which
         # then still answers last_reply_id by itself

@@ -18,7 +18,9 @@ from typing import Protocol, Self
 from bot.events import ThreadKey
 from bot.storage.records import (
     Accepted,
+    Delivery,
     Phase,
+    Repair,
     Role,
     StateDraft,
     Status,
@@ -155,6 +157,29 @@ class Store(Protocol):
         is gone — stopped, unknown, or without a heartbeat for ``lease_s`` — becomes ``interrupted``,
         its message too, and its thread gets a ``notice``, in one transaction. A live owner's turns are
         never touched. Returns the turns as they were, oldest first; a second call finds nothing."""
+        ...
+
+    # --- deliveries and repairs ------------------------------------------------------------------------
+
+    async def record_delivery(self, turn_id: int, position: int, platform_message_id: str, shown: str) -> None:
+        """The platform message at ``position`` (0, 1 … for a reply split over several) of the turn's
+        reply is ``platform_message_id`` and now shows ``shown`` (replaces what was recorded)."""
+        ...
+
+    async def deliveries(self, turn_id: int) -> list[Delivery]:
+        """The turn's platform messages, by position."""
+        ...
+
+    async def repairs(self, platform: str, lease_s: float, limit: int = 50) -> list[Repair]:
+        """The turns of ``platform``'s threads whose platform messages may not match the log, oldest
+        first: a reply ``generated`` whose owner is gone (stopped, unknown, or no heartbeat for
+        ``lease_s``: it may have died before its last edit), and every ``interrupted`` turn whose user
+        has not been told. Each with its reply's text (None for an interrupted turn) and deliveries."""
+        ...
+
+    async def mark_repaired(self, turn_id: int) -> None:
+        """The platform now shows what the log says: a ``generated`` turn becomes ``delivered``, and
+        the turn is not offered for repair again."""
         ...
 
     async def finish_turn(

@@ -70,6 +70,27 @@ class TurnRecord:
 
 
 @dataclass(frozen=True)
+class Delivery:
+    """One platform message that carries (part of) a turn's reply, and what it shows now."""
+
+    turn_id: int
+    position: int
+    platform_message_id: str
+    shown: str
+    updated_at: float
+
+
+@dataclass(frozen=True)
+class Repair:
+    """A turn whose process is gone before its platform messages caught up with the log: a reply
+    stored but perhaps not shown in full (``reply`` set), or a turn lost mid-way (``reply`` None)."""
+
+    turn: TurnRecord
+    reply: str | None
+    deliveries: list[Delivery]
+
+
+@dataclass(frozen=True)
 class Accepted:
     """What ``accept`` stored: the thread, the user's message and (for a message to answer) its turn."""
 

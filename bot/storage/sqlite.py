@@ -20,7 +20,9 @@ from bot.events import ThreadKey
 from bot.storage.migrations import MIGRATIONS, SCHEMA_VERSION
 from bot.storage.records import (
     Accepted,
+    Delivery,
     Phase,
+    Repair,
     Role,
     StateDraft,
     Status,
@@ -357,6 +359,50 @@ class SQLiteStore:
 
         return list(await self._transaction(work))
 
+    # --- deliveries and repairs ------------------------------------------------------------------------
+
+    async def record_delivery(self, turn_id: int, position: int, platform_message_id: str, shown: str) -> None:
+        await self._write(
+            """INSERT INTO deliveries (turn_id, position, platform_message_id, shown, updated_at)
+               VALUES (?, ?, ?, ?, ?)
+               ON CONFLICT (turn_id, position) DO UPDATE SET platform_message_id = excluded.platform_message_id,
+                 shown = excluded.shown, updated_at = excluded.updated_at""",
+            (turn_id, position, platform_message_id, shown, self.clock()),
+        )
+
+    async def deliveries(self, turn_id: int) -> list[Delivery]:
+        async with self.db.execute("SELECT * FROM deliveries WHERE turn_id = ? ORDER BY position",
+                                   (turn_id,)) as cursor:
+            return [_delivery(row) for row in await cursor.fetchall()]
+
+    async def repairs(self, platform: str, lease_s: float, limit: int = 50) -> list[Repair]:
+        start = f"{platform}:"
+        async with self.db.execute(
+            """SELECT t.*, r.text AS reply_text FROM turns t
+               LEFT JOIN instances i ON i.id = t.owner
+               LEFT JOIN messages r ON r.id = t.reply_id
+               WHERE t.notified = 0 AND t.phase IN ('generated', 'interrupted')
+                 AND substr(t.thread_key, 1, ?) = ?
+                 AND (t.phase = 'interrupted' OR i.id IS NULL OR i.stopped_at IS NOT NULL
+                      OR i.heartbeat_at < ?)
+               ORDER BY t.id LIMIT ?""",
+            (len(start), start, self.clock() - lease_s, limit),
+        ) as cursor:
+            rows = await cursor.fetchall()
+        found = []
+        for row in rows:
+            turn = _turn(row)
+            reply = row["reply_text"] if turn.phase == "generated" else None
+            found.append(Repair(turn, reply, await self.deliveries(turn.id)))
+        return found
+
+    async def mark_repaired(self, turn_id: int) -> None:
+        await self._write(
+            """UPDATE turns SET notified = 1, updated_at = ?,
+                 phase = CASE phase WHEN 'generated' THEN 'delivered' ELSE phase END WHERE id = ?""",
+            (self.clock(), turn_id),
+        )
+
     async def finish_turn(
         self, key: ThreadKey, user_message_id: int, reply: str, state: StateDraft | None,
         status: Status = "answered", tokens: list[int] | None = None, tokenizer: str | None = None,
@@ -429,6 +475,11 @@ def _thread(row: aiosqlite.Row) -> ThreadInfo:
         key=ThreadKey.parse(row["key"]), persona=row["persona"], epoch=row["epoch"], title=title,
         created_at=row["created_at"], updated_at=row["updated_at"],
     )
+
+
+def _delivery(row: aiosqlite.Row) -> Delivery:
+    return Delivery(turn_id=row["turn_id"], position=row["position"],
+                    platform_message_id=row["platform_message_id"], shown=row["shown"], updated_at=row["updated_at"])
 
 
 def _turn(row: aiosqlite.Row) -> TurnRecord:
