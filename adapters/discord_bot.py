@@ -17,6 +17,7 @@ decides where to say it.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import logging
 import re
 from collections.abc import Awaitable, Callable
@@ -28,9 +29,9 @@ from discord import app_commands
 
 from adapters.retry import RetryPolicy, call_with_retries
 from adapters.settings import DiscordSettings
-from adapters.streaming import StreamRenderer, present
+from adapters.streaming import CONTINUED, MARK, StreamRenderer, final_pieces, present
 from bot.core.commands import HELP_TEXT
-from bot.core.service import ChatService
+from bot.core.service import INTERRUPTED_NOTICE, ChatService, Repair
 from bot.errors import ConfigError, PersonaError
 from bot.events import Event, ThreadKey
 
@@ -111,6 +112,7 @@ class _RavenClient(discord.Client):
     async def on_ready(self) -> None:
         log.info("discord: connected as %s (%s) to %d guild(s)", self.user,
                  self.user.id if self.user else "?", len(self.guilds))
+        self.adapter.start_repairs()
 
     async def on_message(self, message: discord.Message) -> None:
         await self.adapter.on_message(message)
@@ -132,6 +134,7 @@ class DiscordAdapter:
             self, intents=intents, allowed_mentions=NO_MENTIONS, guild_ready_timeout=guild_ready_timeout
         )
         self.tree = app_commands.CommandTree(self.client)
+        self._repairer: asyncio.Task[None] | None = None
         self._add_commands()
 
     # --- lifecycle ------------------------------------------------------------------------------
@@ -150,6 +153,10 @@ class DiscordAdapter:
             raise ConfigError("Discord refused the Message Content intent; turn it on in the Developer "
                               "Portal (Bot → Privileged Gateway Intents → Message Content Intent)") from None
         finally:
+            if self._repairer is not None:
+                self._repairer.cancel()
+                with contextlib.suppress(asyncio.CancelledError):
+                    await self._repairer
             if not self.client.is_closed():
                 await self.client.close()
 
@@ -169,6 +176,62 @@ class DiscordAdapter:
         except discord.HTTPException as exc:  # e.g. invited without the applications.commands scope
             log.error("discord: could not sync slash commands (%s); text commands still work",
                       _describe(exc))
+
+    # --- repairs after a crash ------------------------------------------------------------------------
+
+    def start_repairs(self) -> None:
+        if self._repairer is None or self._repairer.done():
+            self._repairer = asyncio.create_task(self._keep_repairing(), name="discord repairs")
+
+    async def _keep_repairing(self) -> None:
+        """Make Discord match the log after a crash: at start, then as dead processes' leases end."""
+        while True:
+            try:
+                await self.repair()
+            except Exception:
+                log.exception("discord: repairs failed; trying again later")
+            await asyncio.sleep(self.service.repair_interval_s)
+
+    async def repair(self) -> int:
+        """Finish what a process that died left on Discord: a reply stored in full but shown with the
+        still-writing mark is edited to the full reply (the rest posted); a turn lost mid-way gets its
+        mark removed and a notice in its thread. Returns how many turns were repaired."""
+        done = 0
+        for repair in await self.service.repairs(PLATFORM):
+            channel = await self._fetch_channel(int(repair.turn.thread.thread_id))
+            try:
+                if channel is not None:
+                    await self._repair_turn(channel, repair)
+            except discord.HTTPException as exc:
+                if exc.status == 429 or exc.status >= 500:
+                    log.warning("discord: repair of turn %s put off (%s)", repair.turn.id, _describe(exc))
+                    continue  # the next round tries again
+                log.warning("discord: turn %s cannot be repaired (%s)", repair.turn.id, _describe(exc))
+            await self.service.repaired(repair)
+            done += 1
+        return done
+
+    async def _repair_turn(self, channel: Any, repair: Repair) -> None:
+        delivered = list(repair.deliveries)
+        if repair.reply is not None:
+            pieces = final_pieces(repair.reply, MESSAGE_LIMIT)
+            for index, piece in enumerate(pieces):
+                if index < len(delivered):
+                    if delivered[index].shown != piece:
+                        await channel.get_partial_message(int(delivered[index].platform_message_id)).edit(
+                            content=piece, allowed_mentions=NO_MENTIONS)
+                else:
+                    await channel.send(piece, allowed_mentions=NO_MENTIONS)
+            for extra in delivered[len(pieces):]:
+                await channel.get_partial_message(int(extra.platform_message_id)).edit(content=CONTINUED)
+            log.info("discord: repaired turn %s in %s (the reply shown in full)", repair.turn.id, channel.id)
+            return
+        for delivery in delivered:  # what was shown stays, without the still-writing mark
+            if delivery.shown.endswith(MARK):
+                await channel.get_partial_message(int(delivery.platform_message_id)).edit(
+                    content=delivery.shown.removesuffix(MARK) or "…", allowed_mentions=NO_MENTIONS)
+        await channel.send(embed=notice_embed(INTERRUPTED_NOTICE), allowed_mentions=NO_MENTIONS)
+        log.info("discord: told %s that turn %s was interrupted", channel.id, repair.turn.id)
 
     # --- access control -------------------------------------------------------------------------
 
@@ -328,11 +391,15 @@ class DiscordAdapter:
             await call_with_retries(lambda: handle.edit(content=content, allowed_mentions=NO_MENTIONS), policy,
                                     _retryable, "discord: editing a reply")
 
+        turn = self.service.reply(event, confirm=True)
+
+        async def shown(position: int, handle: Any, piece: str) -> None:
+            await self.service.record_delivery(turn, position, str(handle.id), piece)
+
         renderer: StreamRenderer[Any] = StreamRenderer(
             post=first_post, edit=edit, limit=MESSAGE_LIMIT,
-            min_interval_s=self.settings.edit_interval_s,
+            min_interval_s=self.settings.edit_interval_s, shown=shown,
         )
-        turn = self.service.reply(event, confirm=True)
         try:
             _, notice = await present(renderer, turn)
             await self.service.delivered(turn)

@@ -20,6 +20,7 @@ still answered.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import logging
 import re
 import time
@@ -42,14 +43,15 @@ from slack_sdk.web.async_client import AsyncWebClient
 from adapters.retry import RetryPolicy
 from adapters.settings import SlackSettings
 from adapters.slack_mrkdwn import escape, from_slack, to_mrkdwn
-from adapters.streaming import StreamRenderer, present
+from adapters.streaming import CONTINUED, MARK, StreamRenderer, final_pieces, present
 from adapters.text_split import split_message
 from bot.core.commands import HELP_TEXT
+from bot.core.service import INTERRUPTED_NOTICE
 from bot.errors import ConfigError, PersonaError
 from bot.events import Event, ThreadKey
 
 if TYPE_CHECKING:
-    from bot.core.service import ChatService
+    from bot.core.service import ChatService, Repair
 
 log = logging.getLogger(__name__)
 
@@ -63,6 +65,7 @@ _UNREACHABLE = {"not_in_channel", "channel_not_found", "is_archived", "restricte
 _BAD_TOKEN = {"invalid_auth", "not_authed", "account_inactive", "token_revoked", "not_allowed_token_type"}
 _MIN_CHARS = 100  # never split finer than this while learning Slack's length limit
 ERROR_NOTICE = "Sorry, something went wrong while answering. Please try again."
+SUB_MESSAGES = 100  # delivery positions: piece * 100 + the Slack message within it (msg_too_long splits)
 NAME_CACHE_SIZE = 4096  # display names kept (users.info is rate-limited; people rename themselves)
 NAME_CACHE_TTL_S = 3600
 
@@ -191,7 +194,8 @@ class SlackAdapter:
         self._runner: web.AppRunner | None = None
         self._names: TTLCache[str, str] = TTLCache(maxsize=NAME_CACHE_SIZE, ttl=NAME_CACHE_TTL_S)
         self._looking_up: set[str] = set()
-        self._opening: Counter[ThreadKey] = Counter()  # threads a mention is opening (see _answer_event)
+        self._opening: Counter[ThreadKey] = Counter()
+        self._repairer: asyncio.Task[None] | None = None  # threads a mention is opening (see _answer_event)
         self._max_chars: int | None = None  # learned from msg_too_long: Slack's real limit is lower
         self._tasks: set[asyncio.Task[Any]] = set()
 
@@ -226,8 +230,65 @@ class SlackAdapter:
             await site.start()
             log.info("slack: listening for events on http://%s:%s%s", self.settings.http_host,
                      self.http_port, path)
+        self._repairer = asyncio.create_task(self._keep_repairing(), name="slack repairs")
+
+    async def _keep_repairing(self) -> None:
+        """Make the platform match the log after a crash: at start, then as dead processes' leases end."""
+        while True:
+            try:
+                await self.repair()
+            except Exception:
+                log.exception("slack: repairs failed; trying again later")
+            await asyncio.sleep(self.service.repair_interval_s)
+
+    async def repair(self) -> int:
+        """Finish what a process that died left on Slack: a reply stored in full but shown with the
+        still-writing mark is edited to the full reply (the rest posted); a turn lost mid-way gets its
+        mark removed and a notice in its thread. Returns how many turns were repaired."""
+        done = 0
+        for repair in await self.service.repairs(PLATFORM):
+            channel, _, thread = repair.turn.thread.thread_id.partition(":")
+            thread_ts = None if thread == "dm" else thread
+            try:
+                await self._repair_turn(channel, thread_ts, repair)
+            except SlackApiError as exc:
+                log.warning("slack: could not repair turn %s in %s (%s)", repair.turn.id, channel, _api_error(exc))
+                continue
+            await self.service.repaired(repair)
+            done += 1
+        return done
+
+    async def _repair_turn(self, channel: str, thread_ts: str | None, repair: Repair) -> None:
+        delivered = [d for d in repair.deliveries]
+        if repair.reply is not None:
+            pieces = final_pieces(repair.reply, self.settings.max_message_chars, to_mrkdwn)
+            for index, piece in enumerate(pieces):
+                if index < len(delivered):
+                    if delivered[index].shown != piece:
+                        await self.client.chat_update(channel=channel, ts=delivered[index].platform_message_id,
+                                                      text=piece)
+                else:
+                    await self.client.chat_postMessage(channel=channel, thread_ts=thread_ts, text=piece,
+                                                       unfurl_links=False, unfurl_media=False)
+            for extra in delivered[len(pieces):]:
+                await self.client.chat_update(channel=channel, ts=extra.platform_message_id, text=CONTINUED)
+            log.info("slack: repaired turn %s in %s (the reply shown in full)", repair.turn.id, channel)
+            return
+        for delivery in delivered:  # what was shown stays, without the still-writing mark
+            if delivery.shown.endswith(MARK):
+                await self.client.chat_update(channel=channel, ts=delivery.platform_message_id,
+                                              text=delivery.shown.removesuffix(MARK) or "…")
+        shown = f":warning: {escape(INTERRUPTED_NOTICE)}"
+        blocks = [{"type": "context", "elements": [{"type": "mrkdwn", "text": shown}]}]
+        await self.client.chat_postMessage(channel=channel, thread_ts=thread_ts, text=shown, blocks=blocks)
+        log.info("slack: told %s that turn %s was interrupted", channel, repair.turn.id)
 
     async def stop(self) -> None:
+        if self._repairer is not None:
+            self._repairer.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await self._repairer
+            self._repairer = None
         for task in list(self._tasks):
             task.cancel()
         await asyncio.gather(*self._tasks, return_exceptions=True)
@@ -441,14 +502,20 @@ class SlackAdapter:
         note closes the reply; a notice (busy, refused, failed) is shown to the user only. Errors are
         logged and, where the conversation can still be reached, the user sees a short notice."""
         started = self.clock()
+        turn = self.service.reply(event, confirm=True)
+
+        async def shown(position: int, posted: _Posted, _piece: str) -> None:
+            for sub, message in enumerate(posted.messages):  # a piece Slack found too long is several
+                await self.service.record_delivery(turn, position * SUB_MESSAGES + sub, message.ts, message.text)
+
         renderer: StreamRenderer[_Posted] = StreamRenderer(
             post=lambda piece: self._post(channel, thread_ts, piece),
             edit=self._update,
             limit=self.settings.max_message_chars,
             min_interval_s=self.settings.update_interval_s,
             transform=to_mrkdwn,
+            shown=shown,
         )
-        turn = self.service.reply(event, confirm=True)
         try:
             text, notice = await present(renderer, turn)
             await self.service.delivered(turn)

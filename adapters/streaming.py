@@ -34,6 +34,8 @@ class StreamRenderer(Generic[Handle]):
     clock: Callable[[], float] = time.monotonic
     sleep: Callable[[float], Awaitable[None]] = asyncio.sleep
     transform: Callable[[str], str] = lambda text: text
+    #: called after each successful post or edit with (position, handle, text shown): delivery records
+    shown: Callable[[int, Handle, str], Awaitable[None]] | None = None
     messages: list[Handle] = field(default_factory=list)
     _shown: list[str] = field(default_factory=list)
     _last_edit: float = float("-inf")
@@ -78,13 +80,25 @@ class StreamRenderer(Generic[Handle]):
             pieces += [CONTINUED] * (len(self.messages) - len(pieces))
         for index, piece in enumerate(pieces):
             if index < len(self.messages):
-                if self._shown[index] != piece:
-                    await self.edit(self.messages[index], piece)
-                    self._shown[index] = piece
+                if self._shown[index] == piece:
+                    continue
+                await self.edit(self.messages[index], piece)
+                self._shown[index] = piece
             else:
                 self.messages.append(await self.post(piece))
                 self._shown.append(piece)
+            if self.shown is not None:
+                await self.shown(index, self.messages[index], piece)
         self._last_edit = self.clock()
+
+
+def final_pieces(text: str, limit: int, transform: Callable[[str], str] = lambda t: t) -> list[str]:
+    """The messages a finished reply is shown as (what ``finish`` posts), for repairing a reply that a
+    crash left half-shown."""
+    if fence_state(text) is not None:
+        text += "\n" + FENCE
+    rendered = transform(text) if text.strip() else "(no reply)"
+    return split_message(rendered, limit - len(MARK))
 
 
 async def present(renderer: StreamRenderer[Handle], turn: Turn) -> tuple[str, str | None]:

@@ -11,6 +11,7 @@ the first is still open plays "another process": what it reads is what was commi
 from __future__ import annotations
 
 import asyncio
+import contextlib
 from collections.abc import AsyncIterator, Callable
 from typing import ClassVar
 
@@ -487,6 +488,18 @@ class StoreContract:
             await store.heartbeat("A")
             assert await store.recover(lease_s=30) == []
         assert (await store.get_turn(accepted.turn_id)).phase == "received"  # type: ignore[arg-type,union-attr]
+
+    async def test_a_write_whose_caller_is_cancelled_leaves_the_store_usable(self, store: Store) -> None:
+        """Shutdown cancels tasks mid-write (a heartbeat, a repair): the store must go on working."""
+        await store.register_instance("A")
+        for delay in [0, 0.0002, 0.0005, 0.001, 0.002, 0.003] * 5:
+            task = asyncio.create_task(store.heartbeat("A"))
+            await asyncio.sleep(delay)
+            task.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await task
+        accepted = await store.accept(KEY, "default", "still works", owner="A")
+        assert (await store.get_message(accepted.message.id)) is not None
 
     # --- deliveries and repairs --------------------------------------------------------------------------
 

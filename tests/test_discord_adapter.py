@@ -515,3 +515,43 @@ async def test_a_403_on_thread_creation_keeps_the_message_and_tells_the_user(
         stored = await service.thread_messages(key(asked["id"]))
         return [(m.role, m.text, m.status) for m in stored] == [("user", "why is my join slow?", "failed")]
     await eventually(kept)
+
+
+async def test_on_start_it_repairs_what_a_dead_process_left_half_written(
+    fake: FakeDiscord, start_bot: StartBot, service: ChatService
+) -> None:
+    """What SIGKILL mid-reply leaves (a message still marked " …"), repaired by the next process."""
+    import time
+
+    from adapters.streaming import MARK
+    from bot.storage import SQLiteStore
+
+    finished, lost = fake.add_user_thread(fake.general_id), fake.add_user_thread(fake.general_id)
+    half = {}
+    for thread_id, text in ((finished, "The full re" + MARK), (lost, "half" + MARK)):
+        payload = fake._message_payload(thread_id, fake.bot_user, text)
+        fake.messages[payload["id"]] = payload
+        half[thread_id] = payload
+    # The dead process's records: its lease ran out an hour ago.
+    db_path = service.store.path  # type: ignore[attr-defined]
+    async with SQLiteStore(db_path, clock=lambda: time.time() - 3600) as dead:
+        await dead.register_instance("dead")
+        done = await dead.accept(key(finished), "default", "question one", owner="dead")
+        await dead.finish_turn(key(finished), done.message.id, "The full reply, all of it.", None,
+                               turn_id=done.turn_id)
+        await dead.record_delivery(done.turn_id, 0, half[finished]["id"], "The full re" + MARK)  # type: ignore[arg-type]
+        cut = await dead.accept(key(lost), "default", "question two", owner="dead")
+        await dead.record_delivery(cut.turn_id, 0, half[lost]["id"], "half" + MARK)  # type: ignore[arg-type]
+    await service.store.recover(lease_s=30)  # what the running process's lease loop does
+
+    await start_bot()
+    await fake.wait_for(lambda: half[finished]["content"] == "The full reply, all of it."
+                        and half[lost]["content"] == "half"
+                        and any("restarted while answering" in fake.shown(m) for m in fake.bot_messages(lost)))
+
+    async def nothing_left() -> bool:
+        return await service.store.repairs("discord", lease_s=30) == []
+    await eventually(nothing_left)
+    phases = [(await service.store.get_turn(t)).phase for t in (done.turn_id, cut.turn_id)]  # type: ignore[arg-type,union-attr]
+    assert phases == ["delivered", "interrupted"]
+    assert len(fake.bot_messages(lost)) == 2 and len(fake.bot_messages(finished)) == 1  # told once each

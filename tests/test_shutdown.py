@@ -91,3 +91,46 @@ async def test_sigterm_with_no_grace_left_cuts_the_reply_off_cleanly(tmp_path: P
     assert messages[-1].text.endswith("_(reply cut off: Raven is restarting)_")
     assert to_mrkdwn(log[1][2])[-40:].strip() in "".join(m.text for m in messages)
     assert turn_phases(db) == ["delivered"]
+
+
+@pytest.mark.timeout(300)
+async def test_sigkill_mid_reply_then_restart_repairs_what_the_user_sees(tmp_path: Path, tiny_v7_path: Path) -> None:
+    fake = FakeSlack(bot_user_id=BOT, users={USER: "Alice"})
+    await fake.start()
+    env = environment(tmp_path, tiny_v7_path, fake, RAVEN_INSTANCE_LEASE_S="3", RAVEN_MAX_REPLY_TOKENS="8000",
+                      RAVEN_REPLY_TIMEOUT_S="600")
+    try:
+        first = await asyncio.create_subprocess_exec(RAVEN, "run", cwd=tmp_path, env=env,
+                                                     stdout=asyncio.subprocess.DEVNULL,
+                                                     stderr=asyncio.subprocess.DEVNULL)
+        try:
+            await fake.wait_connected(within=90)
+            await fake.send_envelope("events_api", event_body(mention("800.000001", "tell me everything")))
+            await fake.wait_for(lambda: bool(fake.calls_to("chat.postMessage")), within=60)
+            await asyncio.sleep(1.5)  # a few edits in, still writing
+        finally:
+            first.kill()  # SIGKILL: no chance to clean up
+            await first.wait()
+        messages = fake.thread("C1", "800.000001")
+        assert messages and messages[-1].text.endswith(MARK)  # what a kill leaves behind
+
+        second = await asyncio.create_subprocess_exec(RAVEN, "run", cwd=tmp_path, env=env,
+                                                      stdout=asyncio.subprocess.DEVNULL,
+                                                      stderr=asyncio.subprocess.PIPE)
+        try:
+            def repaired() -> bool:
+                shown = fake.thread("C1", "800.000001")
+                return not any(m.text.endswith(MARK) for m in shown) and any(
+                    "restarted while answering" in m.text for m in shown)
+            await fake.wait_for(repaired, within=60)
+        finally:
+            second.send_signal(signal.SIGTERM)
+            _, err = await asyncio.wait_for(second.communicate(), 60)
+        assert second.returncode == 0, err.decode()
+        db = tmp_path / "data" / "raven.db"
+        log = stored(db)
+        assert [(role, status) for role, status, _ in log][:1] == [("user", "interrupted")]
+        assert log[-1][0] == "notice" and "restarted" in log[-1][2]
+        assert turn_phases(db) == ["interrupted"]
+    finally:
+        await fake.close()

@@ -308,7 +308,13 @@ async def test_retries_and_double_delivery_give_one_reply(
 
 
 class Untouchable:
-    """Stands in for the core where nothing may reach it."""
+    """Stands in for the core where no event may reach it (the adapter's own start-up look for
+    repairs finds nothing to do)."""
+
+    repair_interval_s = 3600.0
+
+    async def repairs(self, platform: str) -> list[Any]:
+        return []
 
     def __getattr__(self, name: str) -> Any:
         raise AssertionError(f"the core was reached ({name})")

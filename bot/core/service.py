@@ -35,14 +35,14 @@ from bot.inference.engine import Completion, Engine, GenerateRequest
 from bot.inference.sampling import SamplingParams
 from bot.inference.tokenizer import Tokenizer
 from bot.settings import CoreSettings
-from bot.storage import Phase, StateDraft, Store, StoredMessage, ThreadInfo
+from bot.storage import INTERRUPTED_NOTICE, Phase, Repair, StateDraft, Store, StoredMessage, ThreadInfo
 
 log = logging.getLogger(__name__)
 T = TypeVar("T")
 TURN_HISTORY = 1024
 """Threads whose last turn's figures are kept (``last_turn``)."""
 
-__all__ = ["ChatService", "StoredMessage", "ThreadInfo", "Turn", "TurnInfo"]
+__all__ = ["INTERRUPTED_NOTICE", "ChatService", "Repair", "StoredMessage", "ThreadInfo", "Turn", "TurnInfo"]
 
 
 class ChatService:
@@ -183,6 +183,23 @@ class ChatService:
             turn.report_delivery(failure)  # the turn, still holding its thread, settles it
         elif turn.turn_id is not None:
             await self._end_turn(turn, "delivered" if failure is None else "delivery_failed", failure or "shown")
+
+    async def record_delivery(self, turn: Turn, position: int, platform_message_id: str, shown: str) -> None:
+        """What a platform message of the reply shows now (for repairs after a crash)."""
+        if turn.turn_id is not None:
+            await self.store.record_delivery(turn.turn_id, position, platform_message_id, shown)
+
+    async def repairs(self, platform: str) -> list[Repair]:
+        """Turns on ``platform`` whose messages may not match the log (see ``Store.repairs``)."""
+        return await self.store.repairs(platform, self.settings.instance_lease_s)
+
+    async def repaired(self, repair: Repair) -> None:
+        await self.store.mark_repaired(repair.turn.id)
+
+    @property
+    def repair_interval_s(self) -> float:
+        """How often adapters look for repairs: a dead process's turns surface once its lease ends."""
+        return self.settings.instance_lease_s / 3
 
     async def unanswered(self, event: Event, reason: str) -> None:
         """Keep a message that cannot be answered at all (e.g. the platform refused to open a thread

@@ -3,6 +3,7 @@
 from bot.storage.protocol import Store
 from bot.storage.records import (
     IN_FLIGHT,
+    INTERRUPTED_NOTICE,
     Accepted,
     Delivery,
     Phase,
@@ -18,6 +19,19 @@ from bot.storage.records import (
 from bot.storage.sqlite import SQLiteStore
 
 __all__ = [
-    "IN_FLIGHT", "Accepted", "Delivery", "Phase", "Repair", "Role", "SQLiteStore", "StateDraft", "Status",
-    "Store", "StoredMessage", "StoredState", "ThreadInfo", "TurnRecord",
+    "INTERRUPTED_NOTICE",
+    "IN_FLIGHT",
+    "Accepted",
+    "Delivery",
+    "Phase",
+    "Repair",
+    "Role",
+    "SQLiteStore",
+    "StateDraft",
+    "Status",
+    "Store",
+    "StoredMessage",
+    "StoredState",
+    "ThreadInfo",
+    "TurnRecord",
 ]

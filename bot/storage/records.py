@@ -48,6 +48,9 @@ class StoredMessage:
     tokenizer: str | None = None
 
 
+INTERRUPTED_NOTICE = "Raven was restarted while answering this message; please send it again."
+"""The notice a lost turn leaves in its thread's log (and that adapters post on the platform)."""
+
 Phase = Literal["received", "generating", "generated", "delivered", "delivery_failed", "interrupted", "failed"]
 IN_FLIGHT: tuple[Phase, ...] = ("received", "generating")
 """Phases of a turn that its owner is still working on; recovery ends them when the owner is gone."""

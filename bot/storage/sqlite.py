@@ -19,6 +19,7 @@ from bot.errors import StoreError
 from bot.events import ThreadKey
 from bot.storage.migrations import MIGRATIONS, SCHEMA_VERSION
 from bot.storage.records import (
+    INTERRUPTED_NOTICE,
     Accepted,
     Delivery,
     Phase,
@@ -38,9 +39,7 @@ from bot.storage.records import (
 if TYPE_CHECKING:
     from bot.storage.protocol import Store
 
-__all__ = ["INTERRUPTED_NOTICE", "SCHEMA_VERSION", "SQLiteStore"]
-
-INTERRUPTED_NOTICE = "Raven was restarted while answering this message; please send it again."
+__all__ = ["SCHEMA_VERSION", "SQLiteStore"]
 
 _UPSERT_STATE = """
     INSERT INTO states (thread_key, fingerprint, epoch, last_message_id, token_count, checksum, blob, updated_at)
@@ -87,6 +86,7 @@ class SQLiteStore:
         # One connection serves every coroutine, so a transaction must not interleave with other
         # writes: each write holds this lock.
         self._write_lock = asyncio.Lock()
+        self._running: set[asyncio.Future[Any]] = set()  # transactions under way
 
     async def __aenter__(self) -> SQLiteStore:
         await self.open()
@@ -116,6 +116,8 @@ class SQLiteStore:
             raise
 
     async def close(self) -> None:
+        # transactions whose callers were cancelled finish first
+        await asyncio.gather(*self._running, return_exceptions=True)
         if self._db is not None:
             await self._db.close()
             self._db = None
@@ -141,6 +143,15 @@ class SQLiteStore:
         return apply
 
     async def _transaction(self, work: Callable[[aiosqlite.Connection], Awaitable[Any]]) -> Any:
+        """``work`` in one transaction. Once begun, it runs to its end even if the caller is cancelled
+        (shielded): a cancellation between ``BEGIN`` and ``COMMIT`` would leave the one connection
+        inside a transaction that no one ends, and every later write would fail."""
+        task = asyncio.ensure_future(self._run_transaction(work))
+        self._running.add(task)
+        task.add_done_callback(self._running.discard)
+        return await asyncio.shield(task)
+
+    async def _run_transaction(self, work: Callable[[aiosqlite.Connection], Awaitable[Any]]) -> Any:
         async with self._write_lock:
             await self.db.execute("BEGIN IMMEDIATE")
             try:
