@@ -108,6 +108,8 @@ async def present(renderer: StreamRenderer[Handle], turn: Turn) -> tuple[str, st
     text = await renderer.stream(turn)
     outcome = await turn.outcome()
     if isinstance(outcome, CutOff):
+        if fence_state(text) is not None:  # cut off inside a code block: close it before the note
+            text = text.rstrip("\n") + "\n" + FENCE
         text += f"\n\n_({outcome.message})_"
     if text or not isinstance(outcome, NOTICES):
         await renderer.finish(text)

@@ -415,11 +415,12 @@ class StoreContract:
         begun = await store.get_turn(turn_id)
         assert begun is not None and begun.phase == "generating" and begun.updated_at == clock.now
         assert (await store.get_message(accepted.message.id)).epoch == 1  # type: ignore[union-attr]
-        reply = await store.finish_turn(KEY, accepted.message.id, "hi", state(), turn_id=turn_id)
+        reply = await store.finish_turn(KEY, accepted.message.id, "hi", state(), turn_id=turn_id, finish="length")
         done = await store.get_turn(turn_id)
-        assert done is not None and (done.phase, done.reply_id) == ("generated", reply.id)
+        assert done is not None and (done.phase, done.reply_id, done.reason) == ("generated", reply.id, "length")
         await store.end_turn(turn_id, "delivered")
-        assert (await store.get_turn(turn_id)).phase == "delivered"  # type: ignore[union-attr]
+        delivered = await store.get_turn(turn_id)
+        assert delivered is not None and (delivered.phase, delivered.reason) == ("delivered", "length")
         assert (await store.get_message(accepted.message.id)).status == "answered"  # type: ignore[union-attr]
 
     async def test_context_reads_each_question_just_before_its_answer(self, store: Store) -> None:

@@ -66,11 +66,13 @@ async def start_bot(fake: FakeDiscord, service: ChatService,
 class ScriptedService:
     """The real service, except that ``reply`` streams a given text in small timed chunks."""
 
-    def __init__(self, inner: ChatService, text: str, chunk: int = 20, delay_s: float = 0.01) -> None:
+    def __init__(self, inner: ChatService, text: str, chunk: int = 20, delay_s: float = 0.01,
+                 outcome: Any = None) -> None:
         self.inner = inner
         self.text = text
         self.chunk = chunk
         self.delay_s = delay_s
+        self.outcome = outcome
         self.events: list[Event] = []
 
     def __getattr__(self, name: str) -> Any:
@@ -79,7 +81,7 @@ class ScriptedService:
     def reply(self, event: Event, *, confirm: bool = False) -> Turn:
         self.events.append(event)
         pieces = [self.text[start:start + self.chunk] for start in range(0, len(self.text), self.chunk)]
-        return scripted_turn(pieces, self.delay_s)
+        return scripted_turn(pieces, self.delay_s, outcome=self.outcome)
 
 
 # --- helpers -------------------------------------------------------------------------------------
@@ -555,3 +557,22 @@ async def test_on_start_it_repairs_what_a_dead_process_left_half_written(
     phases = [(await service.store.get_turn(t)).phase for t in (done.turn_id, cut.turn_id)]  # type: ignore[arg-type,union-attr]
     assert phases == ["delivered", "interrupted"]
     assert len(fake.bot_messages(lost)) == 2 and len(fake.bot_messages(finished)) == 1  # told once each
+
+
+async def test_a_reply_cut_off_inside_a_code_block_leaves_every_message_balanced(
+    fake: FakeDiscord, start_bot: StartBot, service: ChatService
+) -> None:
+    from bot.core.outcomes import CutOff
+
+    text = long_reply().split("```\n")[0]  # ends inside the sql block: the token limit struck there
+    assert text.count("```") == 1
+    cut = CutOff(text, 0, "length", 400)
+    await start_bot(ScriptedService(service, text, chunk=40, delay_s=0.005, outcome=cut))
+    asked = await fake.user_message(fake.general_id, "write it all", mention_bot=True)
+    thread_id = await thread_of(fake, asked)
+    await fake.wait_for(lambda: any("token limit" in m["content"] for m in fake.bot_messages(thread_id)))
+    messages = await finished_reply(fake, thread_id)
+    assert len(messages) >= 2
+    for message in messages:
+        assert message["content"].count("```") % 2 == 0, message["content"][-200:]
+    assert messages[-1]["content"].endswith("_(reply cut off at the 400-token limit)_")

@@ -359,10 +359,14 @@ async def test_an_answer_is_reported_with_its_row_in_the_log(settings_factory: S
 async def test_a_reply_at_the_token_limit_is_cut_off(settings_factory: SettingsFactory) -> None:
     async with open_service(settings_factory(max_reply_tokens=1)) as service:
         key = ThreadKey("test", "outcome-length")
-        _, outcome = await outcome_of(service, key, "hello")
+        turn = service.reply(Event(key, "u1", "U1", "hello"))
+        await turn.text()
+        outcome = await turn.outcome()
         stored = (await service.thread_messages(key))[-1]
+        record = await service.store.get_turn(turn.turn_id)  # type: ignore[arg-type]
     assert isinstance(outcome, CutOff) and outcome.reason == "length" and outcome.limit == 1
     assert "1-token limit" in outcome.message
+    assert record is not None and record.reason == "length"  # the log says how the reply ended
     assert stored.role == "assistant" and "cut off" not in stored.text  # the log keeps the model's words
 
 

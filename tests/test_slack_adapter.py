@@ -183,10 +183,11 @@ class ScriptedService:
     """The real chat service with its reply stream replaced by a scripted one, to drive the renderer
     with replies longer and slower than the tiny model writes."""
 
-    def __init__(self, service: ChatService, chunks: list[str], delay_s: float = 0.0) -> None:
+    def __init__(self, service: ChatService, chunks: list[str], delay_s: float = 0.0, outcome: Any = None) -> None:
         self._service = service
         self.chunks = chunks
         self.delay_s = delay_s
+        self.outcome = outcome
         self.events: list[Event] = []
 
     def __getattr__(self, name: str) -> Any:
@@ -194,7 +195,7 @@ class ScriptedService:
 
     def reply(self, event: Event, *, confirm: bool = False) -> Turn:
         self.events.append(event)
-        return scripted_turn(self.chunks, self.delay_s)
+        return scripted_turn(self.chunks, self.delay_s, outcome=self.outcome)
 
 
 def final_texts(messages: list[Message]) -> list[str]:
@@ -628,3 +629,21 @@ async def test_persistent_500s_end_with_a_notice_and_the_reply_leaves_the_contex
         turn = service.last_turn(key)
         assert turn is not None and turn.resumed_from == "memory"
     assert len(fake.thread("C1", "520.000001")) == 2  # the first and the third replies
+
+
+async def test_a_reply_cut_off_inside_a_code_block_leaves_every_message_balanced(
+        service: ChatService, settings_factory: SettingsFactory, fake: FakeSlack) -> None:
+    from bot.core.outcomes import CutOff
+
+    body = "Here is the query:\n```sql\n" + "SELECT a, b FROM t WHERE a < 10;\n" * 40  # never closed
+    chunks = [body[i:i + 40] for i in range(0, len(body), 40)]
+    cut = CutOff(body, 0, "length", 400)
+    async with running("socket", ScriptedService(service, chunks, outcome=cut), settings_factory, fake,
+                       max_message_chars=500) as slack:
+        await slack.deliver.event(event_body(mention("990.000001", "write it all")))
+        await slack.settle()
+    messages = fake.thread("C1", "990.000001")
+    assert len(messages) >= 2
+    for message in messages:
+        assert message.text.count("```") % 2 == 0, message.text[-200:]
+    assert messages[-1].text.endswith("_(reply cut off at the 400-token limit)_")

@@ -182,7 +182,7 @@ class ChatService:
         if turn.confirm:
             turn.report_delivery(failure)  # the turn, still holding its thread, settles it
         elif turn.turn_id is not None:
-            await self._end_turn(turn, "delivered" if failure is None else "delivery_failed", failure or "shown")
+            await self._end_turn(turn, "delivered" if failure is None else "delivery_failed", failure)
 
     async def record_delivery(self, turn: Turn, position: int, platform_message_id: str, shown: str) -> None:
         """What a platform message of the reply shows now (for repairs after a crash)."""
@@ -234,7 +234,7 @@ class ChatService:
                 stored.set_result(None)
         turn.end(outcome)
 
-    async def _end_turn(self, turn: Turn, phase: Phase, reason: str) -> None:
+    async def _end_turn(self, turn: Turn, phase: Phase, reason: str | None) -> None:
         if turn.turn_id is None:
             return
         try:
@@ -296,7 +296,7 @@ class ChatService:
                         self.settings.delivery_timeout_s)
             failure = None
         if failure is None:
-            await self._end_turn(turn, "delivered", "shown")
+            await self._end_turn(turn, "delivered", None)
             return outcome
         log.warning("reply in %s was not delivered (%s): the thread goes back to before it", thread.key, failure)
         await self._end_turn(turn, "delivery_failed", failure)
@@ -442,7 +442,7 @@ class ChatService:
             stored = StateDraft(fingerprint, thread.epoch, final.token_count, blob)
         reply_message = await self.store.finish_turn(
             key, user_message.id, reply, stored, tokens=completion.segment_tokens or None,
-            tokenizer=self.tokenizer.name, turn_id=turn_id)
+            tokenizer=self.tokenizer.name, turn_id=turn_id, finish=completion.finish_reason)
         if final is not None:
             self.states.remember(key, final, fingerprint, thread.epoch, reply_message.id)
         else:

@@ -143,7 +143,8 @@ class Store(Protocol):
         ...
 
     async def end_turn(self, turn_id: int, phase: Phase, reason: str | None = None) -> None:
-        """Move the turn to ``phase`` (``failed``, ``delivered`` …) with a ``reason``; ``failed`` and
+        """Move the turn to ``phase`` (``failed``, ``delivered`` …) with a ``reason`` (None keeps the one
+        it has, e.g. a reply's ``length`` when it is delivered); ``failed`` and
         ``interrupted`` mark its still-pending message the same. ``delivery_failed`` takes the reply
         out of the thread's context (the reply ``undelivered``, the question ``failed``): a reply its
         user never saw is not what the next turn builds on; ``last_reply_id`` and ``context`` skip it."""
@@ -185,10 +186,11 @@ class Store(Protocol):
     async def finish_turn(
         self, key: ThreadKey, user_message_id: int, reply: str, state: StateDraft | None,
         status: Status = "answered", tokens: list[int] | None = None, tokenizer: str | None = None,
-        turn_id: int | None = None,
+        turn_id: int | None = None, finish: str | None = None,
     ) -> StoredMessage:
         """Store the reply (author ``raven``, with the token ids the model read), set the user
-        message's ``status``, move the turn (if given) to ``generated`` with this reply, and save
+        message's ``status``, move the turn (if given) to ``generated`` with this reply and how it
+        ended (``finish``: ``stop``, or ``length`` / ``timeout`` / ``stopped`` for a reply cut off), and save
         ``state`` as following the reply: one transaction, so a crash or an error anywhere inside
         leaves either the whole turn or none of it."""
         ...

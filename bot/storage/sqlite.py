@@ -329,7 +329,7 @@ class SQLiteStore:
 
     async def end_turn(self, turn_id: int, phase: Phase, reason: str | None = None) -> None:
         async def work(db: aiosqlite.Connection) -> None:
-            await db.execute("UPDATE turns SET phase = ?, reason = ?, updated_at = ? WHERE id = ?",
+            await db.execute("UPDATE turns SET phase = ?, reason = COALESCE(?, reason), updated_at = ? WHERE id = ?",
                              (phase, reason, self.clock(), turn_id))
             if phase in ("failed", "interrupted"):
                 await db.execute(
@@ -417,7 +417,7 @@ class SQLiteStore:
     async def finish_turn(
         self, key: ThreadKey, user_message_id: int, reply: str, state: StateDraft | None,
         status: Status = "answered", tokens: list[int] | None = None, tokenizer: str | None = None,
-        turn_id: int | None = None,
+        turn_id: int | None = None, finish: str | None = None,
     ) -> StoredMessage:
         packed = pack_tokens(tokens) if tokens is not None else None
 
@@ -426,8 +426,9 @@ class SQLiteStore:
                                                   packed, tokenizer if tokens is not None else None)
             await db.execute("UPDATE messages SET status = ? WHERE id = ?", (status, user_message_id))
             if turn_id is not None:
-                await db.execute("UPDATE turns SET phase = 'generated', reply_id = ?, updated_at = ? WHERE id = ?",
-                                 (reply_id, self.clock(), turn_id))
+                await db.execute(
+                    "UPDATE turns SET phase = 'generated', reply_id = ?, reason = ?, updated_at = ? WHERE id = ?",
+                    (reply_id, finish, self.clock(), turn_id))
             if state is not None:
                 await db.execute(
                     _UPSERT_STATE,
