@@ -25,6 +25,7 @@ from typing import Any
 
 import aiohttp
 import discord
+import yarl
 from discord import app_commands
 
 from adapters.retry import RetryPolicy, call_with_retries
@@ -144,6 +145,11 @@ class DiscordAdapter:
         token = self.settings.token
         if token is None:
             raise ConfigError("DISCORD_TOKEN is not set")
+        # discord.py keeps both addresses on its classes: one Discord adapter per process sets them
+        if self.settings.api_url:
+            discord.http.Route.BASE = self.settings.api_url.rstrip("/")
+        if self.settings.gateway_url:
+            discord.gateway.DiscordWebSocket.DEFAULT_GATEWAY = yarl.URL(self.settings.gateway_url)
         try:
             await self.client.start(token.get_secret_value())
         except discord.LoginFailure:

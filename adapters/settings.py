@@ -29,6 +29,8 @@ class DiscordSettings(Section):
     answer_dms: bool = True
     edit_interval_s: float = Field(1.0, ge=1.0)
     retry_budget_s: float = Field(60.0, gt=0)
+    api_url: str | None = None  # Discord's REST API through a proxy (or a local stand-in)
+    gateway_url: str | None = None  # the gateway's websocket, likewise
 
     @property
     def enabled(self) -> bool:

@@ -15,6 +15,7 @@ import pytest
 
 from adapters.slack_mrkdwn import to_mrkdwn
 from adapters.streaming import MARK
+from tests.fakes.discord_server import FakeDiscord
 from tests.fakes.slack_server import FakeSlack
 from tests.test_slack_adapter import BOT, USER, event_body, mention
 
@@ -132,5 +133,92 @@ async def test_sigkill_mid_reply_then_restart_repairs_what_the_user_sees(tmp_pat
         assert [(role, status) for role, status, _ in log][:1] == [("user", "interrupted")]
         assert log[-1][0] == "notice" and "restarted" in log[-1][2]
         assert turn_phases(db) == ["interrupted"]
+    finally:
+        await fake.close()
+
+
+# --- Discord: the same, through DISCORD_API_URL / DISCORD_GATEWAY_URL pointed at the stand-in ----------
+
+
+def discord_environment(tmp_path: Path, model: Path, fake: FakeDiscord, **extra: str) -> dict[str, str]:
+    env = {k: v for k, v in os.environ.items() if not k.startswith(("RAVEN_", "DISCORD_", "SLACK_"))}
+    env.update(RAVEN_MODEL=str(model), RAVEN_DATA_DIR=str(tmp_path / "data"), RAVEN_SEED="1",
+               RAVEN_MAX_REPLY_TOKENS="1500", RAVEN_LOG_LEVEL="INFO", DISCORD_TOKEN="fake-token",
+               DISCORD_API_URL=fake.api_base, DISCORD_GATEWAY_URL=fake.gateway_url)
+    env.update(extra)
+    return env
+
+
+async def start_discord_raven(tmp_path: Path, env: dict[str, str], fake: FakeDiscord,
+                              stderr: int = asyncio.subprocess.DEVNULL) -> asyncio.subprocess.Process:
+    process = await asyncio.create_subprocess_exec(RAVEN, "run", cwd=tmp_path, env=env,
+                                                   stdout=asyncio.subprocess.DEVNULL, stderr=stderr)
+    await fake.wait_identified(within=90)
+    await asyncio.sleep(3)  # discord.py waits ~2 s for its guilds before it reports ready
+    return process
+
+
+async def ask_until_streaming(fake: FakeDiscord) -> str:
+    asked = await fake.user_message(fake.general_id, "tell me everything", mention_bot=True)
+    await fake.wait_for(lambda: bool(fake.bot_messages(asked["id"])), within=60)  # the thread is the message's id
+    return str(asked["id"])
+
+
+@pytest.mark.timeout(240)
+async def test_discord_sigterm_mid_reply_delivers_the_whole_stored_reply(tmp_path: Path, tiny_v7_path: Path) -> None:
+    fake = FakeDiscord()
+    await fake.start()
+    try:
+        process = await start_discord_raven(tmp_path, discord_environment(tmp_path, tiny_v7_path, fake), fake,
+                                            stderr=asyncio.subprocess.PIPE)
+        try:
+            thread_id = await ask_until_streaming(fake)
+            process.send_signal(signal.SIGTERM)
+            _, err = await asyncio.wait_for(process.communicate(), 120)
+        finally:
+            if process.returncode is None:
+                process.kill()
+                await process.wait()
+        assert process.returncode == 0, err.decode()
+        db = tmp_path / "data" / "raven.db"
+        log = stored(db)
+        assert [(role, status) for role, status, _ in log] == [("user", "answered"), ("assistant", "done")]
+        messages = fake.bot_messages(thread_id)
+        assert messages and not any(m["content"].endswith(MARK) for m in messages)
+        assert log[1][2][-60:].strip() in "".join(m["content"] for m in messages)
+        assert turn_phases(db) == ["delivered"]
+    finally:
+        await fake.close()
+
+
+@pytest.mark.timeout(300)
+async def test_discord_sigkill_mid_reply_then_restart_repairs_what_the_user_sees(
+        tmp_path: Path, tiny_v7_path: Path) -> None:
+    fake = FakeDiscord()
+    await fake.start()
+    env = discord_environment(tmp_path, tiny_v7_path, fake, RAVEN_INSTANCE_LEASE_S="3",
+                              RAVEN_MAX_REPLY_TOKENS="8000", RAVEN_REPLY_TIMEOUT_S="600")
+    try:
+        first = await start_discord_raven(tmp_path, env, fake)
+        try:
+            thread_id = await ask_until_streaming(fake)
+            await asyncio.sleep(1.5)
+        finally:
+            first.kill()
+            await first.wait()
+        assert fake.bot_messages(thread_id)[-1]["content"].endswith(MARK)
+
+        second = await start_discord_raven(tmp_path, env, fake, stderr=asyncio.subprocess.PIPE)
+        try:
+            def repaired() -> bool:
+                shown = fake.bot_messages(thread_id)
+                return not any(m["content"].endswith(MARK) for m in shown) and any(
+                    "restarted while answering" in fake.shown(m) for m in shown)
+            await fake.wait_for(repaired, within=60)
+        finally:
+            second.send_signal(signal.SIGTERM)
+            _, err = await asyncio.wait_for(second.communicate(), 60)
+        assert second.returncode == 0, err.decode()
+        assert turn_phases(tmp_path / "data" / "raven.db") == ["interrupted"]
     finally:
         await fake.close()

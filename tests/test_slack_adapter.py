@@ -572,8 +572,8 @@ async def test_a_follow_up_right_after_the_mention_is_answered_while_users_info_
 
 async def test_a_connection_error_in_users_info_loses_nothing(
         service: ChatService, settings_factory: SettingsFactory, fake: FakeSlack) -> None:
-    fake.drop("users.info", times=10)  # outlasts the SDK's connection-error retries
-    async with running("http", service, settings_factory, fake) as slack:
+    fake.drop("users.info", times=10)  # outlasts the connection-error retries (a 2 s budget here)
+    async with running("http", service, settings_factory, fake, retry_budget_s=2) as slack:
         await slack.deliver.event(event_body(mention("981.000001", "are you there?")))
         await slack.settle()
         stored = await service.thread_messages(ThreadKey("slack", "C1:981.000001"))
