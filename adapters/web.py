@@ -174,6 +174,7 @@ class ThreadMessagesOut(BaseModel):
     discussion_id: str
     persona: str | None
     messages: list[MessageOut]
+    writing: bool = Field(False, description="a reply is being written now: follow it with GET …/live")
 
 
 def _problem(errors: list[Any]) -> str:
@@ -450,7 +451,33 @@ def create_app(service: ChatService, settings: WebSettings) -> FastAPI:
             persona=persona,
             messages=[MessageOut(role=m.role, author=m.author, text=m.text, created_at=m.created_at)
                       for m in messages],
+            writing=service.writing(key) is not None,
         )
+
+    @app.get("/users/{user_id}/threads/{discussion_id}/live", dependencies=[Authorized], response_model=None,
+             responses={200: {"content": {"text/event-stream": {}},
+                              "description": "the reply being written: token events, then done"},
+                        204: {"description": "nothing is being written in this thread"}})
+    async def follow_reply(user_id: str, discussion_id: str) -> Response:
+        """The reply being written in a thread now (a page reloaded mid-reply reads along): one
+        ``token`` event with the text so far, then the rest as it comes, then ``done`` as for
+        ``/generate-response/stream``. 204 when nothing is being written."""
+        turn = service.writing(thread_key(user_id, discussion_id))
+        if turn is None:
+            return Response(status_code=204)
+
+        async def events() -> AsyncIterator[ServerSentEvent]:
+            async for chunk in turn.follow():
+                yield ServerSentEvent(json.dumps({"text": chunk}), event="token")
+            outcome = await turn.outcome()
+            if isinstance(outcome, Busy | Refused | Failed):
+                yield ServerSentEvent(json.dumps({"detail": outcome.message}), event="error")
+                done = ChatResponse(generated_text=turn.shown, outcome="answered", notice=None)
+            else:
+                done = _success(outcome)
+            yield ServerSentEvent(done.model_dump_json(), event="done")
+
+        return EventSourceResponse(events(), ping=SSE_PING_S, sep="\n")
 
     @app.get("/healthz", include_in_schema=False)
     async def healthz() -> dict[str, str]:

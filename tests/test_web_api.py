@@ -536,3 +536,56 @@ async def test_refused_input_is_422_with_its_reason(client: httpx.AsyncClient) -
     response = await client.post("/generate-response/stream", json=ask("/advisor nope", persona=None, discussion="r2"))
     assert response.status_code == 422 and response.json()["reason"] == "unknown_persona"
     assert "`sql`" in response.json()["detail"]
+
+
+# --- a page reloaded mid-reply ---------------------------------------------------------------------
+
+
+async def read_events(response: httpx.Response) -> list[tuple[str, Any]]:
+    events: list[tuple[str, Any]] = []
+    name, data = "message", []
+    async for line in response.aiter_lines():
+        if line == "":
+            if data:
+                events.append((name, json.loads("\n".join(data))))
+            name, data = "message", []
+        elif line.startswith("event:"):
+            name = line.removeprefix("event:").strip()
+        elif line.startswith("data:"):
+            data.append(line.removeprefix("data:").removeprefix(" "))
+    return events
+
+
+async def test_a_reply_being_written_can_be_followed_from_another_page(settings_factory: Any) -> None:
+    from bot.app.assembly import open_service
+
+    settings = settings_factory(max_reply_tokens=300, web={"port": 0})
+    async with open_service(settings) as service:
+        adapter = WebAdapter(service, settings.web)
+        task = await start_adapter(adapter)
+        try:
+            async with httpx.AsyncClient(base_url=adapter.url, timeout=60) as first, \
+                    httpx.AsyncClient(base_url=adapter.url, timeout=60) as reloaded:
+                messages = "/users/alice/threads/live1/messages"
+                assert (await reloaded.get("/users/alice/threads/live1/live")).status_code == 204
+                async with first.stream("POST", "/generate-response/stream",
+                                        json=ask("tell me a long story", discussion="live1", persona=None)) as sent:
+                    lines = sent.aiter_lines()
+                    async for line in lines:  # until the reply has begun
+                        if line.startswith("event: token"):
+                            break
+                    view = (await reloaded.get(messages)).json()
+                    assert view["writing"] is True and view["messages"][-1]["role"] == "user"
+                    async with reloaded.stream("GET", "/users/alice/threads/live1/live") as live:
+                        assert live.headers["content-type"].startswith("text/event-stream")
+                        followed = await read_events(live)
+                    async for _ in lines:
+                        pass
+                followed_text = "".join(data["text"] for name, data in followed if name == "token")
+                assert followed[-1][0] == "done" and followed[-1][1]["generated_text"] == followed_text
+                stored = (await reloaded.get(messages)).json()
+                assert stored["writing"] is False
+                assert stored["messages"][-1]["text"] == as_stored(followed_text)
+                assert (await reloaded.get("/users/alice/threads/live1/live")).status_code == 204
+        finally:
+            await stop(task)

@@ -170,3 +170,39 @@ async def test_page_asks_for_the_token_when_one_is_set(service: ChatService, set
         assert foreign == []
         await context.close()
         await other.close()
+
+
+async def test_a_page_reloaded_mid_reply_shows_the_reply_still_being_written(settings_factory: Any) -> None:
+    from bot.app.assembly import open_service
+
+    settings = settings_factory(max_reply_tokens=1500, reply_timeout_s=600, web={"port": 0})
+    async with open_service(settings) as service, serving(service, settings.web) as adapter, \
+            chromium() as browser:
+        page = await (await browser.new_context(viewport={"width": 1100, "height": 760})).new_page()
+        _, errors = watch(page, adapter.url)
+        await page.goto(adapter.url + "/")
+        await page.wait_for_selector("body[data-ready=true]")
+        await page.fill("#message", "Tell me a very long story")
+        await page.click("#send")
+        streaming = page.locator(".msg.assistant.streaming .body")
+        for _ in range(600):  # the page's CSP allows no eval, so poll from here until the reply is under way
+            if await streaming.count() and len(await streaming.inner_text()) > 20:
+                break
+            await asyncio.sleep(0.05)
+        user_id = await page.evaluate("localStorage.getItem('raven.userId')")
+        discussion = await page.evaluate("localStorage.getItem('raven.discussionId')")
+        key = ThreadKey("web", f"{user_id}/{discussion}")
+        assert service.writing(key) is not None  # still being written when the page goes away
+        await page.reload()
+        await page.wait_for_selector("body[data-ready=true]")
+        # After the reload: the question, and the reply still being written, growing ...
+        await page.wait_for_selector(".msg.assistant.streaming", timeout=10_000)
+        assert await page.locator(".msg.user .body").last.inner_text() == "Tell me a very long story"
+        await page.screenshot(path=str(ARTIFACTS / "reloaded-mid-reply.png"))
+        # ... and then whole: what the log stored.
+        await page.wait_for_selector(".msg.assistant[data-state=done]", timeout=120_000)
+        stored = await service.thread_messages(key)
+        shown = await page.locator(".msg.assistant .body").last.inner_text()
+        assert stored[-1].role == "assistant"
+        assert " ".join(shown.split())[-40:] == " ".join(stored[-1].text.split())[-40:]
+        assert [e for e in errors if "Failed to fetch" not in e and "network" not in e.lower()] == []

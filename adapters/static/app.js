@@ -310,7 +310,46 @@
     updateHint();
     setStatus("");
     showThreads(false);
+    if (thread.writing) followReply(discussion); // reloaded mid-reply: read along
     return true;
+  }
+
+  // A reply still being written (the page was reloaded, or opened elsewhere): show it as it grows.
+  async function followReply(discussion) {
+    const path = `/users/${encodeURIComponent(state.user)}/threads/${encodeURIComponent(discussion)}/live`;
+    const reply = addMessage("assistant", "", "streaming");
+    const body = reply.querySelector(".body");
+    setBusy(true);
+    setStatus("Raven is writing…");
+    let shown = "";
+    try {
+      const response = await api(path, { headers: { Accept: "text/event-stream" } });
+      if (response.status === 204) {
+        reply.remove(); // it finished meanwhile: the log has it
+        await openThread(discussion);
+        return;
+      }
+      if (!response.ok) throw new Error(await problem(response));
+      await readEvents(response, (name, data) => {
+        if (name === "token") {
+          shown += data.text;
+          renderText(body, shown);
+          scrollDown();
+        } else if (name === "done") {
+          renderText(body, data.generated_text || "(no reply)");
+          if (data.notice) addNote(reply, data.notice);
+        } else if (name === "error") {
+          asNotice(reply, data.detail);
+        }
+      });
+    } catch (error) {
+      asNotice(reply, `The connection failed: ${error.message}`);
+    } finally {
+      reply.classList.remove("streaming");
+      reply.dataset.state = "done";
+      setBusy(false);
+      setStatus("");
+    }
   }
 
   // --- sending ---------------------------------------------------------------------------------------

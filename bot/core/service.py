@@ -64,6 +64,7 @@ class ChatService:
         self._active: Counter[ThreadKey] = Counter()  # threads with a turn started and not yet ended
         self._arrivals: dict[ThreadKey, asyncio.Future[None]] = {}  # each thread's last message to store
         self._closing = False  # shutting down: new messages are kept, not answered
+        self._writing: dict[ThreadKey, Turn] = {}  # the turn generating in each thread, for followers
         self.instance_id = instance_id  # owns the turns this process answers (see Store.recover)
         self.is_demo_model = False
 
@@ -111,6 +112,10 @@ class ChatService:
 
     async def list_threads(self, platform: str, prefix: str = "") -> list[ThreadInfo]:
         return await self.store.list_threads(platform, prefix)
+
+    def writing(self, key: ThreadKey) -> Turn | None:
+        """The turn writing a reply in that thread right now, if any (``Turn.follow`` reads along)."""
+        return self._writing.get(key)
 
     def last_turn(self, key: ThreadKey) -> TurnInfo | None:
         return self._turns.get(key)
@@ -282,7 +287,12 @@ class ChatService:
                 asked = await self.store.accept(key, self.settings.default_persona, result, author=author,
                                                 platform_message_id=event.message_id, owner=self.instance_id)
                 turn.turn_id, message, thread = asked.turn_id, asked.message, asked.thread
-            return await self._answer_and_confirm(thread, message, turn)
+            self._writing[key] = turn
+            try:
+                return await self._answer_and_confirm(thread, message, turn)
+            finally:
+                if self._writing.get(key) is turn:
+                    del self._writing[key]
 
     async def _answer_and_confirm(self, thread: ThreadInfo, message: StoredMessage, turn: Turn) -> Outcome:
         outcome, before, fmt = await self._answer(thread, message, turn)

@@ -7,6 +7,7 @@ error) does not stop the reply from being finished and stored.
 from __future__ import annotations
 
 import asyncio
+from collections.abc import AsyncIterator
 from dataclasses import dataclass
 from typing import Literal
 
@@ -40,6 +41,7 @@ class Turn:
         self.shown = ""  # everything shown so far
         self.info: TurnInfo | None = None
         self.turn_id: int | None = None  # the turn's record in the store, once accepted
+        self._followers: list[asyncio.Queue[str | None]] = []
 
     # --- the reader's side ------------------------------------------------------------------------
 
@@ -63,6 +65,23 @@ class Turn:
         """Everything shown, once the turn is over (for callers that do not stream)."""
         return "".join([chunk async for chunk in self])
 
+    async def follow(self) -> AsyncIterator[str]:
+        """Another reader (a page reloaded mid-reply): what was shown so far as one chunk, then the
+        rest as it is written. Does not take anything from the turn's own reader."""
+        queue: asyncio.Queue[str | None] = asyncio.Queue()
+        if self.shown:
+            queue.put_nowait(self.shown)
+        if self._outcome.done():
+            queue.put_nowait(None)
+        else:
+            self._followers.append(queue)
+        try:
+            while (chunk := await queue.get()) is not None:
+                yield chunk
+        finally:
+            if queue in self._followers:
+                self._followers.remove(queue)
+
     # --- delivery (``confirm``) ---------------------------------------------------------------------
 
     def report_delivery(self, failure: str | None) -> None:
@@ -79,8 +98,12 @@ class Turn:
         if text:
             self.shown += text
             self._chunks.put_nowait(text)
+            for follower in self._followers:
+                follower.put_nowait(text)
 
     def end(self, outcome: Outcome) -> None:
         if not self._outcome.done():
             self._chunks.put_nowait(None)
+            for follower in self._followers:
+                follower.put_nowait(None)
             self._outcome.set_result(outcome)
