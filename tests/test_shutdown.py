@@ -222,3 +222,50 @@ async def test_discord_sigkill_mid_reply_then_restart_repairs_what_the_user_sees
         assert turn_phases(tmp_path / "data" / "raven.db") == ["interrupted"]
     finally:
         await fake.close()
+
+
+# --- two processes on one database ---------------------------------------------------------------------
+
+
+@pytest.mark.timeout(300)
+async def test_raven_chat_beside_raven_run_leaves_the_servers_reply_alone(tmp_path: Path, tiny_v7_path: Path) -> None:
+    """``raven chat`` started (and finished) while ``raven run`` is writing a reply on the same database:
+    its start-up recovery must not call the server's live turn interrupted, and both replies land."""
+    fake = FakeSlack(bot_user_id=BOT, users={USER: "Alice"})
+    await fake.start()
+    env = environment(tmp_path, tiny_v7_path, fake, RAVEN_MAX_REPLY_TOKENS="3000", RAVEN_REPLY_TIMEOUT_S="600")
+    try:
+        server = await asyncio.create_subprocess_exec(RAVEN, "run", cwd=tmp_path, env=env,
+                                                      stdout=asyncio.subprocess.DEVNULL,
+                                                      stderr=asyncio.subprocess.PIPE)
+        try:
+            await fake.wait_connected(within=90)
+            await fake.send_envelope("events_api", event_body(mention("900.000001", "tell me everything")))
+            await fake.wait_for(lambda: bool(fake.calls_to("chat.postMessage")), within=60)  # writing now
+            chat_env = {k: v for k, v in env.items() if not k.startswith("SLACK_")}
+            chat = await asyncio.create_subprocess_exec(
+                RAVEN, "chat", "--thread", "side", cwd=tmp_path, env={**chat_env, "RAVEN_MAX_REPLY_TOKENS": "20"},
+                stdin=asyncio.subprocess.PIPE, stdout=asyncio.subprocess.PIPE, stderr=asyncio.subprocess.PIPE)
+            out, chat_err = await asyncio.wait_for(chat.communicate(b"hello from the terminal\n"), 120)
+            assert chat.returncode == 0, chat_err.decode()
+            db = tmp_path / "data" / "raven.db"
+            with sqlite3.connect(db) as conn:
+                server_turn = conn.execute(
+                    "SELECT t.phase FROM turns t JOIN messages m ON m.id = t.message_id "
+                    "WHERE m.thread_key LIKE 'slack:%' ").fetchall()
+            assert server_turn in ([("generating",)], [("generated",)], [("delivered",)])  # still its own
+        finally:
+            server.send_signal(signal.SIGTERM)
+            _, err = await asyncio.wait_for(server.communicate(), 120)
+        assert server.returncode == 0, err.decode()
+        with sqlite3.connect(db) as conn:
+            rows = conn.execute(
+                "SELECT m.thread_key, m.status, t.phase FROM turns t JOIN messages m ON m.id = t.message_id "
+                "ORDER BY t.id").fetchall()
+        by_platform = {key.split(":")[0]: (status, phase) for key, status, phase in rows}
+        assert by_platform == {"slack": ("answered", "delivered"), "terminal": ("answered", "delivered")}
+        assert not any(role == "notice" for role, _, _ in stored(db))  # nobody was told of a lost turn
+        messages = fake.thread("C1", "900.000001")
+        assert messages and not any(m.text.endswith(MARK) for m in messages)
+    finally:
+        await fake.close()
