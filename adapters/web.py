@@ -8,10 +8,11 @@ JSON shape; ``prompt_file`` picks the persona (``SQLAdvisor`` → ``sql``, ``Pro
 new) the message is sent to the core as ``/advisor <persona> <message>``, so the core switches the
 persona and answers in one turn; everything else about threads, personas and history is the core's.
 
-Security: loopback by default; with ``RAVEN_WEB_TOKEN`` set every API call needs
-``Authorization: Bearer <token>`` (or the page's session cookie), compared in constant time and
-never logged. Request bodies are capped at ``RAVEN_WEB_MAX_BODY_BYTES``; CORS is off unless
-``RAVEN_WEB_CORS_ORIGINS`` names origins. See the README's web section.
+Security: loopback by default, and then only requests addressed to a loopback name (a page of
+another site whose name resolves to 127.0.0.1, DNS rebinding, is refused); with ``RAVEN_WEB_TOKEN``
+set every API call needs ``Authorization: Bearer <token>`` (or the page's session cookie),
+compared in constant time and never logged. Request bodies are capped at
+``RAVEN_WEB_MAX_BODY_BYTES``; CORS is off unless ``RAVEN_WEB_CORS_ORIGINS`` names origins. See the README's web section.
 """
 
 from __future__ import annotations
@@ -28,7 +29,7 @@ import time
 from collections.abc import AsyncIterator, Generator
 from pathlib import Path
 from typing import TYPE_CHECKING, Annotated, Any, Literal
-from urllib.parse import parse_qs
+from urllib.parse import parse_qs, urlsplit
 
 import uvicorn
 from fastapi import Depends, FastAPI, HTTPException, Request
@@ -39,9 +40,10 @@ from fastapi.security import HTTPAuthorizationCredentials, HTTPBearer
 from fastapi.staticfiles import StaticFiles
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
 from sse_starlette import EventSourceResponse, ServerSentEvent
+from starlette.datastructures import Headers
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
-from adapters.settings import WebSettings
+from adapters.settings import LOOPBACK_HOSTS, WebSettings
 from bot.core.commands import parse_command
 from bot.core.outcomes import Answered, Busy, CommandDone, CutOff, Failed, Outcome, Refused
 from bot.errors import ConfigError, PersonaError
@@ -262,6 +264,43 @@ class AccessLog:
                      (time.monotonic() - started) * 1000)
 
 
+# --- the Host header without a token ---------------------------------------------------------------------
+
+
+def host_name(header: str | None) -> str | None:
+    """The name in a ``Host`` header, lower case, without port, brackets or a trailing dot."""
+    if not header:
+        return None
+    try:
+        name = urlsplit("//" + header).hostname
+    except ValueError:  # "[::1" and the like
+        return None
+    return name.rstrip(".") if name else None
+
+
+class HostGuard:
+    """Without a token, serves only requests whose ``Host`` names this machine by a loopback name
+    (or ``RAVEN_WEB_HOST``). A page of another site whose name resolves to 127.0.0.1 (DNS
+    rebinding) sends its own name here, so it can neither read threads nor post; other answers are
+    a 400 ``{"detail"}``. Starlette's TrustedHostMiddleware does the same check but answers in
+    plain text."""
+
+    def __init__(self, app: ASGIApp, allowed: frozenset[str]) -> None:
+        self.app = app
+        self.allowed = allowed
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        if scope["type"] in ("http", "websocket") and host_name(Headers(scope=scope).get("host")) not in self.allowed:
+            names = ", ".join(sorted(self.allowed))
+            response = JSONResponse({
+                "detail": f"this server answers only to its loopback names ({names}) while RAVEN_WEB_TOKEN "
+                          "is unset; open it as http://127.0.0.1:<port>/ or set a token",
+                "reason": "host"}, status_code=400)
+            await response(scope, receive, send)
+            return
+        await self.app(scope, receive, send)
+
+
 # --- the app -------------------------------------------------------------------------------------------
 
 
@@ -290,6 +329,12 @@ def create_app(service: ChatService, settings: WebSettings) -> FastAPI:
 
     Authorized = Depends(require_token)
 
+    @app.exception_handler(Exception)
+    async def _unexpected(request: Request, exc: Exception) -> JSONResponse:
+        # JSON, not Starlette's plain-text 500; uvicorn still logs the traceback.
+        return JSONResponse({"detail": "internal error (the server log has the details)", "reason": "failed"},
+                            status_code=500)
+
     @app.exception_handler(RequestValidationError)
     async def _validation_error(request: Request, exc: RequestValidationError) -> JSONResponse:
         return JSONResponse({"detail": _problem(list(exc.errors()))}, status_code=422)
@@ -317,6 +362,8 @@ def create_app(service: ChatService, settings: WebSettings) -> FastAPI:
             data = json.loads(body)
         except (UnicodeDecodeError, json.JSONDecodeError) as exc:
             raise HTTPException(400, f"the body is not valid JSON: {exc}") from None
+        except RecursionError:  # "[" * 30000: the parser's stack, not ours to grow
+            raise HTTPException(400, "the body is not valid JSON: it is nested too deeply") from None
         if not isinstance(data, dict):
             raise HTTPException(400, "the body must be a JSON object")
         try:
@@ -536,6 +583,8 @@ def create_app(service: ChatService, settings: WebSettings) -> FastAPI:
 
     app.mount("/static", StaticFiles(directory=STATIC_DIR), name="static")
 
+    if not guard.enabled:
+        app.add_middleware(HostGuard, allowed=frozenset({*LOOPBACK_HOSTS, settings.host.lower().strip("[]")}))
     app.add_middleware(AccessLog)
     if settings.cors_origins:
         from fastapi.middleware.cors import CORSMiddleware

@@ -589,3 +589,50 @@ async def test_a_reply_being_written_can_be_followed_from_another_page(settings_
                 assert (await reloaded.get("/users/alice/threads/live1/live")).status_code == 204
         finally:
             await stop(task)
+
+
+# --- the Host header (DNS rebinding) -------------------------------------------------------------------
+
+
+async def test_without_a_token_only_loopback_host_names_are_served(start_web: StartWeb, service: ChatService) -> None:
+    base = await start_web()
+    port = base.rsplit(":", 1)[1]
+    async with httpx.AsyncClient(base_url=base, timeout=60) as client:
+        for host in ("attacker.example", f"attacker.example:{port}", "127.0.0.1.attacker.example", "localhost.evil",
+                     "192.168.1.20", "[::2]", "", "[::1"):
+            for method, path in (("GET", "/users/alice/threads"), ("GET", "/"), ("GET", "/static/app.js"),
+                                 ("POST", "/generate-response")):
+                response = await client.request(method, path, headers={"Host": host}, json=ask("hi"))
+                assert response.status_code == 400, (host, path, response.text)
+                body = response.json()
+                assert body["reason"] == "host" and "RAVEN_WEB_TOKEN" in body["detail"], body
+        assert await service.list_threads("web") == []  # nothing reached the core
+
+        for host in ("127.0.0.1", f"127.0.0.1:{port}", "localhost", f"LOCALHOST:{port}", "localhost.",
+                     f"[::1]:{port}", "[::1]"):
+            response = await client.get("/users/alice/threads", headers={"Host": host})
+            assert response.status_code == 200, (host, response.text)
+        response = await client.post("/generate-response", json=ask("hi", discussion="h"),
+                                     headers={"Host": "localhost"})
+        assert response.status_code == 200
+
+
+async def test_with_a_token_any_host_name_but_the_token_rules_apply(start_web: StartWeb) -> None:
+    base = await start_web(token=TOKEN)
+    async with httpx.AsyncClient(base_url=base, timeout=60) as client:
+        elsewhere = {"Host": "raven.example.org"}
+        assert (await client.get("/users/alice/threads", headers=elsewhere)).status_code == 401
+        good = {**elsewhere, "Authorization": f"Bearer {TOKEN}"}
+        assert (await client.get("/users/alice/threads", headers=good)).status_code == 200
+        assert (await client.get("/", headers=elsewhere)).status_code == 401  # the sign-in form
+
+
+async def test_deeply_nested_json_is_a_400_not_a_traceback(client: httpx.AsyncClient) -> None:
+    headers = {"Content-Type": "application/json"}
+    for body in (b"[" * 30_000, b'{"a":' * 10_000, b'{"user_message": ' + b"[" * 30_000):
+        for path in ("/generate-response", "/generate-response/stream"):
+            response = await client.post(path, content=body, headers=headers)
+            assert response.status_code == 400, response.text
+            assert response.headers["content-type"] == "application/json"
+            assert "nested too deeply" in response.json()["detail"]
+    assert (await client.get("/healthz")).status_code == 200

@@ -54,11 +54,11 @@ async def serving(service: ChatService, settings: Any) -> AsyncIterator[WebAdapt
 
 
 @contextlib.asynccontextmanager
-async def chromium() -> AsyncIterator[Any]:
+async def chromium(*extra_args: str) -> AsyncIterator[Any]:
     from playwright.async_api import async_playwright
 
     async with async_playwright() as playwright:
-        browser = await playwright.chromium.launch(executable_path=str(CHROMIUM), args=CHROMIUM_ARGS)
+        browser = await playwright.chromium.launch(executable_path=str(CHROMIUM), args=[*CHROMIUM_ARGS, *extra_args])
         try:
             yield browser
         finally:
@@ -206,3 +206,49 @@ async def test_a_page_reloaded_mid_reply_shows_the_reply_still_being_written(set
         assert stored[-1].role == "assistant"
         assert " ".join(shown.split())[-40:] == " ".join(stored[-1].text.split())[-40:]
         assert [e for e in errors if "Failed to fetch" not in e and "network" not in e.lower()] == []
+
+
+# Another site's name resolving to 127.0.0.1, as DNS rebinding makes it: the browser sends that name.
+REBIND = "--host-resolver-rules=MAP attacker.example 127.0.0.1"
+
+
+async def test_a_page_of_another_site_resolving_to_loopback_gets_nothing(
+    service: ChatService, settings_factory: Any
+) -> None:
+    from bot.events import Event
+
+    await (service.reply(Event(ThreadKey("web", "alice/1"), "alice", "alice", "my secret plan"))).text()
+    async with serving(service, settings_factory(web={"port": 0}).web) as adapter, chromium(REBIND) as browser:
+        page = await browser.new_page()
+        foreign = f"http://attacker.example:{adapter.port}"
+        response = await page.goto(foreign + "/")
+        assert response is not None and response.status == 400
+        assert "loopback names" in (await response.json())["detail"]
+        # The attacker's script runs on that origin: same-origin fetches carry its Host and are refused.
+        status = await page.evaluate("""async () => {
+            const read = await fetch("/users/alice/threads");
+            const post = await fetch("/generate-response", {method: "POST",
+                headers: {"Content-Type": "application/json"},
+                body: JSON.stringify({user_message: "hi", user_id: "alice", discussion_id: "2"})});
+            return [read.status, post.status, await read.text()];
+        }""")
+        assert status[:2] == [400, 400] and "my secret plan" not in status[2]
+        assert [t.key.thread_id for t in await service.list_threads("web")] == ["alice/1"]
+        # The same server under its own name works.
+        await page.goto(adapter.url + "/")
+        await page.wait_for_selector("body[data-ready=true]")
+
+
+async def test_with_a_token_another_host_name_still_needs_the_token(
+    service: ChatService, settings_factory: Any
+) -> None:
+    settings = settings_factory(web={"port": 0, "token": TOKEN}).web
+    async with serving(service, settings) as adapter, chromium(REBIND) as browser:
+        page = await browser.new_page()
+        foreign = f"http://attacker.example:{adapter.port}"
+        response = await page.goto(foreign + "/")
+        assert response is not None and response.status == 401  # the sign-in form, as anywhere
+        assert await page.evaluate('fetch("/users/alice/threads").then(r => r.status)') == 401
+        await page.fill("#token", TOKEN)
+        await page.click("button[type=submit]")
+        await page.wait_for_selector("body[data-ready=true]")
