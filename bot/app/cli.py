@@ -286,6 +286,19 @@ def bench(
         typer.echo(f"({time.monotonic() - started:.0f} s)")
 
 
+@app.command()
+def doctor() -> None:
+    """Check this deployment (model, tokenizer, devices, database, personas, platform settings, ports)
+    and say what to change; exit status 1 when something would fail."""
+    from bot.app.doctor import run_checks, summary
+
+    settings = _settings()
+    findings = run_checks(settings, lambda finding: typer.echo(finding.line()))
+    typer.echo(summary(findings))
+    if any(finding.level == "fail" for finding in findings):
+        raise typer.Exit(1)
+
+
 def main() -> None:
     app()
 
