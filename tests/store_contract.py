@@ -17,6 +17,7 @@ from typing import ClassVar
 
 import pytest
 
+from bot.errors import RavenError
 from bot.events import ThreadKey
 from bot.storage import StateDraft, Store, StoredMessage, StoredState
 
@@ -566,6 +567,100 @@ class StoreContract:
         assert await store.load_state(KEY) is None
         await store.delete_state(KEY)  # deleting nothing is fine
         assert (await store.load_state(OTHER)).blob == b"other"  # type: ignore[union-attr]
+
+    async def test_the_state_before_the_last_reply_stays_as_the_prior_one(self, store: Store) -> None:
+        await store.ensure_thread(KEY, "default")
+        _, first = await turn(store, KEY, "q1", "a1", state(b"after-a1"))
+        assert (await store.load_state(KEY)).blob == b"after-a1"  # type: ignore[union-attr]
+        _, second = await turn(store, KEY, "q2", "a2", state(b"after-a2"))
+        current, prior = await store.load_state(KEY), await store.load_prior_state(KEY)
+        assert current == StoredState("fp", 0, second.id, 7, b"after-a2", True)
+        assert prior == StoredState("fp", 0, first.id, 7, b"after-a1", True)
+        # a replacement of a2 was written from the prior state: that one stays prior
+        question = (await store.last_exchange(KEY, 0)).question  # type: ignore[union-attr]
+        assert question.text == "q2"
+        again = await store.finish_turn(KEY, question.id, "a2 again", state(b"after-a2-again"), replaces=second.id)
+        assert (await store.load_state(KEY)).last_message_id == again.id  # type: ignore[union-attr]
+        assert (await store.load_state(KEY)).blob == b"after-a2-again"  # type: ignore[union-attr]
+        assert (await store.load_prior_state(KEY)).blob == b"after-a1"  # type: ignore[union-attr]
+        assert (await store.get_message(second.id)).status == "replaced"  # type: ignore[union-attr]
+        assert [m.text for m in await store.context(KEY, 0)] == ["q1", "a1", "q2", "a2 again"]
+        assert await store.last_reply_id(KEY, 0) == again.id
+        await store.delete_state(KEY)
+        assert await store.load_state(KEY) is None and await store.load_prior_state(KEY) is None
+
+    async def test_last_exchange_is_the_last_question_and_its_reply(self, store: Store) -> None:
+        await store.ensure_thread(KEY, "default")
+        assert await store.last_exchange(KEY, 0) is None
+        await turn(store, KEY, "q1", "a1")
+        q2, a2 = await turn(store, KEY, "q2", "a2")
+        exchange = await store.last_exchange(KEY, 0)
+        assert exchange is not None and (exchange.question.id, exchange.reply.id) == (q2.id, a2.id)
+        assert (exchange.question.status, exchange.reply) == ("answered", a2)
+        await store.add_message(KEY, "user", "waiting", status="pending")  # not answered: not in the context
+        assert (await store.last_exchange(KEY, 0)).reply.id == a2.id  # type: ignore[union-attr]
+        await store.restart_thread(KEY, "default")
+        assert await store.last_exchange(KEY, 1) is None
+
+    async def test_a_redo_command_gets_a_turn_but_is_not_a_question(self, store: Store) -> None:
+        accepted = await store.accept(KEY, "default", "/retry", owner="me", answer=False, redo=True)
+        assert accepted.turn_id is not None and accepted.message.status == "done"
+        assert (await store.get_turn(accepted.turn_id)).phase == "received"  # type: ignore[union-attr]
+        assert await store.context(KEY, 0) == []
+
+    async def test_rename_and_delete_a_thread(self, store: Store, make_store: MakeStore, clock: FakeClock) -> None:
+        await store.ensure_thread(KEY, "default")
+        await store.ensure_thread(OTHER, "default")
+        accepted = await store.accept(KEY, "default", "first line\nsecond", owner="me")
+        await store.finish_turn(KEY, accepted.message.id, "reply", state(), turn_id=accepted.turn_id)
+        await store.record_delivery(accepted.turn_id, 0, "m1", "reply")  # type: ignore[arg-type]
+        await turn(store, OTHER, "other q", "other a", state(b"other"))
+        assert (await store.get_thread(KEY)).title == "first line"  # type: ignore[union-attr]
+        assert await store.rename_thread(KEY, "Index tuning") is True
+        assert (await store.get_thread(KEY)).title == "Index tuning"  # type: ignore[union-attr]
+        assert await store.rename_thread(KEY, None) is True
+        assert (await store.get_thread(KEY)).title == "first line"  # type: ignore[union-attr]
+        assert await store.rename_thread(THIRD, "x") is False
+
+        assert await store.delete_thread(KEY) is True
+        assert await store.get_thread(KEY) is None
+        assert await store.messages(KEY) == [] and await store.load_state(KEY) is None
+        assert await store.get_turn(accepted.turn_id) is None  # type: ignore[arg-type]
+        assert await store.deliveries(accepted.turn_id) == []  # type: ignore[arg-type]
+        assert await store.delete_thread(KEY) is False
+        async with make_store(clock) as again:  # committed, and the other thread is untouched
+            assert await again.get_thread(KEY) is None
+            assert [m.text for m in await again.messages(OTHER)] == ["other q", "other a"]
+            assert (await again.load_state(OTHER)).blob == b"other"  # type: ignore[union-attr]
+
+    async def test_a_fork_copies_the_context_and_the_state_that_follows_it(self, store: Store) -> None:
+        await store.ensure_thread(KEY, "sql")
+        await turn(store, KEY, "old epoch", "old reply")
+        await store.restart_thread(KEY, "sql")
+        q1, a1 = await turn(store, KEY, "q1", "a1", state(b"after-a1", epoch=1))
+        await store.add_message(KEY, "notice", "a notice")  # not context: not copied
+        q2, a2 = await turn(store, KEY, "q2", "a2", state(b"after-a2", epoch=1))
+        fork = ThreadKey("terminal", "t1-fork")
+        info = await store.fork_thread(KEY, fork)
+        assert (info.persona, info.epoch, info.forked_from) == ("sql", 0, KEY)
+        copied = await store.messages(fork)
+        assert [(m.role, m.text, m.status) for m in copied] == [
+            ("user", "q1", "answered"), ("assistant", "a1", "done"), ("user", "q2", "answered"),
+            ("assistant", "a2", "done")]
+        assert [m.created_at for m in copied] == [q1.created_at, a1.created_at, q2.created_at, a2.created_at]
+        saved = await store.load_state(fork)
+        assert saved == StoredState("fp", 0, copied[-1].id, 7, b"after-a2", True)
+        assert await store.last_reply_id(fork, 0) == copied[-1].id
+        # at an earlier reply: the log up to it, and no state (the fork rebuilds from its log)
+        early = ThreadKey("terminal", "t1-early")
+        await store.fork_thread(KEY, early, upto_reply_id=a1.id)
+        assert [m.text for m in await store.messages(early)] == ["q1", "a1"]
+        assert await store.load_state(early) is None
+        # the source is unchanged
+        assert [m.text for m in await store.context(KEY, 1)] == ["q1", "a1", "q2", "a2"]
+        for bad in [(KEY, fork, None), (THIRD, ThreadKey("terminal", "x"), None), (KEY, ThreadKey("t", "y"), q1.id)]:
+            with pytest.raises(RavenError):
+                await store.fork_thread(*bad)
 
     # --- deduplication ---------------------------------------------------------------------------------
 

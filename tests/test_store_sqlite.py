@@ -18,8 +18,9 @@ import pytest
 
 from bot.errors import RavenError
 from bot.events import ThreadKey
-from bot.storage import SQLiteStore, StateDraft
+from bot.storage import SQLiteStore, StateDraft, StoredState
 from bot.storage.migrations import MIGRATIONS, SCHEMA_VERSION
+from bot.storage.records import checksum
 from bot.storage.sqlite import GET_THREAD_QUERY, INSERT_MESSAGE_QUERY, LAST_REPLY_QUERY, POSITION_QUERY
 from tests.store_contract import KEY, MakeStore, StoreContract, state, turn
 
@@ -67,7 +68,7 @@ def old_database(path: Path, version: int) -> sqlite3.Connection:
 
 async def test_open_creates_schema_with_wal_and_user_version(store: SQLiteStore, db_path: Path) -> None:
     assert db_path.is_file()
-    assert SCHEMA_VERSION == 4
+    assert SCHEMA_VERSION == 5
     # journal_mode=WAL is a property of the file: a fresh connection sees it too.
     assert peek(db_path, "PRAGMA journal_mode") == [("wal",)]
     assert peek(db_path, "PRAGMA user_version") == [(SCHEMA_VERSION,)]
@@ -140,6 +141,23 @@ async def test_a_version_3_database_turns_its_pending_messages_into_ownerless_tu
         assert recovered.message_id == 3 and recovered.owner is None
         log = await store.messages(ThreadKey("test", "t"))
         assert [(m.role, m.status) for m in log][-2:] == [("user", "interrupted"), ("notice", "done")]
+
+
+async def test_a_version_4_database_keeps_its_saved_states_as_the_current_ones(db_path: Path) -> None:
+    """Migration 5 moves each thread's one state into slot 0, which a thread starts with as current."""
+    blob = b"state-bytes" * 10
+    with old_database(db_path, 4) as db:
+        db.execute("INSERT INTO threads VALUES ('test:t', 'sql', 0, 1.0, 1.0)")
+        db.execute("INSERT INTO messages (thread_key, epoch, seq, role, text, status, created_at) "
+                   "VALUES ('test:t', 0, 0, 'assistant', 'reply', 'done', 1.0)")
+        db.execute("INSERT INTO states VALUES ('test:t', 'fp', 0, 1, 7, ?, ?, 1.0)", (checksum(blob), blob))
+    db.close()
+    async with SQLiteStore(db_path) as store:
+        key = ThreadKey("test", "t")
+        assert await store.load_state(key) == StoredState("fp", 0, 1, 7, blob, True)
+        assert await store.load_prior_state(key) is None
+        thread = await store.get_thread(key)
+        assert thread is not None and thread.forked_from is None and thread.title == ""
 
 
 async def test_recovery_finds_turns_in_flight_through_its_partial_index(store: SQLiteStore, db_path: Path) -> None:

@@ -115,5 +115,38 @@ MIGRATIONS: list[Sequence[str]] = [
            SELECT thread_key, id, 'received', NULL, created_at, created_at FROM messages
            WHERE role = 'user' AND status = 'pending'""",
     ),
+    # version 5: what only an RNN bot can do cheaply.
+    # - threads.title: a name the user gave the thread (NULL: the first line of its first message).
+    # - threads.forked_from / forked_at: a thread started from another one's state (``/fork``), and the
+    #   reply it was forked at.
+    # - states get two slots per thread, and threads.state_slot says which is current. A turn writes
+    #   its new state into the other slot and flips the pointer, so the state from *before* the last
+    #   reply stays (the prior slot) at no extra write: ``/retry`` (a new reply to the same message) and
+    #   ``/continue`` (extend the last reply) start exactly where that reply started, without
+    #   re-reading the log. A replaced reply keeps its row in the log with the status ``replaced``.
+    (
+        "ALTER TABLE threads ADD COLUMN title TEXT",
+        "ALTER TABLE threads ADD COLUMN forked_from TEXT",
+        "ALTER TABLE threads ADD COLUMN forked_at INTEGER",
+        "ALTER TABLE threads ADD COLUMN state_slot INTEGER NOT NULL DEFAULT 0",
+        """CREATE TABLE states_by_slot (
+            thread_key TEXT NOT NULL REFERENCES threads(key) ON DELETE CASCADE,
+            slot INTEGER NOT NULL CHECK (slot IN (0, 1)),
+            fingerprint TEXT NOT NULL,
+            epoch INTEGER NOT NULL,
+            last_message_id INTEGER NOT NULL,
+            token_count INTEGER NOT NULL,
+            checksum TEXT NOT NULL,
+            blob BLOB NOT NULL,
+            updated_at REAL NOT NULL,
+            PRIMARY KEY (thread_key, slot)
+        )""",
+        """INSERT INTO states_by_slot (thread_key, slot, fingerprint, epoch, last_message_id, token_count,
+                                       checksum, blob, updated_at)
+           SELECT thread_key, 0, fingerprint, epoch, last_message_id, token_count, checksum, blob, updated_at
+           FROM states""",
+        "DROP TABLE states",
+        "ALTER TABLE states_by_slot RENAME TO states",
+    ),
 ]
 SCHEMA_VERSION = len(MIGRATIONS)

@@ -19,6 +19,7 @@ from bot.events import ThreadKey
 from bot.storage.records import (
     Accepted,
     Delivery,
+    Exchange,
     Phase,
     Repair,
     Role,
@@ -66,6 +67,25 @@ class Store(Protocol):
         kept. The thread must exist."""
         ...
 
+    async def rename_thread(self, key: ThreadKey, title: str | None) -> bool:
+        """Name the thread (None: back to the first line of its first message); False when there is
+        no such thread."""
+        ...
+
+    async def delete_thread(self, key: ThreadKey) -> bool:
+        """Delete the thread with everything of it — log, saved states, turns, delivery records — in one
+        transaction; False when there was no such thread."""
+        ...
+
+    async def fork_thread(self, source: ThreadKey, target: ThreadKey, upto_reply_id: int | None = None) -> ThreadInfo:
+        """A new thread ``target`` (epoch 0, ``source``'s persona, ``forked_from`` set) whose log is a
+        copy of ``source``'s context (its current epoch, as ``context`` reads it) up to and including
+        the reply ``upto_reply_id`` (default: all of it), and whose saved state is ``source``'s
+        when that state follows exactly that reply (else the fork has none, and is rebuilt from its
+        log). One transaction. ``StoreError`` when ``source`` is unknown, ``target`` exists, or
+        ``upto_reply_id`` is not a reply in that context."""
+        ...
+
     async def list_threads(self, platform: str, prefix: str = "", limit: int = 100) -> list[ThreadInfo]:
         """The platform's threads whose id starts with ``prefix`` — compared exactly: case-sensitive,
         no wildcards — most recently updated first, at most ``limit``."""
@@ -110,6 +130,11 @@ class Store(Protocol):
         with that id. What a rebuild from the log reads; may cost O(thread)."""
         ...
 
+    async def last_exchange(self, key: ThreadKey, epoch: int) -> Exchange | None:
+        """The epoch's last question and the reply that answers it, as ``context`` orders them; None
+        when the context does not end with a reply."""
+        ...
+
     async def set_status(self, message_id: int, status: Status) -> None:
         """Change one message's status (nothing happens for an unknown id)."""
         ...
@@ -131,10 +156,12 @@ class Store(Protocol):
     async def accept(
         self, key: ThreadKey, default_persona: str, text: str, *, author: str = "",
         platform_message_id: str | None = None, owner: str | None = None, answer: bool = True,
+        redo: bool = False,
     ) -> Accepted:
         """The moment a message is accepted, in one transaction: the thread (created with
         ``default_persona`` when new), the user's message (``pending`` when it is to be answered,
-        ``done`` for a command) and, when ``answer``, its turn: ``received``, owned by ``owner``."""
+        ``done`` for a command) and, when ``answer`` (or ``redo``: a command that writes a new reply
+        to an earlier question, ``/retry`` and ``/continue``), its turn: ``received``, owned by ``owner``."""
         ...
 
     async def begin_turn(self, turn_id: int, epoch: int) -> None:
@@ -186,13 +213,18 @@ class Store(Protocol):
     async def finish_turn(
         self, key: ThreadKey, user_message_id: int, reply: str, state: StateDraft | None,
         status: Status = "answered", tokens: list[int] | None = None, tokenizer: str | None = None,
-        turn_id: int | None = None, finish: str | None = None,
+        turn_id: int | None = None, finish: str | None = None, replaces: int | None = None,
     ) -> StoredMessage:
         """Store the reply (author ``raven``, with the token ids the model read), set the user
         message's ``status``, move the turn (if given) to ``generated`` with this reply and how it
         ended (``finish``: ``stop``, or ``length`` / ``timeout`` / ``stopped`` for a reply cut off), and save
         ``state`` as following the reply: one transaction, so a crash or an error anywhere inside
-        leaves either the whole turn or none of it."""
+        leaves either the whole turn or none of it.
+
+        The state saved before becomes the *prior* state (``load_prior_state``): the model before this
+        reply. With ``replaces`` (a reply id), the new reply takes that one's place: the old one becomes
+        ``replaced`` (out of the context) and the prior state stays as it was — the replacement was
+        written from it too."""
         ...
 
     # --- saved states ----------------------------------------------------------------------------------
@@ -201,13 +233,18 @@ class Store(Protocol):
         """The thread's saved state, its blob checked against the checksum written with it."""
         ...
 
+    async def load_prior_state(self, key: ThreadKey) -> StoredState | None:
+        """The state saved before the current one (see ``finish_turn``), checked like ``load_state``;
+        what it follows is in its ``last_message_id``."""
+        ...
+
     async def save_state(self, key: ThreadKey, state: StateDraft, last_message_id: int) -> None:
         """Replace the thread's saved state (one per thread): ``state`` is the model after the epoch up
         to ``last_message_id``; the store writes a checksum of its blob."""
         ...
 
     async def delete_state(self, key: ThreadKey) -> None:
-        """Drop the thread's saved state, if any."""
+        """Drop the thread's saved states (current and prior), if any."""
         ...
 
     # --- deduplication ---------------------------------------------------------------------------------
@@ -216,4 +253,11 @@ class Store(Protocol):
         """True when ``key`` was not claimed in the last ``ttl_s`` seconds of the store's clock (a claim
         at t blocks the key up to t + ttl_s inclusive; a refused claim does not extend that). Claims
         are committed, so they survive a restart; expired ones are swept here."""
+        ...
+
+    # --- export ----------------------------------------------------------------------------------------
+
+    async def all_threads(self, after: ThreadKey | None = None, limit: int = 500) -> list[ThreadInfo]:
+        """Every platform's threads in the order of their keys (``str(key)``, compared exactly), only
+        those after ``after``, at most ``limit``: how an export pages through a whole database."""
         ...

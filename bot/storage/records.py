@@ -16,12 +16,15 @@ import numpy as np
 from bot.events import ThreadKey
 
 Role = Literal["user", "assistant", "notice"]
-Status = Literal["pending", "answered", "interrupted", "failed", "done", "undelivered"]
+Status = Literal["pending", "answered", "interrupted", "failed", "done", "undelivered", "replaced"]
+"""A message's status. Out of the context: ``undelivered`` (a reply its user never saw) and ``replaced``
+(a reply ``/retry`` replaced, or ``/continue`` extended into a new one)."""
 
 
 @dataclass(frozen=True)
 class ThreadInfo:
-    """A thread's header. ``title`` is the first line of its first user message (any epoch), ≤ 80 chars."""
+    """A thread's header. ``title`` is the name it was given, else the first line of its first user
+    message (any epoch), ≤ 80 chars. ``forked_from``: the thread it was forked from (``/fork``)."""
 
     key: ThreadKey
     persona: str
@@ -29,6 +32,7 @@ class ThreadInfo:
     title: str
     created_at: float
     updated_at: float
+    forked_from: ThreadKey | None = None
 
 
 @dataclass(frozen=True)
@@ -111,6 +115,15 @@ class StateDraft:
     epoch: int
     token_count: int
     blob: bytes
+
+
+@dataclass(frozen=True)
+class Exchange:
+    """The last question of a thread's epoch and the reply that answers it (what ``/retry`` and
+    ``/continue`` work on)."""
+
+    question: StoredMessage
+    reply: StoredMessage
 
 
 @dataclass(frozen=True)

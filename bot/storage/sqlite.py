@@ -22,6 +22,7 @@ from bot.storage.records import (
     INTERRUPTED_NOTICE,
     Accepted,
     Delivery,
+    Exchange,
     Phase,
     Repair,
     Role,
@@ -41,15 +42,28 @@ if TYPE_CHECKING:
 
 __all__ = ["SCHEMA_VERSION", "SQLiteStore"]
 
-_UPSERT_STATE = """
-    INSERT INTO states (thread_key, fingerprint, epoch, last_message_id, token_count, checksum, blob, updated_at)
-    VALUES (?, ?, ?, ?, ?, ?, ?, ?)
-    ON CONFLICT (thread_key) DO UPDATE SET fingerprint = excluded.fingerprint, epoch = excluded.epoch,
+# A thread's states live in two slots; threads.state_slot is the current one, the other holds the state
+# from before the last reply (see migration 5). ``_SLOT`` and ``_OTHER_SLOT`` take the thread's key.
+_SLOT = "(SELECT state_slot FROM threads WHERE key = ?)"
+_OTHER_SLOT = "(SELECT 1 - state_slot FROM threads WHERE key = ?)"
+
+
+def _upsert_state(slot: str) -> str:
+    """Write a state into ``slot`` (an SQL expression taking the thread's key as its one parameter)."""
+    return f"""
+    INSERT INTO states (thread_key, slot, fingerprint, epoch, last_message_id, token_count, checksum, blob,
+                        updated_at)
+    VALUES (?, {slot}, ?, ?, ?, ?, ?, ?, ?)
+    ON CONFLICT (thread_key, slot) DO UPDATE SET fingerprint = excluded.fingerprint, epoch = excluded.epoch,
       last_message_id = excluded.last_message_id, token_count = excluded.token_count,
       checksum = excluded.checksum, blob = excluded.blob, updated_at = excluded.updated_at"""
 
+
+_UPSERT_CURRENT_STATE = _upsert_state(_SLOT)
+_UPSERT_NEXT_STATE = _upsert_state(_OTHER_SLOT)
+
 _THREAD_COLUMNS = """t.*, (SELECT text FROM messages m WHERE m.thread_key = t.key AND m.role = 'user'
-                           ORDER BY id LIMIT 1) AS title"""
+                           ORDER BY id LIMIT 1) AS first_text"""
 
 # The queries every turn runs, named so that tests can check their plans (each one an index seek).
 GET_THREAD_QUERY = f"SELECT {_THREAD_COLUMNS} FROM threads t WHERE key = ?"
@@ -73,6 +87,11 @@ _CONTEXT_QUERY = """
       AND ((m.role = 'assistant' AND m.status = 'done') OR (m.role = 'user' AND m.status = 'answered'))
       AND COALESCE(t.reply_id, m.id) < ?
     ORDER BY COALESCE(t.reply_id, m.id), m.role = 'assistant'"""
+_LAST_EXCHANGE_QUERY = """
+    SELECT m.* FROM messages m LEFT JOIN turns t ON t.message_id = m.id
+    WHERE m.thread_key = ? AND m.epoch = ?
+      AND ((m.role = 'assistant' AND m.status = 'done') OR (m.role = 'user' AND m.status = 'answered'))
+    ORDER BY COALESCE(t.reply_id, m.id) DESC, m.role = 'assistant' DESC LIMIT 2"""
 _NO_BOUND = 2**63 - 1
 
 
@@ -205,6 +224,60 @@ class SQLiteStore:
         assert info is not None
         return info
 
+    async def rename_thread(self, key: ThreadKey, title: str | None) -> bool:
+        return await self._write("UPDATE threads SET title = ?, updated_at = ? WHERE key = ?",
+                                 (title, self.clock(), str(key))) == 1
+
+    async def delete_thread(self, key: ThreadKey) -> bool:
+        # messages, states, turns and their deliveries go with it (ON DELETE CASCADE)
+        return await self._write("DELETE FROM threads WHERE key = ?", (str(key),)) == 1
+
+    async def fork_thread(self, source: ThreadKey, target: ThreadKey, upto_reply_id: int | None = None) -> ThreadInfo:
+        now = self.clock()
+
+        async def work(db: aiosqlite.Connection) -> None:
+            async with db.execute("SELECT * FROM threads WHERE key = ?", (str(source),)) as cursor:
+                origin = await cursor.fetchone()
+            if origin is None:
+                raise StoreError(f"no thread {source} to fork")
+            async with db.execute("SELECT 1 FROM threads WHERE key = ?", (str(target),)) as cursor:
+                if await cursor.fetchone() is not None:
+                    raise StoreError(f"thread {target} exists already")
+            async with db.execute(_CONTEXT_QUERY, (str(source), origin["epoch"], _NO_BOUND)) as cursor:
+                context = list(await cursor.fetchall())
+            if upto_reply_id is not None:
+                ids = [row["id"] for row in context if row["role"] == "assistant"]
+                if upto_reply_id not in ids:
+                    raise StoreError(f"message {upto_reply_id} is not a reply in the context of {source}")
+                context = context[:[row["id"] for row in context].index(upto_reply_id) + 1]
+            forked_at = next((row["id"] for row in reversed(context) if row["role"] == "assistant"), None)
+            await db.execute(
+                """INSERT INTO threads (key, persona, epoch, created_at, updated_at, forked_from, forked_at)
+                   VALUES (?, ?, 0, ?, ?, ?, ?)""", (str(target), origin["persona"], now, now, str(source), forked_at))
+            copied: dict[int, int] = {}
+            for row in context:  # in context order, so the copy's ids keep each question before its answer
+                cursor = await db.execute(
+                    INSERT_MESSAGE_QUERY,
+                    (str(target), row["role"], row["author"], row["text"], None, row["status"], row["created_at"],
+                     row["tokens"], row["tokenizer"]))
+                assert cursor.lastrowid is not None
+                copied[row["id"]] = int(cursor.lastrowid)
+            if forked_at is None:
+                return
+            # The state after the reply forked at, when it is the one saved: one row copied, whatever
+            # the thread's length. Otherwise the fork's first turn rebuilds from its (copied) log.
+            await db.execute(
+                f"""INSERT INTO states (thread_key, slot, fingerprint, epoch, last_message_id, token_count,
+                                        checksum, blob, updated_at)
+                    SELECT ?, 0, fingerprint, 0, ?, token_count, checksum, blob, ?
+                    FROM states WHERE thread_key = ? AND slot = {_SLOT} AND epoch = ? AND last_message_id = ?""",
+                (str(target), copied[forked_at], now, str(source), str(source), origin["epoch"], forked_at))
+
+        await self._transaction(work)
+        info = await self.get_thread(target)
+        assert info is not None
+        return info
+
     async def list_threads(self, platform: str, prefix: str = "", limit: int = 100) -> list[ThreadInfo]:
         start = f"{platform}:{prefix}"  # thread ids are case-sensitive: compare exactly, not with LIKE
         async with self.db.execute(
@@ -270,6 +343,13 @@ class SQLiteStore:
             rows = await cursor.fetchall()
         return [_message(row) for row in rows]
 
+    async def last_exchange(self, key: ThreadKey, epoch: int) -> Exchange | None:
+        async with self.db.execute(_LAST_EXCHANGE_QUERY, (str(key), epoch)) as cursor:
+            rows = list(await cursor.fetchall())
+        if len(rows) < 2 or rows[0]["role"] != "assistant" or rows[1]["role"] != "user":
+            return None
+        return Exchange(question=_message(rows[1]), reply=_message(rows[0]))
+
     async def set_status(self, message_id: int, status: Status) -> None:
         await self._write("UPDATE messages SET status = ? WHERE id = ?", (status, message_id))
 
@@ -292,6 +372,7 @@ class SQLiteStore:
     async def accept(
         self, key: ThreadKey, default_persona: str, text: str, *, author: str = "",
         platform_message_id: str | None = None, owner: str | None = None, answer: bool = True,
+        redo: bool = False,
     ) -> Accepted:
         now = self.clock()
 
@@ -301,9 +382,9 @@ class SQLiteStore:
                 (str(key), default_persona, now, now),
             )
             message_id = await self._insert_message(db, key, "user", text, author, platform_message_id,
-                                                    "pending" if answer else "done")
+                                                    "pending" if answer and not redo else "done")
             turn_id = None
-            if answer:
+            if answer or redo:
                 cursor = await db.execute(
                     """INSERT INTO turns (thread_key, message_id, phase, owner, created_at, updated_at)
                        VALUES (?, ?, 'received', ?, ?, ?)""",
@@ -417,7 +498,7 @@ class SQLiteStore:
     async def finish_turn(
         self, key: ThreadKey, user_message_id: int, reply: str, state: StateDraft | None,
         status: Status = "answered", tokens: list[int] | None = None, tokenizer: str | None = None,
-        turn_id: int | None = None, finish: str | None = None,
+        turn_id: int | None = None, finish: str | None = None, replaces: int | None = None,
     ) -> StoredMessage:
         packed = pack_tokens(tokens) if tokens is not None else None
 
@@ -425,16 +506,22 @@ class SQLiteStore:
             reply_id = await self._insert_message(db, key, "assistant", reply, "raven", None, "done",
                                                   packed, tokenizer if tokens is not None else None)
             await db.execute("UPDATE messages SET status = ? WHERE id = ?", (status, user_message_id))
+            if replaces is not None:
+                await db.execute("UPDATE messages SET status = 'replaced' WHERE id = ? AND role = 'assistant'",
+                                 (replaces,))
             if turn_id is not None:
                 await db.execute(
                     "UPDATE turns SET phase = 'generated', reply_id = ?, reason = ?, updated_at = ? WHERE id = ?",
                     (reply_id, finish, self.clock(), turn_id))
             if state is not None:
-                await db.execute(
-                    _UPSERT_STATE,
-                    (str(key), state.fingerprint, state.epoch, reply_id, state.token_count,
-                     checksum(state.blob), state.blob, self.clock()),
-                )
+                # A new reply: into the other slot, which becomes current, so the state this turn
+                # started from stays as the prior one. A replacement started from that prior state
+                # too, so it overwrites the replaced reply's state and the prior one stays.
+                upsert = _UPSERT_CURRENT_STATE if replaces is not None else _UPSERT_NEXT_STATE
+                await db.execute(upsert, (str(key), str(key), state.fingerprint, state.epoch, reply_id,
+                                          state.token_count, checksum(state.blob), state.blob, self.clock()))
+                if replaces is None:
+                    await db.execute("UPDATE threads SET state_slot = 1 - state_slot WHERE key = ?", (str(key),))
             return reply_id
 
         reply_id = await self._transaction(work)
@@ -445,7 +532,14 @@ class SQLiteStore:
     # --- states --------------------------------------------------------------------------------------
 
     async def load_state(self, key: ThreadKey) -> StoredState | None:
-        async with self.db.execute("SELECT * FROM states WHERE thread_key = ?", (str(key),)) as cursor:
+        return await self._load_state(key, _SLOT)
+
+    async def load_prior_state(self, key: ThreadKey) -> StoredState | None:
+        return await self._load_state(key, _OTHER_SLOT)
+
+    async def _load_state(self, key: ThreadKey, slot: str) -> StoredState | None:
+        async with self.db.execute(f"SELECT * FROM states WHERE thread_key = ? AND slot = {slot}",
+                                   (str(key), str(key))) as cursor:
             row = await cursor.fetchone()
         if row is None:
             return None
@@ -457,8 +551,8 @@ class SQLiteStore:
 
     async def save_state(self, key: ThreadKey, state: StateDraft, last_message_id: int) -> None:
         await self._write(
-            _UPSERT_STATE,
-            (str(key), state.fingerprint, state.epoch, last_message_id, state.token_count,
+            _UPSERT_CURRENT_STATE,
+            (str(key), str(key), state.fingerprint, state.epoch, last_message_id, state.token_count,
              checksum(state.blob), state.blob, self.clock()),
         )
 
@@ -480,12 +574,23 @@ class SQLiteStore:
         return bool(await self._transaction(work))
 
 
+    # --- export --------------------------------------------------------------------------------------
+
+    async def all_threads(self, after: ThreadKey | None = None, limit: int = 500) -> list[ThreadInfo]:
+        async with self.db.execute(
+            f"SELECT {_THREAD_COLUMNS} FROM threads t WHERE key > ? ORDER BY key LIMIT ?",
+            ("" if after is None else str(after), limit),
+        ) as cursor:
+            rows = await cursor.fetchall()
+        return [_thread(row) for row in rows]
+
 
 def _thread(row: aiosqlite.Row) -> ThreadInfo:
-    title = (row["title"] or "").strip().split("\n")[0][:80]
+    title = row["title"] if row["title"] is not None else (row["first_text"] or "").strip().split("\n")[0][:80]
     return ThreadInfo(
         key=ThreadKey.parse(row["key"]), persona=row["persona"], epoch=row["epoch"], title=title,
         created_at=row["created_at"], updated_at=row["updated_at"],
+        forked_from=ThreadKey.parse(row["forked_from"]) if row["forked_from"] else None,
     )
 
 
