@@ -682,3 +682,22 @@ class StoreContract:
             assert await again.claim_event("slack:event:E1", ttl_s=600) is False
             clock.now += 601
             assert await again.claim_event("slack:event:E1", ttl_s=600) is True
+
+    # --- export ----------------------------------------------------------------------------------------
+
+    async def test_all_threads_pages_through_every_platform_in_key_order(self, store: Store) -> None:
+        keys = [KEY, OTHER, SLACK, THIRD, ThreadKey("web", "alice/42"), ThreadKey("web", "Alice/42")]
+        for key in keys:
+            await store.ensure_thread(key, "default")
+        await store.add_message(SLACK, "user", "hello there\nsecond line")
+        await store.restart_thread(SLACK, "sql")
+        expected = sorted(str(key) for key in keys)
+        first = await store.all_threads(limit=2)
+        assert [str(info.key) for info in first] == expected[:2]
+        rest = await store.all_threads(after=first[-1].key, limit=100)
+        assert [str(info.key) for info in rest] == expected[2:]
+        assert await store.all_threads(after=rest[-1].key) == []
+        assert await store.all_threads(after=ThreadKey("web", "alice/4"), limit=1) == [await store.get_thread(
+            ThreadKey("web", "alice/42"))]
+        [slack] = [info for info in first + rest if info.key == SLACK]
+        assert (slack.persona, slack.epoch, slack.title) == ("sql", 1, "hello there")
