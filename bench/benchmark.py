@@ -91,10 +91,23 @@ class _BenchTokenizer:
         return []
 
 
+def _cache_dir() -> Path:
+    """Where the checkpoints and the tuning cache live between runs."""
+    return Path(os.environ.get("RAVEN_BENCH_CACHE", Path(tempfile.gettempdir()) / "raven-bench"))
+
+
+def _threads_setting() -> int:
+    """``RAVEN_TORCH_THREADS`` as the bot reads it (0 or unset: chosen for the machine)."""
+    value = os.environ.get("RAVEN_TORCH_THREADS", "").strip()
+    try:
+        return max(0, int(value)) if value else 0
+    except ValueError:
+        raise ConfigError(f"RAVEN_TORCH_THREADS must be a whole number, not {value!r}") from None
+
+
 def _checkpoint(size: SizeName) -> Path:
     """The random-weight checkpoint, made once per machine (a few seconds for 0.1B)."""
-    root = Path(os.environ.get("RAVEN_BENCH_CACHE", Path(tempfile.gettempdir()) / "raven-bench"))
-    path = root / f"rwkv7-{size}-seed0.pth"
+    path = _cache_dir() / f"rwkv7-{size}-seed0.pth"
     if not path.is_file():
         make_checkpoint(path, "v7", size, seed=0)
     return path
@@ -271,15 +284,15 @@ class _Direct:
     rebuild_s: float
 
 
-def _measure_directly(path: Path, device: str, dtype: str, threads: tuple[int, ...], rounds: int,
-                      decode_steps: int, say: Progress) -> _Direct:
-    dev = torch.device(device)
-    say(f"loading the package ({device} {dtype}) and the batched backend")
-    ref = PackageBackend(path, f"{device} {dtype}", max_slots=2)
+def _measure_directly(path: Path, ours: BatchedRWKV7Backend, ref_dtype: str, threads: tuple[int, ...],
+                      rounds: int, decode_steps: int, say: Progress) -> _Direct:
+    device, dtype = str(ours.device), ours.dtype
+    dev = ours.device
+    say(f"loading the package ({device} {ref_dtype})")
+    ref = PackageBackend(path, f"{device} {ref_dtype}", max_slots=2)
     if dev.type == "cuda" and dtype == "fp32":  # the package turns TF32 on at import; fp32 means fp32
         torch.backends.cuda.matmul.allow_tf32 = False
         torch.backends.cudnn.allow_tf32 = False
-    ours = BatchedRWKV7Backend(path, device=device, dtype=dtype, max_slots=max(threads) + 1)
     compare = _Comparison()
     message = _tokens(MESSAGE_TOKENS, 1)
 
@@ -326,6 +339,7 @@ def _measure_directly(path: Path, device: str, dtype: str, threads: tuple[int, .
         for _ in range(max(2, rounds)):
             started = time.perf_counter()
             ours.decode(batch)
+            _sync(dev)
             times.append(time.perf_counter() - started)
         step_rate[str(n)] = n / _median(times)
 
@@ -350,8 +364,9 @@ def run_benchmark(size: str = "0.1b", dtype: str = "fp32", device: str = "cpu",
     """
     _check_options(size, dtype, device)
     tuned = tune_allocator()  # as the bot does at start; the package's figures run under it too
-    torch_threads = torch.get_num_threads()  # also pins this thread's count (see bot.inference.threads)
+    before = torch.get_num_threads()  # also pins this thread's count (see bot.inference.threads)
     torch.set_num_threads(1)
+    torch_threads = _threads_setting()
     try:
         say = progress or (lambda message: log.info("bench: %s", message))
         result = _run(size, dtype, device, tuple(int(n) for n in threads), quick, torch_threads, say)
@@ -361,7 +376,7 @@ def run_benchmark(size: str = "0.1b", dtype: str = "fp32", device: str = "cpu",
                                             turns=6 if quick else 40))
         return result
     finally:
-        torch.set_num_threads(torch_threads)
+        torch.set_num_threads(before)
 
 
 def _check_options(size: str, dtype: str, device: str) -> None:
@@ -392,11 +407,24 @@ def _run(size: str, dtype: str, device: str, threads: tuple[int, ...], quick: bo
 
     say(f"checkpoint ({size})")
     path = _checkpoint(size)  # type: ignore[arg-type]
-    # In a thread that ends, with the torch threads the caller had: the event loop's thread stays at 1.
+    say(f"loading the batched backend ({device} {dtype}) and choosing its paths")
+    ours = BatchedRWKV7Backend(path, device=device, dtype=dtype, max_slots=max(threads) + 1,
+                               tune_cache=_cache_dir() / "tuning.json", always_tune=True)
+    # As the bot: RAVEN_TORCH_THREADS if set, else what the backend chose for this machine.
+    torch_threads = torch_threads or ours.paths.threads
+    ref_dtype, notes = dtype, []
+    if dev.type == "cpu" and dtype == "bf16" and not ours.machine.native_bf16:
+        ref_dtype = "fp32"
+        notes.append(f"bf16 is emulated on this CPU ({ours.machine.kind}): the package reference runs in "
+                     "cpu fp32, the faster choice here (its emulated bf16 took ~20 min on an AVX2 Zen 3); "
+                     "ratios are ours in bf16 against the package in fp32.")
+    for note in notes:
+        say(note)
+    # In a thread that ends, with the chosen torch threads: the event loop's thread stays at 1.
     direct = run_in_fresh_thread(
-        lambda: _measure_directly(path, device, dtype, threads, rounds, decode_steps, say),
+        lambda: _measure_directly(path, ours, ref_dtype, threads, rounds, decode_steps, say),
         name="raven-bench", torch_threads=torch_threads)
-    ours, ref = direct.ours, direct.ref
+    ref = direct.ref
 
     stall: list[float] = []
     say("time to first token, with and without history")
@@ -447,6 +475,9 @@ def _run(size: str, dtype: str, device: str, threads: tuple[int, ...], quick: bo
         "busy_streams": busy_streams,
         "rebuild_8k_s": round(direct.rebuild_s, 2),
         "size": size, "dtype": dtype, "device": device, "device_name": _device_name(dev),
+        "reference_dtype": ref_dtype, "notes": notes,
+        "machine": ours.machine.as_dict(), "cpu_kind": ours.machine.kind, "paths": ours.paths.as_dict(),
+        "paths_summary": ours.paths.summary(),
         "threads": list(threads), "torch_threads": torch_threads,
         "torch_version": torch.__version__, "quick": quick,
         "generated_tokens_per_thread": gen_tokens, "rounds": rounds,
@@ -458,8 +489,10 @@ def _run(size: str, dtype: str, device: str, threads: tuple[int, ...], quick: bo
 
 def format_table(result: dict[str, Any]) -> str:
     """The result as a fixed-width table, with the issue's targets where they apply."""
+    # bf16's targets hold where bf16 is native (then the package reference is bf16 too)
     targets = TARGETS.get(str(result.get("dtype")), {}) if result.get("size") == "0.1b" \
-        and result.get("device") == "cpu" else {}
+        and result.get("device") == "cpu" and result.get("reference_dtype", result.get("dtype")) \
+        == result.get("dtype") else {}
 
     def mark(key: str, value: float) -> str:
         if key in targets:
@@ -508,4 +541,14 @@ def format_table(result: dict[str, Any]) -> str:
                  f"({result['device_name']}), torch {result['torch_version']} with "
                  f"{result['torch_threads']} threads; {memory}; {result['elapsed_s']:.0f} s"
                  + (" [quick: figures are noisy]" if result.get("quick") else ""))
+    machine = result.get("machine") or {}
+    if machine:
+        lines.append(f"CPU: {machine['cpu_model']}, {machine['kind']}, torch capability "
+                     f"{machine['capability']}, native bf16 {'yes' if machine['native_bf16'] else 'no'}, "
+                     f"{machine['cores']} usable cores of {machine['logical_cpus']}")
+    if result.get("paths_summary"):
+        lines.append(f"paths: {result['paths_summary']}")
+    if result.get("reference_dtype", result["dtype"]) != result["dtype"]:
+        lines.append(f"package reference: {result['device']} {result['reference_dtype']}")
+    lines.extend(f"NOTE: {note}" for note in result.get("notes", []))
     return "\n".join(lines)

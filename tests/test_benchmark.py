@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import math
+import os
 import subprocess
 import sys
 from pathlib import Path
@@ -44,6 +45,36 @@ def test_quick_benchmark_reports_every_figure(tmp_path: Path, monkeypatch: pytes
     assert result["turn_overhead_ratio"] == pytest.approx(
         result["turn_overhead_ms_200"] / result["turn_overhead_ms_10"], rel=0.01)
     assert "turn overhead, thread of 200 / 10 msgs" in table
+    # the machine record and the paths chosen for it
+    machine = result["machine"]
+    assert machine["cpu_model"] and machine["capability"] == torch.backends.cpu.get_cpu_capability()
+    assert machine["cores"] >= 1 and isinstance(machine["native_bf16"], bool) and result["cpu_kind"]
+    assert result["paths"]["source"] in ("measured", "cached") and result["paths"]["matmul"]
+    assert result["torch_threads"] == result["paths"]["threads"]  # RAVEN_TORCH_THREADS unset
+    assert f"CPU: {machine['cpu_model']}" in table and f"paths: {result['paths_summary']}" in table
+    assert (tmp_path / "tuning.json").is_file()
+    assert result["reference_dtype"] == "fp32" and result["notes"] == []
+
+
+def test_bf16_without_native_support_says_so_and_measures_against_fp32(tmp_path: Path) -> None:
+    """On a CPU that emulates bf16 (here: an AVX-512 machine lowered to AVX2 by the environment, as
+    on an AVX2 Zen 3), one line says so and the package reference runs in fp32, not emulated bf16."""
+    raven = str(Path(sys.executable).with_name("raven"))
+    env = {**os.environ, "ATEN_CPU_CAPABILITY": "avx2", "ONEDNN_MAX_CPU_ISA": "AVX2",
+           "RAVEN_BENCH_CACHE": str(tmp_path)}
+    env.pop("RAVEN_TORCH_THREADS", None)
+    done = subprocess.run([raven, "bench", "--size", "tiny", "--quick", "--dtype", "bf16", "--json"],
+                          cwd=tmp_path, capture_output=True, text=True, timeout=600, env=env)
+    assert done.returncode == 0, done.stderr
+    result = json.loads(done.stdout)
+    assert result["machine"]["capability"] == "AVX2" and result["machine"]["native_bf16"] is False
+    assert result["reference_dtype"] == "fp32" and result["dtype"] == "bf16"
+    notes = [line for line in done.stderr.splitlines() if line.startswith("raven bench: bf16 is emulated")]
+    assert len(notes) == 1 and "cpu fp32" in notes[0]
+    assert "onednn" not in " ".join(result["paths"]["matmul"].values())  # oneDNN refuses bf16 at AVX2
+    table = format_table(result)
+    assert "NOTE: bf16 is emulated" in table and "package reference: cpu fp32" in table
+    assert ">= 1.5" not in table and ">= 20" not in table  # bf16's targets hold where bf16 is native
 
 
 @pytest.mark.parametrize(("option", "message"), [

@@ -73,7 +73,8 @@ def load_backend(settings: CoreSettings, path: Path) -> Backend:
         from bot.inference.rwkv7_batched import BatchedRWKV7Backend
 
         device, _, dtype = settings.strategy.strip().partition(" ")
-        return BatchedRWKV7Backend(path, device=device, dtype=dtype.strip() or "fp32", max_slots=slots)
+        return BatchedRWKV7Backend(path, device=device, dtype=dtype.strip() or "fp32", max_slots=slots,
+                                   tune_cache=settings.data_dir / "tuning.json")
     from bot.inference.package_backend import PackageBackend
 
     return PackageBackend(path, settings.strategy, max_slots=slots)

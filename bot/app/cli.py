@@ -280,6 +280,8 @@ def bench(
     except RavenError as exc:
         raise _fail(exc) from None
     if as_json:
+        for note in result.get("notes", []):  # one clear line each, beside the JSON (e.g. bf16 emulated)
+            typer.echo(f"raven bench: {note}", err=True)
         typer.echo(json.dumps(result))
     else:
         typer.echo(format_table(result))
@@ -297,6 +299,58 @@ def doctor() -> None:
     typer.echo(summary(findings))
     if any(finding.level == "fail" for finding in findings):
         raise typer.Exit(1)
+
+
+@app.command("export")
+def export_command(
+    thread: Annotated[list[str] | None, typer.Option(
+        help="A thread's key, platform:id (e.g. web:alice/42, slack:C1:1700000000.000100); repeat for more. "
+             "Default: every thread.")] = None,
+    fmt: Annotated[str, typer.Option("--format", help="jsonl or csv")] = "jsonl",
+    output: Annotated[Path | None, typer.Option(help="Write to this file instead of stdout.")] = None,
+) -> None:
+    """Write the conversations (one row per message) as JSON lines or CSV."""
+    import io
+
+    from bot.app.export import FORMATS, export
+    from bot.events import ThreadKey
+    from bot.storage import SQLiteStore
+
+    if fmt not in FORMATS:
+        typer.echo(f"raven: --format must be jsonl or csv, not {fmt!r}", err=True)
+        raise typer.Exit(2)
+    try:
+        keys = [ThreadKey.parse(key) for key in thread or []]
+    except ValueError as exc:
+        typer.echo(f"raven: --thread: {exc} (a key is platform:id, e.g. web:alice/42)", err=True)
+        raise typer.Exit(2) from None
+    settings = _settings()
+    database = settings.database_path
+    if not database.is_file():
+        raise _fail(RavenError(f"no database at {database} (RAVEN_DATABASE, RAVEN_DATA_DIR)"))
+
+    async def write(out: Any) -> int:
+        async with SQLiteStore(database) as store:
+            return await export(store, out, fmt, keys)  # type: ignore[arg-type]
+
+    try:
+        if output is None:
+            stdout = io.TextIOWrapper(sys.stdout.buffer, encoding="utf-8", newline="", write_through=True)
+            try:
+                rows = asyncio.run(write(stdout))
+            finally:
+                stdout.detach()
+        else:  # written aside and moved into place: a failed export leaves no half file
+            partial = output.with_name(output.name + ".partial")
+            try:
+                with partial.open("w", encoding="utf-8", newline="") as out:
+                    rows = asyncio.run(write(out))
+                partial.replace(output)
+            finally:
+                partial.unlink(missing_ok=True)
+    except RavenError as exc:
+        raise _fail(exc) from None
+    typer.echo(f"exported {rows} messages" + (f" to {output}" if output else ""), err=True)
 
 
 def main() -> None:

@@ -68,7 +68,8 @@ class Backend(Protocol):
         ...
 
     def decode(self, tokens: Sequence[int]) -> torch.Tensor:
-        """One token per slot ``0 .. len(tokens)-1``; returns fp32 CPU logits (B, V)."""
+        """One token per slot ``0 .. len(tokens)-1``; returns fp32 logits (B, V) on ``device``: the
+        sampler runs where they are, so a GPU step copies back B token ids, not B × vocab logits."""
         ...
 
 

@@ -34,6 +34,7 @@ import torch
 from bot.errors import EngineBusy, RavenError
 from bot.inference import state_codec
 from bot.inference.backend import Backend, ModelState, State
+from bot.inference.machine import usable_cores
 from bot.inference.sampling import END_OF_TEXT, RowSampler, SamplingParams, sample_rows
 from bot.inference.threads import settle
 from bot.inference.tokenizer import Tokenizer
@@ -43,7 +44,8 @@ T = TypeVar("T")
 COALESCE_S = 0.002
 MAX_ADMIT_ROUNDS = 4
 """Distinct prompt lengths admitted in one step: each is one more pass over the weights."""
-FinishReason = Literal["stop", "length", "timeout", "stopped", "cancelled", "error"]
+FinishReason = Literal["stop", "length", "timeout", "stopped", "halted", "cancelled", "error"]
+"""``stopped``: the engine is wrapping up (shutdown); ``halted``: this one reply was asked to stop."""
 
 
 @dataclass
@@ -99,6 +101,7 @@ class _Job:
         self.chunks: asyncio.Queue[str | None] = asyncio.Queue()
         self.result: asyncio.Future[object] = loop.create_future()
         self.cancelled = False
+        self.halted = False  # asked to stop (Generation.stop): closed like a timeout, as ``halted``
         # ---
         self.position = 0
         self.loaded = False
@@ -149,6 +152,13 @@ class Generation:
         self._job.cancelled = True
         self._engine._wake()
 
+    def stop(self) -> None:
+        """End the reply at the next step and keep what was written: the model still reads the
+        reply's segment, so the saved state matches the kept text (finish reason ``halted``)."""
+        self._job.halted = True
+        self._job.deadline = float("-inf")
+        self._engine._wake()
+
 
 @dataclass
 class EngineStats:
@@ -159,6 +169,13 @@ class EngineStats:
     busy_rejections: int = 0
     step_seconds: float = 0.0
     prefill_sizes: deque[int] = field(default_factory=lambda: deque(maxlen=4096))
+
+
+def _chosen_threads(backend: Backend) -> int:
+    """The thread count the backend measured or chose at load, else one per usable core."""
+    paths = getattr(backend, "paths", None)
+    threads = getattr(paths, "threads", 0)
+    return int(threads) if threads else usable_cores()
 
 
 class Engine:
@@ -174,7 +191,10 @@ class Engine:
         self.prefill_chunk = prefill_chunk
         self.max_queue = max_queue
         self.reply_timeout_s = reply_timeout_s
-        self.torch_threads = torch_threads
+        #: 0: what the backend chose for this machine (bot.inference.paths), else one per usable core
+        self.torch_threads = torch_threads or _chosen_threads(backend)
+        log.info("engine: %d torch thread(s) (%s)", self.torch_threads,
+                 "RAVEN_TORCH_THREADS" if torch_threads else "chosen for this machine")
         self.stats = EngineStats()
         self._prefill_slot = max_batch
         self._cond = threading.Condition()
@@ -395,7 +415,7 @@ class Engine:
             if job.cancelled:
                 self._drop(job)
             elif now > job.deadline:
-                self._close(job, "stopped" if self._wrapping_up else "timeout")
+                self._close(job, self._cut_reason(job))
         if not self._decoding:
             return
         batch = list(self._decoding)
@@ -418,14 +438,17 @@ class Engine:
             for (job, _), token in zip(sampling, tokens, strict=True):
                 self._accept(job, token)
 
+    def _cut_reason(self, job: _Job) -> FinishReason:
+        """Why a reply past its deadline ends: asked to stop, shutting down, or out of time."""
+        return "halted" if job.halted else "stopped" if self._wrapping_up else "timeout"
+
     def _next_prefill(self) -> _Job | None:
         with self._cond:
             while self._waiting:
                 job = self._waiting[0]
                 if job.cancelled or time.monotonic() > job.deadline:
                     self._waiting.popleft()
-                    self._end_unstarted(job, "cancelled" if job.cancelled
-                                        else "stopped" if self._wrapping_up else "timeout")
+                    self._end_unstarted(job, "cancelled" if job.cancelled else self._cut_reason(job))
                     continue
                 if job.request is not None and len(self._decoding) >= self.max_batch:
                     return None  # no room to stream another reply yet
@@ -593,8 +616,9 @@ class Engine:
     def _complete(self, job: _Job, logits: torch.Tensor | None) -> None:
         """The reply's segment has been read: save the state and free the slot."""
         index = self._decoding.index(job)
+        saved = logits.to("cpu", torch.float32, copy=True) if logits is not None else None  # one row
         final = ModelState(self.backend.read_slot(index),
-                           logits.float().clone() if logits is not None else torch.zeros(self.backend.vocab_size),
+                           saved if saved is not None else torch.zeros(self.backend.vocab_size),
                            job.token_count + len(job.segment))
         self._remove(index)
         job.resolve(Completion(job.text, job.finish or "stop", len(job.generated), final, list(job.segment)))

@@ -80,5 +80,5 @@ class PackageBackend:
             state = self._slots[slot]
             assert state is not None, f"slot {slot} is empty"
             logits, self._slots[slot] = self.model.forward([token], state)
-            rows.append(logits.float().cpu())
-        return torch.stack(rows)
+            rows.append(logits.float())
+        return torch.stack(rows)  # on the model's device, like the batched backend's

@@ -41,8 +41,10 @@ matrix-vector product, so we do it in O(N²) in place.
 from __future__ import annotations
 
 import logging
-from collections.abc import Sequence
+import time
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
+from functools import partial
 from pathlib import Path
 
 import torch
@@ -51,6 +53,20 @@ import torch.nn.functional as F
 from bot.errors import ModelLoadError, NonFiniteLogitsError
 from bot.inference.backend import State
 from bot.inference.checkpoint import detect_family, read_state_dict
+from bot.inference.linear import Linear
+from bot.inference.machine import Machine, bf16_warning, detect
+from bot.inference.paths import (
+    DEFAULT_WKV_CHUNK,
+    WKV_CHUNKS,
+    Paths,
+    TuneCache,
+    by_capability,
+    candidates,
+    least_regret,
+    median_seconds,
+    shape_key,
+    tune_matmul,
+)
 from bot.inference.threads import run_in_fresh_thread
 
 log = logging.getLogger(__name__)
@@ -58,58 +74,18 @@ log = logging.getLogger(__name__)
 DTYPES: dict[str, torch.dtype] = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
 PREFILL_CHUNK = 256
 """Tokens per prefill call into the layers: bounds activation memory and keeps the engine responsive."""
-WKV_CHUNK = 32
-"""Tokens per closed-form wkv block in prefill (see ``_wkv_seq``): 32 keeps the cumulative decay
-inside a range where fp32 loses nothing that matters (≥ 0.545^32 ≈ 4e-9) and the L×L products small."""
-PREPACK_BATCH = {torch.float32: 64, torch.bfloat16: 16}
-"""Batch size oneDNN lays the CPU weights out for; measured best for decode at B = 1..64 on 2 cores."""
+WKV_CHUNK = DEFAULT_WKV_CHUNK
+"""Tokens per closed-form wkv block in prefill (see ``_wkv_seq``) unless the tuner picks another of
+``WKV_CHUNKS``: 32 keeps the cumulative decay inside a range where fp32 loses nothing that matters
+(≥ 0.545^32 ≈ 4e-9) and the L×L products small."""
+MIN_TUNE_PARAMS = 20_000_000
+"""Below this many weights a model's steps take microseconds: measuring its paths says nothing."""
 LOG_W_SCALE = -0.606531  # log w = -exp(-0.5) · sigmoid(·): the package's literal, kept for bit-faithfulness
 
 
 # --------------------------------------------------------------------------------------------------
 # Weights
 # --------------------------------------------------------------------------------------------------
-
-
-class _Linear:
-    """``y = x @ W.T`` with the fastest kernel PyTorch offers for the device.
-
-    On CPU, oneDNN's ``mkldnn._linear_pointwise`` runs fp32 matmuls at ~2× MKL's speed on the AMD
-    machines we measured (≈500 vs ≈215 GFLOP/s for 256×768 @ 768×3072 on 2 cores, and 45 vs 28 GB/s
-    for the 768×65536 head at one row). The weight is reordered once ("prepacked") into oneDNN's
-    blocked layout for a typical batch (``PREPACK_BATCH``): +20-35% on decode at B = 1..64, in fp32
-    and bf16. Elsewhere (CUDA, fp16) it is ``F.linear`` (cuBLAS).
-    """
-
-    def __init__(self, weight: torch.Tensor, use_mkldnn: bool) -> None:
-        self.out_features, self.in_features = weight.shape
-        self.use_mkldnn = use_mkldnn
-        self.weight = weight
-        if use_mkldnn:
-            hint = PREPACK_BATCH.get(weight.dtype, 16)
-            self.weight = torch.ops.mkldnn._reorder_linear_weight(weight, hint)
-
-    def __call__(self, x: torch.Tensor) -> torch.Tensor:
-        if not self.use_mkldnn:
-            return F.linear(x, self.weight)
-        lead = x.shape[:-1]
-        y = torch.ops.mkldnn._linear_pointwise(x.reshape(-1, self.in_features), self.weight, None,
-                                               "none", [], "")
-        return y.view(*lead, self.out_features)
-
-
-def _mkldnn_works(device: torch.device, dtype: torch.dtype) -> bool:
-    """oneDNN's linear is a private op: use it only where it exists and gives the right answer."""
-    if device.type != "cpu" or dtype == torch.float16 or not torch.backends.mkldnn.is_available():
-        return False
-    try:
-        w = torch.randn(8, 16).to(dtype)
-        x = torch.randn(3, 16).to(dtype)
-        got = _Linear(w, True)(x).float()
-        return bool(torch.allclose(got, F.linear(x.float(), w.float()), atol=5e-2, rtol=5e-2))
-    except Exception as exc:  # an op missing in this torch build: fall back quietly
-        log.debug("oneDNN linear unavailable (%s); using F.linear", exc)
-        return False
 
 
 @dataclass
@@ -120,27 +96,27 @@ class _Layer:
     ln2: tuple[torch.Tensor, torch.Tensor]
     maa: torch.Tensor  # (6, C): token-shift mix for r, w, k, v, a, g
     w0: torch.Tensor
-    w1: _Linear
-    w2: _Linear
+    w1: Linear
+    w2: Linear
     a0: torch.Tensor
-    a1: _Linear
-    a2: _Linear
+    a1: Linear
+    a2: Linear
     v0: torch.Tensor | None  # layer 0 has no value residual
-    v1: _Linear | None
-    v2: _Linear | None
-    g1: _Linear
-    g2: _Linear
+    v1: Linear | None
+    v2: Linear | None
+    g1: Linear
+    g2: Linear
     k_k: torch.Tensor
     k_a: torch.Tensor
     r_k: torch.Tensor  # (H, N)
-    receptance: _Linear
-    key: _Linear
-    value: _Linear
-    output: _Linear
+    receptance: Linear
+    key: Linear
+    value: Linear
+    output: Linear
     ln_x: tuple[torch.Tensor, torch.Tensor]
     ffn_x_k: torch.Tensor
-    ffn_key: _Linear
-    ffn_value: _Linear
+    ffn_key: Linear
+    ffn_value: Linear
 
 
 def _expected_shapes(sd: dict[str, torch.Tensor], n_layer: int, C: int, V: int) -> dict[str, tuple[int, ...]]:
@@ -338,7 +314,11 @@ class BatchedRWKV7Backend:
 
     family: str = "v7"
 
-    def __init__(self, path: Path, device: str = "cpu", dtype: str = "fp32", max_slots: int = 64) -> None:
+    def __init__(self, path: Path, device: str = "cpu", dtype: str = "fp32", max_slots: int = 64,
+                 tune_cache: Path | None = None, always_tune: bool = False) -> None:
+        """``tune_cache``: measure the fast paths at load and keep the choices in this JSON file (see
+        ``bot.inference.paths``); None chooses them by capability, without measuring. A model under
+        ``MIN_TUNE_PARAMS`` (a test or demo model) is measured only with ``always_tune``."""
         if dtype not in DTYPES:
             raise ModelLoadError(f"dtype must be one of {', '.join(DTYPES)}, not {dtype!r}")
         dev = torch.device(device)
@@ -351,6 +331,12 @@ class BatchedRWKV7Backend:
         self.dtype = dtype
         self.torch_dtype = DTYPES[dtype]
         self.max_slots = max_slots
+        self._tune_cache = TuneCache(tune_cache) if tune_cache is not None else None
+        self._always_tune = always_tune
+        self.machine: Machine = detect()
+        self.bf16_warning = bf16_warning(self.machine) if dev.type == "cpu" and dtype == "bf16" else None
+        if self.bf16_warning:
+            log.warning("%s", self.bf16_warning)
         sd = read_state_dict(self.path)
         self.n_layer, self.n_embd, self.vocab_size = _validate(self.path, sd)
         self.n_head, self.head_size = (int(s) for s in sd["blocks.0.att.r_k"].shape)
@@ -362,22 +348,117 @@ class BatchedRWKV7Backend:
     # ---- loading -----------------------------------------------------------------------------
 
     def _load(self, sd: dict[str, torch.Tensor]) -> None:
-        """Weights into their forward shapes, and the empty state pool."""
-        self._mkldnn = _mkldnn_works(self.device, self.torch_dtype)
+        """Paths chosen, weights into their forward shapes, the empty state pool, threads measured."""
+        params = sum(t.numel() for t in sd.values())
+        self.tune_cache = self._tune_cache if self._always_tune or params >= MIN_TUNE_PARAMS else None
+        self.paths = self._choose_paths(sd)
         self._load_weights(sd)
         L, S, C, H, N = self.n_layer, self.max_slots, self.n_embd, self.n_head, self.head_size
         self.att_x = torch.zeros(L, S, C, dtype=self.torch_dtype, device=self.device)
         self.wkv = torch.zeros(L, S * H, N, N, dtype=torch.float32, device=self.device)  # slot-major heads
         self.ffn_x = torch.zeros(L, S, C, dtype=self.torch_dtype, device=self.device)
+        if self.tune_cache is not None and self.device.type == "cpu":
+            self._tune_threads()
+        log.info("RWKV-7 %s on %s (%s, %s): %s", self.dtype, self.device, self.machine.cpu_model,
+                 self.machine.kind, self.paths.summary())
+
+    # ---- choosing the paths (see bot.inference.paths) -------------------------------------------
+
+    def _matrices(self, sd: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+        """One checkpoint matrix per distinct (out, in) shape the forward multiplies by, in its
+        forward dtype and layout (LoRA factors are stored (in, out))."""
+        found: dict[str, torch.Tensor] = {}
+        names = [("head.weight", False)] + [
+            (f"blocks.{i}.{name}", name.split(".")[1] in ("w1", "w2", "a1", "a2", "v1", "v2", "g1", "g2"))
+            for i in range(min(2, self.n_layer))
+            for name in ("att.receptance.weight", "att.key.weight", "att.value.weight", "att.output.weight",
+                         "ffn.key.weight", "ffn.value.weight", "att.w1", "att.w2", "att.a1", "att.a2",
+                         "att.v1", "att.v2", "att.g1", "att.g2")]
+        for name, transpose in names:
+            if name not in sd:
+                continue
+            t = sd[name].squeeze()
+            shape = tuple(reversed(t.shape)) if transpose else tuple(t.shape)
+            key = shape_key(shape)
+            if key not in found:
+                w = t.to(device=self.device, dtype=self.torch_dtype)
+                found[key] = (w.t() if transpose else w).contiguous()
+        return found
+
+    def _choose_paths(self, sd: dict[str, torch.Tensor]) -> Paths:
+        matrices = self._matrices(sd)
+        shapes = [tuple(int(s) for s in m.shape) for m in matrices.values()]
+        paths = by_capability(shapes, self.device, self.torch_dtype, self.machine.cores)
+        if self.tune_cache is None or self.device.type != "cpu":
+            return paths
+        key = TuneCache.key(self.machine, self.device, self.torch_dtype,
+                            (self.n_layer, self.n_embd, self.vocab_size))
+        cached = self.tune_cache.get(key)
+        if cached is not None and set(cached["matmul"]) == set(paths.matmul):
+            paths.matmul, paths.wkv_chunk, paths.source = dict(cached["matmul"]), int(cached["wkv_chunk"]), "cached"
+            return paths
+        started = time.perf_counter()
+        paths.matmul, paths.timings["matmul_ms"] = tune_matmul(matrices, candidates(self.device, self.torch_dtype))
+        paths.wkv_chunk, paths.timings["wkv_chunk_ms"] = self._tune_wkv_chunk()
+        paths.source, paths.tune_seconds = "measured", time.perf_counter() - started
+        self.tune_cache.put(key, paths.matmul, paths.wkv_chunk)
+        return paths
+
+    def _tune_wkv_chunk(self) -> tuple[int, dict[str, float]]:
+        """The closed-form block length that reads a ``PREFILL_CHUNK``-token prompt fastest here."""
+        H, N, T = self.n_head, self.head_size, PREFILL_CHUNK
+        g = torch.Generator().manual_seed(0)
+
+        def rand(*shape: int) -> torch.Tensor:
+            return torch.rand(*shape, generator=g).to(self.device)
+
+        r, k, v = (rand(1, T, H, N) - 0.5 for _ in range(3))
+        kk = F.normalize(rand(1, T, H, N) - 0.5, dim=-1)
+        log_w, a = LOG_W_SCALE * rand(1, T, H, N), rand(1, T, H, N)
+        state = torch.zeros(H, N, N, device=self.device)
+
+        def run(chunk: int) -> Callable[[], object]:
+            return lambda: _wkv_seq(state, r, log_w, k, v, kk, a, chunk=chunk)
+
+        order = sorted(WKV_CHUNKS, key=lambda c: c != DEFAULT_WKV_CHUNK)  # the default wins ties
+        times = {str(c): [median_seconds(run(c), repeats=3, warmup=1)] for c in order}
+        best = least_regret(times)
+        return int(best), {c: round(t[0] * 1e3, 3) for c, t in times.items()}
+
+    def _tune_threads(self) -> None:
+        """All usable cores, or one thread, whichever runs real decode steps faster right now (one
+        stream and a batch): with other processes busy on the same cores, one OpenMP thread beat two
+        by 2.5× for a whole chat. Measured at every load, not cached: it depends on the neighbours."""
+        cores = self.machine.cores
+        options = [cores] + ([cores // 2] if cores >= 4 else []) + ([1] if cores > 1 else [])
+        if len(options) == 1:
+            self.paths.threads_source = "the only core"
+            return
+        before = torch.get_num_threads()
+        batch = min(16, self.max_slots)
+        times: dict[str, list[float]] = {}
+        try:
+            for n in options:
+                torch.set_num_threads(n)
+                times[str(n)] = [median_seconds(partial(self.decode, [1] * b), repeats=3, warmup=1)
+                                 for b in (1, batch)]
+        finally:
+            torch.set_num_threads(before)
+        for t in (self.att_x, self.wkv, self.ffn_x):
+            t.zero_()
+        self.paths.threads = int(least_regret(times))
+        self.paths.threads_source = "measured at load"
+        self.paths.timings["threads_ms"] = {n: [round(x * 1e3, 3) for x in t] for n, t in times.items()}
 
     def _t(self, t: torch.Tensor, dtype: torch.dtype | None = None) -> torch.Tensor:
         """A checkpoint tensor on our device and in our dtype, squeezed of the format's 1×1 dims."""
         return t.to(device=self.device, dtype=dtype or self.torch_dtype).squeeze().contiguous()
 
-    def _lin(self, t: torch.Tensor, transpose: bool = False) -> _Linear:
+    def _lin(self, t: torch.Tensor, transpose: bool = False) -> Linear:
         """Checkpoint matrices are (out, in) except the LoRA factors, which are stored (in, out)."""
         w = t.to(device=self.device, dtype=self.torch_dtype)
-        return _Linear((w.t() if transpose else w).contiguous(), self._mkldnn)
+        w = (w.t() if transpose else w).contiguous()
+        return Linear(w, self.paths.kernel(w.shape))
 
     def _load_weights(self, sd: dict[str, torch.Tensor]) -> None:
         C = self.n_embd
@@ -470,7 +551,8 @@ class BatchedRWKV7Backend:
             return t.view(S_, T, H, N)
 
         # contiguous: a padded last chunk leaves a strided view, which group_norm's .view cannot take
-        y = _wkv_seq(state, heads(r), heads(log_w), heads(k), heads(v), heads(kk), heads(a))
+        y = _wkv_seq(state, heads(r), heads(log_w), heads(k), heads(v), heads(kk), heads(a),
+                     chunk=self.paths.wkv_chunk)
         return y.reshape(S_, T, C).contiguous()
 
     def _channel_mix(self, i: int, x: torch.Tensor, slots: slice) -> torch.Tensor:
@@ -579,5 +661,6 @@ class BatchedRWKV7Backend:
             raise ValueError(f"decode takes 1..{self.max_slots} tokens (one per slot), got {B}")
         ids = torch.tensor(list(tokens), dtype=torch.long, device=self.device)
         with torch.no_grad():
-            return self._forward(ids.view(B, 1), slice(0, B)).cpu()
+            # On the device: the engine samples there and copies back only the chosen ids.
+            return self._forward(ids.view(B, 1), slice(0, B))
 

@@ -19,6 +19,10 @@ cut is found among a few candidates per row, all rows at once:
 ``k`` starts at twice the largest cut seen in the previous step (a real model's nucleus is often a
 few tokens), so a peaked batch pays for 64 candidates, a flat one for 512. The draw itself uses one
 number from the row's own ``random.Random``, so a reply is the same alone or batched.
+
+Everything runs on the device the logits are on (a CUDA decode step's logits stay on the GPU): only
+B-sized results (the chosen ids, which rows were resolved) come back to the CPU, never a row of the
+vocabulary (64 × 65,536 fp32 is 16 MB a step).
 """
 
 from __future__ import annotations
@@ -111,23 +115,24 @@ class RowSampler:
 
 def _penalise_rows(logits: torch.Tensor, samplers: list[RowSampler]) -> None:
     """Every row's bans and penalties in three indexed writes, not three per row."""
+    device = logits.device
     never = samplers[0].never
     if never is not None and never.numel() and all(s.never is never for s in samplers):
-        logits[:, never] = float("-inf")
+        logits[:, never.to(device)] = float("-inf")
     else:
         for row, sampler in zip(logits, samplers, strict=True):
             if sampler.never is not None and sampler.never.numel():
-                row[sampler.never] = float("-inf")
+                row[sampler.never.to(device)] = float("-inf")
     banned = [(i, token) for i, s in enumerate(samplers) for token in s.banned]
     if banned:
         rows, ids = zip(*banned, strict=True)
-        logits[list(rows), list(ids)] = float("-inf")
+        logits[torch.tensor(rows, device=device), torch.tensor(ids, device=device)] = float("-inf")
     parts = [s._penalties() for s in samplers]
     counts = [len(ids) for ids, _ in parts]
     if sum(counts):
-        rows_index = torch.from_numpy(np.repeat(np.arange(len(samplers)), counts))
-        ids_index = torch.from_numpy(np.concatenate([ids for ids, _ in parts]))
-        amounts = torch.from_numpy(np.concatenate([a for _, a in parts])).to(logits.dtype)
+        rows_index = torch.from_numpy(np.repeat(np.arange(len(samplers)), counts)).to(device)
+        ids_index = torch.from_numpy(np.concatenate([ids for ids, _ in parts])).to(device)
+        amounts = torch.from_numpy(np.concatenate([a for _, a in parts])).to(device, logits.dtype)
         logits.index_put_((rows_index, ids_index), -amounts, accumulate=True)
 
 
@@ -143,7 +148,7 @@ def _candidates(probs: torch.Tensor, k: int) -> tuple[torch.Tensor, torch.Tensor
     rows, width = probs.shape
     if k >= width:
         values, ids = torch.sort(probs, dim=-1, descending=True)
-        return values, ids, torch.full((rows,), width)
+        return values, ids, torch.full((rows,), width, device=probs.device)
     levels = [probs]  # levels[i + 1][:, j] = max of levels[i][:, j + m * parts], m < CHUNK
     while levels[-1].shape[1] % CHUNK == 0 and levels[-1].shape[1] // CHUNK >= 2 * k:
         levels.append(levels[-1].view(rows, CHUNK, -1).amax(dim=1))
@@ -156,7 +161,7 @@ def _candidates(probs: torch.Tensor, k: int) -> tuple[torch.Tensor, torch.Tensor
         parts = finer.shape[1] // CHUNK
         # The smallest maximum kept at the level being left; at the finest level it bounds the result.
         th = top.values.amin(dim=-1, keepdim=True)
-        columns = (ids.unsqueeze(-1) + torch.arange(CHUNK) * parts).view(rows, -1)
+        columns = (ids.unsqueeze(-1) + torch.arange(CHUNK, device=ids.device) * parts).view(rows, -1)
         top = torch.topk(finer.gather(1, columns), k, dim=-1, sorted=finer is probs)
         ids = columns.gather(1, top.indices)
     return top.values, ids, (top.values > th).sum(dim=-1)
@@ -167,7 +172,8 @@ def _draw(values: torch.Tensor, ids: torch.Tensor, exact: torch.Tensor, complete
     """One token per row from its sorted candidates (``complete``: the whole vocabulary), or None
     where the cut is not among them. ``draws`` are the rows' uniform numbers in [0, 1)."""
     k = values.shape[1]
-    top_p = torch.tensor([s.params.top_p for s in samplers], dtype=values.dtype).unsqueeze(1)
+    device = values.device
+    top_p = torch.tensor([s.params.top_p for s in samplers], dtype=values.dtype, device=device).unsqueeze(1)
     cumulative = values.cumsum(dim=-1)
     cut = torch.searchsorted(cumulative, top_p).squeeze(1)  # first index where the sum reaches top_p
     cutoff = values.gather(1, cut.clamp(max=k - 1).unsqueeze(1))
@@ -176,18 +182,18 @@ def _draw(values: torch.Tensor, ids: torch.Tensor, exact: torch.Tensor, complete
     resolved = (cut < exact) & ((keep < k) | complete)
     if complete:
         resolved |= cut >= k  # rounding kept the sum below top_p: keep everything, as before
-    top_k = torch.tensor([s.params.top_k for s in samplers])
+    top_k = torch.tensor([s.params.top_k for s in samplers], device=device)
     limited = top_k > 0
     keep = torch.where(limited, torch.minimum(keep, top_k), keep)
     resolved |= limited & (top_k <= exact)  # the nucleus reaches past top_k: exactly top_k stay
     keep = keep.clamp(min=1, max=k)
-    inverse_t = torch.tensor([1.0 / s.params.temperature for s in samplers], dtype=values.dtype)
+    inverse_t = torch.tensor([1.0 / s.params.temperature for s in samplers], dtype=values.dtype, device=device)
     # Relative to the row's top probability, so a low temperature cannot underflow every weight.
     weights = (values / values[:, :1]).pow(inverse_t.unsqueeze(1))
-    weights = weights.masked_fill(torch.arange(k) >= keep.unsqueeze(1), 0.0)
+    weights = weights.masked_fill(torch.arange(k, device=device) >= keep.unsqueeze(1), 0.0)
     running = weights.cumsum(dim=-1)
     total = running.gather(1, (keep - 1).unsqueeze(1))
-    target = torch.tensor(draws, dtype=values.dtype).unsqueeze(1) * total
+    target = torch.tensor(draws, dtype=values.dtype, device=device).unsqueeze(1) * total
     index = torch.searchsorted(running, target, right=True).squeeze(1)
     index = torch.minimum(index, keep - 1)
     chosen = ids.gather(1, index.unsqueeze(1)).squeeze(1).tolist()
@@ -208,7 +214,7 @@ def _first_k(samplers: list[RowSampler]) -> int:
 
 
 def sample_rows(logits: torch.Tensor, samplers: list[RowSampler]) -> list[int]:
-    """One token per row of ``logits`` (B, V); modifies ``logits`` in place."""
+    """One token per row of ``logits`` (B, V), on whatever device they are; modifies ``logits``."""
     _penalise_rows(logits, samplers)
     probs = torch.softmax(logits.float(), dim=-1)
     width = probs.shape[1]

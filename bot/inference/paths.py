@@ -1,0 +1,176 @@
+"""The fast paths for this machine and model: matmul kernel per weight shape, wkv chunk, threads.
+
+Two ways to choose, both logged and reported by ``raven bench``:
+
+* **by capability** (no measurement; what a backend built without a tuning cache uses): oneDNN
+  prepacked wherever it works (fp32 laid out for 64 rows, bf16 for 16), else ``F.linear``; a wkv
+  chunk of 32; one torch thread per usable core (affinity and cgroup quota, not the host's count).
+* **measured at load** (``raven run`` and the benchmark): each distinct weight shape is timed with
+  every kernel that works here at one row and at a batch, and the kernel with the smallest *regret*
+  wins — the largest factor by which it is slower than the best kernel at any of those batch sizes,
+  so the choice is never far from the best for one stream nor for a busy bot. The prefill's wkv
+  chunk is timed the same way, and so is the thread count on a real decode step (1 vs all cores:
+  on a machine whose cores are busy, one thread was 2.5× faster for a whole chat). Kernel and chunk
+  choices are cached per machine, torch version and model shape (a JSON file), so a restart costs
+  nothing; the thread count is measured at every load, because it depends on what else runs.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import statistics
+import time
+from collections.abc import Callable, Mapping, Sequence
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from bot.inference.linear import PLAIN, Linear, mkldnn_works, onednn
+from bot.inference.machine import Machine
+
+log = logging.getLogger(__name__)
+
+DEFAULT_WKV_CHUNK = 32
+WKV_CHUNKS = (16, 32, 64)
+"""Closed-form wkv block lengths tried; 64 is the longest that keeps the decay ratios in fp32's range."""
+PREPACK_BATCH = {torch.float32: 64, torch.bfloat16: 16}
+"""The capability default's oneDNN layout: measured best for decode at B = 1..64 on the Zen 4 machine."""
+TUNE_BATCHES = (1, 16)
+"""Rows per call the matmul kernels are timed at: one stream, and a busy bot's batch."""
+TIE = 1.05
+"""A candidate within 5% of the best counts as as good: the earlier (preferred) one is kept."""
+
+
+@dataclass
+class Paths:
+    """What the backend runs with. ``matmul`` maps a weight shape ``"OUTxIN"`` to its kernel."""
+
+    matmul: dict[str, str]
+    wkv_chunk: int
+    threads: int
+    source: str  # "capability", "measured" or "cached" (kernels and chunk); threads say their own
+    threads_source: str = "cores"
+    tune_seconds: float = 0.0
+    timings: dict[str, Any] = field(default_factory=dict)
+
+    def kernel(self, shape: Sequence[int]) -> str:
+        return self.matmul.get(shape_key(shape), PLAIN)
+
+    def summary(self) -> str:
+        """One line for the log and the benchmark's printout."""
+        counts: dict[str, int] = {}
+        for kernel in self.matmul.values():
+            counts[kernel] = counts.get(kernel, 0) + 1
+        kernels = ", ".join(f"{k} for {n} shape{'s' if n > 1 else ''}" for k, n in sorted(counts.items()))
+        return (f"matmul {kernels or 'plain'}; wkv chunk {self.wkv_chunk}; {self.threads} torch "
+                f"thread{'s' if self.threads > 1 else ''} ({self.threads_source}); chosen by {self.source}"
+                + (f" in {self.tune_seconds:.1f} s" if self.source == "measured" else ""))
+
+    def as_dict(self) -> dict[str, Any]:
+        return asdict(self)
+
+
+def shape_key(shape: Sequence[int]) -> str:
+    return "x".join(str(int(s)) for s in shape)
+
+
+def candidates(device: torch.device, dtype: torch.dtype) -> list[str]:
+    """The kernels that work here, the capability default first."""
+    if not mkldnn_works(device, dtype):
+        return [PLAIN]
+    hint = PREPACK_BATCH.get(dtype, 16)
+    return [onednn(hint), onednn(16 if hint == 64 else 64), PLAIN]
+
+
+def by_capability(shapes: Sequence[Sequence[int]], device: torch.device, dtype: torch.dtype,
+                  cores: int) -> Paths:
+    best = candidates(device, dtype)[0]
+    return Paths({shape_key(s): best for s in shapes}, DEFAULT_WKV_CHUNK, cores, "capability")
+
+
+def median_seconds(fn: Callable[[], object], repeats: int = 5, warmup: int = 2,
+                   sync: Callable[[], None] = lambda: None) -> float:
+    for _ in range(warmup):
+        fn()
+    sync()
+    times = []
+    for _ in range(repeats):
+        started = time.perf_counter()
+        fn()
+        sync()
+        times.append(time.perf_counter() - started)
+    return float(statistics.median(times))
+
+
+def least_regret(times: Mapping[str, Sequence[float]]) -> str:
+    """The candidate whose worst ratio to the best time, over the measured cases, is smallest;
+    ``times`` lists each candidate's time per case, in preference order (ties keep the earlier)."""
+    names = list(times)
+    cases = len(times[names[0]])
+    best = [min(times[n][i] for n in names) for i in range(cases)]
+    regret = {n: max(times[n][i] / max(best[i], 1e-12) for i in range(cases)) for n in names}
+    lowest = min(regret.values())
+    return next(n for n in names if regret[n] <= lowest * TIE)
+
+
+def tune_matmul(weights: Mapping[str, torch.Tensor], kernels: Sequence[str],
+                batches: Sequence[int] = TUNE_BATCHES) -> tuple[dict[str, str], dict[str, Any]]:
+    """Per shape (one real weight each), the kernel of least regret over ``batches``."""
+    chosen: dict[str, str] = {}
+    report: dict[str, Any] = {}
+    for key, weight in weights.items():
+        if len(kernels) == 1:
+            chosen[key] = kernels[0]
+            continue
+        times: dict[str, list[float]] = {}
+        for kernel in kernels:
+            linear = Linear(weight, kernel)
+            times[kernel] = []
+            for rows in batches:
+                x = torch.randn(rows, weight.shape[1]).to(weight.dtype) * 0.1
+                times[kernel].append(median_seconds(lambda lin=linear, x=x: lin(x)))  # type: ignore[misc]
+            del linear
+        chosen[key] = least_regret(times)
+        report[key] = {k: [round(t * 1e3, 3) for t in v] for k, v in times.items()}
+    return chosen, report
+
+
+class TuneCache:
+    """Kernel and chunk choices per machine, torch version, device, dtype and model shape, in one
+    JSON file (written atomically; a damaged file is ignored and rewritten)."""
+
+    def __init__(self, path: Path) -> None:
+        self.path = Path(path)
+
+    @staticmethod
+    def key(machine: Machine, device: torch.device, dtype: torch.dtype, shape: tuple[int, int, int]) -> str:
+        n_layer, n_embd, vocab = shape
+        return (f"{machine.cpu_model} | {machine.kind} | {machine.cores} cores | torch {torch.__version__} | "
+                f"{device.type} {str(dtype).removeprefix('torch.')} | {n_layer}x{n_embd}x{vocab}")
+
+    def _read(self) -> dict[str, Any]:
+        try:
+            data = json.loads(self.path.read_text())
+            return data if isinstance(data, dict) else {}
+        except (OSError, ValueError):
+            return {}
+
+    def get(self, key: str) -> dict[str, Any] | None:
+        entry = self._read().get(key)
+        ok = (isinstance(entry, dict) and isinstance(entry.get("matmul"), dict)
+              and entry.get("wkv_chunk") in WKV_CHUNKS)
+        return entry if ok else None
+
+    def put(self, key: str, matmul: dict[str, str], wkv_chunk: int) -> None:
+        data = self._read()
+        data[key] = {"matmul": matmul, "wkv_chunk": wkv_chunk, "at": time.strftime("%Y-%m-%d %H:%M:%S")}
+        try:
+            self.path.parent.mkdir(parents=True, exist_ok=True)
+            tmp = self.path.with_suffix(".tmp")
+            tmp.write_text(json.dumps(data, indent=1, sort_keys=True))
+            tmp.replace(self.path)
+        except OSError as exc:  # a read-only data dir: tune again next time, but serve now
+            log.warning("could not write the tuning cache %s: %s", self.path, exc)
