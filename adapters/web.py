@@ -35,7 +35,7 @@ import uvicorn
 from fastapi import Depends, FastAPI, HTTPException, Request
 from fastapi.exceptions import RequestValidationError
 from fastapi.openapi.docs import get_swagger_ui_html
-from fastapi.responses import FileResponse, HTMLResponse, JSONResponse, RedirectResponse, Response
+from fastapi.responses import HTMLResponse, JSONResponse, RedirectResponse, Response
 from fastapi.security import HTTPAuthorizationCredentials, HTTPBearer
 from fastapi.staticfiles import StaticFiles
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
@@ -44,13 +44,16 @@ from starlette.datastructures import Headers
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
 from adapters.settings import LOOPBACK_HOSTS, WebSettings
+from adapters.web_markdown import render as render_markdown
 from bot.core.commands import parse_command
 from bot.core.outcomes import Answered, Busy, CommandDone, CutOff, Failed, Outcome, Refused
-from bot.errors import ConfigError, PersonaError
+from bot.core.text import clean_text
+from bot.errors import ConfigError, InputError, PersonaError
 from bot.events import Event, ThreadKey
 
 if TYPE_CHECKING:
     from bot.core.service import ChatService
+    from bot.core.turn import Turn
 
 log = logging.getLogger(__name__)
 
@@ -126,18 +129,29 @@ class ChatResponse(BaseModel):
     notice: str | None = Field(None, description="What to tell the user beside the reply (a cut-off note)")
 
 
+class ReplyDone(ChatResponse):
+    """The stream's ``done`` event: the answer, and the reply as sanitised HTML for a page."""
+
+    html: str = Field("", description="generated_text rendered from Markdown and sanitised (no script can run)")
+
+
+def _done(response: ChatResponse) -> str:
+    return ReplyDone(**response.model_dump(), html=render_markdown(response.generated_text)).model_dump_json()
+
+
 class Problem(BaseModel):
     detail: str
     reason: str | None = None
 
 
-def _success(outcome: Outcome) -> ChatResponse:
+def _success(outcome: Outcome, before: str = "") -> ChatResponse:
+    """``before``: what a persona switch made as its own turn showed first."""
     if isinstance(outcome, CutOff):
-        return ChatResponse(generated_text=outcome.text, outcome="cut_off", notice=outcome.message)
+        return ChatResponse(generated_text=before + outcome.text, outcome="cut_off", notice=outcome.message)
     if isinstance(outcome, CommandDone):
-        return ChatResponse(generated_text=outcome.text, outcome="command", notice=None)
+        return ChatResponse(generated_text=before + outcome.text, outcome="command", notice=None)
     assert isinstance(outcome, Answered)
-    return ChatResponse(generated_text=outcome.text, outcome="answered", notice=None)
+    return ChatResponse(generated_text=before + outcome.text, outcome="answered", notice=None)
 
 
 def _refusal(outcome: Busy | Refused | Failed) -> JSONResponse:
@@ -170,6 +184,7 @@ class MessageOut(BaseModel):
     author: str
     text: str
     created_at: float
+    html: str | None = Field(None, description="a reply's text rendered from Markdown and sanitised")
 
 
 class ThreadMessagesOut(BaseModel):
@@ -390,16 +405,38 @@ def create_app(service: ChatService, settings: WebSettings) -> FastAPI:
         info = await service.thread(key)
         return info.persona if info is not None else None
 
-    async def to_event(chat: ChatRequest) -> Event:
-        key = chat.key
+    def event(chat: ChatRequest, text: str) -> Event:
+        return Event(thread=chat.key, user_id=chat.user_id, user_name=chat.user_name or chat.user_id, text=text)
+
+    async def start_turn(chat: ChatRequest) -> tuple[str, Turn] | JSONResponse:
+        """The turn answering a request, and what was shown before it (a persona switch made on
+        its own), or the refusal. The message limit counts the user's text only: a switch rides
+        along as ``/advisor <persona> <text>`` when that fits, and goes first as its own turn when not."""
         text = chat.user_message
-        if chat.prompt_file is not None and chat.prompt_file.strip():
-            persona = resolve_persona(chat.prompt_file)
-            # A command (/reset, /advisor x, ...) goes through as typed; a message to a thread that
-            # is new or has another persona switches it first, in the same turn.
-            if service.command(text) is None and await thread_persona(key) != persona:
-                text = f"/advisor {persona} {text}"
-        return Event(thread=key, user_id=chat.user_id, user_name=chat.user_name or chat.user_id, text=text)
+        limit = service.settings.max_message_chars
+        try:
+            clean_text(text, limit)
+        except InputError as exc:
+            reason = "too_long" if exc.reason == "too_long" else "empty"
+            return JSONResponse({"detail": str(exc), "reason": reason}, status_code=422)
+        if chat.prompt_file is None or not chat.prompt_file.strip():
+            return "", service.reply(event(chat, text))
+        persona = resolve_persona(chat.prompt_file)
+        # A command (/reset, /advisor x, ...) goes through as typed; a message to a thread that is
+        # new or has another persona switches it first, in the same turn when the limit allows.
+        if service.command(text) is not None or await thread_persona(chat.key) == persona:
+            return "", service.reply(event(chat, text))
+        switch = f"/advisor {persona}"
+        combined = f"{switch} {text}"
+        if len(clean_text(combined, len(combined))) <= limit:  # as the core will count it
+            return "", service.reply(event(chat, combined))
+        first = service.reply(event(chat, switch))
+        said = await first.text()
+        outcome = await first.outcome()
+        if isinstance(outcome, Busy | Refused | Failed):
+            return _refusal(outcome)
+        await service.delivered(first)
+        return said, service.reply(event(chat, text))
 
     def thread_key(user_id: str, discussion_id: str) -> ThreadKey:
         try:
@@ -423,14 +460,16 @@ def create_app(service: ChatService, settings: WebSettings) -> FastAPI:
                   "application/json": {"schema": ChatRequest.model_json_schema()}}}})
     async def generate_response(request: Request) -> ChatResponse | JSONResponse:
         """The seed's endpoint: send one message, get the whole reply."""
-        event = await to_event(await read_chat_request(request))
-        turn = service.reply(event)
+        started = await start_turn(await read_chat_request(request))
+        if isinstance(started, JSONResponse):
+            return started
+        before, turn = started
         await turn.text()
         outcome = await turn.outcome()
         if isinstance(outcome, Busy | Refused | Failed):
             return _refusal(outcome)
         await service.delivered(turn)  # the page and API read the reply from the log from now on
-        return _success(outcome)
+        return _success(outcome, before)
 
     @app.post("/generate-response/stream", dependencies=[Authorized],
               responses={200: {"content": {"text/event-stream": {}},
@@ -442,27 +481,32 @@ def create_app(service: ChatService, settings: WebSettings) -> FastAPI:
         order), then one ``done`` event (the JSON of the non-streaming answer). A turn that ends
         before any text (busy, refused) is an ordinary HTTP error instead; a failure midway sends an
         ``error`` event (``{"detail"}``) before ``done``."""
-        event = await to_event(await read_chat_request(request))
-        turn = service.reply(event)
+        chat = await read_chat_request(request)
+        started = await start_turn(chat)
+        if isinstance(started, JSONResponse):
+            return started
+        before, turn = started
         first = await anext(turn, None)
         if first is None:
             outcome = await turn.outcome()
-            if isinstance(outcome, Busy | Refused | Failed):
+            if isinstance(outcome, Busy | Refused | Failed) and not before:
                 return _refusal(outcome)
 
         async def events() -> AsyncIterator[ServerSentEvent]:
+            if before:
+                yield ServerSentEvent(json.dumps({"text": before}), event="token")
             if first is not None:
                 yield ServerSentEvent(json.dumps({"text": first}), event="token")
                 async for chunk in turn:
                     yield ServerSentEvent(json.dumps({"text": chunk}), event="token")
             outcome = await turn.outcome()
             if isinstance(outcome, Busy | Refused | Failed):
-                log.warning("web stream for %s ended: %s", event.thread, type(outcome).__name__)
+                log.warning("web stream for %s ended: %s", chat.key, type(outcome).__name__)
                 yield ServerSentEvent(json.dumps({"detail": outcome.message}), event="error")
-                done = ChatResponse(generated_text=turn.shown, outcome="answered", notice=None)
+                done = ChatResponse(generated_text=before + turn.shown, outcome="answered", notice=None)
             else:
-                done = _success(outcome)
-            yield ServerSentEvent(done.model_dump_json(), event="done")
+                done = _success(outcome, before)
+            yield ServerSentEvent(_done(done), event="done")
             await service.delivered(turn)
 
         return EventSourceResponse(events(), ping=SSE_PING_S, sep="\n")
@@ -493,11 +537,15 @@ def create_app(service: ChatService, settings: WebSettings) -> FastAPI:
         persona = await thread_persona(key)
         if not messages and persona is None:
             raise HTTPException(404, f"no thread {discussion_id!r} for user {user_id!r}")
+        def shown() -> list[MessageOut]:  # Markdown for a long thread is CPU work: off the loop
+            return [MessageOut(role=m.role, author=m.author, text=m.text, created_at=m.created_at,
+                               html=render_markdown(m.text) if m.role == "assistant" else None)
+                    for m in messages]
+
         return ThreadMessagesOut(
             discussion_id=discussion_id,
             persona=persona,
-            messages=[MessageOut(role=m.role, author=m.author, text=m.text, created_at=m.created_at)
-                      for m in messages],
+            messages=await asyncio.to_thread(shown),
             writing=service.writing(key) is not None,
         )
 
@@ -522,7 +570,7 @@ def create_app(service: ChatService, settings: WebSettings) -> FastAPI:
                 done = ChatResponse(generated_text=turn.shown, outcome="answered", notice=None)
             else:
                 done = _success(outcome)
-            yield ServerSentEvent(done.model_dump_json(), event="done")
+            yield ServerSentEvent(_done(done), event="done")
 
         return EventSourceResponse(events(), ping=SSE_PING_S, sep="\n")
 
@@ -542,6 +590,9 @@ def create_app(service: ChatService, settings: WebSettings) -> FastAPI:
     # --- the page -------------------------------------------------------------------------------------
 
     login_html = (STATIC_DIR / "login.html").read_text(encoding="utf-8")  # read once, not per request
+    index_html = (STATIC_DIR / "index.html").read_text(encoding="utf-8")
+    if guard.enabled:  # the page shows "Sign out"
+        index_html = index_html.replace("<body>", '<body data-auth="token">', 1)
 
     def login_page(status: int, error: str = "") -> HTMLResponse:
         html = login_html
@@ -564,7 +615,7 @@ def create_app(service: ChatService, settings: WebSettings) -> FastAPI:
                 return login_page(401, "Wrong token.")
             if not guard.request_ok(request):
                 return login_page(401)
-        return FileResponse(STATIC_DIR / "index.html", headers=PAGE_HEADERS)
+        return HTMLResponse(index_html, headers=PAGE_HEADERS)
 
     @app.post("/login", include_in_schema=False, response_model=None)
     async def login(request: Request) -> Response:

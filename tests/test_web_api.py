@@ -636,3 +636,33 @@ async def test_deeply_nested_json_is_a_400_not_a_traceback(client: httpx.AsyncCl
             assert response.headers["content-type"] == "application/json"
             assert "nested too deeply" in response.json()["detail"]
     assert (await client.get("/healthz")).status_code == 200
+
+
+async def test_the_message_limit_counts_only_the_users_text(client: httpx.AsyncClient, service: ChatService) -> None:
+    limit = service.settings.max_message_chars
+    exact = "a" * (limit - 1) + "?"
+    # A new thread: the persona switch cannot ride along, so it goes first as its own turn.
+    response = await client.post("/generate-response", json=ask(exact, discussion="long"))
+    assert response.status_code == 200, response.text[:300]
+    assert response.json()["generated_text"].startswith("Now talking with **SQL advisor**")
+    key = ThreadKey("web", "alice/long")
+    thread = await service.thread(key)
+    assert thread is not None and thread.persona == "sql"
+    user_texts = [m.text for m in await service.thread_messages(key) if m.role == "user"]
+    assert user_texts == ["/advisor sql", exact]
+    assert [m.role for m in await service.thread_messages(key)][-1] == "assistant"
+
+    # The stream too, switching to another persona: the switch's line first, then the reply.
+    response, events = await read_sse(client, ask(exact, discussion="long", persona="project"))
+    assert response.status_code == 200 and events[-1][0] == "done"
+    assert events[0][1]["text"].startswith("Now talking with **Project advisor**")
+    assert events[-1][1]["generated_text"] == "".join(d["text"] for n, d in events if n == "token")
+    user_texts = [m.text for m in await service.thread_messages(key) if m.role == "user"]
+    assert user_texts[-2:] == ["/advisor project", exact]
+
+    # One character more is refused, counted as the user wrote it, and nothing is switched.
+    response = await client.post("/generate-response", json=ask(exact + "!", discussion="long", persona="sql"))
+    assert response.status_code == 422 and response.json()["reason"] == "too_long"
+    assert f"{limit + 1:,} characters" in response.json()["detail"]
+    thread = await service.thread(key)
+    assert thread is not None and thread.persona == "project"

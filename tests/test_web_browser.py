@@ -252,3 +252,89 @@ async def test_with_a_token_another_host_name_still_needs_the_token(
         await page.fill("#token", TOKEN)
         await page.click("button[type=submit]")
         await page.wait_for_selector("body[data-ready=true]")
+
+
+# --- the page as people expect it -------------------------------------------------------------------------
+
+DESKTOP = {"width": 1100, "height": 760}
+PHONE = {"width": 390, "height": 844}
+
+MARKDOWN_REPLY = [
+    "# Plan\n", "- first step\n- second step\n\n", "| table | value |\n|---|---|\n| rows | 2 |\n\n",
+    "See [the docs](https://example.org/docs).\n\n", "```sql\nSELECT 1;\n```\n",
+    "<script>window.__pwned = 1</script>\n", '<img src=x onerror="window.__pwned = 2">\n',
+    "[click me](javascript:window.__pwned=3)\n", '<a href="javascript:window.__pwned=4">raw link</a>\n',
+    "<svg onload=window.__pwned=5></svg>\n",
+]
+
+CONTRAST = """() => {
+  const parse = (c) => c.match(/[\\d.]+/g).slice(0, 3).map(Number);
+  const lum = ([r, g, b]) => {
+    const f = (v) => { v /= 255; return v <= 0.03928 ? v / 12.92 : ((v + 0.055) / 1.055) ** 2.4; };
+    return 0.2126 * f(r) + 0.7152 * f(g) + 0.0722 * f(b);
+  };
+  const box = document.getElementById("message");
+  const fg = lum(parse(getComputedStyle(box, "::placeholder").color));
+  const bg = lum(parse(getComputedStyle(box).backgroundColor));
+  return (Math.max(fg, bg) + 0.05) / (Math.min(fg, bg) + 0.05);
+}"""
+
+
+async def page_at(browser: Any, url: str, viewport: dict[str, int], **context: Any) -> tuple[Any, list[str], list[str]]:
+    page = await (await browser.new_context(viewport=viewport, **context)).new_page()
+    foreign, errors = watch(page, url)
+    await page.goto(url + "/")
+    await page.wait_for_selector("body[data-ready=true]")
+    return page, foreign, errors
+
+
+async def thread_key_of(page: Any) -> ThreadKey:
+    user_id = await page.evaluate("localStorage.getItem('raven.userId')")
+    discussion = await page.evaluate("localStorage.getItem('raven.discussionId')")
+    return ThreadKey("web", f"{user_id}/{discussion}")
+
+
+async def send(page: Any, text: str) -> None:
+    done = await page.locator(".msg.assistant[data-state=done]").count()
+    await page.fill("#message", text)
+    await page.click("#send")
+    await page.wait_for_function(
+        "(n) => document.querySelectorAll('.msg.assistant[data-state=done]').length > n", arg=done, timeout=60_000)
+
+
+@pytest.mark.parametrize("viewport", [DESKTOP, PHONE], ids=["desktop", "phone"])
+async def test_replies_are_rendered_markdown_with_copy_and_nothing_hostile_runs(
+    service: ChatService, settings_factory: Any, monkeypatch: pytest.MonkeyPatch, viewport: dict[str, int]
+) -> None:
+    from tests.fakes.scripted import scripted_turn
+
+    ARTIFACTS.mkdir(exist_ok=True)
+    monkeypatch.setattr(service, "reply", lambda event: scripted_turn(MARKDOWN_REPLY, delay_s=0.02))
+    async with serving(service, settings_factory(web={"port": 0}).web) as adapter, chromium() as browser:
+        page, foreign, errors = await page_at(browser, adapter.url, viewport)
+        await page.context.grant_permissions(["clipboard-read", "clipboard-write"], origin=adapter.url)
+        dialogs: list[str] = []
+        page.on("dialog", lambda d: (dialogs.append(d.message), asyncio.ensure_future(d.dismiss())))
+        await send(page, "Show me Markdown")
+        reply = page.locator(".msg.assistant").last
+        body = reply.locator(".body.markdown")
+        assert await body.locator("h1").inner_text() == "Plan"
+        assert await body.locator("ul > li").all_inner_texts() == ["first step", "second step"]
+        assert await body.locator("table td").all_inner_texts() == ["rows", "2"]
+        link = body.locator("a", has_text="the docs")
+        assert await link.get_attribute("href") == "https://example.org/docs"
+        assert await link.get_attribute("rel") == "noopener noreferrer nofollow"
+        # Hostile pieces are text or gone: nothing ran, nothing was fetched, no handler or script link.
+        assert await page.evaluate("window.__pwned") is None and dialogs == []
+        assert await page.locator("#messages script, #messages img, #messages svg").count() == 0
+        attributes = await page.locator("#messages *").evaluate_all(
+            "els => els.flatMap(e => [...e.attributes].map(a => a.name + '=' + a.value))")
+        assert not [a for a in attributes if a.startswith("on") or "javascript:" in a.lower()], attributes
+        assert "<script>" in await body.inner_text()  # raw HTML is shown as text
+        await page.screenshot(path=str(ARTIFACTS / f"markdown-{viewport['width']}.png"), full_page=True)
+
+        await reply.locator("pre .copy-code").click()
+        assert await page.evaluate("navigator.clipboard.readText()") == "SELECT 1;\n"
+        await reply.locator(".actions .copy").click()
+        assert await page.evaluate("navigator.clipboard.readText()") == "".join(MARKDOWN_REPLY)
+        assert foreign == [] and errors == []

@@ -1,6 +1,8 @@
 // Raven's chat page: plain JavaScript, no build step, nothing loaded from elsewhere.
 // It talks to the same server's API (the README's web section): personas, the user's threads, a thread's
 // messages, and POST /generate-response/stream, read as Server-Sent Events with fetch().
+// Finished replies arrive as HTML the server rendered from Markdown and sanitised (adapters/web_markdown.py);
+// everything else is put in the page as text.
 "use strict";
 
 (() => {
@@ -8,18 +10,24 @@
   const THREAD_KEY = "raven.discussionId";
   const PERSONA_KEY = "raven.persona";
   const ID_PATTERN = /^[A-Za-z0-9_.@-]{1,64}$/;
+  const PHONE = window.matchMedia("(max-width: 720px)");
 
   const $ = (id) => document.getElementById(id);
   const ui = {
     app: $("app"),
+    sidebar: $("sidebar"),
     threads: $("threads"),
     noThreads: $("no-threads"),
+    noMatches: $("no-matches"),
+    search: $("thread-search"),
+    signOut: $("sign-out"),
     newThread: $("new-thread"),
     toggle: $("toggle-threads"),
     persona: $("persona"),
     hint: $("persona-hint"),
     reset: $("reset"),
     messages: $("messages"),
+    announce: $("announce"),
     status: $("status"),
     form: $("composer"),
     input: $("message"),
@@ -47,14 +55,22 @@
     discussion: null, // the open thread's discussion_id
     threadPersona: null, // its persona on the server (null: not created yet)
     personas: [],
+    threads: [],
     busy: false,
   };
 
   // --- talking to the server ---------------------------------------------------------------------
 
+  class Unreachable extends Error {}
+
   async function api(path, options = {}) {
     const headers = { Accept: "application/json", ...(options.headers || {}) };
-    const response = await fetch(path, { credentials: "same-origin", ...options, headers });
+    let response;
+    try {
+      response = await fetch(path, { credentials: "same-origin", ...options, headers });
+    } catch {
+      throw new Unreachable("Raven's server cannot be reached. Is it running? Try again in a moment.");
+    }
     if (response.status === 401) {
       // The token is missing or changed: the page's address shows the sign-in form.
       window.location.assign("/");
@@ -79,7 +95,13 @@
     const decoder = new TextDecoder();
     let buffer = "";
     for (;;) {
-      const { value, done } = await reader.read();
+      let chunk;
+      try {
+        chunk = await reader.read();
+      } catch {
+        throw new Unreachable("The connection to Raven's server broke off.");
+      }
+      const { value, done } = chunk;
       if (done) break;
       buffer += decoder.decode(value, { stream: true });
       let end;
@@ -104,7 +126,8 @@
 
   // --- rendering ---------------------------------------------------------------------------------
 
-  // Text only (never innerHTML): paragraphs keep their line breaks, ``` fences become code blocks.
+  // Text only (never innerHTML): line breaks kept, ``` fences as code blocks. For replies being
+  // written and for notices.
   function renderText(element, text) {
     element.replaceChildren();
     const parts = text.split("```");
@@ -139,26 +162,86 @@
     });
   }
 
-  function addMessage(role, text, extraClass) {
+  async function copy(button, text) {
+    const label = button.textContent;
+    try {
+      await navigator.clipboard.writeText(text);
+      button.textContent = "Copied";
+    } catch {
+      button.textContent = "Copy failed";
+    }
+    setTimeout(() => { button.textContent = label; }, 1500);
+  }
+
+  function copyButton(className, label, text) {
+    const button = document.createElement("button");
+    button.type = "button";
+    button.className = className;
+    button.textContent = "Copy";
+    button.setAttribute("aria-label", label);
+    button.addEventListener("click", () => copy(button, typeof text === "function" ? text() : text));
+    return button;
+  }
+
+  const replyTexts = new WeakMap(); // each shown reply's Markdown, for its Copy button
+
+  // A finished reply: the server's sanitised HTML, a Copy button on each code block and on the reply.
+  function showReply(item, text, html) {
+    const body = item.querySelector(".body");
+    body.classList.add("markdown");
+    body.innerHTML = html; // rendered and sanitised by the server (nh3): no script, no handlers
+    for (const pre of body.querySelectorAll("pre")) {
+      const code = pre.querySelector("code") || pre;
+      pre.append(copyButton("copy-code", "Copy this code", () => code.textContent));
+    }
+    replyTexts.set(item, text);
+    let actions = item.querySelector(".actions");
+    if (!actions) {
+      actions = document.createElement("div");
+      actions.className = "actions";
+      actions.append(copyButton("copy", "Copy this reply", () => replyTexts.get(item)));
+      item.append(actions);
+    }
+  }
+
+  function timeElement(seconds) {
+    const when = new Date(seconds * 1000);
+    const time = document.createElement("time");
+    time.dateTime = when.toISOString();
+    time.title = when.toLocaleString();
+    const today = new Date().toDateString() === when.toDateString();
+    time.textContent = today
+      ? when.toLocaleTimeString([], { hour: "2-digit", minute: "2-digit" })
+      : when.toLocaleString([], { dateStyle: "short", timeStyle: "short" });
+    return time;
+  }
+
+  const ROLE_NAMES = { user: "You", assistant: "Raven", notice: "Notice" };
+
+  function addMessage(role, text, options = {}) {
     const item = document.createElement("article");
-    item.className = `msg ${role}` + (extraClass ? ` ${extraClass}` : "");
+    item.className = `msg ${role}` + (options.extraClass ? ` ${options.extraClass}` : "");
+    if (role === "notice") item.setAttribute("role", "note");
     const who = document.createElement("div");
     who.className = "who";
-    who.textContent = role === "user" ? "You" : role === "assistant" ? "Raven" : "Note";
+    const name = document.createElement("span");
+    name.className = "name";
+    name.textContent = ROLE_NAMES[role] || role;
+    who.append(name, timeElement(options.at ?? Date.now() / 1000));
     const body = document.createElement("div");
     body.className = "body";
-    renderText(body, text);
+    body.dir = "auto"; // Arabic, Hebrew: laid out right to left
     item.append(who, body);
-    ui.messages.append(item);
+    if (options.html != null) showReply(item, text, options.html);
+    else renderText(body, text);
+    (options.after ? options.after.after(item) : ui.messages.append(item));
     scrollDown();
     return item;
   }
 
-  // A reply that turned out to be a notice (busy, refused, failed) is shown as one.
-  function asNotice(item, text) {
-    item.className = "msg notice";
-    item.querySelector(".who").textContent = "Note";
-    renderText(item.querySelector(".body"), text);
+  // Busy, refused, failed, unreachable: said by the page or the server, not by Raven.
+  function addNotice(text, after) {
+    return addMessage("notice", text, { after });
   }
 
   // A note beside a reply, such as "reply cut off at the 400-token limit".
@@ -166,7 +249,7 @@
     const note = document.createElement("p");
     note.className = "note";
     note.textContent = `(${text})`;
-    item.append(note);
+    item.querySelector(".body").after(note);
   }
 
   function addDivider(text) {
@@ -174,6 +257,7 @@
     item.className = "divider";
     item.textContent = text;
     ui.messages.append(item);
+    scrollDown();
   }
 
   function scrollDown() {
@@ -184,6 +268,11 @@
     ui.status.textContent = text || "";
   }
 
+  // Screen readers hear a reply once, when it is finished (not every token).
+  function announce(text) {
+    ui.announce.textContent = text.length > 400 ? `${text.slice(0, 400)}…` : text;
+  }
+
   function personaName(name) {
     const found = state.personas.find((p) => p.name === name);
     return found ? found.display_name : name;
@@ -191,18 +280,17 @@
 
   function updateHint() {
     const chosen = state.personas.find((p) => p.name === ui.persona.value);
-    let hint = chosen && chosen.description ? chosen.description : "";
-    if (state.threadPersona && chosen && chosen.name !== state.threadPersona) {
-      hint = `Your next message switches this thread from ${personaName(state.threadPersona)} `
-        + `to ${chosen.display_name}.`;
-    }
-    ui.hint.textContent = hint;
+    const about = chosen && chosen.description ? `${chosen.description}. ` : "";
+    ui.hint.textContent = state.threadPersona
+      ? `${about}The persona of this thread: choosing another starts the thread over with it (the log is kept).`
+      : `${about}Your first message starts this thread with ${chosen ? chosen.display_name : "this persona"}.`;
   }
 
   function setBusy(busy) {
     state.busy = busy;
     ui.send.disabled = busy;
     ui.reset.disabled = busy;
+    ui.persona.disabled = busy;
     ui.app.classList.toggle("busy", busy);
   }
 
@@ -226,40 +314,81 @@
     updateHint();
   }
 
+  function threadItem(thread) {
+    const item = document.createElement("li");
+    const button = document.createElement("button");
+    button.type = "button";
+    button.className = "thread";
+    button.dataset.discussion = thread.discussion_id;
+    if (thread.discussion_id === state.discussion) button.setAttribute("aria-current", "true");
+    const title = document.createElement("span");
+    title.className = "title";
+    title.dir = "auto";
+    title.textContent = thread.title || "(untitled)";
+    const meta = document.createElement("span");
+    meta.className = "meta";
+    meta.textContent = `${personaName(thread.persona)} · ${new Date(thread.updated_at * 1000).toLocaleString()}`;
+    button.append(title, meta);
+    button.addEventListener("click", () => guarded(() => openThread(thread.discussion_id)));
+    item.append(button);
+    return item;
+  }
+
+  function showThreadList() {
+    ui.threads.replaceChildren(...state.threads.map(threadItem));
+    ui.noThreads.hidden = state.threads.length > 0;
+    filterThreads();
+  }
+
+  function filterThreads() {
+    const query = ui.search.value.trim().toLowerCase();
+    let shown = 0;
+    for (const item of ui.threads.children) {
+      const title = item.querySelector(".title").textContent.toLowerCase();
+      item.hidden = Boolean(query) && !title.includes(query);
+      if (!item.hidden) shown += 1;
+    }
+    ui.noMatches.hidden = !query || shown > 0 || state.threads.length === 0;
+  }
+
   async function refreshThreads() {
     const response = await api(`/users/${encodeURIComponent(state.user)}/threads`);
     if (!response.ok) {
       setStatus(await problem(response));
-      return [];
+      return state.threads;
     }
-    const threads = await response.json();
-    ui.threads.replaceChildren(
-      ...threads.map((thread) => {
-        const item = document.createElement("li");
-        const button = document.createElement("button");
-        button.type = "button";
-        button.className = "thread";
-        button.dataset.discussion = thread.discussion_id;
-        if (thread.discussion_id === state.discussion) button.setAttribute("aria-current", "true");
-        const title = document.createElement("span");
-        title.className = "title";
-        title.textContent = thread.title || "(untitled)";
-        const meta = document.createElement("span");
-        meta.className = "meta";
-        meta.textContent = `${personaName(thread.persona)} · ${new Date(thread.updated_at * 1000).toLocaleString()}`;
-        button.append(title, meta);
-        button.addEventListener("click", () => openThread(thread.discussion_id));
-        item.append(button);
-        return item;
-      }),
-    );
-    ui.noThreads.hidden = threads.length > 0;
-    return threads;
+    state.threads = await response.json();
+    showThreadList();
+    return state.threads;
   }
 
+  // A thread just sent to is listed at once, before its reply (the server's list follows).
+  function listNow(title) {
+    if (state.threads.some((t) => t.discussion_id === state.discussion)) return;
+    const now = Date.now() / 1000;
+    state.threads.unshift({ discussion_id: state.discussion, persona: ui.persona.value,
+      title: title.trim().split("\n")[0].slice(0, 120), created_at: now, updated_at: now, pending: true });
+    showThreadList();
+  }
+
+  // ... and unlisted again when the message was not kept.
+  function unlistPending() {
+    state.threads = state.threads.filter((t) => !t.pending);
+    showThreadList();
+  }
+
+  // On a phone the list is a drawer: closed, it is out of sight and out of the tab order.
   function showThreads(open) {
     ui.app.classList.toggle("threads-open", open);
     ui.toggle.setAttribute("aria-expanded", String(open));
+    ui.sidebar.inert = PHONE.matches && !open;
+  }
+
+  function markCurrent() {
+    for (const button of ui.threads.querySelectorAll("button.thread")) {
+      if (button.dataset.discussion === state.discussion) button.setAttribute("aria-current", "true");
+      else button.removeAttribute("aria-current");
+    }
   }
 
   function newThread() {
@@ -267,13 +396,26 @@
     state.threadPersona = null;
     localStorage.setItem(THREAD_KEY, state.discussion);
     ui.messages.replaceChildren();
-    for (const button of ui.threads.querySelectorAll("button[aria-current]")) {
-      button.removeAttribute("aria-current");
-    }
+    markCurrent();
     updateHint();
     setStatus("");
     showThreads(false);
     ui.input.focus();
+  }
+
+  function showHistory(messages) {
+    messages.forEach((message, index) => {
+      // "/advisor sql question" is logged, then "question" again: show the switch as a divider.
+      const switched = message.role === "user" && /^\/advisor\s+(\S+)\s*([\s\S]*)$/.exec(message.text.trim());
+      if (switched) {
+        addDivider(`Persona: ${personaName(switched[1].toLowerCase())}`);
+        const next = messages[index + 1];
+        if (!switched[2] || (next && next.role === "user" && next.text.trim() === switched[2].trim())) return;
+      }
+      const command = message.role === "user" && message.text.trim().startsWith("/");
+      addMessage(message.role, message.text, { extraClass: command ? "command" : "", at: message.created_at,
+        html: message.role === "assistant" ? message.html : undefined });
+    });
   }
 
   async function openThread(discussion) {
@@ -287,37 +429,28 @@
     state.discussion = discussion;
     state.threadPersona = thread.persona;
     localStorage.setItem(THREAD_KEY, discussion);
-    if (thread.persona && state.personas.some((p) => p.name === thread.persona)) {
-      ui.persona.value = thread.persona;
-    }
+    followPersona();
     ui.messages.replaceChildren();
-    const messages = thread.messages;
-    messages.forEach((message, index) => {
-      // "/advisor sql question" is logged, then "question" again: show the switch as a divider.
-      const switched = message.role === "user" && /^\/advisor\s+(\S+)\s*([\s\S]*)$/.exec(message.text.trim());
-      if (switched) {
-        addDivider(`Persona: ${personaName(switched[1].toLowerCase())}`);
-        const next = messages[index + 1];
-        if (!switched[2] || (next && next.role === "user" && next.text.trim() === switched[2].trim())) return;
-      }
-      const command = message.role === "user" && message.text.trim().startsWith("/");
-      addMessage(message.role, message.text, command ? "command" : "");
-    });
-    for (const button of ui.threads.querySelectorAll("button.thread")) {
-      if (button.dataset.discussion === discussion) button.setAttribute("aria-current", "true");
-      else button.removeAttribute("aria-current");
-    }
+    showHistory(thread.messages);
+    markCurrent();
     updateHint();
     setStatus("");
     showThreads(false);
-    if (thread.writing) followReply(discussion); // reloaded mid-reply: read along
+    if (thread.writing) guarded(() => followReply(discussion)); // reloaded mid-reply: read along
     return true;
+  }
+
+  // The picker shows the open thread's persona (also after a typed /advisor).
+  function followPersona() {
+    if (state.threadPersona && state.personas.some((p) => p.name === state.threadPersona)) {
+      ui.persona.value = state.threadPersona;
+    }
   }
 
   // A reply still being written (the page was reloaded, or opened elsewhere): show it as it grows.
   async function followReply(discussion) {
     const path = `/users/${encodeURIComponent(state.user)}/threads/${encodeURIComponent(discussion)}/live`;
-    const reply = addMessage("assistant", "", "streaming");
+    const reply = addMessage("assistant", "", { extraClass: "streaming" });
     const body = reply.querySelector(".body");
     setBusy(true);
     setStatus("Raven is writing…");
@@ -336,14 +469,15 @@
           renderText(body, shown);
           scrollDown();
         } else if (name === "done") {
-          renderText(body, data.generated_text || "(no reply)");
+          showReply(reply, data.generated_text, data.html || "<p>(no reply)</p>");
           if (data.notice) addNote(reply, data.notice);
+          announce(`Raven: ${data.generated_text}`);
         } else if (name === "error") {
-          asNotice(reply, data.detail);
+          addNotice(data.detail, reply);
         }
       });
     } catch (error) {
-      asNotice(reply, `The connection failed: ${error.message}`);
+      addNotice(error.message, reply);
     } finally {
       reply.classList.remove("streaming");
       reply.dataset.state = "done";
@@ -354,62 +488,119 @@
 
   // --- sending ---------------------------------------------------------------------------------------
 
+  // Puts a message that got no reply back in the box, unless something new was typed meanwhile.
+  function keepDraft(text) {
+    if (!ui.input.value.trim()) ui.input.value = text;
+  }
+
   async function send(text) {
     if (state.busy || !text.trim()) return;
     if (!state.discussion) newThread();
     setBusy(true);
     setStatus("Raven is writing…");
-    addMessage("user", text, text.trim().startsWith("/") ? "command" : "");
-    const reply = addMessage("assistant", "", "streaming");
+    const asked = addMessage("user", text, { extraClass: text.trim().startsWith("/") ? "command" : "" });
+    listNow(text);
+    const reply = addMessage("assistant", "", { extraClass: "streaming" });
     const body = reply.querySelector(".body");
     let shown = "";
-    let failed = false;
     try {
-      const response = await api("/generate-response/stream", {
-        method: "POST",
-        headers: { "Content-Type": "application/json", Accept: "text/event-stream" },
-        body: JSON.stringify({
-          user_message: text,
-          user_id: state.user,
-          discussion_id: state.discussion,
-          prompt_file: ui.persona.value || undefined,
-        }),
-      });
-      if (!response.ok) {
-        // busy (503), refused (422), failed (500): a notice from the server, not Raven's words
-        failed = true;
-        asNotice(reply, await problem(response));
+      let response;
+      try {
+        response = await api("/generate-response/stream", {
+          method: "POST",
+          headers: { "Content-Type": "application/json", Accept: "text/event-stream" },
+          body: JSON.stringify({
+            user_message: text,
+            user_id: state.user,
+            discussion_id: state.discussion,
+            prompt_file: ui.persona.value || undefined,
+          }),
+        });
+      } catch (error) {
+        reply.remove();
+        unlistPending();
+        addNotice(`${error.message} Your message is back in the box.`);
+        keepDraft(text);
         return;
       }
+      if (!response.ok) {
+        // busy (503), refused (422), failed (500): a notice from the server, not Raven's words
+        const detail = await problem(response);
+        reply.remove();
+        if (response.status < 500) asked.remove(); // refused: it was not kept
+        addNotice(`${detail} Your message is back in the box.`);
+        keepDraft(text);
+        unlistPending();
+        if (response.status >= 500) await refreshThreads(); // busy: kept in the log, marked failed
+        return;
+      }
+      await refreshThreads(); // the message is stored now: the thread is listed with its title
       await readEvents(response, (name, data) => {
         if (name === "token") {
           shown += data.text;
           renderText(body, shown);
           scrollDown();
         } else if (name === "error") {
-          failed = true;
-          renderText(body, shown + (shown ? "\n\n" : "") + data.detail);
-        } else if (name === "done" && !failed) {
+          addNotice(data.detail, reply);
+        } else if (name === "done") {
           shown = data.generated_text;
-          renderText(body, shown || "(no reply)");
+          showReply(reply, shown, data.html || "<p>(no reply)</p>");
           if (data.notice) addNote(reply, data.notice);
+          announce(`Raven: ${shown}`);
         }
       });
     } catch (error) {
-      failed = true;
-      renderText(body, `${shown}${shown ? "\n\n" : ""}The connection failed: ${error.message}`);
+      addNotice(error.message, reply);
     } finally {
+      if (!shown && reply.isConnected && !replyTexts.has(reply)) reply.remove();
       reply.classList.remove("streaming");
-      reply.classList.toggle("error", failed);
       reply.dataset.state = "done";
       setBusy(false);
       setStatus("");
       scrollDown();
     }
-    const threads = await refreshThreads();
-    const current = threads.find((t) => t.discussion_id === state.discussion);
-    state.threadPersona = current ? current.persona : state.threadPersona;
+    await refreshThreads();
+    const current = state.threads.find((t) => t.discussion_id === state.discussion);
+    if (current) state.threadPersona = current.persona;
+    followPersona();
     updateHint();
+  }
+
+  // The picker changes the open thread's persona now, shown in the thread (the core's /advisor).
+  async function switchPersona(name) {
+    localStorage.setItem(PERSONA_KEY, name);
+    if (!state.threadPersona || state.threadPersona === name) {
+      updateHint();
+      return;
+    }
+    setBusy(true);
+    try {
+      const response = await api("/generate-response", {
+        method: "POST",
+        headers: { "Content-Type": "application/json" },
+        body: JSON.stringify({ user_message: `/advisor ${name}`, user_id: state.user,
+          discussion_id: state.discussion }),
+      });
+      if (!response.ok) {
+        addNotice(await problem(response));
+        followPersona();
+        return;
+      }
+      state.threadPersona = name;
+      addDivider(`Persona: ${personaName(name)} (the thread starts over; earlier messages stay in the log)`);
+      await refreshThreads();
+    } catch (error) {
+      addNotice(error.message);
+      followPersona();
+    } finally {
+      setBusy(false);
+      updateHint();
+    }
+  }
+
+  // Every handler runs through here: nothing is left as an unhandled rejection.
+  function guarded(work) {
+    Promise.resolve().then(work).catch((error) => addNotice(error.message));
   }
 
   // --- wiring --------------------------------------------------------------------------------------
@@ -419,7 +610,7 @@
     const text = ui.input.value;
     if (!text.trim() || state.busy) return;
     ui.input.value = "";
-    send(text);
+    guarded(() => send(text));
   });
   ui.input.addEventListener("keydown", (event) => {
     if (event.key === "Enter" && !event.shiftKey && !event.isComposing) {
@@ -427,26 +618,32 @@
       ui.form.requestSubmit();
     }
   });
-  ui.persona.addEventListener("change", () => {
-    localStorage.setItem(PERSONA_KEY, ui.persona.value);
-    updateHint();
-  });
+  ui.persona.addEventListener("change", () => guarded(() => switchPersona(ui.persona.value)));
+  ui.search.addEventListener("input", filterThreads);
   ui.newThread.addEventListener("click", newThread);
   ui.reset.addEventListener("click", () => {
-    if (state.threadPersona) send("/reset");
+    if (state.threadPersona) guarded(() => send("/reset"));
     else setStatus("Nothing to reset yet: this thread has no messages.");
   });
   ui.toggle.addEventListener("click", (event) => {
     event.stopPropagation();
-    showThreads(!ui.app.classList.contains("threads-open"));
+    const open = !ui.app.classList.contains("threads-open");
+    showThreads(open);
+    if (open) ui.search.focus();
   });
   // On a phone the list lies over the chat: a tap beside it or Escape puts it away.
   document.querySelector(".chat").addEventListener("click", () => showThreads(false));
   document.addEventListener("keydown", (event) => {
-    if (event.key === "Escape") showThreads(false);
+    if (event.key === "Escape" && ui.app.classList.contains("threads-open")) {
+      showThreads(false);
+      ui.toggle.focus();
+    }
   });
+  PHONE.addEventListener("change", () => showThreads(false));
+  ui.signOut.hidden = document.body.dataset.auth !== "token";
 
   async function start() {
+    showThreads(false);
     try {
       await loadPersonas();
       const threads = await refreshThreads();
@@ -454,10 +651,10 @@
       if (!(saved && threads.some((t) => t.discussion_id === saved) && (await openThread(saved)))) {
         newThread();
       }
-      document.body.dataset.ready = "true";
     } catch (error) {
-      setStatus(`Could not load: ${error.message}`);
+      addNotice(`Could not load: ${error.message}`);
     }
+    document.body.dataset.ready = "true";
   }
 
   start();
