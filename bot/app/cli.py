@@ -311,6 +311,7 @@ def export_command(
 ) -> None:
     """Write the conversations (one row per message) as JSON lines or CSV."""
     import io
+    from typing import TextIO
 
     from bot.app.export import FORMATS, export
     from bot.events import ThreadKey
@@ -329,7 +330,7 @@ def export_command(
     if not database.is_file():
         raise _fail(RavenError(f"no database at {database} (RAVEN_DATABASE, RAVEN_DATA_DIR)"))
 
-    async def write(out: Any) -> int:
+    async def write(out: TextIO) -> int:
         async with SQLiteStore(database) as store:
             return await export(store, out, fmt, keys)  # type: ignore[arg-type]
 
