@@ -17,6 +17,7 @@ import torch
 
 from bot.events import ThreadKey
 from bot.inference.checkpoint import make_checkpoint
+from bot.inference.machine import detect
 from bot.storage import SQLiteStore
 from bot.storage.migrations import SCHEMA_VERSION
 
@@ -69,7 +70,8 @@ def test_a_good_set_up_passes_every_check(tmp_path: Path, base_env: dict[str, st
     [strategy] = lines(result, "ok", "strategy")
     assert strategy.startswith("ok    strategy  cpu fp32 needs ~") and "fits here: " in strategy
     [cpu] = lines(result, "ok", "cpu")
-    assert f"{os.cpu_count()} cores, torch kernels {torch.backends.cpu.get_cpu_capability()}" in cpu
+    machine = detect()
+    assert f"{machine.kind}, {machine.cores} usable cores, torch kernels {machine.capability}" in cpu
     assert "cpu bf16" in cpu  # what the CPU means for bf16, either way
     assert lines(result, "ok", "ports") == [f"ok    ports     127.0.0.1:{base_env['RAVEN_WEB_PORT']} is free "
                                             "(RAVEN_WEB_HOST:RAVEN_WEB_PORT)"]
@@ -189,3 +191,12 @@ def test_no_token_value_is_ever_printed(tmp_path: Path, base_env: dict[str, str]
     assert "DISCORD_TOKEN starts with 'Bot '" in lines(result, "fail", "discord")[0]
     assert "SLACK_BOT_TOKEN is not shaped like a Slack bot token" in lines(result, "fail", "slack")[0]
     assert "RAVEN_WEB_TOKEN is short" in lines(result, "warn", "web")[0]
+
+
+def test_cpu_bf16_where_it_is_emulated_is_a_warning(tmp_path: Path, base_env: dict[str, str]) -> None:
+    # ATEN_CPU_CAPABILITY=avx2 holds torch's kernels below AVX-512, as on a CPU without native bf16
+    result = doctor(tmp_path, **base_env, RAVEN_STRATEGY="cpu bf16", ATEN_CPU_CAPABILITY="avx2")
+    assert result.returncode == 0, result.stdout  # slow, not broken
+    [cpu] = lines(result, "warn", "cpu")
+    assert "every bf16 matmul is emulated" in cpu and 'RAVEN_STRATEGY="cpu fp32"' in cpu
+    assert "fits here: cpu fp32" in lines(result, "ok", "strategy")[0]

@@ -27,6 +27,7 @@ from bot.app.settings import Settings
 from bot.core.personas import NAME_PATTERN, Persona, PersonaLibrary
 from bot.errors import ModelLoadError, PersonaError
 from bot.inference.checkpoint import check_shapes, detect_family, read_state_dict
+from bot.inference.machine import Machine, bf16_warning, detect
 from bot.inference.rwkv_package import validate_strategy
 from bot.inference.tokenizer import WORLD, load_tokenizer
 from bot.storage.migrations import SCHEMA_VERSION
@@ -150,29 +151,6 @@ def check_tokenizer(settings: Settings, info: ModelInfo | None) -> Finding:
 # --- devices and strategy --------------------------------------------------------------------------
 
 
-def cpu_flags() -> set[str]:
-    """The CPU's feature flags from /proc/cpuinfo (x86 ``flags``, Arm ``Features``); empty elsewhere."""
-    with contextlib.suppress(OSError):
-        for line in Path("/proc/cpuinfo").read_text(errors="replace").splitlines():
-            key, _, value = line.partition(":")
-            if key.strip() in ("flags", "Features"):
-                return set(value.split())
-    return set()
-
-
-def cpu_model() -> str:
-    with contextlib.suppress(OSError):
-        for line in Path("/proc/cpuinfo").read_text(errors="replace").splitlines():
-            key, _, value = line.partition(":")
-            if key.strip() == "model name" and value.strip():
-                return value.strip()
-    return "CPU"
-
-
-def native_bf16(flags: set[str]) -> bool:
-    return bool({"avx512_bf16", "amx_bf16", "bf16"} & flags)
-
-
 def available_ram() -> int | None:
     with contextlib.suppress(OSError, ValueError):
         for line in Path("/proc/meminfo").read_text().splitlines():
@@ -181,24 +159,19 @@ def available_ram() -> int | None:
     return None
 
 
-def check_cpu(settings: Settings) -> Finding:
-    capability = torch.backends.cpu.get_cpu_capability()
-    flags = cpu_flags()
-    avx2, avx512, bf16 = "avx2" in flags, "avx512f" in flags, native_bf16(flags)
-    found = (f"{cpu_model()}, {os.cpu_count()} cores, torch kernels {capability}"
-             + (f"; AVX2 {'yes' if avx2 else 'no'}, AVX-512 {'yes' if avx512 else 'no'}, "
-                f"native bf16 {'yes' if bf16 else 'no'}" if flags else ""))
-    wants_bf16 = settings.strategy.split()[:2] == ["cpu", "bf16"]
-    if bf16:
+def check_cpu(settings: Settings, machine: Machine) -> Finding:
+    found = (f"{machine.cpu_model}, {machine.kind}, {machine.cores} usable cores, torch kernels "
+             f"{machine.capability}")
+    if machine.native_bf16:
         return Finding("ok", "cpu", f"{found}: cpu bf16 runs in hardware here (faster than cpu fp32; replies "
                        "differ slightly from fp32)")
-    if flags and not avx2 and capability == "DEFAULT":
+    if machine.arch in ("x86_64", "amd64") and "avx2" not in machine.flags:
         return Finding("warn", "cpu", f"{found}: no AVX2, so CPU inference is slow here",
                        "run the model on a GPU (RAVEN_STRATEGY=\"cuda fp16\") or a CPU with AVX2")
-    meaning = "cpu bf16 has no hardware support here: converted in software, no faster than cpu fp32"
-    if wants_bf16:
-        return Finding("warn", "cpu", f"{found}: {meaning}", "set RAVEN_STRATEGY=\"cpu fp32\"")
-    return Finding("ok", "cpu", f"{found}; {meaning} (use cpu fp32)")
+    warning = bf16_warning(machine)
+    if warning and settings.strategy.split()[:2] == ["cpu", "bf16"]:
+        return Finding("warn", "cpu", warning, "set RAVEN_STRATEGY=\"cpu fp32\"")
+    return Finding("ok", "cpu", f"{found}; cpu bf16 would be emulated here (no native bf16): use cpu fp32")
 
 
 @dataclass(frozen=True)
@@ -237,7 +210,7 @@ def memory_needed(settings: Settings, info: ModelInfo, dtype: str, device: str) 
     return int(need * 1.1)
 
 
-def fitting_strategies(settings: Settings, info: ModelInfo, found: list[Gpu]) -> list[str]:
+def fitting_strategies(settings: Settings, info: ModelInfo, found: list[Gpu], machine: Machine) -> list[str]:
     """Strategies that would fit this model on this machine, the fastest kind first."""
     fits = []
     for gpu in found:
@@ -251,15 +224,14 @@ def fitting_strategies(settings: Settings, info: ModelInfo, found: list[Gpu]) ->
             if need <= gpu.free:
                 fits.append(f"{device} fp16i8 (~{_gb(need)} of {_gb(gpu.free)} free)")
     ram = available_ram()
-    flags = cpu_flags()
-    for dtype in ("bf16", "fp32") if native_bf16(flags) else ("fp32",):
+    for dtype in ("bf16", "fp32") if machine.native_bf16 else ("fp32",):
         need = memory_needed(settings, info, dtype, "cpu")
         if ram is None or need <= ram:
             fits.append(f"cpu {dtype} (~{_gb(need)}" + (f" of {_gb(ram)} available)" if ram else ")"))
     return fits
 
 
-def check_strategy(settings: Settings, info: ModelInfo | None, found: list[Gpu]) -> Finding:
+def check_strategy(settings: Settings, info: ModelInfo | None, found: list[Gpu], machine: Machine) -> Finding:
     strategy = " ".join(settings.strategy.split())
     family = info.family if info else "v7"  # the demo model is RWKV-7
     cuda_devices = re.findall(r"\bcuda(?::(\d+))?", strategy)
@@ -280,7 +252,7 @@ def check_strategy(settings: Settings, info: ModelInfo | None, found: list[Gpu])
     device, dtype = strategy.split()[0], strategy.split()[1] if len(strategy.split()) > 1 else "fp32"
     if info is None:
         return Finding("ok", "strategy", f"{strategy} (memory is estimated once the model file exists)")
-    fits = fitting_strategies(settings, info, found)
+    fits = fitting_strategies(settings, info, found, machine)
     fit_text = "fits here: " + ", ".join(fits) if fits else "nothing fits this machine: use a smaller model"
     if "->" in strategy or "*" in strategy or dtype not in BYTES_PER_PARAM:
         return Finding("ok", "strategy", f"{strategy} (a split strategy: memory not estimated); {fit_text}")
@@ -522,8 +494,8 @@ def run_checks(settings: Settings, report: Callable[[Finding], None]) -> list[Fi
     model, info = check_model(settings)
     add(model)
     add(check_tokenizer(settings, info))
-    found = gpus()
-    add(check_gpu(found), check_strategy(settings, info, found), check_cpu(settings))
+    found, machine = gpus(), detect()
+    add(check_gpu(found), check_strategy(settings, info, found, machine), check_cpu(settings, machine))
     add(check_database(settings))
     add(*check_personas(settings))
     add(check_discord(settings), *check_slack(settings), check_web(settings))
