@@ -338,3 +338,177 @@ async def test_replies_are_rendered_markdown_with_copy_and_nothing_hostile_runs(
         await reply.locator(".actions .copy").click()
         assert await page.evaluate("navigator.clipboard.readText()") == "".join(MARKDOWN_REPLY)
         assert foreign == [] and errors == []
+
+
+COUNT_ANNOUNCEMENTS = """
+window.__announcements = 0;
+document.addEventListener("DOMContentLoaded", () => {
+  new MutationObserver(() => { window.__announcements += 1; })
+    .observe(document.getElementById("announce"), { childList: true, subtree: true, characterData: true });
+});
+"""
+
+
+@pytest.mark.parametrize("viewport", [DESKTOP, PHONE], ids=["desktop", "phone"])
+async def test_the_page_controls_at_desktop_and_phone_sizes(
+    service: ChatService, settings_factory: Any, viewport: dict[str, int]
+) -> None:
+    ARTIFACTS.mkdir(exist_ok=True)
+    size = "phone" if viewport is PHONE else "desktop"
+    phone = viewport is PHONE
+    async with serving(service, settings_factory(web={"port": 0}).web) as adapter, chromium() as browser:
+        context = await browser.new_context(viewport=viewport)
+        await context.add_init_script(COUNT_ANNOUNCEMENTS)
+        page = await context.new_page()
+        foreign, errors = watch(page, adapter.url)
+        await page.goto(adapter.url + "/")
+        await page.wait_for_selector("body[data-ready=true]")
+        assert await page.get_attribute("#messages", "aria-live") is None  # only #announce speaks
+        assert await page.is_hidden("#sign-out")  # no token, nothing to sign out of
+        for scheme in ("light", "dark"):
+            await page.emulate_media(color_scheme=scheme)
+            assert await page.evaluate(CONTRAST) >= 4.5, scheme
+        await page.emulate_media(color_scheme="light")
+
+        # The new thread is listed as soon as it is sent, before its reply.
+        release = asyncio.Event()
+
+        async def hold(route: Any) -> None:
+            await release.wait()
+            await route.continue_()
+
+        await page.route("**/generate-response/stream", hold)
+        await page.select_option("#persona", "sql")
+        await page.fill("#message", "Why is my join slow?")
+        await page.click("#send")
+        listed = page.locator("button.thread .title", has_text="Why is my join slow?")
+        await listed.wait_for(state="attached")
+        assert await page.locator(".msg.assistant[data-state=done]").count() == 0
+        release.set()
+        await page.wait_for_selector(".msg.assistant[data-state=done]", timeout=60_000)
+        await page.unroute("**/generate-response/stream")
+        key = await thread_key_of(page)
+        announced = await page.inner_text("#announce")
+        reply = (await service.thread_messages(key))[-1]
+        assert announced.startswith("Raven: ") and await page.evaluate("window.__announcements") == 1
+        # Timestamps on every message; dir=auto on every bubble.
+        assert await page.locator(".msg time[datetime]").count() == await page.locator(".msg").count() == 2
+        assert set(await page.locator(".msg .body").evaluate_all("els => els.map(e => e.dir)")) == {"auto"}
+        assert reply.role == "assistant"
+
+        # A typed /advisor: the picker follows, and the next message stays with that persona.
+        await send(page, "/advisor project Plan the sprint")
+        await page.wait_for_function("() => document.getElementById('persona').value === 'project'")
+        await send(page, "And the next one?")
+        thread = await service.thread(key)
+        assert thread is not None and thread.persona == "project"
+        assert sum(m.text.startswith("/advisor") for m in await service.thread_messages(key)) == 2
+
+        # The picker switches the open thread at once, and the thread shows it.
+        await page.select_option("#persona", "default")
+        await page.wait_for_selector(".divider:has-text('Persona: ')")
+        for _ in range(100):
+            thread = await service.thread(key)
+            if thread is not None and thread.persona == "default":
+                break
+            await asyncio.sleep(0.05)
+        assert thread is not None and thread.persona == "default"
+        assert (await service.thread_messages(key))[-1].text == "/advisor default"
+        assert "starts the thread over" in await page.inner_text("#persona-hint")
+
+        # Right to left text is laid out right to left.
+        await send(page, "مرحبا، كيف حالك؟")
+        direction = await page.locator(".msg.user .body").last.evaluate("e => getComputedStyle(e).direction")
+        assert direction == "rtl"
+
+        # Too long: a notice (not a Raven reply), the draft kept; exactly the limit is accepted.
+        limit = service.settings.max_message_chars
+        if phone:
+            await page.click("#toggle-threads")
+        await page.click("#new-thread")
+        users_before = await page.locator(".msg.user").count()
+        await page.fill("#message", "b" * (limit + 1))
+        await page.click("#send")
+        notice = page.locator(".msg.notice")
+        await notice.wait_for()
+        assert f"{limit + 1:,} characters" in await notice.inner_text()
+        assert await notice.locator(".name").inner_text() == "Notice"
+        assert await notice.evaluate("e => getComputedStyle(e).backgroundColor") != await page.evaluate(
+            "getComputedStyle(document.body).backgroundColor")
+        assert len(await page.input_value("#message")) == limit + 1
+        assert await page.locator(".msg.user").count() == users_before
+        await page.screenshot(path=str(ARTIFACTS / f"notice-{size}.png"))
+        await send(page, "c" * limit)
+        long_key = await thread_key_of(page)
+        assert [m.text for m in await service.thread_messages(long_key) if m.role == "user"][-1] == "c" * limit
+
+        # History is shown rendered; the search box filters the list.
+        await page.reload()
+        await page.wait_for_selector("body[data-ready=true]")
+        if phone:
+            await page.click("#toggle-threads")
+        await page.fill("#thread-search", "join")
+        visible = page.locator("button.thread:visible .title")
+        assert await visible.all_inner_texts() == ["Why is my join slow?"]
+        await page.fill("#thread-search", "no such words")
+        await page.wait_for_selector("#no-matches:visible")
+        await page.fill("#thread-search", "")
+        await page.locator("button.thread", has_text="Why is my join slow?").click()
+        await page.wait_for_selector(".msg.assistant .body.markdown")
+        await page.wait_for_function(  # the drawer has slid away (phone)
+            "() => innerWidth > 720 || document.getElementById('sidebar').getBoundingClientRect().right <= 0")
+        assert await page.locator(".msg.assistant .actions .copy").count() == await page.locator(
+            ".msg.assistant").count()
+        await page.screenshot(path=str(ARTIFACTS / f"page-{size}.png"), full_page=True)
+
+        if phone:
+            # The closed drawer is out of the tab order: Tab never lands in it.
+            assert await page.evaluate("document.getElementById('sidebar').inert") is True
+            await page.focus("#toggle-threads")
+            for _ in range(12):
+                await page.keyboard.press("Tab")
+                assert not await page.evaluate("document.getElementById('sidebar').contains(document.activeElement)")
+            await page.click("#toggle-threads")
+            assert await page.evaluate("document.getElementById('sidebar').inert") is False
+            assert await page.evaluate("document.activeElement.id") == "thread-search"
+            await page.screenshot(path=str(ARTIFACTS / "drawer-phone.png"))
+            await page.keyboard.press("Escape")
+            assert await page.evaluate("document.getElementById('sidebar').inert") is True
+        else:
+            assert await page.evaluate("document.getElementById('sidebar').inert") is False
+        # The browser itself logs the refused message's 422; the page's script logged nothing.
+        assert foreign == [] and [e for e in errors if not e.startswith("Failed to load resource")] == []
+        await context.close()
+
+
+async def test_with_the_server_down_sending_shows_a_notice_and_keeps_the_draft(
+    service: ChatService, settings_factory: Any
+) -> None:
+    async with chromium() as browser:
+        async with serving(service, settings_factory(web={"port": 0}).web) as adapter:
+            page, _, errors = await page_at(browser, adapter.url, DESKTOP)
+        uncaught: list[str] = []
+        page.on("pageerror", lambda e: uncaught.append(str(e)))
+        await page.fill("#message", "are you there?")
+        await page.click("#send")
+        notice = page.locator(".msg.notice")
+        await notice.wait_for()
+        assert "cannot be reached" in await notice.inner_text()
+        assert await page.input_value("#message") == "are you there?"
+        assert await page.locator(".msg.assistant").count() == 0
+        assert not await page.is_disabled("#send")
+        await page.wait_for_timeout(300)
+        assert uncaught == [] and not [e for e in errors if "TypeError" in e]
+
+
+async def test_sign_out_is_visible_with_a_token_and_signs_out(service: ChatService, settings_factory: Any) -> None:
+    settings = settings_factory(web={"port": 0, "token": TOKEN}).web
+    async with serving(service, settings) as adapter, chromium() as browser:
+        page = await browser.new_page()
+        await page.goto(f"{adapter.url}/?token={TOKEN}")
+        await page.wait_for_selector("body[data-ready=true]")
+        assert await page.is_visible("#sign-out button")
+        await page.click("#sign-out button")
+        await page.wait_for_selector("#token")  # the sign-in form again
+        assert await page.context.cookies() == []
+        assert await page.evaluate('fetch("/personas").then(r => r.status)') == 401

@@ -280,7 +280,7 @@
 
   function updateHint() {
     const chosen = state.personas.find((p) => p.name === ui.persona.value);
-    const about = chosen && chosen.description ? `${chosen.description}. ` : "";
+    const about = chosen && chosen.description ? `${chosen.description.replace(/\.*$/, "")}. ` : "";
     ui.hint.textContent = state.threadPersona
       ? `${about}The persona of this thread: choosing another starts the thread over with it (the log is kept).`
       : `${about}Your first message starts this thread with ${chosen ? chosen.display_name : "this persona"}.`;
