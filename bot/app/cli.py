@@ -354,6 +354,37 @@ def export_command(
     typer.echo(f"exported {rows} messages" + (f" to {output}" if output else ""), err=True)
 
 
+@app.command("import-persona")
+def import_persona(
+    file: Annotated[Path, typer.Argument(help="A WePrompt prompt file: user = …, bot = …, init_prompt = f'…'.")],
+    name: Annotated[str | None, typer.Option(help="Persona name (default: from the file name).")] = None,
+    output: Annotated[Path | None, typer.Option(
+        help="Where to write the persona file (default: RAVEN_PERSONAS_DIR, else the built-in instructions/).")] = None,
+    force: Annotated[bool, typer.Option(help="Replace an existing persona file.")] = False,
+) -> None:
+    """Convert a WePrompt prompt file into a persona file; the file is parsed, never run."""
+    from bot.core.personas import BUILTIN_DIR
+    from bot.core.weprompt import convert, persona_name
+
+    settings = _settings()
+    try:
+        source = file.read_text(encoding="utf-8")
+    except (OSError, UnicodeDecodeError) as exc:
+        raise _fail(RavenError(f"cannot read {file}: {exc}")) from None
+    try:
+        imported = convert(source, name or persona_name(file.stem), str(file))
+    except RavenError as exc:
+        raise _fail(exc) from None
+    target = output or (settings.personas_dir or BUILTIN_DIR) / f"{imported.name}.md"
+    if target.exists() and not force:
+        raise _fail(RavenError(f"{target} exists; pass --force to replace it, or --name for another persona"))
+    target.parent.mkdir(parents=True, exist_ok=True)
+    target.write_text(imported.text, encoding="utf-8")
+    for note in imported.notes:
+        typer.echo(f"note: {note}", err=True)
+    typer.echo(f"wrote {target}: persona {imported.name!r} (/advisor {imported.name})")
+
+
 def main() -> None:
     app()
 
