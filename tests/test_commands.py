@@ -33,6 +33,21 @@ from bot.core.commands import COMMANDS, HELP_TEXT, Command, parse_command
         ("", None),
         ("   ", None),
         ("//reset", None),
+        ("/retry", Command("retry")),
+        ("/continue", Command("continue")),
+        ("/stop", Command("stop")),
+        ("/fork", Command("fork")),
+        ("/forget", Command("forget")),
+        ("/forget confirm", Command("forget", "confirm")),
+        ("/forget everything", Command("forget")),  # not confirmed: asks again
+        ("++", Command("retry")),
+        ("  +++ ", Command("continue")),
+        ("+reset", Command("reset")),
+        ("+RESET", Command("reset")),
+        ("++ more please", None),
+        ("++++", None),
+        ("+", None),
+        ("c++ is hard", None),
     ],
 )
 def test_parse_command(text: str, expected: Command | None) -> None:
@@ -40,7 +55,7 @@ def test_parse_command(text: str, expected: Command | None) -> None:
 
 
 def test_help_text_mentions_every_command() -> None:
-    assert COMMANDS == ("advisor", "reset", "personas", "help")
+    assert COMMANDS == ("advisor", "reset", "personas", "help", "retry", "continue", "stop", "fork", "forget")
     for name in COMMANDS:
         assert f"/{name}" in HELP_TEXT
 
@@ -70,6 +85,14 @@ PERSONAS = {"default", "sql", "project"}
         # the slash form stays a command after a mention too
         ("/reset please", Command("reset")),
         ("/advisor nope", Command("advisor", "nope", "")),
+        ("retry", Command("retry")),
+        ("stop!", Command("stop")),
+        ("stop doing that", None),
+        ("forget confirm", Command("forget", "confirm")),
+        ("forget it", None),
+        ("continue", Command("continue")),
+        ("continue with the index question", None),
+        ("++", Command("retry")),
     ],
 )
 def test_parse_addressed_text(text: str, expected: Command | None) -> None:

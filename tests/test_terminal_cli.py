@@ -94,8 +94,11 @@ def test_chat_through_stdin_and_resume(tmp_path: Path, chat_env: dict[str, str])
     # as "[reply cut off at the 20-token limit]" is printed apart, in brackets, and not stored.
     assert squash(log[1][2]) == squash(without_notice(reply_1))
     assert squash(log[4][2]) == squash(without_notice(reply_2))
-    # The state saved after the second turn follows its reply.
-    assert rows(db, "SELECT thread_key, epoch, last_message_id FROM states") == [("terminal:t1", 0, log[4][0])]
+    # The state saved after the second turn follows its reply (the current slot); the other slot keeps
+    # the one from before it, after the first reply.
+    assert rows(db, "SELECT s.thread_key, s.epoch, s.last_message_id, s.slot = t.state_slot FROM states s "
+                    "JOIN threads t ON t.key = s.thread_key ORDER BY s.last_message_id") == [
+        ("terminal:t1", 0, log[1][0], 0), ("terminal:t1", 0, log[4][0], 1)]
     # Every turn was delivered (printed), and owned by the process that answered it.
     assert rows(db, "SELECT phase FROM turns ORDER BY id") == [("delivered",), ("delivered",)]
 

@@ -8,7 +8,8 @@ Two forms reach the core:
   ``@Raven advisor sql why?``, ``@Raven reset``. Here a command word counts only when what follows
   is that command's argument — ``advisor`` followed by a persona's name (or nothing), the other
   commands alone (trailing punctuation allowed). "@Raven help me with this join" and
-  "@Raven reset the counter please" are ordinary messages.
+  "@Raven reset the counter please" are ordinary messages;
+- ChatRWKV's own words, alone on the line: ``+reset``, ``++`` (retry) and ``+++`` (continue).
 """
 
 from __future__ import annotations
@@ -17,14 +18,23 @@ from collections.abc import Collection
 from dataclasses import dataclass
 from typing import Literal
 
-CommandName = Literal["advisor", "reset", "personas", "help"]
-COMMANDS: tuple[CommandName, ...] = ("advisor", "reset", "personas", "help")
+CommandName = Literal["advisor", "reset", "personas", "help", "retry", "continue", "stop", "fork", "forget"]
+COMMANDS: tuple[CommandName, ...] = ("advisor", "reset", "personas", "help", "retry", "continue", "stop", "fork",
+                                     "forget")
+ALIASES: dict[str, CommandName] = {"+reset": "reset", "++": "retry", "+++": "continue"}
+"""ChatRWKV's chat commands, accepted as they are."""
+FORGET_CONFIRMATION = "confirm"
 _TRAILING = ":,.!?"
 
 HELP_TEXT = (
     "Commands:\n"
     "- `/advisor <persona> [question]` — start this thread over with a persona (and ask it something)\n"
     "- `/reset` — start this thread over with its current persona (the log is kept)\n"
+    "- `/retry` (or `++`) — a new reply to your last message, in place of the last reply\n"
+    "- `/continue` (or `+++`) — make the last reply longer\n"
+    "- `/stop` — stop the reply being written (what was written is kept)\n"
+    "- `/fork` — a new thread that starts where this one is now (this one is unchanged)\n"
+    "- `/forget` — delete this thread's log and saved state (asks you to confirm)\n"
     "- `/personas` — list the personas\n"
     "- `/help` — this text\n"
     "After a mention the same words work without the slash (`@Raven advisor sql`). "
@@ -35,7 +45,7 @@ HELP_TEXT = (
 @dataclass(frozen=True)
 class Command:
     name: CommandName
-    argument: str = ""  # the persona name for /advisor
+    argument: str = ""  # the persona name for /advisor; "confirm" for /forget
     rest: str = ""  # the question after /advisor <persona>
 
 
@@ -56,6 +66,8 @@ def parse_command(text: str, *, addressed: bool = False, personas: Collection[st
     make ``advisor <name>`` a command in that form.
     """
     stripped = text.strip()
+    if stripped.lower() in ALIASES:
+        return Command(ALIASES[stripped.lower()])
     slashed = stripped.startswith("/")
     if not slashed and not addressed:
         return None
@@ -71,6 +83,11 @@ def parse_command(text: str, *, addressed: bool = False, personas: Collection[st
         if not slashed and persona and persona.rstrip(_TRAILING) not in personas:
             return None  # "advisor me on this": not a persona, so an ordinary message
         return Command("advisor", persona if slashed else persona.rstrip(_TRAILING), rest)
+    if name == "forget":
+        confirmed = tail.lower().rstrip(_TRAILING) == FORGET_CONFIRMATION
+        if not slashed and tail and not confirmed:
+            return None  # "forget it, never mind"
+        return Command("forget", FORGET_CONFIRMATION if confirmed else "")
     if not slashed and tail:
         return None  # "reset the counter please"
     return Command(name)  # type: ignore[arg-type]

@@ -13,8 +13,9 @@ from __future__ import annotations
 from dataclasses import dataclass
 from typing import Literal
 
-CutOffReason = Literal["timeout", "length", "stopped"]
-RefusalReason = Literal["empty", "too_long", "unknown_persona", "invalid_persona", "no_persona"]
+CutOffReason = Literal["timeout", "length", "stopped", "halted"]
+"""``stopped``: Raven is shutting down; ``halted``: the user stopped the reply (``/stop``)."""
+RefusalReason = Literal["empty", "too_long", "unknown_persona", "invalid_persona", "no_persona", "nothing_to_redo"]
 
 
 @dataclass(frozen=True, slots=True)
@@ -44,6 +45,8 @@ class CutOff:
             return f"reply cut off: it took longer than {self.limit:g} s"
         if self.reason == "stopped":
             return "reply cut off: Raven is restarting"
+        if self.reason == "halted":
+            return "reply stopped"
         return f"reply cut off at the {self.limit:g}-token limit"
 
 

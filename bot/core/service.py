@@ -21,7 +21,7 @@ from typing import TypeVar
 
 from cachetools import LRUCache
 
-from bot.core.commands import HELP_TEXT, Command, as_text, parse_command
+from bot.core.commands import FORGET_CONFIRMATION, HELP_TEXT, Command, as_text, parse_command
 from bot.core.outcomes import Answered, Busy, CommandDone, CutOff, Failed, Outcome, Refused
 from bot.core.personas import NAME_PATTERN, Persona, PersonaLibrary, check_name
 from bot.core.prompt import PromptFormat
@@ -31,14 +31,28 @@ from bot.core.thinking import ThinkingFilter, strip_thinking
 from bot.core.turn import Turn, TurnInfo
 from bot.errors import EngineBusy, InputError, PersonaError, RavenError
 from bot.events import Event, ThreadKey
-from bot.inference.engine import Completion, Engine, GenerateRequest
+from bot.inference.engine import Completion, Engine, GenerateRequest, Generation
 from bot.inference.sampling import SamplingParams
 from bot.inference.tokenizer import Tokenizer
 from bot.settings import CoreSettings
-from bot.storage import INTERRUPTED_NOTICE, Phase, Repair, StateDraft, Store, StoredMessage, ThreadInfo
+from bot.storage import (
+    INTERRUPTED_NOTICE,
+    Exchange,
+    Phase,
+    Repair,
+    StateDraft,
+    Store,
+    StoredMessage,
+    ThreadInfo,
+)
 
 log = logging.getLogger(__name__)
 T = TypeVar("T")
+REDO_COMMANDS = ("retry", "continue")
+"""Commands that write a new reply to the last question: their turn is recorded like an answer's."""
+FORGET_ASK = ("This deletes this thread's log and saved state for good. "
+              f"Send `/forget {FORGET_CONFIRMATION}` to do it.")
+FORGET_DONE = "Forgotten: this thread's log and saved state are deleted."
 TURN_HISTORY = 1024
 """Threads whose last turn's figures are kept (``last_turn``)."""
 
@@ -65,6 +79,7 @@ class ChatService:
         self._arrivals: dict[ThreadKey, asyncio.Future[None]] = {}  # each thread's last message to store
         self._closing = False  # shutting down: new messages are kept, not answered
         self._writing: dict[ThreadKey, Turn] = {}  # the turn generating in each thread, for followers
+        self._generations: dict[ThreadKey, Generation] = {}  # what ``stop`` stops
         self.instance_id = instance_id  # owns the turns this process answers (see Store.recover)
         self.is_demo_model = False
 
@@ -119,6 +134,52 @@ class ChatService:
 
     def last_turn(self, key: ThreadKey) -> TurnInfo | None:
         return self._turns.get(key)
+
+    # --- what a thread's state makes cheap -----------------------------------------------------------
+
+    def stop(self, key: ThreadKey) -> bool:
+        """Stop the reply being written in the thread: what was written is kept as the reply (cut off,
+        ``halted``), and the model still reads it, so the saved state matches what is kept. False
+        when nothing is being written there."""
+        generation = self._generations.get(key)
+        if generation is None:
+            return False
+        generation.stop()
+        return True
+
+    async def rename_thread(self, key: ThreadKey, title: str) -> bool:
+        """Give the thread a name (blank: back to its first message's first line)."""
+        try:
+            cleaned = clean_text(title[:400], 400).split("\n")[0].strip()[:80]
+        except InputError:  # blank
+            cleaned = ""
+        return await self.store.rename_thread(key, cleaned or None)
+
+    async def forget_thread(self, key: ThreadKey) -> bool:
+        """Delete the thread's log and saved state; a reply being written there is stopped first."""
+        self.stop(key)
+        async with self._lock(key):
+            return await self._forget(key)
+
+    async def _forget(self, key: ThreadKey) -> bool:
+        self.states.forget(key)
+        self._turns.pop(key, None)
+        return await self.store.delete_thread(key)
+
+    async def fork(self, source: ThreadKey, target: ThreadKey, upto_reply_id: int | None = None) -> ThreadInfo:
+        """A new thread that starts where ``source`` is now (or at one of its replies): its log is a
+        copy of the source's context and its state a copy of the source's — one row, whatever the
+        history — so it continues exactly as the source would. The source is unchanged."""
+        async with self._lock(source):  # no turn of the source commits meanwhile
+            info = await self.store.fork_thread(source, target, upto_reply_id)
+            thread = await self.store.get_thread(source)
+            cached = self.states.get(source)
+            if thread is not None and cached is not None and cached.epoch == thread.epoch:
+                last = await self.store.last_reply_id(source, thread.epoch)
+                if cached.last_message_id == last and upto_reply_id in (None, last):
+                    self.states.remember(target, cached.model, cached.fingerprint, 0,
+                                         await self.store.last_reply_id(target, 0))
+        return info
 
     async def shutdown(self, grace_s: float) -> None:
         """Stop taking new messages (each gets a "restarting" notice and stays in the log), let the
@@ -271,14 +332,25 @@ class ChatService:
         accepted = await self.store.accept(
             key, self.settings.default_persona, as_text(command) if command is not None else text,
             author=author, platform_message_id=event.message_id, owner=self.instance_id,
-            answer=command is None)
+            answer=command is None, redo=command is not None and command.name in REDO_COMMANDS)
         stored.set_result(None)
         turn.turn_id = accepted.turn_id
         message = accepted.message
+        if command is not None and command.name == "stop":  # not after the reply it is to stop
+            said = "Stopped." if self.stop(key) else "Nothing is being written here."
+            turn.show(said)
+            return CommandDone("stop", said)
         async with self._lock(key):  # a thread's turns run in the order their messages arrived
             await self.refresh_personas()  # local file checks in a thread: picks up an edited persona
             thread = await self.store.get_thread(key)  # as it is now: an earlier turn may have switched it
             assert thread is not None
+            if command is not None and command.name in REDO_COMMANDS:
+                self._writing[key] = turn
+                try:
+                    return await self._redo(command, thread, message, turn)
+                finally:
+                    if self._writing.get(key) is turn:
+                        del self._writing[key]
             if command is not None:
                 result = await self._command(command, thread, turn)
                 if not isinstance(result, str):
@@ -294,8 +366,21 @@ class ChatService:
                 if self._writing.get(key) is turn:
                     del self._writing[key]
 
-    async def _answer_and_confirm(self, thread: ThreadInfo, message: StoredMessage, turn: Turn) -> Outcome:
-        outcome, before, fmt = await self._answer(thread, message, turn)
+    async def _redo(self, command: Command, thread: ThreadInfo, message: StoredMessage, turn: Turn) -> Outcome:
+        """``/retry``: a new reply to the last question, sampled from the state before the last reply;
+        ``/continue``: the last reply made longer, from the state right after its text. Either way the
+        new reply takes the old one's place in the log (the old one is kept, ``replaced``)."""
+        exchange = await self.store.last_exchange(thread.key, thread.epoch)
+        if exchange is None:
+            await self._end_turn(turn, "failed", "nothing to redo")
+            return Refused("nothing_to_redo", f"There is no reply to {command.name} in this thread yet.")
+        return await self._answer_and_confirm(thread, exchange.question, turn, redo=(command.name, exchange),
+                                              seed_message=message)
+
+    async def _answer_and_confirm(self, thread: ThreadInfo, message: StoredMessage, turn: Turn,
+                                  redo: tuple[str, Exchange] | None = None,
+                                  seed_message: StoredMessage | None = None) -> Outcome:
+        outcome, before, fmt = await self._answer(thread, message, turn, redo, seed_message or message)
         if not turn.confirm or before is None or not isinstance(outcome, Answered | CutOff):
             return outcome
         turn.end(outcome)  # the adapter finishes showing it, then reports (we still hold the thread)
@@ -310,6 +395,8 @@ class ChatService:
             return outcome
         log.warning("reply in %s was not delivered (%s): the thread goes back to before it", thread.key, failure)
         await self._end_turn(turn, "delivery_failed", failure)
+        if redo is not None:  # the reply it replaced is out of the context too: so is its question
+            await self.store.set_status(message.id, "failed")
         assert fmt is not None
         await self.states.roll_back(thread, fmt, before)
         return outcome
@@ -331,6 +418,17 @@ class ChatService:
                     "(Earlier messages stay in the log.)\n")
             turn.show(said)
             return CommandDone("reset", said)
+        if command.name == "forget":
+            if command.argument != FORGET_CONFIRMATION:
+                turn.show(FORGET_ASK)
+                return CommandDone("forget", FORGET_ASK)
+            await self._forget(key)  # this command's own message goes with the rest
+            turn.show(FORGET_DONE)
+            return CommandDone("forget", FORGET_DONE)
+        if command.name == "fork":  # adapters that can open a thread handle /fork before it gets here
+            said = "`/fork` is not available here yet."
+            turn.show(said)
+            return CommandDone("fork", said)
         # /advisor <persona> [question]
         if not command.argument:
             return Refused("no_persona", "Which persona? " + self.persona_list())
@@ -383,9 +481,15 @@ class ChatService:
         """Tokenizing is pure Python (the World tokenizer): a long message would stall the loop."""
         return await asyncio.to_thread(work)
 
-    async def _answer(self, thread: ThreadInfo, user_message: StoredMessage,
-                      turn: Turn) -> tuple[Outcome, Resumed | None, PromptFormat | None]:
-        """Generate and commit the reply; also returns where the turn started (for a roll-back)."""
+    async def _answer(self, thread: ThreadInfo, user_message: StoredMessage, turn: Turn,
+                      redo: tuple[str, Exchange] | None = None, seed_message: StoredMessage | None = None,
+                      ) -> tuple[Outcome, Resumed | None, PromptFormat | None]:
+        """Generate and commit the reply; also returns where the turn started (for a roll-back).
+
+        ``redo``: ``("retry" | "continue", the last exchange)``: start from the state before that
+        exchange's reply (``ThreadStates.resume_before``), and store the new reply in its place;
+        ``continue`` first re-reads the old reply's own tokens, so the model carries on from its
+        last word."""
         key = thread.key
         started = time.monotonic()
         persona = self._thread_persona(thread)
@@ -393,14 +497,20 @@ class ChatService:
         if turn.turn_id is not None:
             await self.store.begin_turn(turn.turn_id, thread.epoch)
         try:  # a persona prompt or a rebuild is model work too, and waits in the same queue
-            before = await self.states.resume(thread, fmt)
+            before = (await self.states.resume(thread, fmt) if redo is None
+                      else await self.states.resume_before(thread, fmt, redo[1].reply))
         except EngineBusy as exc:
             await self._end_turn(turn, "failed", "busy")
             return Busy(exc.ahead), None, None
         start, resumed_from = before.model, before.source
+        kept_text, kept_tokens = "", []
+        if redo is not None and redo[0] == "continue":
+            kept_text, kept_tokens = redo[1].reply.text, await self._off_loop(
+                lambda: self._reply_without_separator(redo[1].reply, fmt))
         prompt, separator = await self._off_loop(
-            lambda: (fmt.user_turn_tokens(user_message.text), fmt.separator_tokens()))
-        position = (await self.store.position_in_thread(key, user_message.id)
+            lambda: (fmt.user_turn_tokens(user_message.text) + kept_tokens, fmt.separator_tokens()))
+        seed_from = seed_message or user_message
+        position = (await self.store.position_in_thread(key, seed_from.id)
                     if self.settings.seed is not None else 0)
         sampling = self._sampling(persona)
         request = GenerateRequest(
@@ -413,20 +523,32 @@ class ChatService:
         except EngineBusy as exc:
             await self._end_turn(turn, "failed", "busy")
             return Busy(exc.ahead), None, None
-        visible = ThinkingFilter(show=self.settings.show_thinking)
-        async for chunk in generation:
-            turn.show(visible.feed(chunk))
+        self._generations[key] = generation
         try:
-            completion = await generation.result()
-        except RavenError:
-            log.exception("generation failed in %s", key)
-            await self._end_turn(turn, "failed", "model")
-            return Failed(partial=turn.shown), None, None
-        if completion.finish_reason == "stopped" and completion.final is None and not completion.text:
-            await self._end_turn(turn, "interrupted", "stopped before it started")
-            return Busy(0, retry_after_s=30, restarting=True), None, None
-        reply = self._stored_reply(completion.text, fmt)
-        reply_message = await self._commit(thread, fmt, user_message, completion, reply, turn.turn_id)
+            visible = ThinkingFilter(show=self.settings.show_thinking)
+            async for chunk in generation:
+                turn.show(visible.feed(chunk))
+            try:
+                completion = await generation.result()
+            except RavenError:
+                log.exception("generation failed in %s", key)
+                await self._end_turn(turn, "failed", "model")
+                return Failed(partial=turn.shown), None, None
+        finally:
+            if self._generations.get(key) is generation:
+                del self._generations[key]
+        if completion.final is None and not completion.text:
+            if completion.finish_reason == "stopped":
+                await self._end_turn(turn, "interrupted", "stopped before it started")
+                return Busy(0, retry_after_s=30, restarting=True), None, None
+            if completion.finish_reason == "halted":  # stopped before its first word: nothing to keep
+                await self._end_turn(turn, "failed", "halted")
+                return CutOff("", 0, "halted", 0), None, None
+        reply = self._stored_reply(kept_text + completion.text, fmt)
+        replaced = redo[1].reply.id if redo is not None else None
+        reply_message = await self._commit(thread, fmt, user_message, completion, reply, turn.turn_id,
+                                           before=before, replaces=replaced,
+                                           tokens=kept_tokens + completion.segment_tokens)
         info = TurnInfo(resumed_from, len(prompt), completion.generated_tokens, completion.finish_reason,
                         time.monotonic() - started)
         self._turns[key] = info
@@ -434,15 +556,27 @@ class ChatService:
         outcome: Outcome = Answered(turn.shown, reply_message.id)
         if completion.finish_reason == "timeout":
             outcome = CutOff(turn.shown, reply_message.id, "timeout", self.settings.reply_timeout_s)
-        elif completion.finish_reason == "stopped":
-            outcome = CutOff(turn.shown, reply_message.id, "stopped", 0)
+        elif completion.finish_reason in ("stopped", "halted"):
+            outcome = CutOff(turn.shown, reply_message.id, completion.finish_reason, 0)
         elif completion.finish_reason == "length":
             outcome = CutOff(turn.shown, reply_message.id, "length", sampling.max_tokens)
         return outcome, before, fmt
 
+    def _reply_without_separator(self, reply: StoredMessage, fmt: PromptFormat) -> list[int]:
+        """The tokens of a reply as the model read them, up to the turn separator (``/continue``)."""
+        separator = fmt.separator_tokens()
+        tokens = reply.tokens if (reply.tokens and reply.tokenizer == self.engine.tokenizer_name
+                                  and self.engine.valid_tokens(reply.tokens)) else fmt.reply_tokens(reply.text)
+        if separator and tokens[-len(separator):] == separator:
+            return tokens[:-len(separator)]
+        text = self.tokenizer.decode(tokens)
+        return self.tokenizer.encode(text[:-len(fmt.separator)] if text.endswith(fmt.separator) else text)
+
     async def _commit(self, thread: ThreadInfo, fmt: PromptFormat, user_message: StoredMessage,
-                      completion: Completion, reply: str, turn_id: int | None) -> StoredMessage:
-        """The reply, the user's message marked answered and the new state: one transaction."""
+                      completion: Completion, reply: str, turn_id: int | None, before: Resumed,
+                      replaces: int | None, tokens: list[int]) -> StoredMessage:
+        """The reply, the user's message marked answered and the new state: one transaction. The
+        state the turn started from stays as the thread's prior state (for ``/retry``)."""
         key = thread.key
         final = completion.final
         fingerprint = self.states.fingerprint(fmt)
@@ -451,9 +585,11 @@ class ChatService:
             blob = await self.states.encode(final)
             stored = StateDraft(fingerprint, thread.epoch, final.token_count, blob)
         reply_message = await self.store.finish_turn(
-            key, user_message.id, reply, stored, tokens=completion.segment_tokens or None,
-            tokenizer=self.tokenizer.name, turn_id=turn_id, finish=completion.finish_reason)
+            key, user_message.id, reply, stored, tokens=tokens or None,
+            tokenizer=self.tokenizer.name, turn_id=turn_id, finish=completion.finish_reason, replaces=replaces)
         if final is not None:
+            if replaces is None:
+                self.states.remember_prior(key, before.model, fingerprint, thread.epoch, before.last_id)
             self.states.remember(key, final, fingerprint, thread.epoch, reply_message.id)
         else:
             self.states.forget(key)

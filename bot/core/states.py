@@ -8,6 +8,10 @@ reply it has read. Anything else — a corrupt blob, another model, an edited pe
 the log, and the user notices nothing but a slower reply.
 
 When the state is hot, resuming a thread costs one indexed lookup, whatever the thread's length.
+
+The state from *before* the last reply is kept too (in memory beside the current one, and in the
+store's prior slot), so that ``/retry`` and ``/continue`` start where that reply started at the same
+cost (``resume_before``).
 """
 
 from __future__ import annotations
@@ -110,6 +114,11 @@ class ThreadStates:
 
     def forget(self, key: ThreadKey) -> None:
         self._memory.pop(key, None)
+        self._memory.pop(("prior", key), None)
+
+    def _prior(self, key: ThreadKey) -> CachedState | None:
+        entry = self._memory.get(("prior", key))
+        return entry if isinstance(entry, CachedState) else None
 
     # --- what a state depends on ---------------------------------------------------------------------
 
@@ -148,6 +157,37 @@ class ThreadStates:
         self.remember(key, model, fingerprint, thread.epoch, last_id)
         return Resumed(model, "rebuild", last_id)
 
+    async def resume_before(self, thread: ThreadInfo, fmt: PromptFormat, reply: StoredMessage) -> Resumed:
+        """The model as it was when ``reply`` (the epoch's last reply) began: after every reply before
+        it. Found as cheaply as ``resume``: the prior state in memory or the store (saved when that
+        reply was committed), else the current one (after a roll-back), else a rebuild of the log up
+        to the reply before it."""
+        key = thread.key
+        last_id = await self.store.last_reply_id(key, thread.epoch, before_id=reply.id)
+        if not last_id:
+            return Resumed(await self.prefix(fmt), "new", 0)
+        fingerprint = self.fingerprint(fmt)
+        wanted = (fingerprint, thread.epoch, last_id)
+        for cached in (self._prior(key), self.get(key)):
+            if cached is not None and (cached.fingerprint, cached.epoch, cached.last_message_id) == wanted:
+                return Resumed(cached.model, "memory", last_id)
+        for stored in (await self.store.load_prior_state(key), await self.store.load_state(key)):
+            if stored is None or not stored.checksum_ok:
+                continue
+            if (stored.fingerprint, stored.epoch, stored.last_message_id) == wanted:
+                try:
+                    model = await self.engine.decode_state(stored.blob)
+                except StateError as exc:
+                    log.warning("saved state of %s not used (%s)", key, exc)
+                    continue
+                self.remember_prior(key, model, fingerprint, thread.epoch, last_id)
+                return Resumed(model, "store", last_id)
+        context = await self.store.context(key, thread.epoch, before_id=last_id + 1)
+        tokens = await asyncio.to_thread(self._context_tokens, context, fmt)
+        model = await self.engine.prefill(await self.prefix(fmt), tokens)
+        self.remember_prior(key, model, fingerprint, thread.epoch, last_id)
+        return Resumed(model, "rebuild", last_id)
+
     async def roll_back(self, thread: ThreadInfo, fmt: PromptFormat, before: Resumed) -> None:
         """Make the state from before a reply the thread's state again (the reply never reached its
         user, so the next turn must not build on it): cheap, because the turn kept that state."""
@@ -164,6 +204,10 @@ class ThreadStates:
 
     def remember(self, key: ThreadKey, model: ModelState, fingerprint: str, epoch: int, last_id: int) -> None:
         self._keep(key, CachedState(model, fingerprint, epoch, last_id))
+
+    def remember_prior(self, key: ThreadKey, model: ModelState, fingerprint: str, epoch: int, last_id: int) -> None:
+        """The state before the thread's last reply (``resume_before`` looks here first)."""
+        self._keep(("prior", key), CachedState(model, fingerprint, epoch, last_id))
 
     async def rebuild(self, thread: ThreadInfo, fmt: PromptFormat) -> ModelState:
         """Re-read the epoch's log: each user turn as the prompt format writes it, each reply as the
