@@ -32,6 +32,25 @@ class ThreadKey:
 
 
 @dataclass(frozen=True, slots=True)
+class Attachment:
+    """A file attached to a message. ``content`` is None when the adapter did not fetch it (it fetches
+    only what the core will read: ``bot.core.attachments.wanted``)."""
+
+    name: str
+    size: int
+    content: bytes | None = None
+
+
+@dataclass(frozen=True, slots=True)
+class EarlierMessage:
+    """A message written in a platform thread before Raven was called into it (adopting the thread)."""
+
+    author: str
+    text: str
+    from_bot: bool = False
+
+
+@dataclass(frozen=True, slots=True)
 class Event:
     """A user's message, already translated from the platform's own shape.
 
@@ -47,6 +66,7 @@ class Event:
     text: str
     message_id: str | None = None
     addressed: bool = False
+    attachments: tuple[Attachment, ...] = ()
 
     @property
     def platform(self) -> str:

@@ -126,6 +126,12 @@ class CoreSettings(Sampling, Section):
     delivery_timeout_s: float = Field(300.0, gt=0)
     shutdown_grace_s: float = Field(30.0, ge=0)
 
+    # --- what a message brings: files, and a thread's earlier messages ---------------------------------
+    attachment_max_bytes: int = Field(100_000, ge=0)
+    attachment_max_files: int = Field(5, ge=0)
+    adopt_max_messages: int = Field(50, ge=0)
+    adopt_max_chars: int = Field(20_000, ge=0)
+
     # --- sampling: the fields of Sampling (RAVEN_TEMPERATURE…; a persona can override each), and -------
     seed: int | None = None
     show_thinking: bool = False

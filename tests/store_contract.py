@@ -602,6 +602,18 @@ class StoreContract:
         await store.restart_thread(KEY, "default")
         assert await store.last_exchange(KEY, 1) is None
 
+    async def test_adopted_messages_are_context_under_their_authors(self, store: Store) -> None:
+        asked = await store.accept(KEY, "default", "what now?", author="Carol", owner="me")
+        adopted = await store.adopt(KEY, [("Alice", "it got slow"), ("Bob", "no index")])
+        assert [(m.role, m.author, m.text, m.status) for m in adopted] == [
+            ("user", "Alice", "it got slow", "adopted"), ("user", "Bob", "no index", "adopted")]
+        reply = await store.finish_turn(KEY, asked.message.id, "add one", None, turn_id=asked.turn_id)
+        # read before the question they came before, which is read just before its answer
+        assert [m.author for m in await store.context(KEY, 0)] == ["Alice", "Bob", "Carol", "raven"]
+        assert await store.last_reply_id(KEY, 0) == reply.id
+        exchange = await store.last_exchange(KEY, 0)
+        assert exchange is not None and exchange.question.id == asked.message.id
+
     async def test_a_redo_command_gets_a_turn_but_is_not_a_question(self, store: Store) -> None:
         accepted = await store.accept(KEY, "default", "/retry", owner="me", answer=False, redo=True)
         assert accepted.turn_id is not None and accepted.message.status == "done"

@@ -77,6 +77,12 @@ class PromptFormat:
     def user_turn_tokens(self, text: str) -> list[int]:
         return self.tokenizer.encode(f"{self.roles.user}: {_single_paragraph(text)}\n\n{self.roles.bot}:")
 
+    def earlier_message_tokens(self, author: str, text: str) -> list[int]:
+        """A message from before Raven joined the thread (adopted): a line of the transcript under its
+        author's name, with no turn for the bot after it."""
+        name = " ".join(author.split()) or "Someone"
+        return self.tokenizer.encode(f"{name}: {_single_paragraph(text)}\n\n")
+
     def reply_tokens(self, reply: str) -> list[int]:
         """A reply's segment re-tokenized from its text: used only when the log lacks the token ids
         the model actually read (e.g. after a change of tokenizer)."""

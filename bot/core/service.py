@@ -16,11 +16,12 @@ import logging
 import time
 import weakref
 from collections import Counter
-from collections.abc import Callable
+from collections.abc import Awaitable, Callable, Sequence
 from typing import TypeVar
 
 from cachetools import LRUCache
 
+from bot.core.attachments import render as render_attachments
 from bot.core.commands import FORGET_CONFIRMATION, HELP_TEXT, Command, as_text, parse_command
 from bot.core.outcomes import Answered, Busy, CommandDone, CutOff, Failed, Outcome, Refused
 from bot.core.personas import NAME_PATTERN, Persona, PersonaLibrary, check_name
@@ -30,7 +31,7 @@ from bot.core.text import clean_text
 from bot.core.thinking import ThinkingFilter, strip_thinking
 from bot.core.turn import Turn, TurnInfo
 from bot.errors import EngineBusy, InputError, PersonaError, RavenError
-from bot.events import Event, ThreadKey
+from bot.events import EarlierMessage, Event, ThreadKey
 from bot.inference.engine import Completion, Engine, GenerateRequest, Generation
 from bot.inference.sampling import SamplingParams
 from bot.inference.tokenizer import Tokenizer
@@ -48,6 +49,9 @@ from bot.storage import (
 
 log = logging.getLogger(__name__)
 T = TypeVar("T")
+History = Callable[[], Awaitable[Sequence[EarlierMessage]]]
+"""Fetches a platform thread's earlier messages, oldest first (adopting a thread; see ``reply``)."""
+HISTORY_TIMEOUT_S = 30.0
 REDO_COMMANDS = ("retry", "continue")
 """Commands that write a new reply to the last question: their turn is recorded like an answer's."""
 FORGET_ASK = ("This deletes this thread's log and saved state for good. "
@@ -202,7 +206,7 @@ class ChatService:
 
     # --- a turn ------------------------------------------------------------------------------------
 
-    def reply(self, event: Event, *, confirm: bool = False) -> Turn:
+    def reply(self, event: Event, *, confirm: bool = False, history: History | None = None) -> Turn:
         """Start answering ``event``. The turn runs in its own task: if the reader goes away (a
         platform error, a closed page), the reply is still finished and stored.
 
@@ -210,7 +214,13 @@ class ChatService:
         ``undelivered``: a chat platform, where posting can fail after the reply is written). Until
         it does (or ``RAVEN_DELIVERY_TIMEOUT_S`` passes) the thread's next turn waits, so that it never
         builds on a reply nobody saw: an undelivered reply leaves the log's context, and the thread
-        goes back to the state it had before that reply (kept for this; no rebuild)."""
+        goes back to the state it had before that reply (kept for this; no rebuild).
+
+        ``history``: Raven is being called into a platform thread it does not know yet. After the
+        message is stored, the turn fetches the thread's earlier messages with it, stores them in the
+        log under their authors (``adopted``) and reads them into the state before answering: once —
+        the thread's state carries them from then on. A failed fetch is logged, and the message is
+        answered without them."""
         turn = Turn(confirm=confirm)
         key = event.thread
         self._active[key] += 1
@@ -219,7 +229,7 @@ class ChatService:
         previous = self._arrivals.get(key)
         stored = asyncio.get_running_loop().create_future()
         self._arrivals[key] = stored
-        task = asyncio.create_task(self._run(event, turn, previous, stored), name=f"turn {key}")
+        task = asyncio.create_task(self._run(event, turn, previous, stored, history), name=f"turn {key}")
         self._tasks.add(task)
 
         def done(finished: asyncio.Task[None]) -> None:
@@ -288,9 +298,9 @@ class ChatService:
         return lock
 
     async def _run(self, event: Event, turn: Turn, previous: asyncio.Future[None] | None,
-                   stored: asyncio.Future[None]) -> None:
+                   stored: asyncio.Future[None], history: History | None) -> None:
         try:
-            outcome = await self._turn(event, turn, previous, stored)
+            outcome = await self._turn(event, turn, previous, stored, history)
         except Exception:
             log.exception("turn failed in %s", event.thread)
             outcome = Failed(partial=turn.shown)
@@ -309,12 +319,12 @@ class ChatService:
             log.exception("could not record turn %s as %s", turn.turn_id, phase)
 
     async def _turn(self, event: Event, turn: Turn, previous: asyncio.Future[None] | None,
-                    stored: asyncio.Future[None]) -> Outcome:
+                    stored: asyncio.Future[None], history: History | None = None) -> Outcome:
         raw = event.text
-        if event.addressed and not raw.strip():
+        if event.addressed and not raw.strip() and not event.attachments:
             raw = "/help"  # a bare mention
         try:
-            text = clean_text(raw, self.settings.max_message_chars)
+            text = self._message_text(event, raw)
         except InputError as exc:
             return Refused("too_long" if exc.reason == "too_long" else "empty", str(exc))
         key = event.thread
@@ -359,12 +369,48 @@ class ChatService:
                 asked = await self.store.accept(key, self.settings.default_persona, result, author=author,
                                                 platform_message_id=event.message_id, owner=self.instance_id)
                 turn.turn_id, message, thread = asked.turn_id, asked.message, asked.thread
+            if history is not None:
+                await self._adopt(thread, history)
             self._writing[key] = turn
             try:
                 return await self._answer_and_confirm(thread, message, turn)
             finally:
                 if self._writing.get(key) is turn:
                     del self._writing[key]
+
+    def _message_text(self, event: Event, raw: str) -> str:
+        """The message as the log keeps it: the typed text (within the limit), then its files."""
+        typed = clean_text(raw, self.settings.max_message_chars) if raw.strip() or not event.attachments else ""
+        files = render_attachments(event.attachments, self.settings.attachment_max_bytes,
+                                   self.settings.attachment_max_files)
+        text = "\n\n".join(part for part in (typed, files) if part)
+        return text or clean_text(raw, self.settings.max_message_chars)  # nothing at all: "empty"
+
+    async def _adopt(self, thread: ThreadInfo, history: History) -> None:
+        """Read a platform thread's earlier messages into the log, once, before its first reply."""
+        key = thread.key
+        limit = self.settings.adopt_max_messages
+        if not limit or any(m.role != "user" or m.status == "adopted" for m in await self.store.messages(key)):
+            return  # adoption is off, or this thread has been talked in (or adopted) already
+        try:
+            earlier = list(await asyncio.wait_for(history(), HISTORY_TIMEOUT_S))
+        except Exception as exc:  # a platform error must not cost the user their answer
+            log.warning("could not read the earlier messages of %s (%s); answering without them", key, exc)
+            return
+        kept: list[tuple[str, str]] = []
+        budget = self.settings.adopt_max_chars
+        for message in reversed(earlier[-limit:]):  # the newest ones, within the character budget
+            try:
+                text = clean_text(message.text, self.settings.max_message_chars)
+            except InputError:
+                continue
+            if len(text) > budget:
+                break
+            budget -= len(text)
+            kept.append((message.author or "someone", text))
+        if kept:
+            await self.store.adopt(key, kept[::-1])
+            log.info("adopted %s: %d earlier message(s) read into the thread", key, len(kept))
 
     async def _redo(self, command: Command, thread: ThreadInfo, message: StoredMessage, turn: Turn) -> Outcome:
         """``/retry``: a new reply to the last question, sampled from the state before the last reply;

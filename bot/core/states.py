@@ -133,7 +133,7 @@ class ThreadStates:
         key = thread.key
         last_id = await self.store.last_reply_id(key, thread.epoch)
         if not last_id:
-            return Resumed(await self.prefix(fmt), "new", 0)
+            return await self._opening(thread, fmt, None)
         fingerprint = self.fingerprint(fmt)
         wanted = (fingerprint, thread.epoch, last_id)
         cached = self.get(key)
@@ -165,7 +165,7 @@ class ThreadStates:
         key = thread.key
         last_id = await self.store.last_reply_id(key, thread.epoch, before_id=reply.id)
         if not last_id:
-            return Resumed(await self.prefix(fmt), "new", 0)
+            return await self._opening(thread, fmt, reply.id)
         fingerprint = self.fingerprint(fmt)
         wanted = (fingerprint, thread.epoch, last_id)
         for cached in (self._prior(key), self.get(key)):
@@ -187,6 +187,16 @@ class ThreadStates:
         model = await self.engine.prefill(await self.prefix(fmt), tokens)
         self.remember_prior(key, model, fingerprint, thread.epoch, last_id)
         return Resumed(model, "rebuild", last_id)
+
+    async def _opening(self, thread: ThreadInfo, fmt: PromptFormat, before_id: int | None) -> Resumed:
+        """Where an epoch's first reply starts: the persona's prompt, then the thread's earlier messages
+        if Raven adopted it (read once: the first reply's state carries them from then on)."""
+        context = await self.store.context(thread.key, thread.epoch, before_id)
+        adopted = [m for m in context if m.status == "adopted"]
+        if not adopted:
+            return Resumed(await self.prefix(fmt), "new", 0)
+        tokens = await asyncio.to_thread(self._context_tokens, adopted, fmt)
+        return Resumed(await self.engine.prefill(await self.prefix(fmt), tokens), "rebuild", 0)
 
     async def roll_back(self, thread: ThreadInfo, fmt: PromptFormat, before: Resumed) -> None:
         """Make the state from before a reply the thread's state again (the reply never reached its
@@ -219,7 +229,9 @@ class ThreadStates:
     def _context_tokens(self, context: list[StoredMessage], fmt: PromptFormat) -> list[int]:
         tokens: list[int] = []
         for message in context:
-            if message.role != "assistant":
+            if message.status == "adopted":
+                tokens += fmt.earlier_message_tokens(message.author, message.text)
+            elif message.role != "assistant":
                 tokens += fmt.user_turn_tokens(message.text)
             elif (message.tokens and message.tokenizer == self.engine.tokenizer_name
                   and self.engine.valid_tokens(message.tokens)):  # ids from a damaged blob: use the text

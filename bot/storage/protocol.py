@@ -13,6 +13,7 @@ coroutines of one event loop.
 
 from __future__ import annotations
 
+from collections.abc import Sequence
 from typing import Protocol, Self
 
 from bot.events import ThreadKey
@@ -99,6 +100,12 @@ class Store(Protocol):
     ) -> StoredMessage:
         """Append to the thread's current epoch, committed before this returns (a user's message is
         durable before it is answered), and touch the thread's ``updated_at``. The thread must exist."""
+        ...
+
+    async def adopt(self, key: ThreadKey, messages: Sequence[tuple[str, str]]) -> list[StoredMessage]:
+        """Store ``(author, text)`` pairs — a platform thread's earlier messages, oldest first — as
+        ``user`` messages with the status ``adopted`` (part of the context as they stand), in one
+        transaction, in the thread's current epoch. The thread must exist."""
         ...
 
     async def get_message(self, message_id: int) -> StoredMessage | None:

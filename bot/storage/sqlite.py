@@ -84,13 +84,13 @@ POSITION_QUERY = "SELECT seq + 1 FROM messages WHERE thread_key = ? AND id < ? O
 _CONTEXT_QUERY = """
     SELECT m.* FROM messages m LEFT JOIN turns t ON t.message_id = m.id
     WHERE m.thread_key = ? AND m.epoch = ?
-      AND ((m.role = 'assistant' AND m.status = 'done') OR (m.role = 'user' AND m.status = 'answered'))
+      AND ((m.role = 'assistant' AND m.status = 'done') OR (m.role = 'user' AND m.status IN ('answered', 'adopted')))
       AND COALESCE(t.reply_id, m.id) < ?
     ORDER BY COALESCE(t.reply_id, m.id), m.role = 'assistant'"""
 _LAST_EXCHANGE_QUERY = """
     SELECT m.* FROM messages m LEFT JOIN turns t ON t.message_id = m.id
     WHERE m.thread_key = ? AND m.epoch = ?
-      AND ((m.role = 'assistant' AND m.status = 'done') OR (m.role = 'user' AND m.status = 'answered'))
+      AND ((m.role = 'assistant' AND m.status = 'done') OR (m.role = 'user' AND m.status IN ('answered', 'adopted')))
     ORDER BY COALESCE(t.reply_id, m.id) DESC, m.role = 'assistant' DESC LIMIT 2"""
 _NO_BOUND = 2**63 - 1
 
@@ -314,6 +314,14 @@ class SQLiteStore:
         await db.execute("UPDATE threads SET updated_at = ? WHERE key = ?", (now, str(key)))
         assert cursor.lastrowid is not None
         return int(cursor.lastrowid)
+
+    async def adopt(self, key: ThreadKey, messages: Sequence[tuple[str, str]]) -> list[StoredMessage]:
+        async def work(db: aiosqlite.Connection) -> list[int]:
+            return [await self._insert_message(db, key, "user", text, author, None, "adopted")
+                    for author, text in messages]
+
+        ids = await self._transaction(work)
+        return [message for message in [await self.get_message(i) for i in ids] if message is not None]
 
     async def get_message(self, message_id: int) -> StoredMessage | None:
         async with self.db.execute("SELECT * FROM messages WHERE id = ?", (message_id,)) as cursor:
