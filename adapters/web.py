@@ -194,6 +194,14 @@ class ThreadMessagesOut(BaseModel):
     writing: bool = Field(False, description="a reply is being written now: follow it with GET …/live")
 
 
+class Stopped(BaseModel):
+    stopped: bool = Field(description="a reply was being written and is stopped")
+
+
+class Rename(BaseModel):
+    title: str = Field(max_length=400, description="the new title (first line, up to 80 characters, is kept)")
+
+
 def _problem(errors: list[Any]) -> str:
     parts = []
     for error in errors:
@@ -573,6 +581,44 @@ def create_app(service: ChatService, settings: WebSettings) -> FastAPI:
             yield ServerSentEvent(_done(done), event="done")
 
         return EventSourceResponse(events(), ping=SSE_PING_S, sep="\n")
+
+    def json_only(request: Request) -> None:
+        """A control that changes a thread takes JSON only: other sites cannot send it with a form."""
+        media = request.headers.get("content-type", "").split(";")[0].strip().lower()
+        if media != "application/json":
+            raise HTTPException(415, "send the body as JSON with 'Content-Type: application/json'")
+
+    JsonOnly = Depends(json_only)
+    missing: dict[int | str, dict[str, Any]] = {404: {"model": Problem, "description": "no such thread"}}
+
+    @app.post("/users/{user_id}/threads/{discussion_id}/stop", response_model=Stopped,
+              dependencies=[Authorized, JsonOnly])
+    async def stop_reply(user_id: str, discussion_id: str) -> Stopped:
+        """Stop the reply being written in the thread (send ``{}``). What was written is kept as the
+        reply (``outcome: cut_off``) and the saved state matches it. ``stopped: false`` when nothing
+        was being written. To get a new reply or a longer one, send ``/retry`` or ``/continue`` as an
+        ordinary ``user_message``."""
+        return Stopped(stopped=service.stop(thread_key(user_id, discussion_id)))
+
+    @app.patch("/users/{user_id}/threads/{discussion_id}", response_model=ThreadOut,
+               dependencies=[Authorized, JsonOnly], responses=missing)
+    async def rename_thread(user_id: str, discussion_id: str, rename: Rename) -> ThreadOut:
+        """Rename a thread (``{"title": "..."}``; a blank title goes back to its first message)."""
+        key = thread_key(user_id, discussion_id)
+        if not await service.rename_thread(key, rename.title):
+            raise HTTPException(404, f"no thread {discussion_id!r} for user {user_id!r}")
+        thread = await service.thread(key)
+        assert thread is not None
+        return ThreadOut(discussion_id=discussion_id, persona=thread.persona, title=_title(thread.title),
+                         created_at=thread.created_at, updated_at=thread.updated_at)
+
+    @app.delete("/users/{user_id}/threads/{discussion_id}", status_code=204, dependencies=[Authorized],
+                responses=missing)
+    async def delete_thread(user_id: str, discussion_id: str) -> Response:
+        """Delete a thread: its whole log and its saved state (a reply being written is stopped)."""
+        if not await service.forget_thread(thread_key(user_id, discussion_id)):
+            raise HTTPException(404, f"no thread {discussion_id!r} for user {user_id!r}")
+        return Response(status_code=204)
 
     @app.get("/healthz", include_in_schema=False)
     async def healthz() -> dict[str, str]:

@@ -666,3 +666,82 @@ async def test_the_message_limit_counts_only_the_users_text(client: httpx.AsyncC
     assert f"{limit + 1:,} characters" in response.json()["detail"]
     thread = await service.thread(key)
     assert thread is not None and thread.persona == "project"
+
+
+# --- stop, retry, continue, rename, delete -------------------------------------------------------------
+
+
+async def test_stop_keeps_the_partial_reply_and_retry_and_continue_go_through_the_usual_path(
+    settings_factory: Any,
+) -> None:
+    from bot.app.assembly import open_service
+
+    settings = settings_factory(max_reply_tokens=400, reply_timeout_s=600, web={"port": 0})
+    async with open_service(settings) as service:
+        adapter = WebAdapter(service, settings.web)
+        task = await start_adapter(adapter)
+        key = ThreadKey("web", "alice/st")
+        try:
+            async with httpx.AsyncClient(base_url=adapter.url, timeout=60) as http:
+                assert (await http.post("/generate-response", json=ask("hi", discussion="st"))).status_code == 200
+                stop_path = "/users/alice/threads/st/stop"
+                assert (await http.post(stop_path, json={})).json() == {"stopped": False}
+                assert (await http.post(stop_path, content=b"x")).status_code == 415  # no form posts
+                events: list[tuple[str, Any]] = []
+                async with http.stream("POST", "/generate-response/stream",
+                                       json=ask("tell me a long story", discussion="st")) as response:
+                    tokens = 0
+                    async for name, data in read_stream_events(response):
+                        events.append((name, data))
+                        tokens += name == "token"
+                        if tokens == 3:
+                            assert (await http.post(stop_path, json={})).json() == {"stopped": True}
+                streamed = "".join(d["text"] for n, d in events if n == "token")
+                assert events[-1][0] == "done" and events[-1][1]["outcome"] == "cut_off"
+                stored = await service.thread_messages(key)
+                assert stored[-1].role == "assistant" and stored[-1].text == as_stored(streamed)
+                assert len(stored[-1].tokens or []) < 400
+
+                before = [m.text for m in await service.thread_messages(key)]
+                retried = await http.post("/generate-response", json=ask("/retry", discussion="st", persona=None))
+                assert retried.status_code == 200, retried.text
+                after = await service.thread_messages(key)
+                assert after[-1].role == "assistant" and [m.text for m in after] != before
+                continued = await http.post("/generate-response", json=ask("/continue", discussion="st", persona=None))
+                assert continued.status_code == 200, continued.text
+                assert (await service.thread_messages(key))[-1].role == "assistant"
+        finally:
+            await stop(task)
+
+
+async def read_stream_events(response: httpx.Response) -> AsyncIterator[tuple[str, Any]]:
+    name, data = "message", []
+    async for line in response.aiter_lines():
+        if line == "":
+            if data:
+                yield name, json.loads("\n".join(data))
+            name, data = "message", []
+        elif line.startswith("event:"):
+            name = line.removeprefix("event:").strip()
+        elif line.startswith("data:"):
+            data.append(line.removeprefix("data:").removeprefix(" "))
+
+
+async def test_rename_and_delete_a_thread(client: httpx.AsyncClient, service: ChatService) -> None:
+    assert (await client.post("/generate-response", json=ask("first question", discussion="rn"))).status_code == 200
+    path = "/users/alice/threads/rn"
+    response = await client.patch(path, json={"title": "Join tuning\nsecond line"})
+    assert response.status_code == 200 and response.json()["title"] == "Join tuning"
+    assert [t["title"] for t in (await client.get("/users/alice/threads")).json()] == ["Join tuning"]
+    assert (await client.patch("/users/alice/threads/none", json={"title": "x"})).status_code == 404
+    assert (await client.patch(path, content=b'{"title": "x"}')).status_code == 415
+
+    assert (await client.delete(path)).status_code == 204
+    assert await service.thread_messages(ThreadKey("web", "alice/rn")) == []
+    assert await service.thread(ThreadKey("web", "alice/rn")) is None
+    assert (await client.get(f"{path}/messages")).status_code == 404
+    assert (await client.get("/users/alice/threads")).json() == []
+    assert (await client.delete(path)).status_code == 404
+    schema = (await client.get("/openapi.json")).json()["paths"]
+    assert {"patch", "delete"} <= set(schema["/users/{user_id}/threads/{discussion_id}"])
+    assert "post" in schema["/users/{user_id}/threads/{discussion_id}/stop"]

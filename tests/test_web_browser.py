@@ -512,3 +512,65 @@ async def test_sign_out_is_visible_with_a_token_and_signs_out(service: ChatServi
         await page.wait_for_selector("#token")  # the sign-in form again
         assert await page.context.cookies() == []
         assert await page.evaluate('fetch("/personas").then(r => r.status)') == 401
+
+
+@pytest.mark.parametrize("viewport", [DESKTOP, PHONE], ids=["desktop", "phone"])
+async def test_stop_retry_continue_rename_and_delete_from_the_page(
+    settings_factory: Any, viewport: dict[str, int]
+) -> None:
+    from bot.app.assembly import open_service
+
+    ARTIFACTS.mkdir(exist_ok=True)
+    settings = settings_factory(max_reply_tokens=1500, reply_timeout_s=600, web={"port": 0})
+    async with open_service(settings) as service, serving(service, settings.web) as adapter, \
+            chromium() as browser:
+        page, foreign, errors = await page_at(browser, adapter.url, viewport)
+        await page.fill("#message", "Tell me a very long story")
+        await page.click("#send")
+        streaming = page.locator(".msg.assistant.streaming .body")
+        for _ in range(600):
+            if await streaming.count() and len(await streaming.inner_text()) > 20:
+                break
+            await asyncio.sleep(0.05)
+        assert await page.is_hidden("#send")
+        await page.click("#stop")
+        await page.wait_for_selector(".msg.assistant[data-state=done]", timeout=60_000)
+        key = await thread_key_of(page)
+        stored = await service.thread_messages(key)
+        assert stored[-1].role == "assistant" and len(stored[-1].tokens or []) < 1500  # stopped, and kept
+        shown = await page.locator(".msg.assistant .body").last.inner_text()
+        assert "".join(shown.split()).endswith("".join(stored[-1].text.split())[-20:])  # what was kept is shown
+        await page.screenshot(path=str(ARTIFACTS / f"stopped-{viewport['width']}.png"))
+
+        before = stored[-1].text
+        await page.locator(".msg.assistant .actions .retry:visible").last.click()
+        await page.wait_for_function("() => !document.getElementById('stop').hidden")
+        await page.wait_for_function("() => document.getElementById('stop').hidden", timeout=120_000)
+        stored = await service.thread_messages(key)
+        assert stored[-1].role == "assistant" and stored[-1].text != before
+        count = len(stored)
+        await page.locator(".msg.assistant .actions .continue:visible").last.click()
+        await page.wait_for_function("() => !document.getElementById('stop').hidden")
+        await page.wait_for_function("() => document.getElementById('stop').hidden", timeout=120_000)
+        assert (await service.thread_messages(key))[-1].role == "assistant"
+        assert len(await service.thread_messages(key)) >= count
+        await page.wait_for_function(  # on the last reply only, once the thread is shown as the log has it
+            "() => [...document.querySelectorAll('.msg.assistant .retry')].filter(b => !b.hidden).length === 1")
+
+        page.once("dialog", lambda d: asyncio.ensure_future(d.accept("Story time")))
+        await page.click("#rename")
+        await page.wait_for_selector("button.thread .title:has-text('Story time')", state="attached")
+        thread = await service.thread(key)
+        assert thread is not None and thread.title == "Story time"
+
+        asked: list[str] = []
+        page.once("dialog", lambda d: (asked.append(d.message), asyncio.ensure_future(d.dismiss())))
+        await page.click("#delete")
+        await page.wait_for_timeout(200)
+        assert asked and "cannot be undone" in asked[0] and await service.thread(key) is not None
+        page.once("dialog", lambda d: asyncio.ensure_future(d.accept()))
+        await page.click("#delete")
+        await page.wait_for_selector("button.thread .title:has-text('Story time')", state="detached")
+        assert await service.thread(key) is None and await service.thread_messages(key) == []
+        assert await page.locator(".msg").count() == 0
+        assert foreign == [] and errors == []

@@ -32,6 +32,9 @@
     form: $("composer"),
     input: $("message"),
     send: $("send"),
+    stop: $("stop"),
+    rename: $("rename"),
+    remove: $("delete"),
   };
 
   function randomHex(bytes) {
@@ -199,9 +202,30 @@
     if (!actions) {
       actions = document.createElement("div");
       actions.className = "actions";
-      actions.append(copyButton("copy", "Copy this reply", () => replyTexts.get(item)));
+      actions.append(copyButton("copy", "Copy this reply", () => replyTexts.get(item)),
+        actionButton("retry", "Retry", "A new reply to the same message", "/retry"),
+        actionButton("continue", "Continue", "Make this reply longer", "/continue"));
       item.append(actions);
     }
+    lastReplyOnly();
+  }
+
+  function actionButton(className, label, title, command) {
+    const button = document.createElement("button");
+    button.type = "button";
+    button.className = className;
+    button.textContent = label;
+    button.title = title;
+    button.addEventListener("click", () => guarded(() => send(command)));
+    return button;
+  }
+
+  // Retry and Continue act on the thread's last reply: only that one offers them.
+  function lastReplyOnly() {
+    const replies = [...ui.messages.querySelectorAll(".msg.assistant")];
+    replies.forEach((reply, index) => {
+      for (const button of reply.querySelectorAll(".retry, .continue")) button.hidden = index !== replies.length - 1;
+    });
   }
 
   function timeElement(seconds) {
@@ -289,7 +313,12 @@
   function setBusy(busy) {
     state.busy = busy;
     ui.send.disabled = busy;
+    ui.send.hidden = busy;
+    ui.stop.hidden = !busy;
     ui.reset.disabled = busy;
+    ui.rename.disabled = busy;
+    ui.remove.disabled = busy;
+    for (const button of ui.messages.querySelectorAll(".retry, .continue")) button.disabled = busy;
     ui.persona.disabled = busy;
     ui.app.classList.toggle("busy", busy);
   }
@@ -564,6 +593,48 @@
     if (current) state.threadPersona = current.persona;
     followPersona();
     updateHint();
+    if (/^\/(retry|continue)\s*$/.test(text.trim())) await openThread(state.discussion); // as the log has it now
+  }
+
+  async function threadCall(suffix, options) {
+    const path = `/users/${encodeURIComponent(state.user)}/threads/${encodeURIComponent(state.discussion)}${suffix}`;
+    const response = await api(path, options);
+    if (!response.ok && response.status !== 204) addNotice(await problem(response));
+    return response;
+  }
+
+  const JSON_BODY = (body) => ({ headers: { "Content-Type": "application/json" }, body: JSON.stringify(body) });
+
+  // Stop: what was written is kept as the reply.
+  async function stopReply() {
+    await threadCall("/stop", { method: "POST", ...JSON_BODY({}) });
+  }
+
+  async function renameThread() {
+    if (!state.threadPersona) {
+      setStatus("Nothing to rename yet: this thread has no messages.");
+      return;
+    }
+    const current = state.threads.find((t) => t.discussion_id === state.discussion);
+    const title = window.prompt("Rename this thread", current ? current.title : "");
+    if (title === null) return;
+    const response = await threadCall("", { method: "PATCH", ...JSON_BODY({ title }) });
+    if (response.ok) await refreshThreads();
+  }
+
+  async function deleteThread() {
+    if (!state.threadPersona) {
+      setStatus("Nothing to delete yet: this thread has no messages.");
+      return;
+    }
+    if (!window.confirm("Delete this thread? Its whole log and saved state are removed; this cannot be undone.")) {
+      return;
+    }
+    const response = await threadCall("", { method: "DELETE" });
+    if (response.ok || response.status === 204) {
+      newThread();
+      await refreshThreads();
+    }
   }
 
   // The picker changes the open thread's persona now, shown in the thread (the core's /advisor).
@@ -620,6 +691,9 @@
   });
   ui.persona.addEventListener("change", () => guarded(() => switchPersona(ui.persona.value)));
   ui.search.addEventListener("input", filterThreads);
+  ui.stop.addEventListener("click", () => guarded(stopReply));
+  ui.rename.addEventListener("click", () => guarded(renameThread));
+  ui.remove.addEventListener("click", () => guarded(deleteThread));
   ui.newThread.addEventListener("click", newThread);
   ui.reset.addEventListener("click", () => {
     if (state.threadPersona) guarded(() => send("/reset"));
