@@ -48,6 +48,13 @@ from bot.core.commands import COMMANDS, HELP_TEXT, Command, parse_command
         ("++++", None),
         ("+", None),
         ("c++ is hard", None),
+        ("/summary", Command("summary")),
+        ("+gen Once upon a time", Command("gen", rest="Once upon a time")),
+        ("+i translate this\ninto French", Command("instruct", rest="translate this\ninto French")),
+        ("+QA what is an index?", Command("qa", rest="what is an index?")),
+        ("+qa", Command("qa")),
+        ("+general question", None),
+        ("/gen text", None),  # the one-shot modes have only ChatRWKV's form
     ],
 )
 def test_parse_command(text: str, expected: Command | None) -> None:
@@ -55,7 +62,10 @@ def test_parse_command(text: str, expected: Command | None) -> None:
 
 
 def test_help_text_mentions_every_command() -> None:
-    assert COMMANDS == ("advisor", "reset", "personas", "help", "retry", "continue", "stop", "fork", "forget")
+    assert COMMANDS == ("advisor", "reset", "personas", "help", "retry", "continue", "stop", "fork", "forget",
+                        "summary")
+    for word in ("+gen", "+i", "+qa", "++", "+++"):
+        assert f"`{word}" in HELP_TEXT
     for name in COMMANDS:
         assert f"/{name}" in HELP_TEXT
 

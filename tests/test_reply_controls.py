@@ -12,6 +12,7 @@ from pathlib import Path
 from typing import Any
 
 import pytest
+import torch
 
 from bot.app.assembly import open_service
 from bot.core.outcomes import Answered, CommandDone, CutOff, Refused
@@ -298,3 +299,52 @@ async def test_rename_gives_a_thread_a_title_and_blank_takes_it_back(service: Ch
     assert (await service.thread(key)).title == "why is my join slow"  # type: ignore[union-attr]
     assert await service.rename_thread(ThreadKey("test", "none"), "x") is False
 
+
+
+# --- asides: /summary and the one-shot modes -------------------------------------------------------------
+
+
+async def test_summary_answers_from_the_threads_state_and_leaves_the_thread_unchanged(
+        seeded: Any, package: Any) -> None:
+    key = ThreadKey("test", "summary")
+    async with open_service(seeded) as service:
+        _, refused = await ask(service, key, "/summary")
+        assert isinstance(refused, Refused) and refused.reason == "nothing_to_summarize"
+        await ask(service, key, "first question")
+        await ask(service, key, "second question")
+        before = await service.store.load_state(key)
+        summary, outcome = await ask(service, key, "/summary")
+        assert isinstance(outcome, Answered | CutOff) and summary.strip()
+        info = service.last_turn(key)
+        assert info is not None and info.resumed_from == "memory"  # the second question's own reply state
+        after = await service.store.load_state(key)
+        assert after == before  # the thread's saved state is untouched
+        rows = statuses(seeded.database_path, key)
+        assert rows[-2:] == [("user", "done", "/summary"), ("assistant", "aside", summary.strip())]
+        assert summary.strip() not in [m.text for m in await service.store.context(key, 0)]
+        await ask(service, key, "third question")
+        info = service.last_turn(key)
+        assert info is not None and info.resumed_from == "memory"  # the state in memory is still the thread's
+        await assert_state_is_the_log(service, key, package)
+
+
+async def test_one_shot_modes_answer_from_a_fresh_state(settings_factory: SettingsFactory, package: Any) -> None:
+    settings = settings_factory(top_k=1, max_reply_tokens=6)  # greedy: the answer depends only on the state
+    async with open_service(settings) as service:
+        busy, fresh = ThreadKey("test", "with-history"), ThreadKey("test", "fresh")
+        await ask(service, busy, "a long story about databases")
+        before = await service.store.load_state(busy)
+        answers = [await ask(service, key, "+qa what is an index?") for key in (busy, fresh)]
+        assert answers[0][0] == answers[1][0] and answers[0][0].strip()  # the thread's history played no part
+        assert await service.store.load_state(busy) == before
+        # the first word is the package's greedy choice after ChatRWKV's question format, read from scratch
+        logits, _ = package.forward(service.tokenizer.encode("Question: what is an index?\n\nAnswer:"), None)
+        first = service.tokenizer.decode([int(torch.argmax(logits).item())])
+        assert answers[1][0].startswith(first)
+        _, refused = await ask(service, fresh, "+gen")
+        assert isinstance(refused, Refused) and refused.reason == "empty" and "+gen" in refused.message
+        _, outcome = await ask(service, fresh, "+gen SELECT name FROM")
+        assert isinstance(outcome, CutOff) and outcome.reason == "length"  # free generation runs to the limit
+        rows = statuses(settings.database_path, fresh)
+        assert [status for role, status, _ in rows if role == "assistant"] == ["aside", "aside"]
+        assert await service.store.context(fresh, 0) == []

@@ -9,7 +9,9 @@ Two forms reach the core:
   is that command's argument — ``advisor`` followed by a persona's name (or nothing), the other
   commands alone (trailing punctuation allowed). "@Raven help me with this join" and
   "@Raven reset the counter please" are ordinary messages;
-- ChatRWKV's own words, alone on the line: ``+reset``, ``++`` (retry) and ``+++`` (continue).
+- ChatRWKV's own words: ``+reset``, ``++`` (retry) and ``+++`` (continue) alone on the line, and the
+  one-shot modes ``+gen <text>`` (free generation), ``+i <instruction>`` and ``+qa <question>``, which
+  answer from a fresh state and leave the thread as it was.
 """
 
 from __future__ import annotations
@@ -18,11 +20,14 @@ from collections.abc import Collection
 from dataclasses import dataclass
 from typing import Literal
 
-CommandName = Literal["advisor", "reset", "personas", "help", "retry", "continue", "stop", "fork", "forget"]
+CommandName = Literal["advisor", "reset", "personas", "help", "retry", "continue", "stop", "fork", "forget",
+                      "summary", "gen", "instruct", "qa"]
 COMMANDS: tuple[CommandName, ...] = ("advisor", "reset", "personas", "help", "retry", "continue", "stop", "fork",
-                                     "forget")
+                                     "forget", "summary")
 ALIASES: dict[str, CommandName] = {"+reset": "reset", "++": "retry", "+++": "continue"}
 """ChatRWKV's chat commands, accepted as they are."""
+ONE_SHOT: dict[str, CommandName] = {"+gen": "gen", "+i": "instruct", "+qa": "qa"}
+"""ChatRWKV's one-shot modes: the word, then the text to answer (in ``rest``)."""
 FORGET_CONFIRMATION = "confirm"
 _TRAILING = ":,.!?"
 
@@ -35,6 +40,9 @@ HELP_TEXT = (
     "- `/stop` — stop the reply being written (what was written is kept)\n"
     "- `/fork` — a new thread that starts where this one is now (this one is unchanged)\n"
     "- `/forget` — delete this thread's log and saved state (asks you to confirm)\n"
+    "- `/summary` — a summary of this thread so far (the thread itself is unchanged)\n"
+    "- `+gen <text>`, `+i <instruction>`, `+qa <question>` — one-shot: free generation, an instruction, "
+    "a single question, answered from a fresh start (the thread is unchanged)\n"
     "- `/personas` — list the personas\n"
     "- `/help` — this text\n"
     "After a mention the same words work without the slash (`@Raven advisor sql`). "
@@ -68,6 +76,9 @@ def parse_command(text: str, *, addressed: bool = False, personas: Collection[st
     stripped = text.strip()
     if stripped.lower() in ALIASES:
         return Command(ALIASES[stripped.lower()])
+    word, after = _split_first(stripped)
+    if word.lower() in ONE_SHOT:
+        return Command(ONE_SHOT[word.lower()], rest=after)
     slashed = stripped.startswith("/")
     if not slashed and not addressed:
         return None

@@ -15,7 +15,8 @@ from typing import Literal
 
 CutOffReason = Literal["timeout", "length", "stopped", "halted"]
 """``stopped``: Raven is shutting down; ``halted``: the user stopped the reply (``/stop``)."""
-RefusalReason = Literal["empty", "too_long", "unknown_persona", "invalid_persona", "no_persona", "nothing_to_redo"]
+RefusalReason = Literal["empty", "too_long", "unknown_persona", "invalid_persona", "no_persona", "nothing_to_redo",
+                        "nothing_to_summarize"]
 
 
 @dataclass(frozen=True, slots=True)

@@ -54,6 +54,13 @@ History = Callable[[], Awaitable[Sequence[EarlierMessage]]]
 HISTORY_TIMEOUT_S = 30.0
 REDO_COMMANDS = ("retry", "continue")
 """Commands that write a new reply to the last question: their turn is recorded like an answer's."""
+ASIDE_COMMANDS = ("summary", "gen", "instruct", "qa")
+"""Commands whose reply stands aside: written from the thread's state or a fresh one, and never part of
+the thread's context (the thread's state is not changed)."""
+SUMMARY_REQUEST = ("Summarize our conversation so far in a few sentences: what was asked, what was answered, "
+                   "and anything decided.")
+ONE_SHOT_PROMPTS = {"gen": "{}", "instruct": "Instruction: {}\n\nResponse:", "qa": "Question: {}\n\nAnswer:"}
+"""ChatRWKV's one-shot formats, read from a fresh state."""
 FORGET_ASK = ("This deletes this thread's log and saved state for good. "
               f"Send `/forget {FORGET_CONFIRMATION}` to do it.")
 FORGET_DONE = "Forgotten: this thread's log and saved state are deleted."
@@ -342,7 +349,7 @@ class ChatService:
         accepted = await self.store.accept(
             key, self.settings.default_persona, as_text(command) if command is not None else text,
             author=author, platform_message_id=event.message_id, owner=self.instance_id,
-            answer=command is None, redo=command is not None and command.name in REDO_COMMANDS)
+            answer=command is None, redo=command is not None and command.name in REDO_COMMANDS + ASIDE_COMMANDS)
         stored.set_result(None)
         turn.turn_id = accepted.turn_id
         message = accepted.message
@@ -354,9 +361,11 @@ class ChatService:
             await self.refresh_personas()  # local file checks in a thread: picks up an edited persona
             thread = await self.store.get_thread(key)  # as it is now: an earlier turn may have switched it
             assert thread is not None
-            if command is not None and command.name in REDO_COMMANDS:
+            if command is not None and command.name in REDO_COMMANDS + ASIDE_COMMANDS:
                 self._writing[key] = turn
                 try:
+                    if command.name in ASIDE_COMMANDS:
+                        return await self._aside(command, thread, message, turn)
                     return await self._redo(command, thread, message, turn)
                 finally:
                     if self._writing.get(key) is turn:
@@ -423,19 +432,69 @@ class ChatService:
         return await self._answer_and_confirm(thread, exchange.question, turn, redo=(command.name, exchange),
                                               seed_message=message)
 
+    async def _aside(self, command: Command, thread: ThreadInfo, message: StoredMessage, turn: Turn) -> Outcome:
+        """``/summary``: the thread's state, asked for a summary, and that answer kept out of the thread
+        (its state is not changed: the request is read into a copy). ``+gen``/``+i``/``+qa``: a fresh
+        state reading the text in ChatRWKV's format. The reply is stored ``aside``."""
+        key = thread.key
+        persona = self._thread_persona(thread)
+        fmt = PromptFormat(self.tokenizer, self.family, persona)
+        if command.name != "summary" and not command.rest:
+            await self._end_turn(turn, "failed", "empty")
+            word = {"gen": "+gen", "instruct": "+i", "qa": "+qa"}[command.name]
+            return Refused("empty", f"`{word}` needs something after it, e.g. `{word} what is an index?`")
+        if turn.turn_id is not None:
+            await self.store.begin_turn(turn.turn_id, thread.epoch)
+        try:
+            if command.name == "summary":
+                resumed = await self.states.resume(thread, fmt)
+                if not resumed.last_id and resumed.source == "new":
+                    await self._end_turn(turn, "failed", "nothing to summarize")
+                    return Refused("nothing_to_summarize", "There is nothing in this thread to summarize yet.")
+                start, prompt_text, stops = resumed.model, None, fmt.stop_strings
+            else:
+                start = await self.engine.call(self.engine.zero_state)
+                prompt_text = ONE_SHOT_PROMPTS[command.name].format(command.rest)
+                stops = [] if command.name == "gen" else [fmt.separator]
+        except EngineBusy as exc:
+            await self._end_turn(turn, "failed", "busy")
+            return Busy(exc.ahead)
+        prompt, separator = await self._off_loop(lambda: (
+            fmt.user_turn_tokens(SUMMARY_REQUEST) if prompt_text is None else self.tokenizer.encode(prompt_text),
+            fmt.separator_tokens()))
+        position = (await self.store.position_in_thread(key, message.id) if self.settings.seed is not None else 0)
+        sampling = self._sampling(persona)
+        request = GenerateRequest(start=start, prompt_tokens=prompt, sampling=sampling, stop_strings=stops,
+                                  seed=self._seed(key, position), separator_text=fmt.separator,
+                                  separator_tokens=separator)
+        completion = await self._stream(key, request, turn)
+        if not isinstance(completion, Completion):
+            return completion
+        reply = await self.store.finish_turn(key, message.id, completion.text.strip(), None, status="done",
+                                             turn_id=turn.turn_id, finish=completion.finish_reason,
+                                             reply_status="aside")
+        outcome = self._ending(completion, turn, reply.id, sampling)
+        if turn.confirm:
+            failure = await self._delivery_report(turn, outcome)
+            await self._end_turn(turn, "delivered" if failure is None else "delivery_failed", failure)
+        return outcome
+
+    async def _delivery_report(self, turn: Turn, outcome: Outcome) -> str | None:
+        """Hand the outcome to the adapter and wait (holding the thread) for whether it was shown."""
+        turn.end(outcome)
+        try:
+            return await asyncio.wait_for(turn.delivery(), self.settings.delivery_timeout_s)
+        except TimeoutError:
+            log.warning("no delivery report within %g s; taken as delivered", self.settings.delivery_timeout_s)
+            return None
+
     async def _answer_and_confirm(self, thread: ThreadInfo, message: StoredMessage, turn: Turn,
                                   redo: tuple[str, Exchange] | None = None,
                                   seed_message: StoredMessage | None = None) -> Outcome:
         outcome, before, fmt = await self._answer(thread, message, turn, redo, seed_message or message)
         if not turn.confirm or before is None or not isinstance(outcome, Answered | CutOff):
             return outcome
-        turn.end(outcome)  # the adapter finishes showing it, then reports (we still hold the thread)
-        try:
-            failure = await asyncio.wait_for(turn.delivery(), self.settings.delivery_timeout_s)
-        except TimeoutError:
-            log.warning("no delivery report for %s within %g s; taken as delivered", thread.key,
-                        self.settings.delivery_timeout_s)
-            failure = None
+        failure = await self._delivery_report(turn, outcome)  # the adapter shows it, then reports
         if failure is None:
             await self._end_turn(turn, "delivered", None)
             return outcome
@@ -564,11 +623,28 @@ class ChatService:
             stop_strings=fmt.stop_strings, seed=self._seed(key, position),
             separator_text=fmt.separator, separator_tokens=separator,
         )
+        completion = await self._stream(key, request, turn)
+        if not isinstance(completion, Completion):
+            return completion, None, None
+        reply = self._stored_reply(kept_text + completion.text, fmt)
+        replaced = redo[1].reply.id if redo is not None else None
+        reply_message = await self._commit(thread, fmt, user_message, completion, reply, turn.turn_id,
+                                           before=before, replaces=replaced,
+                                           tokens=kept_tokens + completion.segment_tokens)
+        info = TurnInfo(resumed_from, len(prompt), completion.generated_tokens, completion.finish_reason,
+                        time.monotonic() - started)
+        self._turns[key] = info
+        turn.info = info
+        return self._ending(completion, turn, reply_message.id, sampling), before, fmt
+
+    async def _stream(self, key: ThreadKey, request: GenerateRequest, turn: Turn) -> Completion | Outcome:
+        """Generate, showing the text as it comes (``stop`` can end it); the completion, or how the
+        turn ended without one."""
         try:
             generation = self.engine.generate(request)
         except EngineBusy as exc:
             await self._end_turn(turn, "failed", "busy")
-            return Busy(exc.ahead), None, None
+            return Busy(exc.ahead)
         self._generations[key] = generation
         try:
             visible = ThinkingFilter(show=self.settings.show_thinking)
@@ -579,34 +655,27 @@ class ChatService:
             except RavenError:
                 log.exception("generation failed in %s", key)
                 await self._end_turn(turn, "failed", "model")
-                return Failed(partial=turn.shown), None, None
+                return Failed(partial=turn.shown)
         finally:
             if self._generations.get(key) is generation:
                 del self._generations[key]
         if completion.final is None and not completion.text:
             if completion.finish_reason == "stopped":
                 await self._end_turn(turn, "interrupted", "stopped before it started")
-                return Busy(0, retry_after_s=30, restarting=True), None, None
+                return Busy(0, retry_after_s=30, restarting=True)
             if completion.finish_reason == "halted":  # stopped before its first word: nothing to keep
                 await self._end_turn(turn, "failed", "halted")
-                return CutOff("", 0, "halted", 0), None, None
-        reply = self._stored_reply(kept_text + completion.text, fmt)
-        replaced = redo[1].reply.id if redo is not None else None
-        reply_message = await self._commit(thread, fmt, user_message, completion, reply, turn.turn_id,
-                                           before=before, replaces=replaced,
-                                           tokens=kept_tokens + completion.segment_tokens)
-        info = TurnInfo(resumed_from, len(prompt), completion.generated_tokens, completion.finish_reason,
-                        time.monotonic() - started)
-        self._turns[key] = info
-        turn.info = info
-        outcome: Outcome = Answered(turn.shown, reply_message.id)
+                return CutOff("", 0, "halted", 0)
+        return completion
+
+    def _ending(self, completion: Completion, turn: Turn, reply_id: int, sampling: SamplingParams) -> Outcome:
         if completion.finish_reason == "timeout":
-            outcome = CutOff(turn.shown, reply_message.id, "timeout", self.settings.reply_timeout_s)
-        elif completion.finish_reason in ("stopped", "halted"):
-            outcome = CutOff(turn.shown, reply_message.id, completion.finish_reason, 0)
-        elif completion.finish_reason == "length":
-            outcome = CutOff(turn.shown, reply_message.id, "length", sampling.max_tokens)
-        return outcome, before, fmt
+            return CutOff(turn.shown, reply_id, "timeout", self.settings.reply_timeout_s)
+        if completion.finish_reason in ("stopped", "halted"):
+            return CutOff(turn.shown, reply_id, completion.finish_reason, 0)  # type: ignore[arg-type]
+        if completion.finish_reason == "length":
+            return CutOff(turn.shown, reply_id, "length", sampling.max_tokens)
+        return Answered(turn.shown, reply_id)
 
     def _reply_without_separator(self, reply: StoredMessage, fmt: PromptFormat) -> list[int]:
         """The tokens of a reply as the model read them, up to the turn separator (``/continue``)."""

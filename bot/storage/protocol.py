@@ -221,6 +221,7 @@ class Store(Protocol):
         self, key: ThreadKey, user_message_id: int, reply: str, state: StateDraft | None,
         status: Status = "answered", tokens: list[int] | None = None, tokenizer: str | None = None,
         turn_id: int | None = None, finish: str | None = None, replaces: int | None = None,
+        reply_status: Status = "done",
     ) -> StoredMessage:
         """Store the reply (author ``raven``, with the token ids the model read), set the user
         message's ``status``, move the turn (if given) to ``generated`` with this reply and how it
@@ -231,7 +232,8 @@ class Store(Protocol):
         The state saved before becomes the *prior* state (``load_prior_state``): the model before this
         reply. With ``replaces`` (a reply id), the new reply takes that one's place: the old one becomes
         ``replaced`` (out of the context) and the prior state stays as it was — the replacement was
-        written from it too."""
+        written from it too. ``reply_status`` ``aside``: a reply outside the thread's context (a
+        summary, a one-shot answer), stored with ``state`` None."""
         ...
 
     # --- saved states ----------------------------------------------------------------------------------

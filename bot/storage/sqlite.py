@@ -507,11 +507,12 @@ class SQLiteStore:
         self, key: ThreadKey, user_message_id: int, reply: str, state: StateDraft | None,
         status: Status = "answered", tokens: list[int] | None = None, tokenizer: str | None = None,
         turn_id: int | None = None, finish: str | None = None, replaces: int | None = None,
+        reply_status: Status = "done",
     ) -> StoredMessage:
         packed = pack_tokens(tokens) if tokens is not None else None
 
         async def work(db: aiosqlite.Connection) -> int:
-            reply_id = await self._insert_message(db, key, "assistant", reply, "raven", None, "done",
+            reply_id = await self._insert_message(db, key, "assistant", reply, "raven", None, reply_status,
                                                   packed, tokenizer if tokens is not None else None)
             await db.execute("UPDATE messages SET status = ? WHERE id = ?", (status, user_message_id))
             if replaces is not None:
