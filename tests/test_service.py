@@ -560,3 +560,22 @@ async def test_a_delivery_never_reported_does_not_block_the_thread_forever(
         record = await service.store.get_turn(first.turn_id)  # type: ignore[arg-type]
         assert record is not None and record.phase == "delivered"
         assert [m.role for m in await service.thread_messages(key)].count("assistant") == 2
+
+
+async def test_observers_hear_of_every_turn_with_what_it_cost(service: ChatService) -> None:
+    from bot.core.service import TurnReport
+
+    heard: list[TurnReport] = []
+    service.observers.append(heard.append)
+    service.observers.append(lambda report: 1 / 0)  # a broken watcher changes nothing
+    key = ThreadKey("test", "observed")
+    await say(service, key, "hello")
+    await say(service, key, "/help")
+    await say(service, key, "")
+    answered, command, refused = heard
+    assert (answered.platform, answered.resumed_from) == ("test", "new")
+    assert answered.outcome in ("answered", "cut_off")
+    assert answered.generated_tokens > 0 and answered.first_text_s is not None
+    assert 0 < answered.first_text_s <= answered.seconds
+    assert (command.outcome, command.resumed_from, command.generated_tokens) == ("command", None, 0)
+    assert refused.outcome == "refused" and refused.first_text_s is None

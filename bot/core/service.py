@@ -17,6 +17,7 @@ import time
 import weakref
 from collections import Counter
 from collections.abc import Awaitable, Callable, Sequence
+from dataclasses import dataclass
 from typing import TypeVar
 
 from cachetools import LRUCache
@@ -67,7 +68,24 @@ FORGET_DONE = "Forgotten: this thread's log and saved state are deleted."
 TURN_HISTORY = 1024
 """Threads whose last turn's figures are kept (``last_turn``)."""
 
-__all__ = ["INTERRUPTED_NOTICE", "ChatService", "Repair", "StoredMessage", "ThreadInfo", "Turn", "TurnInfo"]
+@dataclass(frozen=True)
+class TurnReport:
+    """A finished turn, for whoever watches (metrics): what platform, how it ended, what it cost."""
+
+    platform: str
+    outcome: str  # answered, cut_off, busy, refused, failed, command
+    resumed_from: str | None  # memory, store, rebuild, new; None when nothing was generated
+    seconds: float
+    first_text_s: float | None  # time to the first text shown
+    generated_tokens: int
+
+
+TurnObserver = Callable[[TurnReport], None]
+
+__all__ = [
+    "INTERRUPTED_NOTICE", "ChatService", "Repair", "StoredMessage", "ThreadInfo", "Turn", "TurnInfo",
+    "TurnObserver", "TurnReport",
+]
 
 
 class ChatService:
@@ -92,6 +110,7 @@ class ChatService:
         self._writing: dict[ThreadKey, Turn] = {}  # the turn generating in each thread, for followers
         self._generations: dict[ThreadKey, Generation] = {}  # what ``stop`` stops
         self.instance_id = instance_id  # owns the turns this process answers (see Store.recover)
+        self.observers: list[TurnObserver] = []  # told of every finished turn (metrics)
         self.is_demo_model = False
 
     # --- queries adapters use --------------------------------------------------------------------
@@ -316,6 +335,23 @@ class ChatService:
             if not stored.done():
                 stored.set_result(None)
         turn.end(outcome)
+        self._report(event, turn, outcome)
+
+    def _report(self, event: Event, turn: Turn, outcome: Outcome) -> None:
+        kinds = {Answered: "answered", CutOff: "cut_off", Busy: "busy", Refused: "refused", Failed: "failed",
+                 CommandDone: "command"}
+        info = turn.info
+        report = TurnReport(
+            platform=event.platform, outcome=kinds[type(outcome)],
+            resumed_from=info.resumed_from if info is not None else None,
+            seconds=time.monotonic() - turn.started_at,
+            first_text_s=None if turn.first_shown_at is None else turn.first_shown_at - turn.started_at,
+            generated_tokens=info.generated_tokens if info is not None else 0)
+        for observe in self.observers:
+            try:
+                observe(report)
+            except Exception:  # a watcher's bug must not break a turn
+                log.exception("turn observer failed")
 
     async def _end_turn(self, turn: Turn, phase: Phase, reason: str | None) -> None:
         if turn.turn_id is None:

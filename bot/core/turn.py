@@ -7,6 +7,7 @@ error) does not stop the reply from being finished and stored.
 from __future__ import annotations
 
 import asyncio
+import time
 from collections.abc import AsyncIterator
 from dataclasses import dataclass
 from typing import Literal
@@ -42,6 +43,8 @@ class Turn:
         self.info: TurnInfo | None = None
         self.turn_id: int | None = None  # the turn's record in the store, once accepted
         self._followers: list[asyncio.Queue[str | None]] = []
+        self.started_at = time.monotonic()
+        self.first_shown_at: float | None = None  # when the first text was shown (time to first token)
 
     # --- the reader's side ------------------------------------------------------------------------
 
@@ -96,6 +99,8 @@ class Turn:
 
     def show(self, text: str) -> None:
         if text:
+            if self.first_shown_at is None:
+                self.first_shown_at = time.monotonic()
             self.shown += text
             self._chunks.put_nowait(text)
             for follower in self._followers:
