@@ -132,6 +132,13 @@ class CoreSettings(Sampling, Section):
     adopt_max_messages: int = Field(50, ge=0)
     adopt_max_chars: int = Field(20_000, ge=0)
 
+    # --- limits and retention (0: none) --------------------------------------------------------------
+    rate_messages_per_minute: int = Field(0, ge=0)
+    rate_tokens_per_day: int = Field(0, ge=0)
+    admins: IdList = Field(default_factory=list)  # platform:user id, exempt from the limits
+    retention_days: float = Field(0, ge=0)
+    state_idle_days: float = Field(0, ge=0)
+
     # --- sampling: the fields of Sampling (RAVEN_TEMPERATURE…; a persona can override each), and -------
     seed: int | None = None
     show_thinking: bool = False

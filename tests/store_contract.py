@@ -614,6 +614,39 @@ class StoreContract:
         exchange = await store.last_exchange(KEY, 0)
         assert exchange is not None and exchange.question.id == asked.message.id
 
+    async def test_user_activity_is_each_message_with_the_tokens_written_for_it(
+            self, store: Store, clock: FakeClock) -> None:
+        first = await store.accept(KEY, "default", "q1", owner="me", user_ref="web:alice")
+        await store.finish_turn(KEY, first.message.id, "a1", None, turn_id=first.turn_id, generated=12)
+        clock.now += 10
+        await store.accept(KEY, "default", "/help", answer=False, user_ref="web:alice")  # a command: no tokens
+        await store.accept(OTHER, "default", "not hers", owner="me", user_ref="web:bob")
+        clock.now += 10
+        refused = await store.accept(KEY, "default", "too many", owner="me", user_ref="web:alice", refused=True)
+        assert refused.turn_id is None and refused.message.status == "refused"  # kept, not to be answered
+        start = clock.now - 20
+        assert await store.user_activity("web:alice", start - 1) == [(start, 12), (start + 10, 0)]
+        assert await store.user_activity("web:alice", start) == [(start + 10, 0)]  # strictly after
+        assert await store.user_activity("web:carol", 0) == []
+
+    async def test_prune_deletes_idle_threads_and_drops_idle_states(self, store: Store, clock: FakeClock) -> None:
+        await store.ensure_thread(KEY, "default")
+        await turn(store, KEY, "old", "old reply", state(b"old"))
+        busy = await store.accept(THIRD, "default", "still being answered", owner="me")  # in flight
+        clock.now += 100
+        await store.ensure_thread(OTHER, "default")
+        await turn(store, OTHER, "new", "new reply", state(b"new"))
+        assert await store.prune(None, None) == (0, 0)
+        assert await store.prune(None, clock.now - 50) == (0, 1)  # KEY's state only
+        assert await store.load_state(KEY) is None and await store.get_thread(KEY) is not None
+        assert await store.prune(clock.now - 50, None) == (1, 0)  # KEY; THIRD has a turn in flight
+        assert await store.get_thread(KEY) is None and await store.messages(KEY) == []
+        assert await store.get_thread(THIRD) is not None and busy.turn_id is not None
+        assert (await store.load_state(OTHER)).blob == b"new"  # type: ignore[union-attr]
+        await store.end_turn(busy.turn_id, "failed")
+        clock.now += 1000
+        assert await store.prune(clock.now, clock.now) == (2, 0)  # their states went with them
+
     async def test_a_redo_command_gets_a_turn_but_is_not_a_question(self, store: Store) -> None:
         accepted = await store.accept(KEY, "default", "/retry", owner="me", answer=False, redo=True)
         assert accepted.turn_id is not None and accepted.message.status == "done"

@@ -39,6 +39,8 @@ class ModelChoice:
     path: Path
     is_demo: bool
 
+HOUSEKEEPING_INTERVAL_S = 3600.0
+"""How often retention runs (it also runs at start-up)."""
 
 def choose_model(settings: CoreSettings) -> ModelChoice:
     """The configured checkpoint, or the random-weight demo model (made on first use)."""
@@ -104,6 +106,7 @@ async def open_service(settings: CoreSettings) -> AsyncIterator[ChatService]:
         await service.refresh_personas()
         service.is_demo_model = choice.is_demo
         lease = asyncio.create_task(keep_lease(store, instance_id, settings.instance_lease_s), name="raven-lease")
+        tidy = asyncio.create_task(keep_tidy(service), name="raven-retention")
         # Everything loaded so far lives as long as the process: keep the collector from walking it
         # again (full collections over it paused the event loop for ~100 ms).
         gc.freeze()
@@ -111,10 +114,21 @@ async def open_service(settings: CoreSettings) -> AsyncIterator[ChatService]:
             yield service
         finally:
             await service.drain()
-            lease.cancel()
-            with contextlib.suppress(asyncio.CancelledError):
-                await lease
+            for task in (lease, tidy):
+                task.cancel()
+                with contextlib.suppress(asyncio.CancelledError):
+                    await task
             await store.stop_instance(instance_id)
+
+
+async def keep_tidy(service: ChatService, interval_s: float = HOUSEKEEPING_INTERVAL_S) -> None:
+    """Retention (``ChatService.housekeeping``): at start-up, then every hour."""
+    while True:
+        try:
+            await service.housekeeping()
+        except Exception:  # a busy database: next time
+            log.exception("retention failed; trying again in %g s", interval_s)
+        await asyncio.sleep(interval_s)
 
 
 async def recover(store: Store, lease_s: float) -> None:

@@ -16,7 +16,7 @@ from typing import Literal
 CutOffReason = Literal["timeout", "length", "stopped", "halted"]
 """``stopped``: Raven is shutting down; ``halted``: the user stopped the reply (``/stop``)."""
 RefusalReason = Literal["empty", "too_long", "unknown_persona", "invalid_persona", "no_persona", "nothing_to_redo",
-                        "nothing_to_summarize"]
+                        "nothing_to_summarize", "rate_limited"]
 
 
 @dataclass(frozen=True, slots=True)
@@ -73,6 +73,7 @@ class Refused:
 
     reason: RefusalReason
     message: str
+    retry_after_s: int = 0  # rate_limited: when the user may write again
 
 
 @dataclass(frozen=True, slots=True)

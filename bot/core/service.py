@@ -13,11 +13,13 @@ import asyncio
 import contextlib
 import hashlib
 import logging
+import math
 import time
 import weakref
 from collections import Counter
 from collections.abc import Awaitable, Callable, Sequence
 from dataclasses import dataclass
+from datetime import UTC, datetime
 from typing import TypeVar
 
 from cachetools import LRUCache
@@ -60,6 +62,9 @@ ASIDE_COMMANDS = ("summary", "gen", "instruct", "qa")
 the thread's context (the thread's state is not changed)."""
 SUMMARY_REQUEST = ("Summarize our conversation so far in a few sentences: what was asked, what was answered, "
                    "and anything decided.")
+UNLIMITED_COMMANDS = ("stop", "help", "personas", "forget", "reset", "fork")
+"""Commands that write no reply: never held back by a rate limit."""
+MINUTE, DAY = 60.0, 86_400.0
 ONE_SHOT_PROMPTS = {"gen": "{}", "instruct": "Instruction: {}\n\nResponse:", "qa": "Question: {}\n\nAnswer:"}
 """ChatRWKV's one-shot formats, read from a fresh state."""
 FORGET_ASK = ("This deletes this thread's log and saved state for good. "
@@ -379,14 +384,19 @@ class ChatService:
         # names that make "@Raven advisor <name>" a command are the last turn's snapshot).
         command = self.command(text, addressed=event.addressed)
         author = event.user_name or event.user_id
+        user_ref = f"{event.platform}:{event.user_id}"
         if previous is not None:
             await asyncio.wait([previous])  # the message that arrived before this one is stored first
+        limited = None if command is not None and command.name in UNLIMITED_COMMANDS else await self._limit(user_ref)
         # The log keeps a command in its slash form.
         accepted = await self.store.accept(
             key, self.settings.default_persona, as_text(command) if command is not None else text,
             author=author, platform_message_id=event.message_id, owner=self.instance_id,
-            answer=command is None, redo=command is not None and command.name in REDO_COMMANDS + ASIDE_COMMANDS)
+            answer=command is None, redo=command is not None and command.name in REDO_COMMANDS + ASIDE_COMMANDS,
+            user_ref=user_ref, refused=limited is not None)
         stored.set_result(None)
+        if limited is not None:
+            return limited
         turn.turn_id = accepted.turn_id
         message = accepted.message
         if command is not None and command.name == "stop":  # not after the reply it is to stop
@@ -422,6 +432,48 @@ class ChatService:
             finally:
                 if self._writing.get(key) is turn:
                     del self._writing[key]
+
+    async def _limit(self, user_ref: str) -> Refused | None:
+        """The user's message is over a limit (RAVEN_RATE_*): the refusal that says until when. Read
+        off the log, so limits hold across restarts and processes; admins are exempt."""
+        per_minute, per_day = self.settings.rate_messages_per_minute, self.settings.rate_tokens_per_day
+        if not (per_minute or per_day) or user_ref in self.settings.admins:
+            return None
+        now = time.time()
+        activity = await self.store.user_activity(user_ref, now - DAY)
+        recent = [at for at, _ in activity if at > now - MINUTE]
+        if per_minute and len(recent) >= per_minute:
+            wait = max(1, math.ceil(recent[-per_minute] + MINUTE - now))
+            return Refused("rate_limited", f"You have sent {len(recent)} messages in the last minute (the limit is "
+                                           f"{per_minute}). Please wait {wait} s before the next one.", wait)
+        used = sum(tokens for _, tokens in activity)
+        if per_day and used >= per_day:
+            left, free_at = used, now
+            for at, tokens in activity:  # oldest first: when enough of them have left the 24 hours
+                left -= tokens
+                free_at = at + DAY
+                if left < per_day:
+                    break
+            wait = max(1, math.ceil(free_at - now))
+            when = datetime.fromtimestamp(free_at, UTC).strftime("%H:%M UTC")
+            return Refused("rate_limited", f"Raven has written {used:,} tokens for you in the last 24 hours (the "
+                                           f"limit is {per_day:,}). You can ask again from {when} "
+                                           f"(in about {math.ceil(wait / 60)} min).", wait)
+        return None
+
+    async def housekeeping(self) -> tuple[int, int]:
+        """Retention (RAVEN_RETENTION_DAYS, RAVEN_STATE_IDLE_DAYS): delete threads idle that long, drop
+        saved states unused that long (the log rebuilds them). Returns (threads, states) removed."""
+        now = time.time()
+        threads_before = now - self.settings.retention_days * DAY if self.settings.retention_days else None
+        states_before = now - self.settings.state_idle_days * DAY if self.settings.state_idle_days else None
+        if threads_before is None and states_before is None:
+            return 0, 0
+        threads, states = await self.store.prune(threads_before, states_before)
+        if threads or states:
+            self.states.clear()  # whatever it kept may be of a deleted thread, or a dropped state's
+            log.info("retention: %d thread(s) deleted, %d saved state(s) dropped", threads, states)
+        return threads, states
 
     def _message_text(self, event: Event, raw: str) -> str:
         """The message as the log keeps it: the typed text (within the limit), then its files."""
@@ -508,7 +560,7 @@ class ChatService:
             return completion
         reply = await self.store.finish_turn(key, message.id, completion.text.strip(), None, status="done",
                                              turn_id=turn.turn_id, finish=completion.finish_reason,
-                                             reply_status="aside")
+                                             reply_status="aside", generated=completion.generated_tokens)
         outcome = self._ending(completion, turn, reply.id, sampling)
         if turn.confirm:
             failure = await self._delivery_report(turn, outcome)
@@ -737,7 +789,8 @@ class ChatService:
             stored = StateDraft(fingerprint, thread.epoch, final.token_count, blob)
         reply_message = await self.store.finish_turn(
             key, user_message.id, reply, stored, tokens=tokens or None,
-            tokenizer=self.tokenizer.name, turn_id=turn_id, finish=completion.finish_reason, replaces=replaces)
+            tokenizer=self.tokenizer.name, turn_id=turn_id, finish=completion.finish_reason, replaces=replaces,
+            generated=completion.generated_tokens)
         if final is not None:
             if replaces is None:
                 self.states.remember_prior(key, before.model, fingerprint, thread.epoch, before.last_id)

@@ -116,6 +116,11 @@ class ThreadStates:
         self._memory.pop(key, None)
         self._memory.pop(("prior", key), None)
 
+    def clear(self) -> None:
+        """Drop every thread's state kept in memory (persona prefixes stay)."""
+        for key in [k for k, entry in self._memory.items() if isinstance(entry, CachedState)]:
+            self._memory.pop(key, None)
+
     def _prior(self, key: ThreadKey) -> CachedState | None:
         entry = self._memory.get(("prior", key))
         return entry if isinstance(entry, CachedState) else None

@@ -148,5 +148,15 @@ MIGRATIONS: list[Sequence[str]] = [
         "DROP TABLE states",
         "ALTER TABLE states_by_slot RENAME TO states",
     ),
+    # version 6: limits and retention, read off the log itself (so they hold across restarts and
+    # processes): who sent each message (``platform:user id``; NULL for Raven's own and older rows),
+    # how many tokens each turn generated, and the indexes that find a user's last day and old threads.
+    (
+        "ALTER TABLE messages ADD COLUMN user_ref TEXT",
+        "ALTER TABLE turns ADD COLUMN generated INTEGER NOT NULL DEFAULT 0",
+        "CREATE INDEX messages_by_user ON messages (user_ref, created_at) WHERE user_ref IS NOT NULL",
+        "CREATE INDEX threads_by_update ON threads (updated_at)",
+        "CREATE INDEX states_by_update ON states (updated_at)",
+    ),
 ]
 SCHEMA_VERSION = len(MIGRATIONS)

@@ -142,6 +142,19 @@ class Store(Protocol):
         when the context does not end with a reply."""
         ...
 
+    async def user_activity(self, user_ref: str, since: float) -> list[tuple[float, int]]:
+        """The sender's messages since ``since`` (store clock), oldest first, not counting refused ones:
+        ``(created_at, tokens generated for it)``. Rate limits are read off this, so they hold across
+        restarts and processes."""
+        ...
+
+    async def prune(self, threads_idle_before: float | None, states_idle_before: float | None) -> tuple[int, int]:
+        """Retention, in one transaction: delete every thread (with all of it) not updated since
+        ``threads_idle_before`` — except one with a turn in flight — and drop saved states not
+        written since ``states_idle_before`` (their threads rebuild from the log). None skips that
+        part. Returns (threads deleted, states dropped)."""
+        ...
+
     async def set_status(self, message_id: int, status: Status) -> None:
         """Change one message's status (nothing happens for an unknown id)."""
         ...
@@ -163,12 +176,14 @@ class Store(Protocol):
     async def accept(
         self, key: ThreadKey, default_persona: str, text: str, *, author: str = "",
         platform_message_id: str | None = None, owner: str | None = None, answer: bool = True,
-        redo: bool = False,
+        redo: bool = False, user_ref: str | None = None, refused: bool = False,
     ) -> Accepted:
         """The moment a message is accepted, in one transaction: the thread (created with
         ``default_persona`` when new), the user's message (``pending`` when it is to be answered,
         ``done`` for a command) and, when ``answer`` (or ``redo``: a command that writes a new reply
-        to an earlier question, ``/retry`` and ``/continue``), its turn: ``received``, owned by ``owner``."""
+        to an earlier question, ``/retry`` and ``/continue``), its turn: ``received``, owned by ``owner``.
+        ``user_ref`` (``platform:user id``) names the sender for ``user_activity``; ``refused``: kept,
+        not to be answered (status ``refused``, no turn)."""
         ...
 
     async def begin_turn(self, turn_id: int, epoch: int) -> None:
@@ -221,7 +236,7 @@ class Store(Protocol):
         self, key: ThreadKey, user_message_id: int, reply: str, state: StateDraft | None,
         status: Status = "answered", tokens: list[int] | None = None, tokenizer: str | None = None,
         turn_id: int | None = None, finish: str | None = None, replaces: int | None = None,
-        reply_status: Status = "done",
+        reply_status: Status = "done", generated: int = 0,
     ) -> StoredMessage:
         """Store the reply (author ``raven``, with the token ids the model read), set the user
         message's ``status``, move the turn (if given) to ``generated`` with this reply and how it
@@ -233,7 +248,8 @@ class Store(Protocol):
         reply. With ``replaces`` (a reply id), the new reply takes that one's place: the old one becomes
         ``replaced`` (out of the context) and the prior state stays as it was — the replacement was
         written from it too. ``reply_status`` ``aside``: a reply outside the thread's context (a
-        summary, a one-shot answer), stored with ``state`` None."""
+        summary, a one-shot answer), stored with ``state`` None. ``generated``: the tokens the model
+        wrote for it (what a daily token limit counts)."""
         ...
 
     # --- saved states ----------------------------------------------------------------------------------

@@ -17,11 +17,12 @@ from bot.events import ThreadKey
 
 Role = Literal["user", "assistant", "notice"]
 Status = Literal["pending", "answered", "interrupted", "failed", "done", "undelivered", "replaced", "adopted",
-                 "aside"]
+                 "aside", "refused"]
 """A message's status. Out of the context: ``undelivered`` (a reply its user never saw) and ``replaced``
 (a reply ``/retry`` replaced, or ``/continue`` extended into a new one). ``adopted``: a message written
 in a platform thread before Raven was called into it, read into the context as it stands. ``aside``: a
-reply that is not part of the context (``/summary``, ``+gen``/``+i``/``+qa``)."""
+reply that is not part of the context (``/summary``, ``+gen``/``+i``/``+qa``). ``refused``: a message kept
+but not answered (its sender was over a rate limit)."""
 
 
 @dataclass(frozen=True)

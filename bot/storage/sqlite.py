@@ -69,9 +69,12 @@ _THREAD_COLUMNS = """t.*, (SELECT text FROM messages m WHERE m.thread_key = t.ke
 GET_THREAD_QUERY = f"SELECT {_THREAD_COLUMNS} FROM threads t WHERE key = ?"
 INSERT_MESSAGE_QUERY = """
     INSERT INTO messages (thread_key, epoch, seq, role, author, text, platform_message_id, status, created_at,
-                          tokens, tokenizer)
+                          tokens, tokenizer, user_ref)
     VALUES (?1, (SELECT epoch FROM threads WHERE key = ?1),
-            (SELECT COALESCE(MAX(seq) + 1, 0) FROM messages WHERE thread_key = ?1), ?, ?, ?, ?, ?, ?, ?, ?)"""
+            (SELECT COALESCE(MAX(seq) + 1, 0) FROM messages WHERE thread_key = ?1), ?, ?, ?, ?, ?, ?, ?, ?, ?)"""
+USER_ACTIVITY_QUERY = """
+    SELECT m.created_at, COALESCE(t.generated, 0) FROM messages m LEFT JOIN turns t ON t.message_id = m.id
+    WHERE m.user_ref = ? AND m.created_at > ? AND m.status != 'refused' ORDER BY m.created_at"""
 LAST_REPLY_QUERY = """
     SELECT id FROM messages WHERE thread_key = ? AND role = 'assistant' AND epoch = ? AND id < ?
       AND status = 'done'
@@ -259,7 +262,7 @@ class SQLiteStore:
                 cursor = await db.execute(
                     INSERT_MESSAGE_QUERY,
                     (str(target), row["role"], row["author"], row["text"], None, row["status"], row["created_at"],
-                     row["tokens"], row["tokenizer"]))
+                     row["tokens"], row["tokenizer"], None))
                 assert cursor.lastrowid is not None
                 copied[row["id"]] = int(cursor.lastrowid)
             if forked_at is None:
@@ -304,12 +307,13 @@ class SQLiteStore:
     async def _insert_message(
         self, db: aiosqlite.Connection, key: ThreadKey, role: Role, text: str, author: str,
         platform_message_id: str | None, status: Status, tokens: bytes | None = None, tokenizer: str | None = None,
+        user_ref: str | None = None,
     ) -> int:
         """Inside a write transaction, so the thread's next ``seq`` cannot be taken meanwhile."""
         now = self.clock()
         cursor = await db.execute(
             INSERT_MESSAGE_QUERY,
-            (str(key), role, author, text, platform_message_id, status, now, tokens, tokenizer),
+            (str(key), role, author, text, platform_message_id, status, now, tokens, tokenizer, user_ref),
         )
         await db.execute("UPDATE threads SET updated_at = ? WHERE key = ?", (now, str(key)))
         assert cursor.lastrowid is not None
@@ -358,6 +362,26 @@ class SQLiteStore:
             return None
         return Exchange(question=_message(rows[1]), reply=_message(rows[0]))
 
+    async def user_activity(self, user_ref: str, since: float) -> list[tuple[float, int]]:
+        async with self.db.execute(USER_ACTIVITY_QUERY, (user_ref, since)) as cursor:
+            return [(float(row[0]), int(row[1])) for row in await cursor.fetchall()]
+
+    async def prune(self, threads_idle_before: float | None, states_idle_before: float | None) -> tuple[int, int]:
+        async def work(db: aiosqlite.Connection) -> tuple[int, int]:
+            threads = states = 0
+            if threads_idle_before is not None:
+                cursor = await db.execute(
+                    """DELETE FROM threads WHERE updated_at < ? AND NOT EXISTS (
+                         SELECT 1 FROM turns t WHERE t.thread_key = threads.key
+                           AND t.phase IN ('received', 'generating'))""", (threads_idle_before,))
+                threads = cursor.rowcount
+            if states_idle_before is not None:
+                cursor = await db.execute("DELETE FROM states WHERE updated_at < ?", (states_idle_before,))
+                states = cursor.rowcount
+            return int(threads), int(states)
+
+        return tuple(await self._transaction(work))  # type: ignore[return-value]
+
     async def set_status(self, message_id: int, status: Status) -> None:
         await self._write("UPDATE messages SET status = ? WHERE id = ?", (status, message_id))
 
@@ -380,17 +404,19 @@ class SQLiteStore:
     async def accept(
         self, key: ThreadKey, default_persona: str, text: str, *, author: str = "",
         platform_message_id: str | None = None, owner: str | None = None, answer: bool = True,
-        redo: bool = False,
+        redo: bool = False, user_ref: str | None = None, refused: bool = False,
     ) -> Accepted:
         now = self.clock()
+        answer, redo = answer and not refused, redo and not refused
 
         async def work(db: aiosqlite.Connection) -> tuple[int, int | None]:
             await db.execute(
                 "INSERT OR IGNORE INTO threads (key, persona, epoch, created_at, updated_at) VALUES (?, ?, 0, ?, ?)",
                 (str(key), default_persona, now, now),
             )
-            message_id = await self._insert_message(db, key, "user", text, author, platform_message_id,
-                                                    "pending" if answer and not redo else "done")
+            status: Status = "refused" if refused else "pending" if answer and not redo else "done"
+            message_id = await self._insert_message(db, key, "user", text, author, platform_message_id, status,
+                                                    user_ref=user_ref)
             turn_id = None
             if answer or redo:
                 cursor = await db.execute(
@@ -507,7 +533,7 @@ class SQLiteStore:
         self, key: ThreadKey, user_message_id: int, reply: str, state: StateDraft | None,
         status: Status = "answered", tokens: list[int] | None = None, tokenizer: str | None = None,
         turn_id: int | None = None, finish: str | None = None, replaces: int | None = None,
-        reply_status: Status = "done",
+        reply_status: Status = "done", generated: int = 0,
     ) -> StoredMessage:
         packed = pack_tokens(tokens) if tokens is not None else None
 
@@ -520,8 +546,8 @@ class SQLiteStore:
                                  (replaces,))
             if turn_id is not None:
                 await db.execute(
-                    "UPDATE turns SET phase = 'generated', reply_id = ?, reason = ?, updated_at = ? WHERE id = ?",
-                    (reply_id, finish, self.clock(), turn_id))
+                    """UPDATE turns SET phase = 'generated', reply_id = ?, reason = ?, generated = ?, updated_at = ?
+                       WHERE id = ?""", (reply_id, finish, generated, self.clock(), turn_id))
             if state is not None:
                 # A new reply: into the other slot, which becomes current, so the state this turn
                 # started from stays as the prior one. A replacement started from that prior state
