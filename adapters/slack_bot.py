@@ -8,7 +8,18 @@ What reaches the core:
 - direct messages (``channel_type == "im"``): top-level DMs are one conversation per DM, replies in a
   DM thread are that thread's conversation;
 - ``/advisor <persona> [question]``: acknowledged at once, then a root message naming the persona is
-  posted in the channel and the conversation continues in its thread.
+  posted in the channel and the conversation continues in its thread;
+- the buttons on Raven's last reply (Block Kit actions: Stop while it is written, Retry and Continue
+  once done; see ``adapters.slack_blocks``), acked at once, the work done after the ack;
+- ``/retry``, ``/continue``, ``/stop``, ``/fork``, ``/forget [confirm]``: Slack sends a slash command
+  without its thread, so these act on the thread the user last talked with Raven in, in that channel
+  (since this process started); without one, the answer says how to use the buttons or the words in
+  the thread (``@Raven retry``, ``++``, ``+++``, ``@Raven fork``, ``@Raven forget``).
+
+``/fork`` (the command, or the words in a thread) posts a new top-level message whose thread continues
+from the old one's state (``service.fork``) and links the two. A mention inside a thread Raven does not
+know *adopts* it: its earlier messages (``conversations.replies``) reach the core with the mention.
+Files on a message are fetched with the bot token (only those the core reads) and passed on.
 
 Every thread is ``ThreadKey("slack", f"{channel}:{thread_ts}")`` (``f"{channel}:dm"`` for top-level DMs).
 Slack delivers a message more than once (retries; ``app_mention`` and ``message`` for one message), so
@@ -24,13 +35,15 @@ import contextlib
 import logging
 import re
 import time
-from collections import Counter
+from collections import Counter, deque
 from collections.abc import Awaitable, Callable, Mapping
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any
+from urllib.parse import urlsplit
 
+import aiohttp
 from aiohttp import web
-from cachetools import TTLCache
+from cachetools import LRUCache, TTLCache
 from slack_bolt.adapter.socket_mode.async_handler import AsyncSocketModeHandler
 from slack_bolt.async_app import AsyncApp
 from slack_sdk.errors import SlackApiError
@@ -42,13 +55,25 @@ from slack_sdk.web.async_client import AsyncWebClient
 
 from adapters.retry import RetryPolicy
 from adapters.settings import SlackSettings
+from adapters.slack_blocks import (
+    ACTION_IDS,
+    CONTINUE,
+    FORGET,
+    RETRY,
+    STOP,
+    Controls,
+    forget_prompt,
+    message_blocks,
+)
 from adapters.slack_mrkdwn import escape, from_slack, to_mrkdwn
 from adapters.streaming import CONTINUED, MARK, StreamRenderer, final_pieces, present
 from adapters.text_split import split_message
-from bot.core.commands import HELP_TEXT
-from bot.core.service import INTERRUPTED_NOTICE
-from bot.errors import ConfigError, PersonaError
-from bot.events import Event, ThreadKey
+from bot.core.attachments import wanted
+from bot.core.commands import FORGET_CONFIRMATION, HELP_TEXT, Command
+from bot.core.outcomes import Answered, CutOff
+from bot.core.service import FORGET_ASK, INTERRUPTED_NOTICE, History
+from bot.errors import ConfigError, PersonaError, RavenError
+from bot.events import Attachment, EarlierMessage, Event, ThreadKey
 
 if TYPE_CHECKING:
     from bot.core.service import ChatService, Repair
@@ -68,6 +93,20 @@ ERROR_NOTICE = "Sorry, something went wrong while answering. Please try again."
 SUB_MESSAGES = 100  # delivery positions: piece * 100 + the Slack message within it (msg_too_long splits)
 NAME_CACHE_SIZE = 4096  # display names kept (users.info is rate-limited; people rename themselves)
 NAME_CACHE_TTL_S = 3600
+THREADS_KEPT = 4096  # the last reply (with buttons) per thread, and each user's last thread per channel
+ADOPT_PAGE = 200  # conversations.replies page size (Slack's maximum is 1,000; it suggests 200)
+ADOPT_MAX_PAGES = 20  # a thread longer than this many pages is read from its start and its latest part
+NAME_LOOKUP_S = 5.0  # adopting waits at most this long for the authors' names (ids otherwise)
+FILE_TIMEOUT_S = 30.0
+FILES_HOST = "files.slack.com"  # the only host (besides SLACK_API_URL's) that ever sees the bot token
+NO_THREAD = ("Slack does not say which thread a slash command was typed in, so `{command}` acts on the "
+             "thread you last talked with Raven in, in this channel, and there is none yet. In a thread, "
+             "use the buttons on Raven's last reply, or mention Raven: `@Raven retry` (or `++`), "
+             "`@Raven continue` (or `+++`), `@Raven stop`, `@Raven fork`, `@Raven forget`.")
+STALE_BUTTONS = "These buttons belong to an earlier reply; use the ones on the last reply."
+NOTHING_WRITTEN = "Nothing is being written in that thread."
+# Commands whose answer leaves the thread's last reply (and its buttons) as they were.
+_KEEPS_BUTTONS = {"help", "personas", "stop", "fork"}
 
 
 def split_advisor(text: str) -> tuple[str, str]:
@@ -83,6 +122,29 @@ class _Message:
     ts: str
     text: str
     last_write: float  # monotonic time of the post or the last accepted update
+    controls: Controls | None = None  # the buttons it shows
+
+
+@dataclass
+class _Reply:
+    """One reply being shown: which buttons it gets, and its pieces so far."""
+
+    key: ThreadKey
+    kind: Controls | None  # "done": an answer (Stop while written); "forget": the /forget question
+    retires: bool  # takes the buttons off the thread's previous reply
+    pieces: list[_Posted] = field(default_factory=list)
+    final: bool = False  # the stream has ended: the renderer shows the final text
+
+    def controls(self, posted: _Posted, piece: str) -> Controls | None:
+        """The buttons the last Slack message of ``posted`` should show, given its text."""
+        if self.kind is None:
+            return None
+        if self.final:
+            return self.kind if self.pieces and self.pieces[-1] is posted else None
+        return "writing" if self.kind == "done" and piece.endswith(MARK) else None
+
+    def messages(self) -> list[_Message]:
+        return [message for piece in self.pieces for message in piece.messages]
 
 
 @dataclass
@@ -93,6 +155,19 @@ class _Posted:
     channel: str
     thread_ts: str | None
     messages: list[_Message]
+    reply: _Reply | None = None
+
+
+@dataclass
+class _ReplyRenderer(StreamRenderer[_Posted]):
+    """Tells the reply when the final text is being shown (the buttons change from Stop)."""
+
+    reply: _Reply | None = None
+
+    async def finish(self, text: str) -> None:
+        if self.reply is not None:
+            self.reply.final = True
+        await super().finish(text)
 
 
 def _api_error(exc: SlackApiError) -> str:
@@ -158,6 +233,16 @@ class SlackRetryHandler(AsyncRetryHandler):
 
 
 
+def _buttons_for(command: Command | None) -> Controls | None:
+    """What a reply's last message offers: Retry and Continue under an answer (Stop while it is
+    written), the confirm button under the ``/forget`` question, nothing under other commands."""
+    if command is None or command.name in ("retry", "continue") or (command.name == "advisor" and command.rest):
+        return "done"
+    if command.name == "forget" and command.argument != FORGET_CONFIRMATION:
+        return "forget"
+    return None
+
+
 class SlackAdapter:
     """Runs the bolt app until cancelled: Socket Mode when ``SLACK_APP_TOKEN`` is set, otherwise an
     aiohttp server for the Events API, verified with ``SLACK_SIGNING_SECRET``."""
@@ -189,6 +274,10 @@ class SlackAdapter:
         self.app.event("message")(self._on_message)
         self.app.command("/advisor")(ack=self._ack_advisor, lazy=[self._run_advisor])
         self.app.command("/help")(self._on_help)
+        self.app.command("/stop")(self._on_stop_command)
+        for name in ("/retry", "/continue", "/fork", "/forget"):
+            self.app.command(name)(ack=self._ack_thread_command, lazy=[self._run_thread_command])
+        self.app.action(ACTION_IDS)(ack=self._ack_action, lazy=[self._run_action])
         self.app.error(self._on_bolt_error)
         self._socket: AsyncSocketModeHandler | None = None
         self._runner: web.AppRunner | None = None
@@ -198,6 +287,13 @@ class SlackAdapter:
         self._repairer: asyncio.Task[None] | None = None  # threads a mention is opening (see _answer_event)
         self._max_chars: int | None = None  # learned from msg_too_long: Slack's real limit is lower
         self._tasks: set[asyncio.Task[Any]] = set()
+        # Each thread's last reply message with buttons (taken off when a newer reply comes), and each
+        # user's last thread per channel (what a slash command acts on). In memory: after a restart
+        # an older reply may keep its buttons; a click on them then acts on the thread's last reply.
+        self._last_reply: LRUCache[ThreadKey, tuple[str, _Message]] = LRUCache(maxsize=THREADS_KEPT)
+        self._recent: LRUCache[tuple[str, str], tuple[ThreadKey, str | None]] = LRUCache(maxsize=THREADS_KEPT)
+        self._bot_id: str | None = None  # this app's bot id (auth.test): its own messages when adopting
+        self._files: aiohttp.ClientSession | None = None  # downloads of files shared with Raven
 
     # --- lifecycle ---------------------------------------------------------------------------------
     async def run(self) -> None:
@@ -266,18 +362,21 @@ class SlackAdapter:
                 if index < len(delivered):
                     if delivered[index].shown != piece:
                         await self.client.chat_update(channel=channel, ts=delivered[index].platform_message_id,
-                                                      text=piece)
+                                                      text=piece, blocks=message_blocks(piece))
                 else:
                     await self.client.chat_postMessage(channel=channel, thread_ts=thread_ts, text=piece,
+                                                       blocks=message_blocks(piece),
                                                        unfurl_links=False, unfurl_media=False)
             for extra in delivered[len(pieces):]:
-                await self.client.chat_update(channel=channel, ts=extra.platform_message_id, text=CONTINUED)
+                await self.client.chat_update(channel=channel, ts=extra.platform_message_id, text=CONTINUED,
+                                              blocks=message_blocks(CONTINUED))
             log.info("slack: repaired turn %s in %s (the reply shown in full)", repair.turn.id, channel)
             return
         for delivery in delivered:  # what was shown stays, without the still-writing mark
-            if delivery.shown.endswith(MARK):
+            if delivery.shown.endswith(MARK):  # (and without its Stop button)
+                kept = delivery.shown.removesuffix(MARK) or "…"
                 await self.client.chat_update(channel=channel, ts=delivery.platform_message_id,
-                                              text=delivery.shown.removesuffix(MARK) or "…")
+                                              text=kept, blocks=message_blocks(kept))
         shown = f":warning: {escape(INTERRUPTED_NOTICE)}"
         blocks = [{"type": "context", "elements": [{"type": "mrkdwn", "text": shown}]}]
         await self.client.chat_postMessage(channel=channel, thread_ts=thread_ts, text=shown, blocks=blocks)
@@ -298,6 +397,9 @@ class SlackAdapter:
         if self._runner is not None:
             await self._runner.cleanup()
             self._runner = None
+        if self._files is not None:
+            await self._files.close()
+            self._files = None
 
     @property
     def http_port(self) -> int | None:
@@ -312,7 +414,8 @@ class SlackAdapter:
 
     async def _check_token(self) -> None:
         try:
-            await self.client.auth_test()
+            found = await self.client.auth_test()
+            self._bot_id = found.get("bot_id")
         except SlackApiError as exc:
             error = _api_error(exc)
             if error in _BAD_TOKEN:
@@ -358,6 +461,8 @@ class SlackAdapter:
         if not channel or not ts or not self._allowed(channel):
             return
         direct = event.get("channel_type") == "im"
+        # A mention inside a thread someone else started: adopted if Raven does not know it yet.
+        inside = not direct and mentioned and thread_ts is not None and thread_ts != ts
         if direct:
             key = ThreadKey(PLATFORM, f"{channel}:{thread_ts or 'dm'}")
         elif mentioned:
@@ -375,13 +480,140 @@ class SlackAdapter:
                 log.debug("slack: duplicate delivery of %s/%s ignored", channel, ts)
                 return
             plain = from_slack(text, bot_user)
+            addressed = mentioned or direct
+            self._recent[(channel, user)] = (key, thread_ts)
+            command = self.service.command(plain, addressed=addressed)
+            if command is not None and command.name == "fork":  # the core cannot open a Slack thread
+                await self._fork(key, channel, thread_ts, user)
+                return
             name = await self._user_name(user)
-            await self._reply(Event(key, user, name, plain, message_id=ts, addressed=mentioned or direct),
-                              channel, thread_ts)
+            history = None
+            if inside and thread_ts is not None and not await self.service.knows_thread(key):
+                history = self._history(channel, thread_ts, ts, bot_user)
+            files = await self._attachments(event.get("files"))
+            await self._reply(Event(key, user, name, plain, message_id=ts, addressed=addressed,
+                                    attachments=files), channel, thread_ts, history=history)
         finally:
             self._opening[key] -= 1
             if self._opening[key] <= 0:
                 del self._opening[key]
+
+    # --- what a message brings: a thread's earlier messages, files --------------------------------
+    def _history(self, channel: str, thread_ts: str, before_ts: str,
+                 bot_user: str | None) -> History:
+        """The core calls this once, when it adopts the thread (see ``ChatService.reply``)."""
+        return lambda: self._earlier(channel, thread_ts, before_ts, bot_user)
+
+    async def _earlier(self, channel: str, thread_ts: str, before_ts: str,
+                       bot_user: str | None) -> list[EarlierMessage]:
+        """The thread's messages before ``before_ts`` (the mention), oldest first: its first message
+        and the latest ``RAVEN_ADOPT_MAX_MESSAGES`` - 1 (what the core keeps), read with
+        ``conversations.replies`` (only what the bot may read; at most ``ADOPT_MAX_PAGES`` pages)."""
+        keep = self.service.settings.adopt_max_messages
+        if keep <= 0:
+            return []
+        first: dict[str, Any] | None = None
+        latest: deque[dict[str, Any]] = deque(maxlen=keep - 1)
+        cursor: str | None = None
+        for _ in range(ADOPT_MAX_PAGES):
+            page = await self.client.conversations_replies(channel=channel, ts=thread_ts, limit=ADOPT_PAGE,
+                                                           latest=before_ts, inclusive=False, cursor=cursor)
+            for message in page.get("messages") or []:
+                if float(message.get("ts") or 0) >= float(before_ts):
+                    continue  # the mention itself, and anything after it
+                if first is None:
+                    first = message
+                else:
+                    latest.append(message)
+            cursor = (page.get("response_metadata") or {}).get("next_cursor") or None
+            if not page.get("has_more") or cursor is None:
+                break
+        chosen = ([first] if first is not None else []) + list(latest)
+        readable = [m for m in chosen if m.get("subtype") in _USER_SUBTYPES | {"bot_message"}]
+        people = {str(m["user"]) for m in readable if m.get("user") and not self._own(m, bot_user)}
+        await self._look_up_names(people)
+        earlier: list[EarlierMessage] = []
+        for message in readable:
+            text = from_slack(str(message.get("text") or ""), bot_user)
+            names = [str(f.get("name") or "a file") for f in message.get("files") or []]
+            if names:
+                text = (text + "\n" if text else "") + f"[shared: {', '.join(names)}]"
+            if not text.strip():
+                continue
+            if self._own(message, bot_user):
+                earlier.append(EarlierMessage("Raven", text, from_bot=True))
+            elif message.get("user") and not message.get("bot_id"):
+                earlier.append(EarlierMessage(self._names.get(str(message["user"]), str(message["user"])), text))
+            else:  # another app's message
+                profile = message.get("bot_profile") or {}
+                earlier.append(EarlierMessage(str(message.get("username") or profile.get("name") or "a bot"), text))
+        log.info("slack: read %d earlier message(s) of %s:%s to adopt it", len(earlier), channel, thread_ts)
+        return earlier
+
+    def _own(self, message: Mapping[str, Any], bot_user: str | None) -> bool:
+        return bool((bot_user and message.get("user") == bot_user)
+                    or (self._bot_id and message.get("bot_id") == self._bot_id))
+
+    async def _look_up_names(self, users: set[str]) -> None:
+        """Wait (briefly) for the names of the people in an adopted thread: they are stored with it."""
+        unknown = [user for user in users if user not in self._names][:50]
+        if unknown:
+            with contextlib.suppress(TimeoutError):
+                await asyncio.wait_for(asyncio.gather(*(self._look_up_name(u) for u in unknown)), NAME_LOOKUP_S)
+
+    async def _attachments(self, files: Any) -> tuple[Attachment, ...]:
+        """Slack's ``files`` of a message as the core's attachments: the bytes of the ones the core
+        will read (``wanted``: a text-like name, within the size limit), the rest by name and size."""
+        if not isinstance(files, list):
+            return ()
+        settings = self.service.settings
+        found: list[Attachment] = []
+        for index, file in enumerate(files):
+            if not isinstance(file, dict) or file.get("mode") == "tombstone":
+                continue  # deleted meanwhile
+            name = str(file.get("name") or file.get("title") or "file")
+            size = int(file.get("size") or 0)
+            content = None
+            if index < settings.attachment_max_files and wanted(name, size, settings.attachment_max_bytes):
+                content = await self._download(file, settings.attachment_max_bytes)
+            found.append(Attachment(name, max(size, len(content or b"")), content))
+        return tuple(found)
+
+    def _may_send_token(self, url: str) -> bool:
+        """Only Slack's file host (or the host of ``SLACK_API_URL``: a proxy, the local stand-in)."""
+        target = urlsplit(url)
+        api = urlsplit(self.settings.api_url)
+        if target.scheme == "https" and target.hostname == FILES_HOST:
+            return True
+        return (target.scheme, target.hostname, target.port) == (api.scheme, api.hostname, api.port)
+
+    async def _download(self, file: Mapping[str, Any], max_bytes: int) -> bytes | None:
+        """A file's bytes (at most ``max_bytes`` + 1: more means too big), or None if Slack would not
+        give them (a missing ``files:read`` scope shows as Slack's sign-in page)."""
+        url = str(file.get("url_private_download") or file.get("url_private") or "")
+        if not url or not self._may_send_token(url):
+            log.warning("slack: not fetching file %s from an unexpected address", file.get("id"))
+            return None
+        if self._files is None:
+            self._files = aiohttp.ClientSession(timeout=aiohttp.ClientTimeout(total=FILE_TIMEOUT_S))
+        assert self.settings.bot_token is not None
+        headers = {"Authorization": f"Bearer {self.settings.bot_token.get_secret_value()}"}
+        try:
+            async with self._files.get(url, headers=headers, allow_redirects=False) as response:
+                html = response.content_type == "text/html" and not str(file.get("name", "")).endswith(".html")
+                if response.status != 200 or html:
+                    log.warning("slack: file %s answered %s%s", file.get("id"), response.status,
+                                " (a sign-in page: is the files:read scope granted?)" if html else "")
+                    return None
+                content = b""
+                async for chunk in response.content.iter_chunked(65536):
+                    content += chunk
+                    if len(content) > max_bytes:
+                        break
+                return content[:max_bytes + 1]
+        except (aiohttp.ClientError, TimeoutError) as exc:
+            log.warning("slack: could not fetch file %s (%s)", file.get("id"), type(exc).__name__)
+            return None
 
     async def _follows(self, key: ThreadKey) -> bool:
         """A thread Raven talks in: answered before, or being opened by a mention right now."""
@@ -496,28 +728,196 @@ class SlackAdapter:
         except Exception:
             log.exception("slack: /advisor failed in %s", channel)
 
+    # --- buttons (Block Kit actions) -----------------------------------------------------------------
+    async def _ack_action(self, ack: Callable[..., Awaitable[Any]]) -> None:
+        await ack()  # at once: Slack wants it within 3 s; the work runs after it (lazy listener)
+
+    async def _run_action(self, body: dict[str, Any], respond: Callable[..., Awaitable[Any]]) -> None:
+        await self._tracked(self._action(body, respond))
+
+    async def _action(self, body: dict[str, Any], respond: Callable[..., Awaitable[Any]]) -> None:
+        """A click on a reply's button (or on the ``/forget`` prompt's): the same core text as typed."""
+        try:
+            action = (body.get("actions") or [{}])[0]
+            action_id = str(action.get("action_id") or "")
+            value = str(action.get("value") or "")
+            clicker = body.get("user") or {}
+            user = str(clicker.get("id") or "")
+            container = body.get("container") or {}
+            channel = str((body.get("channel") or {}).get("id") or container.get("channel_id") or "")
+            clicked = str(container.get("message_ts") or "")
+            if not user or not channel:
+                return
+            if not self._allowed(channel):
+                await respond(text="Raven is not enabled in this channel.", response_type="ephemeral",
+                              replace_original=False)
+                return
+            named_channel, _, thread = value.partition(":")
+            if named_channel != channel or not thread:  # a button names its own conversation's thread
+                log.warning("slack: ignored a %s click naming another conversation", action_id)
+                return
+            trigger = body.get("trigger_id") or action.get("action_ts")
+            if trigger and not await self.service.claim_event(f"slack:action:{trigger}"):
+                return  # delivered twice
+            key = ThreadKey(PLATFORM, value)
+            thread_ts = None if thread == "dm" else thread
+            self._recent[(channel, user)] = (key, thread_ts)
+            if action_id == STOP:
+                if not self.service.stop(key):
+                    await self._notice(channel, thread_ts, user, NOTHING_WRITTEN)
+                return
+            last = self._last_reply.get(key)
+            if action_id != FORGET and last is not None and clicked and last[1].ts != clicked:
+                await self._notice(channel, thread_ts, user, STALE_BUTTONS)
+                return
+            if action_id == FORGET and container.get("is_ephemeral"):
+                await respond(delete_original=True)  # the private prompt has been answered
+            text = {RETRY: "/retry", CONTINUE: "/continue", FORGET: f"/forget {FORGET_CONFIRMATION}"}[action_id]
+            name = await self._user_name(user, fallback=clicker.get("name"))
+            await self._reply(Event(key, user, name, text, addressed=True), channel, thread_ts)
+        except Exception:
+            log.exception("slack: a button click failed")
+
+    # --- /retry, /continue, /stop, /fork, /forget ------------------------------------------------------
+    def _target(self, command: dict[str, Any]) -> tuple[ThreadKey, str | None] | str:
+        """The thread a slash command acts on (the user's last one in that channel), or why none."""
+        channel = str(command.get("channel_id", ""))
+        if not self._allowed(channel):
+            return "Raven is not enabled in this channel."
+        found = self._recent.get((channel, str(command.get("user_id", ""))))
+        if found is None:
+            return NO_THREAD.format(command=command.get("command", "this command"))
+        return found
+
+    async def _label(self, key: ThreadKey) -> str:
+        info = await self.service.thread(key)
+        return f"your last Raven thread here (“{escape(info.title)}”)" if info and info.title else \
+            "your last Raven thread here"
+
+    async def _on_stop_command(self, ack: Callable[..., Awaitable[Any]], command: dict[str, Any]) -> None:
+        """``/stop``: answered in the ack (stopping is immediate)."""
+        target = self._target(command)
+        if isinstance(target, str):
+            await ack(text=target, response_type="ephemeral")
+            return
+        stopped = self.service.stop(target[0])
+        said = f"Stopped the reply in {await self._label(target[0])}." if stopped else NOTHING_WRITTEN
+        await ack(text=said, response_type="ephemeral")
+
+    async def _ack_thread_command(self, ack: Callable[..., Awaitable[Any]], command: dict[str, Any]) -> None:
+        target = self._target(command)
+        if isinstance(target, str):
+            await ack(text=target, response_type="ephemeral")
+            return
+        key = target[0]
+        label = await self._label(key)
+        name = str(command.get("command", ""))
+        confirmed = from_slack(str(command.get("text") or "")).strip().lower() == FORGET_CONFIRMATION
+        if name == "/forget" and not confirmed:
+            question = f"{FORGET_ASK.split('. ')[0]}: {label}. Or send `/forget {FORGET_CONFIRMATION}`."
+            await ack(text=question, blocks=forget_prompt(question, key.thread_id), response_type="ephemeral")
+            return
+        doing = {"/retry": "Writing a new last reply in", "/continue": "Continuing the last reply in",
+                 "/fork": "Forking", "/forget": "Forgetting"}[name]
+        await ack(text=f"{doing} {label}.", response_type="ephemeral")
+
+    async def _run_thread_command(self, command: dict[str, Any]) -> None:
+        await self._tracked(self._thread_command(command))
+
+    async def _thread_command(self, command: dict[str, Any]) -> None:
+        target = self._target(command)
+        name = str(command.get("command", ""))
+        confirmed = from_slack(str(command.get("text") or "")).strip().lower() == FORGET_CONFIRMATION
+        if isinstance(target, str) or (name == "/forget" and not confirmed):
+            return  # answered in the ack
+        key, thread_ts = target
+        channel, user = str(command["channel_id"]), str(command["user_id"])
+        try:
+            trigger = command.get("trigger_id")
+            if trigger and not await self.service.claim_event(f"slack:command:{trigger}"):
+                return
+            if name == "/fork":
+                await self._fork(key, channel, thread_ts, user)
+                return
+            text = f"/forget {FORGET_CONFIRMATION}" if name == "/forget" else name
+            shown = await self._user_name(user, fallback=command.get("user_name"))
+            await self._reply(Event(key, user, shown, text, addressed=True), channel, thread_ts)
+        except Exception:
+            log.exception("slack: %s failed in %s", name, channel)
+
+    # --- /fork ----------------------------------------------------------------------------------------
+    async def _fork(self, source: ThreadKey, channel: str, thread_ts: str | None, user: str) -> None:
+        """A new top-level message whose thread starts where ``source`` is now (a copy of its log and
+        state: ``service.fork``); each thread links to the other."""
+        if not await self.service.knows_thread(source):
+            await self._notice(channel, thread_ts, user, "There is nothing to fork in this thread yet.")
+            return
+        old_link = await self._permalink(channel, thread_ts)
+        origin = f"<{old_link}|this thread>" if old_link else "a thread"
+        try:
+            root = await self.client.chat_postMessage(
+                channel=channel, unfurl_links=False, unfurl_media=False,
+                text=f"<@{user}> forked {origin}: this thread starts where that one was. Reply here to go on.")
+        except SlackApiError as exc:
+            log.warning("slack: cannot fork in %s (%s)", channel, _api_error(exc))
+            await self._notice(channel, thread_ts, user, f"I can't post in this conversation ({_api_error(exc)}).")
+            return
+        new_ts = str(root["ts"])
+        target = ThreadKey(PLATFORM, f"{channel}:{new_ts}")
+        try:
+            await self.service.fork(source, target)
+        except RavenError as exc:
+            log.error("slack: fork of %s failed (%s)", source, exc)
+            await self.client.chat_update(channel=channel, ts=new_ts, text="(This fork failed.)")
+            await self._notice(channel, thread_ts, user, "The fork failed; this thread is unchanged.")
+            return
+        self._recent[(channel, user)] = (target, new_ts)
+        new_link = await self._permalink(channel, new_ts)
+        where = f"<{new_link}|a new thread>" if new_link else "a new thread"
+        await self.client.chat_postMessage(channel=channel, thread_ts=thread_ts, unfurl_links=False,
+                                           unfurl_media=False,
+                                           text=f"Forked into {where}, which goes on from here; this one is unchanged.")
+        log.info("slack: forked %s into %s", source, target)
+
+    async def _permalink(self, channel: str, ts: str | None) -> str | None:
+        if ts is None:
+            return None
+        try:
+            found = await self.client.chat_getPermalink(channel=channel, message_ts=ts)
+            return str(found["permalink"])
+        except (SlackApiError, KeyError) as exc:
+            log.warning("slack: no permalink for %s/%s (%s)", channel, ts, exc)
+            return None
+
     # --- replies -----------------------------------------------------------------------------------
-    async def _reply(self, event: Event, channel: str, thread_ts: str | None) -> None:
+    async def _reply(self, event: Event, channel: str, thread_ts: str | None,
+                     history: History | None = None) -> None:
         """Stream the core's reply into the conversation, then show how the turn ended: a cut-off
         note closes the reply; a notice (busy, refused, failed) is shown to the user only. Errors are
         logged and, where the conversation can still be reached, the user sees a short notice."""
         started = self.clock()
-        turn = self.service.reply(event, confirm=True)
+        command = self.service.command(event.text, addressed=event.addressed)
+        reply = _Reply(event.thread, _buttons_for(command),
+                       retires=command is None or command.name not in _KEEPS_BUTTONS)
+        turn = (self.service.reply(event, confirm=True) if history is None
+                else self.service.reply(event, confirm=True, history=history))
 
         async def shown(position: int, posted: _Posted, _piece: str) -> None:
             for sub, message in enumerate(posted.messages):  # a piece Slack found too long is several
                 await self.service.record_delivery(turn, position * SUB_MESSAGES + sub, message.ts, message.text)
 
-        renderer: StreamRenderer[_Posted] = StreamRenderer(
-            post=lambda piece: self._post(channel, thread_ts, piece),
+        renderer = _ReplyRenderer(
+            post=lambda piece: self._post(channel, thread_ts, piece, reply),
             edit=self._update,
             limit=self.settings.max_message_chars,
             min_interval_s=self.settings.update_interval_s,
             transform=to_mrkdwn,
             shown=shown,
+            reply=reply,
         )
         try:
             text, notice = await present(renderer, turn)
+            await self._settle_buttons(reply, isinstance(await turn.outcome(), Answered | CutOff))
             await self.service.delivered(turn)
             if notice is not None:
                 await self._notice(channel, thread_ts, event.user_id, notice)
@@ -538,6 +938,38 @@ class SlackAdapter:
             await self.service.undelivered(turn, "stopped while delivering")
             raise
 
+    async def _settle_buttons(self, reply: _Reply, answered: bool) -> None:
+        """After the final text: the reply's last message alone shows its buttons (Retry and Continue
+        for an answer), and it becomes the thread's last reply. Usually already so (the final edit
+        sets them); a failure here is logged, the reply itself is delivered."""
+        messages = reply.messages()
+        if not messages:
+            return
+        channel = reply.pieces[0].channel
+        want: Controls | None = reply.kind if answered or reply.kind == "forget" else None
+        *older, last = messages
+        try:
+            for message in older:
+                if message.controls is not None:
+                    await self._edit(channel, message, message.text)
+            if last.controls != want:
+                await self._edit(channel, last, last.text, want, reply.key.thread_id)
+        except SlackApiError as exc:
+            log.warning("slack: could not set the buttons of a reply in %s (%s)", reply.key, _api_error(exc))
+        if last.controls is not None:
+            self._last_reply[reply.key] = (channel, last)
+
+    async def _retire(self, key: ThreadKey) -> None:
+        """Take the buttons off the thread's previous reply (a newer one is coming)."""
+        last = self._last_reply.pop(key, None)
+        if last is None:
+            return
+        channel, message = last
+        try:
+            await self._edit(channel, message, message.text)
+        except SlackApiError as exc:
+            log.warning("slack: could not take the buttons off an older reply in %s (%s)", key, _api_error(exc))
+
     async def _notice(self, channel: str, thread_ts: str | None, user: str, text: str) -> None:
         """A notice, never mistaken for an answer: a context block (small grey text) that only
         ``user`` sees; posted for everyone in the thread if Slack refuses the ephemeral message."""
@@ -554,27 +986,36 @@ class SlackAdapter:
         except SlackApiError as exc:
             log.warning("slack: could not post the notice in %s (%s)", channel, _api_error(exc))
 
-    async def _post(self, channel: str, thread_ts: str | None, piece: str) -> _Posted:
-        posted = _Posted(channel, thread_ts, [])
+    async def _post(self, channel: str, thread_ts: str | None, piece: str, reply: _Reply | None = None) -> _Posted:
+        posted = _Posted(channel, thread_ts, [], reply)
+        if reply is not None:
+            if not reply.pieces and reply.retires:
+                await self._retire(reply.key)
+            reply.pieces.append(posted)
         await self._update(posted, piece)
         return posted
 
     async def _update(self, posted: _Posted, piece: str) -> None:
         """Show ``piece``: edit the handle's messages (each at most once per
-        ``SLACK_UPDATE_INTERVAL_S``) and post new ones in the thread for what does not fit."""
+        ``SLACK_UPDATE_INTERVAL_S``) and post new ones in the thread for what does not fit. The last
+        message gets the reply's buttons of the moment (``_Reply.controls``)."""
+        want = posted.reply.controls(posted, piece) if posted.reply is not None else None
+        thread_id = posted.reply.key.thread_id if posted.reply is not None else ""
         while True:
             parts = [piece]
             if self._max_chars is not None and len(piece) > self._max_chars:
                 parts = split_message(piece, self._max_chars)
             try:
                 for index, part in enumerate(parts):
+                    controls = want if index == len(parts) - 1 else None
                     if index < len(posted.messages):
-                        await self._edit(posted.channel, posted.messages[index], part)
+                        await self._edit(posted.channel, posted.messages[index], part, controls, thread_id)
                     else:
                         response = await self.client.chat_postMessage(
                             channel=posted.channel, thread_ts=posted.thread_ts, text=part,
+                            blocks=message_blocks(part, controls, thread_id),
                             unfurl_links=False, unfurl_media=False)
-                        posted.messages.append(_Message(str(response["ts"]), part, self.clock()))
+                        posted.messages.append(_Message(str(response["ts"]), part, self.clock(), controls))
                 return
             except SlackApiError as exc:
                 refused = max(len(part), 1)
@@ -584,14 +1025,17 @@ class SlackAdapter:
                 log.warning("slack: a %d-character message was too long; now splitting at %d characters",
                             refused, self._max_chars)
 
-    async def _edit(self, channel: str, message: _Message, text: str) -> None:
-        if text == message.text:
+    async def _edit(self, channel: str, message: _Message, text: str, controls: Controls | None = None,
+                    thread_id: str = "") -> None:
+        if text == message.text and controls == message.controls:
             return
         wait = message.last_write + self.settings.update_interval_s - self.clock()
         if wait > 0:
             await asyncio.sleep(wait)
-        await self.client.chat_update(channel=channel, ts=message.ts, text=text)
+        await self.client.chat_update(channel=channel, ts=message.ts, text=text,
+                                      blocks=message_blocks(text, controls, thread_id))
         message.text = text
+        message.controls = controls
         message.last_write = self.clock()
 
     async def _on_bolt_error(self, error: Exception, body: dict[str, Any]) -> None:

@@ -82,6 +82,10 @@ class Delivery:
         """Send a slash command; returns the seconds until the ack and the ack's payload."""
         raise NotImplementedError
 
+    async def action(self, payload: dict[str, Any]) -> float:
+        """Send an interaction (a button click); returns the seconds until the ack."""
+        raise NotImplementedError
+
 
 class HttpDelivery(Delivery):
     def __init__(self, port: int, path: str) -> None:
@@ -108,6 +112,14 @@ class HttpDelivery(Delivery):
         assert status == 200
         return time.monotonic() - started, (json.loads(text) if text else {})
 
+    async def action(self, payload: dict[str, Any]) -> float:
+        raw = urllib.parse.urlencode({"payload": json.dumps(payload)})
+        headers = signed_headers(SECRET, raw, extra={"Content-Type": "application/x-www-form-urlencoded"})
+        started = time.monotonic()
+        status, _ = await self.post(raw, headers)
+        assert status == 200
+        return time.monotonic() - started
+
 
 class SocketDelivery(Delivery):
     def __init__(self, fake: FakeSlack) -> None:
@@ -123,6 +135,12 @@ class SocketDelivery(Delivery):
         envelope = await self.fake.send_envelope("slash_commands", dict(fields))
         acked_at, payload = await self.fake.wait_ack(envelope)
         return acked_at - started, payload
+
+    async def action(self, payload: dict[str, Any]) -> float:
+        started = time.monotonic()
+        envelope = await self.fake.send_envelope("interactive", payload)
+        acked_at, _ = await self.fake.wait_ack(envelope)
+        return acked_at - started
 
 
 def free_port() -> int:

@@ -3,10 +3,13 @@
 One aiohttp server on 127.0.0.1 serves:
 
 - ``GET|POST /api/{method}``: the Web API methods the adapter uses (``auth.test``, ``chat.postMessage``,
-  ``chat.update``, ``chat.postEphemeral``, ``users.info``, ``apps.connections.open``). Every call is
-  recorded with its arguments and a ``time.monotonic()`` timestamp; messages are kept so a test can
-  read what a channel shows. ``fail(...)`` queues an error answer (``ratelimited`` with a 429 and
-  ``Retry-After``, ``not_in_channel``, a 500 ...).
+  ``chat.update``, ``chat.postEphemeral``, ``chat.getPermalink``, ``conversations.replies``,
+  ``users.info``, ``apps.connections.open``). Every call is recorded with its arguments and a
+  ``time.monotonic()`` timestamp; messages (with their blocks) are kept so a test can read what a
+  channel shows, and people's messages can be added (``say``) for ``conversations.replies`` to serve.
+  ``fail(...)`` queues an error answer (``ratelimited`` with a 429 and ``Retry-After``,
+  ``not_in_channel``, a 500 ...).
+- ``GET /files/{name}``: files shared in Slack (``add_file``), served only with the bot token.
 - ``GET /link``: the Socket Mode websocket. It sends ``hello``, then whatever envelopes the test sends
   with ``send_envelope``; the acks the app sends back are recorded.
 - ``POST /response/{id}``: a slash command's ``response_url``; posts are recorded.
@@ -46,6 +49,19 @@ class Message:
     thread_ts: str | None
     posted_at: float
     writes: list[float] = field(default_factory=list)  # post and every update, monotonic seconds
+    blocks: list[dict[str, Any]] | None = None
+    user: str | None = None  # a person's message (``say``); None: the bot's
+
+    def buttons(self) -> list[str]:
+        """The action ids of the buttons the message shows."""
+        return [element["action_id"] for block in self.blocks or [] if block.get("type") == "actions"
+                for element in block.get("elements", [])]
+
+    def shown_text(self) -> str:
+        """What the message shows: its section blocks' text, or its text without blocks."""
+        if not self.blocks:
+            return self.text
+        return "".join(block["text"]["text"] for block in self.blocks if block.get("type") == "section")
 
 
 @dataclass(frozen=True)
@@ -101,6 +117,9 @@ class FakeSlack(LocalServer):
         self._ts = itertools.count(1)
         self._envelopes = itertools.count(1)
         self._changed = asyncio.Condition()
+        self.bot_token = "xoxb-test"  # what ``/files`` accepts
+        self.files: dict[str, bytes] = {}
+        self.downloads: list[tuple[str, str | None]] = []  # (file name, Authorization header)
 
     # --- lifecycle ---------------------------------------------------------------------------------
     async def start(self) -> None:
@@ -108,6 +127,7 @@ class FakeSlack(LocalServer):
         app.router.add_route("*", "/api/{method}", self._api)
         app.router.add_get("/link", self._link)
         app.router.add_post("/response/{id}", self._response_url)
+        app.router.add_get("/files/{name}", self._file)
         await self.serve(app)
 
     @property
@@ -132,12 +152,34 @@ class FakeSlack(LocalServer):
         """Close the connection of the next ``times`` calls of ``method`` without answering."""
         self._drops[method] = self._drops.get(method, 0) + times
 
+    def say(self, channel: str, ts: str, user: str, text: str, thread_ts: str | None = None,
+            **extra: Any) -> dict[str, Any]:
+        """A person's message in a channel (served by ``conversations.replies``); returns it as the
+        event Slack would send."""
+        now = time.monotonic()
+        self.messages[(channel, ts)] = Message(channel, ts, text, thread_ts, now, [now], user=user)
+        event = {"type": "message", "user": user, "text": text, "ts": ts, "channel": channel,
+                 "channel_type": "channel", "event_ts": ts, **extra}
+        if thread_ts:
+            event["thread_ts"] = thread_ts
+        return event
+
+    def add_file(self, name: str, content: bytes, *, file_id: str | None = None,
+                 mimetype: str = "text/plain", size: int | None = None) -> dict[str, Any]:
+        """A file shared in Slack: the file object an event carries, its bytes served at its URL."""
+        self.files[name] = content
+        url = f"http://127.0.0.1:{self.port}/files/{name}"
+        return {"id": file_id or f"F{len(self.files)}", "name": name, "title": name, "mimetype": mimetype,
+                "filetype": name.rsplit(".", 1)[-1], "size": len(content) if size is None else size,
+                "mode": "hosted", "url_private": url, "url_private_download": url}
+
     def calls_to(self, method: str) -> list[ApiCall]:
         return [call for call in self.calls if call.method == method]
 
     def thread(self, channel: str, thread_ts: str) -> list[Message]:
         """The bot's messages in one thread, oldest first."""
-        return [m for m in self.messages.values() if m.channel == channel and m.thread_ts == thread_ts]
+        return [m for m in self.messages.values()
+                if m.channel == channel and m.thread_ts == thread_ts and m.user is None]
 
     async def wait_for(self, predicate: Callable[[], bool], within: float = 10.0) -> None:
         async def until() -> None:
@@ -200,6 +242,17 @@ class FakeSlack(LocalServer):
     async def _notify(self) -> None:
         async with self._changed:
             self._changed.notify_all()
+
+    async def _file(self, request: web.Request) -> web.Response:
+        name = request.match_info["name"]
+        auth = request.headers.get("Authorization")
+        self.downloads.append((name, auth))
+        await self._notify()
+        if auth != f"Bearer {self.bot_token}":  # Slack shows its sign-in page to strangers
+            return web.Response(text="<html>sign in</html>", content_type="text/html")
+        if name not in self.files:
+            return web.Response(status=404)
+        return web.Response(body=self.files[name], content_type="application/octet-stream")
 
     async def _response_url(self, request: web.Request) -> web.Response:
         body = await request.json()
@@ -275,11 +328,22 @@ class FakeSlack(LocalServer):
             return self._json({"ok": False, "error": "not_in_channel"})
         if posting and len(str(args.get("text", ""))) > self.max_text_chars:
             return self._json({"ok": False, "error": "msg_too_long"})
+        if method == "conversations.replies":
+            return self._replies(channel, args)
+        if method == "chat.getPermalink":
+            ts = str(args.get("message_ts", ""))  # (people's messages are known to the fake only if said)
+            if not ts:
+                return self._json({"ok": False, "error": "message_not_found"})
+            return self._json({"ok": True, "channel": channel,
+                               "permalink": f"https://fake.slack.com/archives/{channel}/p{ts.replace('.', '')}"})
+        blocks = args.get("blocks")
+        if isinstance(blocks, str):  # form-encoded calls carry blocks as JSON text
+            blocks = json.loads(blocks)
         if method == "chat.postMessage":
             ts = self._new_ts()
             thread_ts = args.get("thread_ts") or None
             text = str(args.get("text", ""))
-            self.messages[(channel, ts)] = Message(channel, ts, text, thread_ts, now, [now])
+            self.messages[(channel, ts)] = Message(channel, ts, text, thread_ts, now, [now], blocks)
             return self._json({"ok": True, "channel": channel, "ts": ts,
                                "message": {"text": args.get("text"), "ts": ts, "thread_ts": thread_ts}})
         if method == "chat.update":
@@ -288,15 +352,41 @@ class FakeSlack(LocalServer):
                 return self._json({"ok": False, "error": "message_not_found"})
             text = str(args.get("text", ""))
             message.text = text
+            if "blocks" in args:  # without the field Slack keeps the message's blocks
+                message.blocks = blocks or None
             message.writes.append(now)
             return self._json({"ok": True, "channel": channel, "ts": message.ts, "text": text})
         if method == "chat.postEphemeral":
             if not args.get("user"):
                 return self._json({"ok": False, "error": "user_not_in_channel"})
-            blocks = args.get("blocks")
-            if isinstance(blocks, str):  # form-encoded calls carry blocks as JSON text
-                blocks = json.loads(blocks)
             self.ephemerals.append(Ephemeral(channel, args.get("thread_ts") or None, str(args["user"]),
                                              str(args.get("text", "")), blocks))
             return self._json({"ok": True, "message_ts": self._new_ts()})
         return self._json({"ok": False, "error": "unknown_method"}, 404)
+
+    def _replies(self, channel: str, args: dict[str, Any]) -> web.Response:
+        """``conversations.replies``: the thread's root and replies, oldest first, paged by ``cursor``;
+        ``latest`` (with ``inclusive``) bounds the newest."""
+        if channel in self.outside_channels:
+            return self._json({"ok": False, "error": "not_in_channel"})
+        thread = str(args.get("ts", ""))
+        found = sorted((m for m in self.messages.values()
+                        if m.channel == channel and (m.ts == thread or m.thread_ts == thread)),
+                       key=lambda m: float(m.ts))
+        if not found:
+            return self._json({"ok": False, "error": "thread_not_found"})
+        latest = args.get("latest")
+        if latest:
+            inclusive = str(args.get("inclusive", "")).lower() in ("1", "true")
+            found = [m for m in found if float(m.ts) < float(latest) or (inclusive and m.ts == latest)]
+        start = int(args.get("cursor") or 0)
+        limit = int(args.get("limit") or 1000)
+        page = found[start:start + limit]
+        more = start + limit < len(found)
+        shown = []
+        for m in page:
+            item: dict[str, Any] = {"type": "message", "ts": m.ts, "text": m.text, "thread_ts": m.thread_ts or m.ts}
+            item |= {"user": m.user} if m.user else {"user": self.bot_user_id, "bot_id": self.bot_id}
+            shown.append(item)
+        return self._json({"ok": True, "messages": shown, "has_more": more,
+                           "response_metadata": {"next_cursor": str(start + limit) if more else ""}})
