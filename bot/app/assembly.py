@@ -25,6 +25,7 @@ from bot.inference.allocator import tune_allocator
 from bot.inference.backend import Backend
 from bot.inference.checkpoint import describe, make_checkpoint
 from bot.inference.engine import Engine
+from bot.inference.state_file import StateLayout
 from bot.inference.threads import in_fresh_thread
 from bot.inference.tokenizer import load_tokenizer
 from bot.settings import CoreSettings
@@ -91,6 +92,8 @@ async def open_service(settings: CoreSettings) -> AsyncIterator[ChatService]:
     await asyncio.to_thread(personas.get, settings.default_persona)  # fail at start-up, not on the first message
     tokenizer = await asyncio.to_thread(load_tokenizer, settings.tokenizer)
     backend = await in_fresh_thread(lambda: load_backend(settings, choice.path))
+    # a persona's state file must fit this model, else that persona is reported broken
+    personas.state_layout = await in_fresh_thread(lambda: StateLayout.of_backend(backend))
     fingerprint = await asyncio.to_thread(model_fingerprint, choice.path)
     engine = Engine(
         backend, tokenizer, max_batch=settings.max_batch, prefill_chunk=settings.prefill_chunk,

@@ -216,6 +216,30 @@ def make_model(
     typer.echo(f"wrote {out} ({out.stat().st_size / 1e6:.1f} MB, RWKV-{family[1:]}, {size})")
 
 
+@app.command("make-state")
+def make_state(
+    out: Annotated[Path, typer.Argument(help="Where to write the state .pth file.")],
+    model: Annotated[Path | None, typer.Option(
+        help="The checkpoint it is for (default: RAVEN_MODEL, else the demo model).")] = None,
+    seed: Annotated[int, typer.Option(help="Random seed")] = 0,
+    scale: Annotated[float, typer.Option(help="Standard deviation of the random values.")] = 0.5,
+) -> None:
+    """Write a random RWKV state file (blocks.N.att.time_state, as state tuning saves it) that fits a
+    checkpoint: for tests and demos of state-tuned personas (it holds no tuning)."""
+    from bot.inference.state_file import StateLayout, write_random_state
+
+    try:
+        if model is None:
+            from bot.app.assembly import choose_model
+
+            model = choose_model(_settings()).path
+        layout = StateLayout.of_checkpoint(model)
+        write_random_state(out, layout, seed, scale)
+    except RavenError as exc:
+        raise _fail(exc) from None
+    typer.echo(f"wrote {out} ({out.stat().st_size / 1e6:.1f} MB, {layout.describe()}) for {model}")
+
+
 @app.command()
 def convert(
     src: Annotated[Path, typer.Argument(help="An RWKV-4/5/6 checkpoint.")],

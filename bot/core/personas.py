@@ -7,9 +7,14 @@ description: Reviews queries, schemas and indexes.
 temperature: 0.8        # optional sampling overrides (the RAVEN_* settings' names and ranges)
 user_role: User          # optional role names for the prompt
 bot_role: Assistant
+state: sql-tuned.pth     # optional RWKV state file (state tuning), next to this file
 ---
 You are ...
 ```
+
+A ``state:`` file is the thread's initial state (the prompt, which may then be empty, is read on
+top of it). Its path is relative to the persona's own directory and must stay inside it: absolute
+paths and ``..`` are refused, and so is a symlink leading out.
 
 A persona's name is its file name without ``.md``. Names are checked against a strict pattern
 before any path is built, so ``../x`` can never reach the file system.
@@ -29,6 +34,7 @@ from frontmatter.default_handlers import YAMLHandler
 from pydantic import ValidationError
 
 from bot.errors import PersonaError
+from bot.inference.state_file import StateFile, StateLayout, read_state_file
 from bot.settings import Sampling
 
 NAME_PATTERN = re.compile(r"^[a-z0-9][a-z0-9_-]{0,31}$")
@@ -65,13 +71,18 @@ class Persona:
     prompt: str
     sampling: dict[str, float | int] = field(default_factory=dict)
     roles: dict[str, str] = field(default_factory=dict)
+    #: the initial state from the front matter's ``state:`` file (None: a fresh state)
+    state: StateFile | None = field(default=None, compare=False, repr=False)
 
     @property
     def fingerprint(self) -> str:
-        """Changes whenever the prompt or roles change, so a state built on the old text is never reused."""
+        """Changes whenever the prompt, the roles or the state file's content change, so a state
+        built on the old text (or the old initial state) is never reused."""
         digest = hashlib.sha256()
         digest.update(self.prompt.encode())
         digest.update(repr(sorted(self.roles.items())).encode())
+        if self.state is not None:
+            digest.update(f"state:{self.state.digest}".encode())
         return digest.hexdigest()[:16]
 
 
@@ -125,13 +136,53 @@ def _sampling(front: dict[str, Any], where: str) -> dict[str, float | int]:
     return {key: getattr(checked, key) for key in given}
 
 
-def parse_persona(name: str, text: str, source: str = "") -> Persona:
-    front, body = split_front_matter(text, source or name)
-    sampling = _sampling(front, source or name)
+def state_path(directory: Path, value: object, where: str) -> Path:
+    """The front matter's ``state:`` value as a file inside ``directory`` (the persona's own), or an
+    error: no absolute path, no ``..``, no symlink out of the directory, and a ``.pth`` name."""
+    if not isinstance(value, str) or not value.strip():
+        raise PersonaError(f"persona file {where}: state must be a file name (a .pth next to the persona)")
+    relative = Path(value.strip())
+    if relative.is_absolute() or value.strip().startswith(("/", "\\")) or ".." in relative.parts:
+        raise PersonaError(f"persona file {where}: state file {value[:80]!r} must be a path inside the personas "
+                           "directory (no absolute path, no '..')")
+    if relative.suffix != ".pth":
+        raise PersonaError(f"persona file {where}: state file {value[:80]!r} must be a .pth file")
+    root = directory.resolve()
+    path = (root / relative).resolve()
+    if not path.is_relative_to(root):
+        raise PersonaError(f"persona file {where}: state file {value[:80]!r} leads outside the personas directory")
+    return path
+
+
+def _state(front: dict[str, Any], where: str, directory: Path | None,
+           layout: StateLayout | None) -> StateFile | None:
+    if front.get("state") is None:
+        return None
+    if directory is None:
+        raise PersonaError(f"persona file {where}: a state file needs the persona's directory")
+    try:
+        state = read_state_file(state_path(directory, front["state"], where))
+        if layout is not None:
+            state.check(layout)
+    except PersonaError as exc:
+        message = str(exc)  # the persona file first, then the state file, whichever check failed
+        prefix = "" if message.startswith("persona file") else f"persona file {where}: "
+        raise PersonaError(prefix + message) from None
+    return state
+
+
+def parse_persona(name: str, text: str, source: str = "", directory: Path | None = None,
+                  layout: StateLayout | None = None) -> Persona:
+    """A persona from its file's text. ``directory``: where a ``state:`` file is looked up;
+    ``layout``: the loaded model's, which that file must fit (None: checked when the state is used)."""
+    where = source or name
+    front, body = split_front_matter(text, where)
+    sampling = _sampling(front, where)
     roles = {key: str(front[key]).strip() for key in ROLE_KEYS if front.get(key)}
     prompt = body.strip()
-    if not prompt:
-        raise PersonaError(f"persona file {source or name} has no prompt text")
+    state = _state(front, where, directory, layout)
+    if not prompt and state is None:
+        raise PersonaError(f"persona file {where} has no prompt text")
     return Persona(
         name=name,
         display_name=str(front.get("name") or name),
@@ -139,17 +190,29 @@ def parse_persona(name: str, text: str, source: str = "") -> Persona:
         prompt=prompt,
         sampling=sampling,
         roles=roles,
+        state=state,
     )
+
+
+def _stat(path: Path) -> tuple[int, int] | None:
+    try:
+        info = path.stat()
+    except OSError:
+        return None
+    return info.st_mtime_ns, info.st_size
 
 
 class PersonaLibrary:
     """The built-in ``instructions/`` plus an optional extra directory (which wins on name clashes)."""
 
-    def __init__(self, extra_dir: Path | None = None, builtin_dir: Path = BUILTIN_DIR) -> None:
+    def __init__(self, extra_dir: Path | None = None, builtin_dir: Path = BUILTIN_DIR,
+                 state_layout: StateLayout | None = None) -> None:
         self.dirs = [d for d in (extra_dir, builtin_dir) if d is not None]
         if extra_dir is not None and not extra_dir.is_dir():
             raise PersonaError(f"RAVEN_PERSONAS_DIR {extra_dir} is not a directory")
-        self._cache: dict[str, tuple[float, Persona]] = {}
+        #: the loaded model's state layout: a persona whose state file does not fit it is broken
+        self.state_layout = state_layout
+        self._cache: dict[str, tuple[float, StateLayout | None, Persona]] = {}
 
     def names(self) -> list[str]:
         found = {p.stem for d in self.dirs for p in d.glob("*.md") if NAME_PATTERN.fullmatch(p.stem)}
@@ -176,9 +239,12 @@ class PersonaLibrary:
             if path.is_file():
                 mtime = path.stat().st_mtime
                 cached = self._cache.get(name)
-                if cached and cached[0] == mtime:
-                    return cached[1]
-                persona = parse_persona(name, path.read_text(encoding="utf-8"), str(path))
-                self._cache[name] = (mtime, persona)
+                # a cached persona is reused while its file, its state file and the model are the same
+                if (cached and cached[0] == mtime and cached[1] == self.state_layout
+                        and (cached[2].state is None or _stat(cached[2].state.path) == cached[2].state.stamp)):
+                    return cached[2]
+                layout = self.state_layout
+                persona = parse_persona(name, path.read_text(encoding="utf-8"), str(path), directory, layout)
+                self._cache[name] = (mtime, layout, persona)
                 return persona
         raise PersonaError(f"unknown persona {name!r}; available: {', '.join(self.names())}")

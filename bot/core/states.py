@@ -246,16 +246,30 @@ class ThreadStates:
         return tokens
 
     async def prefix(self, fmt: PromptFormat) -> ModelState:
-        """The model after the persona's system prompt, read once per prompt (keyed by its token ids)
-        and kept in the same memory budget as the threads' states."""
-        tokens = await asyncio.to_thread(fmt.system_tokens)
-        key = ("prefix", hashlib.sha256(repr(tokens).encode()).hexdigest())
+        """The model after the persona's system prompt, read once per prompt (keyed by its token ids
+        and the persona's state file) and kept in the same memory budget as the threads' states. A
+        state-tuned persona reads its prompt (if any) on top of its state file's state."""
+        persona = fmt.persona
+        tokens = await asyncio.to_thread(fmt.system_tokens) if persona.prompt else []
+        state_digest = persona.state.digest if persona.state is not None else ""
+        key = ("prefix", hashlib.sha256(repr(tokens).encode()).hexdigest(), state_digest)
         entry = self._memory.get(key)
         if isinstance(entry, _Prefix):
             return entry.model
-        model = await self.engine.prefill(None, tokens)
+        model = await self.engine.prefill(await self._initial_state(fmt), tokens)
         self._keep(key, _Prefix(model))
         return model
+
+    async def _initial_state(self, fmt: PromptFormat) -> ModelState | None:
+        """The persona's state file as a model state (checked against the loaded model; a mismatch is
+        a :class:`~bot.errors.PersonaError` naming the file), or None: a fresh state."""
+        from bot.inference.state_file import initial_model_state
+
+        state = fmt.persona.state
+        if state is None:
+            return None
+        backend = self.engine.backend
+        return await self.engine.call(lambda: initial_model_state(state, backend))
 
     async def encode(self, model: ModelState) -> bytes:
         return await self.engine.encode_state(model)
