@@ -5,9 +5,14 @@
   (``ThreadKey("discord", <thread id>)``) and later messages there need no mention.
 - A mention in any other thread joins it; from then on that thread is followed too.
 - Direct messages are one conversation per DM channel (``DISCORD_ANSWER_DMS``).
-- ``/advisor``, ``/reset``, ``/personas`` and ``/help``; the same words after a mention reach the core as
-  text addressed to it, and the core's one command mapper decides (``@Raven reset`` is a command,
-  "@Raven reset the counter please" a message).
+- ``/advisor``, ``/reset``, ``/retry``, ``/continue``, ``/stop``, ``/fork``, ``/forget``, ``/personas`` and
+  ``/help``; the same words after a mention reach the core as text addressed to it, and the core's one
+  command mapper decides (``@Raven reset`` is a command, "@Raven reset the counter please" a message).
+  ``/fork`` is carried out here (it opens a Discord thread), the rest by the core.
+- Buttons on the newest reply (:mod:`adapters.discord_controls`): Stop while it is written, then Retry
+  and Continue; Forget on the ``/forget`` question.
+- Called into a thread it does not know, Raven hands the core that thread's earlier messages (adopting
+  it); text files attached to a message are fetched when the core will read them.
 - Notices (busy, refused, failed, a Discord error) are embeds, ephemeral for slash commands.
 
 No prompt, persona or history logic lives here: the core decides what to say, this module only
@@ -21,20 +26,23 @@ import contextlib
 import logging
 import re
 from collections.abc import Awaitable, Callable
-from typing import Any
+from typing import Any, Literal
 
 import aiohttp
 import discord
 import yarl
 from discord import app_commands
 
+from adapters.discord_controls import Action, ControlButton, controls
 from adapters.retry import RetryPolicy, call_with_retries
 from adapters.settings import DiscordSettings
 from adapters.streaming import CONTINUED, MARK, StreamRenderer, final_pieces, present
+from bot.core.attachments import wanted
 from bot.core.commands import HELP_TEXT
-from bot.core.service import INTERRUPTED_NOTICE, ChatService, Repair
+from bot.core.outcomes import Answered, CommandDone, CutOff, Outcome
+from bot.core.service import FORGET_ASK, INTERRUPTED_NOTICE, ChatService, History, Repair
 from bot.errors import ConfigError, PersonaError
-from bot.events import Event, ThreadKey
+from bot.events import Attachment, EarlierMessage, Event, ThreadKey
 
 log = logging.getLogger(__name__)
 
@@ -46,9 +54,12 @@ ANSWERED_TYPES = (discord.MessageType.default, discord.MessageType.reply)
 NO_MENTIONS = discord.AllowedMentions.none()
 EMBED_LIMIT = 4096  # characters of an embed's description
 NOTICE_COLOUR = discord.Colour.orange()
+ATTACHMENT_TIMEOUT_S = 30.0
+FORK_SUFFIX = " (fork)"
 
-Post = Callable[[str], Awaitable[Any]]
+Post = Callable[[str, discord.ui.View | None], Awaitable[Any]]
 Notify = Callable[[str], Awaitable[None]]
+Say = Callable[[str, bool], Awaitable[None]]  # (text, as a notice?)
 
 
 def thread_name(text: str, fallback: str = "Raven") -> str:
@@ -57,6 +68,15 @@ def thread_name(text: str, fallback: str = "Raven") -> str:
     if len(name) > THREAD_NAME_LIMIT:
         name = name[: THREAD_NAME_LIMIT - 1].rstrip() + "…"
     return name
+
+
+def fork_name(name: str) -> str:
+    """The name of a thread forked from one called ``name``: the same, marked as a fork."""
+    base = " ".join(name.split()) or "Raven"
+    room = THREAD_NAME_LIMIT - len(FORK_SUFFIX)
+    if len(base) > room:
+        base = base[: room - 1].rstrip() + "…"
+    return base + FORK_SUFFIX
 
 
 def notice_for(exc: discord.HTTPException) -> str:
@@ -108,7 +128,11 @@ class _RavenClient(discord.Client):
         self.adapter = adapter
 
     async def setup_hook(self) -> None:
+        self.add_dynamic_items(ControlButton)  # buttons posted before a restart keep working
         await self.adapter.sync_commands()
+
+    async def on_control(self, interaction: discord.Interaction, action: Action, thread_id: int) -> None:
+        await self.adapter.on_control(interaction, action, thread_id)
 
     async def on_ready(self) -> None:
         log.info("discord: connected as %s (%s) to %d guild(s)", self.user,
@@ -136,6 +160,8 @@ class DiscordAdapter:
         )
         self.tree = app_commands.CommandTree(self.client)
         self._repairer: asyncio.Task[None] | None = None
+        # The messages carrying buttons, per thread: only the newest reply keeps them (this process's)
+        self._controls: dict[ThreadKey, list[Any]] = {}
         self._add_commands()
 
     # --- lifecycle ------------------------------------------------------------------------------
@@ -293,9 +319,11 @@ class DiscordAdapter:
             known = await self.service.knows_thread(key)
             if not (mentioned or known) or not await self._claim(message):
                 return
+            history = None
             if not known:
                 await self._join(channel)
-            await self._answer_message(message, channel, key, text, addressed)
+                history = self._history(channel, before=message)
+            await self._answer_message(message, channel, key, text, addressed, history)
         elif mentioned and await self._claim(message):
             if not isinstance(channel, discord.TextChannel):
                 # e.g. a voice channel's chat: no threads there, so the channel is the conversation
@@ -349,7 +377,8 @@ class DiscordAdapter:
     async def _open_thread(self, message: discord.Message, channel: discord.TextChannel,
                            text: str) -> discord.Thread | None:
         try:
-            return await message.create_thread(name=thread_name(text))
+            return await message.create_thread(
+                name=thread_name(text or " ".join(a.filename for a in message.attachments)))
         except discord.HTTPException as exc:
             log.warning("discord: could not open a thread in channel %s (%s)", channel.id, _describe(exc))
             # Kept in the log under the thread it would have opened (a thread on a message has its id).
@@ -362,69 +391,181 @@ class DiscordAdapter:
             return None
 
     async def _answer_message(self, message: discord.Message, channel: Any, key: ThreadKey,
-                              text: str, addressed: bool) -> None:
+                              text: str, addressed: bool, history: History | None = None) -> None:
+        command = self.service.command(text, addressed=addressed)
+        if command is not None and command.name == "fork":  # opening a thread is Discord's part
+            await self._fork(channel, key, message.author, self._say_in(channel))
+            return
         event = Event(thread=key, user_id=str(message.author.id), user_name=message.author.display_name,
-                      text=text, message_id=str(message.id), addressed=addressed)
-
-        async def post(content: str) -> discord.Message:
-            return await channel.send(content, allowed_mentions=NO_MENTIONS)
-
+                      text=text, message_id=str(message.id), addressed=addressed,
+                      attachments=await self._attachments(message))
         try:
-            await self._stream(event, post, channel, notify=lambda text: self._try_send(channel, text))
+            await self._stream(event, self._sender(channel), channel,
+                               notify=lambda text: self._try_send(channel, text), controls=True, history=history)
         except Exception:
             log.exception("discord: failed to answer message %s in %s", message.id, key)
             await self._try_send(channel, "Sorry, something went wrong on my side.")
 
+    def _sender(self, channel: Any) -> Post:
+        async def post(content: str, view: discord.ui.View | None) -> discord.Message:
+            if view is None:
+                return await channel.send(content, allowed_mentions=NO_MENTIONS)
+            return await channel.send(content, view=view, allowed_mentions=NO_MENTIONS)
+        return post
+
+    def _say_in(self, channel: Any) -> Say:
+        async def say(text: str, notice: bool) -> None:
+            if notice:
+                await self._try_send(channel, text)
+            else:
+                await channel.send(text, allowed_mentions=NO_MENTIONS)
+        return say
+
+    async def _attachments(self, message: discord.Message) -> tuple[Attachment, ...]:
+        """The message's files; the bytes only of those the core will read (the rest get its note)."""
+        settings = self.service.settings
+        found: list[Attachment] = []
+        for index, attached in enumerate(message.attachments):
+            content = None
+            if index < settings.attachment_max_files and wanted(attached.filename, attached.size,
+                                                                  settings.attachment_max_bytes):
+                try:
+                    content = await asyncio.wait_for(attached.read(), ATTACHMENT_TIMEOUT_S)
+                except (discord.HTTPException, aiohttp.ClientError, OSError, TimeoutError) as exc:
+                    log.warning("discord: could not fetch attachment %s of message %s (%s)",
+                                attached.id, message.id, type(exc).__name__)
+            found.append(Attachment(attached.filename, attached.size, content))
+        return tuple(found)
+
+    def _history(self, channel: discord.Thread, *, before: discord.Message) -> History:
+        """Reads the thread's messages before ``before`` for the core to adopt: the newest
+        ``RAVEN_ADOPT_MAX_MESSAGES`` (newest first from Discord, so a long thread gives its latest
+        discussion, not its opening), handed over oldest first. System messages are left out."""
+        async def read() -> list[EarlierMessage]:
+            limit = self.service.settings.adopt_max_messages
+            if limit <= 0:
+                return []
+            earlier: list[EarlierMessage] = []
+            async for past in channel.history(limit=limit, before=before):
+                if past.type not in ANSWERED_TYPES:
+                    continue
+                names = ", ".join(a.filename for a in past.attachments)
+                text = "\n".join(part for part in (past.clean_content, f"(attached: {names})" if names else "")
+                                  if part)
+                if text.strip():
+                    earlier.append(EarlierMessage(past.author.display_name, text, from_bot=past.author.bot))
+            return earlier[::-1]
+        return read
+
     # --- streaming ------------------------------------------------------------------------------
 
-    async def _stream(self, event: Event, post: Post, channel: Any, *, notify: Notify) -> None:
+    async def _stream(self, event: Event, post: Post, channel: Any, *, notify: Notify,
+                      controls: bool = False, history: History | None = None) -> Outcome | None:
         """Render the core's reply with ``post`` (and message edits), with a typing indicator until
         the first piece is posted; then the outcome: a cut-off note closes the reply, a notice (busy,
         refused, failed) goes out through ``notify``. Discord errors are logged and, where possible,
-        shown."""
+        shown. With ``controls`` (messages Raven can edit later) the reply gets its buttons: Stop
+        while it is written, then Retry and Continue; the thread's older reply loses its own.
+        Returns how the turn ended (None when Discord failed us)."""
         typing = None
         if channel is not None and await self._typing(channel):
             typing = asyncio.create_task(self._keep_typing(channel))
 
         policy = RetryPolicy(budget_s=self.settings.retry_budget_s)
+        key = event.thread
+        stop_on: list[Any] = []  # this reply's messages that show Stop
+        turn = self.service.reply(event, confirm=True, history=history)
 
-        async def first_post(content: str) -> Any:
+        def stoppable() -> bool:
+            return controls and self.service.writing(key) is turn
+
+        async def post_piece(content: str) -> Any:
             if typing is not None:
                 typing.cancel()
-            return await call_with_retries(lambda: post(content), policy, _retryable, "discord: posting a reply")
+            view = None
+            if controls:
+                if not renderer.messages:
+                    await self._clear_controls(key)  # only the newest reply has buttons
+                if stoppable():
+                    view = self._view(key, "stop")
+            handle = await call_with_retries(lambda: post(content, view), policy, _retryable,
+                                             "discord: posting a reply")
+            if view is not None:
+                stop_on.append(handle)
+            return handle
 
         async def edit(handle: Any, content: str) -> None:
-            await call_with_retries(lambda: handle.edit(content=content, allowed_mentions=NO_MENTIONS), policy,
-                                    _retryable, "discord: editing a reply")
-
-        turn = self.service.reply(event, confirm=True)
+            add_stop = (not stop_on and bool(renderer.messages) and handle is renderer.messages[-1]
+                        and stoppable())
+            extra: dict[str, Any] = {"view": self._view(key, "stop")} if add_stop else {}
+            await call_with_retries(lambda: handle.edit(content=content, allowed_mentions=NO_MENTIONS, **extra),
+                                    policy, _retryable, "discord: editing a reply")
+            if add_stop:
+                stop_on.append(handle)
 
         async def shown(position: int, handle: Any, piece: str) -> None:
             await self.service.record_delivery(turn, position, str(handle.id), piece)
 
         renderer: StreamRenderer[Any] = StreamRenderer(
-            post=first_post, edit=edit, limit=MESSAGE_LIMIT,
+            post=post_piece, edit=edit, limit=MESSAGE_LIMIT,
             min_interval_s=self.settings.edit_interval_s, shown=shown,
         )
         try:
             _, notice = await present(renderer, turn)
+            outcome = await turn.outcome()
+            if controls:  # before the delivery report: the thread's next turn waits for it
+                await self._settle_controls(key, renderer.messages, stop_on, outcome)
             await self.service.delivered(turn)
             if notice is not None:
                 if typing is not None:
                     typing.cancel()
                 await notify(notice)
+            return outcome
         except discord.HTTPException as exc:
             log.warning("discord: reply in %s failed (%s)", event.thread, _describe(exc))
             await self.service.undelivered(turn, f"discord HTTP {exc.status}")
             # after a 403 in this channel another send there is just one more invalid request
             if not isinstance(exc, discord.Forbidden) or channel is None:
                 await notify(notice_for(exc))
+            return None
         except BaseException:
             await self.service.undelivered(turn, "the adapter failed")
             raise
         finally:
             if typing is not None:
                 typing.cancel()
+
+    @staticmethod
+    def _view(key: ThreadKey, *actions: Action) -> discord.ui.View:
+        return controls(int(key.thread_id), *actions)
+
+    async def _settle_controls(self, key: ThreadKey, messages: list[Any], stop_on: list[Any],
+                               outcome: Outcome) -> None:
+        """The finished reply's buttons: Retry and Continue on its last message (Forget on the
+        ``/forget`` question), none elsewhere. A failed edit only costs the buttons."""
+        last = messages[-1] if messages else None
+        final = None
+        if isinstance(outcome, Answered | CutOff):
+            final = self._view(key, "retry", "continue")
+        elif isinstance(outcome, CommandDone) and outcome.command == "forget" and outcome.text == FORGET_ASK:
+            final = self._view(key, "forget")
+        try:
+            for handle in stop_on:
+                if handle is not last or final is None:
+                    await handle.edit(view=None)
+            if last is not None and final is not None:
+                await last.edit(view=final)
+                self._controls[key] = [last]
+        except discord.HTTPException as exc:
+            log.info("discord: could not update the buttons in %s (%s)", key, _describe(exc))
+
+    async def _clear_controls(self, key: ThreadKey) -> None:
+        """Take the buttons off the thread's older reply."""
+        for handle in self._controls.pop(key, []):
+            try:
+                await handle.edit(view=None)
+            except discord.HTTPException as exc:
+                log.info("discord: could not remove old buttons in %s (%s)", key, _describe(exc))
 
     async def _typing(self, channel: Any) -> bool:
         try:
@@ -480,10 +621,31 @@ class DiscordAdapter:
         async def help_(interaction: discord.Interaction) -> None:
             await adapter.on_help(interaction)
 
-        self.tree.add_command(advisor)
-        self.tree.add_command(reset)
-        self.tree.add_command(personas)
-        self.tree.add_command(help_)
+        @app_commands.command(name="retry", description="A new reply to your last message, in place of the last reply")
+        async def retry(interaction: discord.Interaction) -> None:
+            await adapter.on_redo(interaction, "retry")
+
+        @app_commands.command(name="continue", description="Make the last reply longer")
+        async def continue_(interaction: discord.Interaction) -> None:
+            await adapter.on_redo(interaction, "continue")
+
+        @app_commands.command(name="stop", description="Stop the reply being written (what was written is kept)")
+        async def stop(interaction: discord.Interaction) -> None:
+            await adapter.on_stop(interaction)
+
+        @app_commands.command(name="fork", description="A new thread that starts where this one is now")
+        async def fork(interaction: discord.Interaction) -> None:
+            await adapter.on_fork(interaction)
+
+        @app_commands.command(name="forget", description="Delete this thread's log and saved state")
+        @app_commands.describe(confirm="Delete at once, without asking")
+        async def forget(interaction: discord.Interaction, confirm: bool = False) -> None:
+            await adapter.on_forget(interaction, confirm)
+
+        commands: list[app_commands.Command[Any, ..., None]] = [
+            advisor, reset, retry, continue_, stop, fork, forget, personas, help_]
+        for command in commands:
+            self.tree.add_command(command)
 
     def persona_choices(self, interaction: discord.Interaction,
                         current: str) -> list[app_commands.Choice[str]]:
@@ -566,11 +728,8 @@ class DiscordAdapter:
             return
         event = Event(thread=ThreadKey(PLATFORM, str(thread.id)), user_id=str(user.id),
                       user_name=user.display_name, text=text, message_id=None)
-
-        async def post(content: str) -> discord.Message:
-            return await thread.send(content, allowed_mentions=NO_MENTIONS)
-
-        await self._stream(event, post, thread, notify=lambda notice: self._try_send(thread, notice))
+        await self._stream(event, self._sender(thread), thread, notify=lambda notice: self._try_send(thread, notice),
+                           controls=True)
 
     async def on_reset(self, interaction: discord.Interaction) -> None:
         try:
@@ -609,13 +768,190 @@ class DiscordAdapter:
             await self._followup(interaction, "Sorry, something went wrong on my side.", ephemeral=True,
                                  notice=True)
 
+    async def _in_known_thread(self, interaction: discord.Interaction, name: str) -> ThreadKey | None:
+        """Defer privately; the conversation the command was used in, or None (with a hint) when it
+        is not one Raven talks in."""
+        if not await self._interaction_guard(interaction, ephemeral=True):
+            return None
+        key = self._conversation(interaction)
+        if key is None or not await self.service.knows_thread(key):
+            await self._followup(interaction, f"Use `/{name}` inside a thread I'm answering in.",
+                                 ephemeral=True, notice=True)
+            return None
+        return key
+
+    async def on_redo(self, interaction: discord.Interaction, command: Literal["retry", "continue"]) -> None:
+        """``/retry`` and ``/continue``: the new reply goes into the thread like any reply (with its
+        buttons); the command's own answer is private."""
+        try:
+            key = await self._in_known_thread(interaction, command)
+            if key is None:
+                return
+            channel = interaction.channel
+            outcome = await self._stream(self._event(interaction, key, f"/{command}"), self._sender(channel),
+                                         channel, notify=self._notifier(interaction), controls=True)
+            if isinstance(outcome, Answered | CutOff):
+                done = "A new reply is below." if command == "retry" else "The reply goes on below."
+                await self._followup(interaction, done, ephemeral=True)
+        except Exception:
+            log.exception("discord: /%s failed", command)
+            await self._followup(interaction, "Sorry, something went wrong on my side.", ephemeral=True,
+                                 notice=True)
+
+    async def on_stop(self, interaction: discord.Interaction) -> None:
+        try:
+            key = await self._in_known_thread(interaction, "stop")
+            if key is not None:
+                said = await self._core_says(interaction, key, "/stop")
+                await self._followup(interaction, said, ephemeral=True)
+        except Exception:
+            log.exception("discord: /stop failed")
+            await self._followup(interaction, "Sorry, something went wrong on my side.", ephemeral=True,
+                                 notice=True)
+
+    async def on_forget(self, interaction: discord.Interaction, confirm: bool) -> None:
+        """``/forget`` asks (privately, with a button that confirms); ``/forget confirm:True`` deletes."""
+        try:
+            key = await self._in_known_thread(interaction, "forget")
+            if key is None:
+                return
+            said = await self._core_says(interaction, key, "/forget confirm" if confirm else "/forget")
+            if said == FORGET_ASK:
+                await interaction.followup.send(said, ephemeral=True, view=self._view(key, "forget"),
+                                                allowed_mentions=NO_MENTIONS)
+                return
+            await self._clear_controls(key)
+            await self._followup(interaction, said, ephemeral=True)
+        except Exception:
+            log.exception("discord: /forget failed")
+            await self._followup(interaction, "Sorry, something went wrong on my side.", ephemeral=True,
+                                 notice=True)
+
+    async def on_fork(self, interaction: discord.Interaction) -> None:
+        try:
+            if not await self._interaction_guard(interaction, ephemeral=False):
+                return
+            key = self._conversation(interaction)
+
+            async def say(text: str, notice: bool) -> None:
+                await self._followup(interaction, text, notice=notice)
+
+            if key is None:
+                await say("Use `/fork` inside a thread I'm answering in.", True)
+                return
+            await self._fork(interaction.channel, key, interaction.user, say)
+        except Exception:
+            log.exception("discord: /fork failed")
+            await self._followup(interaction, "Sorry, something went wrong on my side.", notice=True)
+
+    async def _fork(self, channel: Any, key: ThreadKey, user: discord.abc.User, say: Say) -> None:
+        """Open a thread next to this one (in the same channel, named after it), make it a copy of
+        this conversation (``service.fork``: its state copied, whatever the history), and link the
+        two threads to each other."""
+        if not isinstance(channel, discord.Thread):
+            await say("`/fork` works inside a server thread (Discord has no threads in DMs).", True)
+            return
+        if not await self.service.knows_thread(key):
+            await say("There is nothing to fork in this thread yet.", True)
+            return
+        parent = channel.parent
+        if parent is None and channel.parent_id is not None:
+            parent = await self._fetch_channel(channel.parent_id)
+        if not isinstance(parent, discord.TextChannel):
+            await say("I can only fork threads of a text channel.", True)
+            return
+        try:
+            new = await parent.create_thread(name=fork_name(channel.name), type=discord.ChannelType.public_thread)
+        except discord.HTTPException as exc:
+            log.warning("discord: /fork could not open a thread in %s (%s)", parent.id, _describe(exc))
+            await say("I couldn't open a thread for the fork. " + notice_for(exc), True)
+            return
+        try:
+            await self.service.fork(key, ThreadKey(PLATFORM, str(new.id)))
+        except Exception:
+            log.exception("discord: forking %s into %s failed", key, new.id)
+            await self._try_send(new, "I couldn't copy the conversation into this thread.")
+            await say("Sorry, the fork failed on my side.", True)
+            return
+        with contextlib.suppress(discord.HTTPException):
+            await new.add_user(user)  # it shows up in their thread list
+        try:
+            await new.send(f"Forked from {channel.mention} by {user.mention}: this thread goes on from "
+                           "where that one was, and that one is unchanged.", allowed_mentions=NO_MENTIONS)
+        except discord.HTTPException as exc:
+            log.warning("discord: could not post in the fork %s (%s)", new.id, _describe(exc))
+        await say(f"Forked into {new.mention}.", False)
+        log.info("discord: forked %s into %s", key, new.id)
+
+    # --- buttons ------------------------------------------------------------------------------------
+
+    def _may_control(self, interaction: discord.Interaction) -> bool:
+        """Who may press a reply's buttons: someone inside the allow-lists who may write in the
+        thread (as they could type the command)."""
+        channel = interaction.channel
+        if not self.allowed(interaction.guild, channel, interaction.user):
+            return False
+        if interaction.guild is None:
+            return True  # a DM: only its own user sees the buttons
+        permissions = interaction.permissions
+        if isinstance(channel, discord.Thread):
+            return permissions.send_messages_in_threads
+        return permissions.send_messages
+
+    async def on_control(self, interaction: discord.Interaction, action: Action, thread_id: int) -> None:
+        """A button was pressed: acknowledged at once (Discord allows 3 s), then carried out."""
+        try:
+            channel = interaction.channel
+            if channel is None or channel.id != thread_id or not self._may_control(interaction):
+                await interaction.response.send_message(
+                    embed=notice_embed("Only people taking part in this conversation can use its buttons."),
+                    ephemeral=True)
+                return
+            await interaction.response.defer()
+            key = ThreadKey(PLATFORM, str(thread_id))
+            if action == "stop":
+                if not self.service.stop(key):
+                    await self._followup(interaction, "Nothing is being written here.", ephemeral=True,
+                                         notice=True)
+                return
+            if action == "forget":
+                said = await self._core_says(interaction, key, "/forget confirm")
+                await self._clear_controls(key)
+                await interaction.edit_original_response(content=said, view=None)
+                return
+            await self._stream(self._event(interaction, key, f"/{action}"), self._sender(channel), channel,
+                               notify=self._notifier(interaction), controls=True)
+        except discord.InteractionResponded:
+            pass
+        except Exception:
+            log.exception("discord: the %s button failed in %s", action, thread_id)
+            await self._followup(interaction, "Sorry, something went wrong on my side.", ephemeral=True,
+                                 notice=True)
+
+    @staticmethod
+    def _event(interaction: discord.Interaction, key: ThreadKey, text: str) -> Event:
+        user = interaction.user
+        return Event(thread=key, user_id=str(user.id), user_name=user.display_name, text=text, message_id=None)
+
+    def _notifier(self, interaction: discord.Interaction) -> Notify:
+        async def notify(notice: str) -> None:  # seen by the user only
+            await self._followup(interaction, notice, ephemeral=True, notice=True)
+        return notify
+
+    async def _core_says(self, interaction: discord.Interaction, key: ThreadKey, text: str) -> str:
+        """What the core answers to a command that writes no reply (``/stop``, ``/forget``)."""
+        turn = self.service.reply(self._event(interaction, key, text))
+        shown = await turn.text()
+        return shown or (await turn.outcome()).message
+
     async def _answer_interaction(self, interaction: discord.Interaction, key: ThreadKey, text: str) -> None:
         """Stream the core's answer as follow-ups of the interaction (a thread or DM)."""
         user = interaction.user
         event = Event(thread=key, user_id=str(user.id), user_name=user.display_name, text=text,
                       message_id=None)
 
-        async def post(content: str) -> discord.WebhookMessage:
+        async def post(content: str, view: discord.ui.View | None) -> discord.WebhookMessage:
+            # follow-ups can be edited for 15 minutes only: no buttons on them
             return await interaction.followup.send(content, wait=True, allowed_mentions=NO_MENTIONS)
 
         async def notify(notice: str) -> None:  # seen by the user only, where Discord allows it

@@ -1,5 +1,8 @@
 """The Discord adapter: the real discord.py client against a fake Discord (REST + gateway) on
-127.0.0.1, and the real chat service with the tiny random-weight model.
+127.0.0.1, and the real chat service with the tiny random-weight model. The last part covers what a
+thread's state makes cheap: the buttons on a reply (Stop, Retry, Continue) and the slash commands
+behind them, /fork into a new Discord thread, /forget with its confirmation, adopting a thread Raven
+is called into, and text attachments.
 
 Replies are noise, so the tests assert on structure: which REST calls the bot made, where the
 messages went, how many there are, how often they were edited, and what the core stored.
@@ -10,6 +13,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import itertools
+import re
 import time
 from collections.abc import AsyncIterator, Awaitable, Callable
 from typing import Any, cast
@@ -17,7 +21,8 @@ from typing import Any, cast
 import pytest
 
 from adapters.discord_bot import DiscordAdapter, thread_name
-from bot.core.service import ChatService
+from bot.app.assembly import open_service
+from bot.core.service import FORGET_ASK, FORGET_DONE, ChatService
 from bot.core.turn import Turn
 from bot.errors import ConfigError
 from bot.events import Event, ThreadKey
@@ -78,7 +83,7 @@ class ScriptedService:
     def __getattr__(self, name: str) -> Any:
         return getattr(self.inner, name)
 
-    def reply(self, event: Event, *, confirm: bool = False) -> Turn:
+    def reply(self, event: Event, *, confirm: bool = False, history: Any = None) -> Turn:
         self.events.append(event)
         pieces = [self.text[start:start + self.chunk] for start in range(0, len(self.text), self.chunk)]
         return scripted_turn(pieces, self.delay_s, outcome=self.outcome)
@@ -241,7 +246,7 @@ async def test_advisor_in_a_channel_starts_a_thread_with_that_persona(
     synced = fake.calls_to("PUT", rf"/applications/{fake.application_id}/guilds/{fake.guild_id}/commands")
     assert len(synced) == 1 and fake.calls_to("PUT", rf"/applications/{fake.application_id}/commands") == []
     commands = {c["name"]: c for c in synced[0].body}
-    assert set(commands) == {"advisor", "reset", "personas", "help"}
+    assert set(commands) == {"advisor", "reset", "retry", "continue", "stop", "fork", "forget", "personas", "help"}
     persona_option = next(o for o in commands["advisor"]["options"] if o["name"] == "persona")
     assert persona_option["autocomplete"] is True and persona_option["required"] is True
 
@@ -405,7 +410,8 @@ async def test_long_reply_is_split_with_balanced_fences_and_throttled_edits(
         gaps = [b - a for a, b in itertools.pairwise(times)]
         assert all(gap >= 0.99 for gap in gaps), gaps
     assert edits >= 2  # it was streamed, not posted once at the end
-    patch_bodies = [c.body["content"] for c in fake.calls_to("PATCH", rf"/channels/{thread_id}/messages/\d+")]
+    patch_bodies = [c.body["content"] for c in fake.calls_to("PATCH", rf"/channels/{thread_id}/messages/\d+")
+                    if "content" in c.body]
     assert all(len(body) <= 2000 for body in patch_bodies)
 
     # a stream whose first piece nearly fills a message still fits the limit with the "…" mark
@@ -576,3 +582,292 @@ async def test_a_reply_cut_off_inside_a_code_block_leaves_every_message_balanced
     for message in messages:
         assert message["content"].count("```") % 2 == 0, message["content"][-200:]
     assert messages[-1]["content"].endswith("_(reply cut off at the 400-token limit)_")
+
+
+# --- what a thread's state makes cheap: buttons, /retry /continue /stop /fork /forget, adoption, files ---
+
+Message = dict[str, Any]
+
+
+def cid(action: str, thread_id: str) -> str:
+    return f"raven:{action}:{thread_id}"
+
+
+async def last_with_buttons(fake: FakeDiscord, channel_id: str, *actions: str, after: int = 0) -> Message:
+    """Wait until the bot's newest message (past the first ``after``) is final and shows exactly
+    these buttons."""
+    wanted = [cid(action, channel_id) for action in actions]
+
+    def probe() -> Message | None:
+        messages = [m for m in public(fake, channel_id)[after:] if m["content"]]
+        if messages and not messages[-1]["content"].endswith(PLACEHOLDER_TAIL) \
+                and fake.buttons(messages[-1]) == wanted:
+            return messages[-1]
+        return None
+    return await fake.wait_for(probe)
+
+
+def with_buttons(fake: FakeDiscord, channel_id: str) -> list[str]:
+    return [m["id"] for m in fake.bot_messages(channel_id) if fake.buttons(m)]
+
+
+def public(fake: FakeDiscord, channel_id: str) -> list[Message]:
+    """The bot's messages everyone in the channel sees (not the ephemeral ones)."""
+    return [m for m in fake.bot_messages(channel_id) if not m["flags"] & 64]
+
+
+async def acknowledged(fake: FakeDiscord, interaction: Message, sent_at: float) -> dict[str, Any]:
+    callback = (await fake.wait_calls("POST", rf"/interactions/{interaction['id']}/.*/callback"))[0]
+    assert callback.at - sent_at < 3.0
+    return dict(callback.body)
+
+
+async def test_retry_and_continue_buttons_on_the_newest_reply_only(
+    fake: FakeDiscord, start_bot: StartBot, service: ChatService
+) -> None:
+    await start_bot(allowed_roles=[fake.member_role_id])
+    asked = await fake.user_message(fake.general_id, "why is the sky blue?", mention_bot=True)
+    thread_id = await thread_of(fake, asked)
+    first = await last_with_buttons(fake, thread_id, "retry", "continue")
+    assert with_buttons(fake, thread_id) == [first["id"]]
+    [old_reply] = [m for m in await service.thread_messages(key(thread_id)) if m.role == "assistant"]
+
+    # someone outside the allowed roles is told no, privately, and nothing happens
+    count = len(public(fake, thread_id))
+    sent = time.monotonic()
+    refused = await fake.press(first, cid("retry", thread_id), roles=[fake.guest_role_id])
+    assert (await acknowledged(fake, refused, sent))["data"]["flags"] == 64
+    await asyncio.sleep(0.3)
+    assert len(public(fake, thread_id)) == count
+
+    # Retry: acknowledged at once, a new reply below; the old one loses its buttons, the log keeps it
+    sent = time.monotonic()
+    pressed = await fake.press(first, cid("retry", thread_id))
+    assert await acknowledged(fake, pressed, sent) == {"type": 6}
+    second = await last_with_buttons(fake, thread_id, "retry", "continue", after=count)
+    assert with_buttons(fake, thread_id) == [second["id"]]
+    assert fake.buttons(fake.messages[first["id"]]) == []
+    replies = [m for m in await service.thread_messages(key(thread_id)) if m.role == "assistant"]
+    assert (replies[0].id, replies[0].status) == (old_reply.id, "replaced")
+    assert replies[-1].status != "replaced" and replies[-1].text.strip() in second["content"]
+    users = [m.text for m in await service.thread_messages(key(thread_id)) if m.role == "user"]
+    assert users == ["why is the sky blue?", "/retry"]
+
+    # Continue: the continuation is posted after the reply; the log's reply is the old text and more
+    count = len(public(fake, thread_id))
+    before = replies[-1]
+    await fake.press(second, cid("continue", thread_id))
+    third = await last_with_buttons(fake, thread_id, "retry", "continue", after=count)
+    assert third["id"] != second["id"] and with_buttons(fake, thread_id) == [third["id"]]
+    assert fake.messages[second["id"]]["content"] == second["content"]  # the old reply is not rewritten
+    longer = [m for m in await service.thread_messages(key(thread_id)) if m.role == "assistant"][-1]
+    assert longer.id != before.id and longer.text.startswith(before.text.rstrip())
+    assert len(longer.text) > len(before.text)
+    continuation = "".join(m["content"] for m in public(fake, thread_id)[count:])
+    continuation = re.sub(r"\n\n_\(reply cut off[^)]*\)_$", "", continuation)  # the note is no text
+    assert longer.text.rstrip().endswith(continuation.rstrip()[-20:])
+
+
+async def test_stop_button_while_writing_keeps_what_was_written(
+    fake: FakeDiscord, start_bot: StartBot, settings_factory: Callable[..., Any], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    async with open_service(settings_factory(max_reply_tokens=200)) as slow:
+        engine: Any = slow.engine
+        step = engine._decode_step
+
+        def slow_step() -> None:  # on the engine's thread: each token takes a while
+            time.sleep(0.1)
+            step()
+        monkeypatch.setattr(engine, "_decode_step", slow_step)
+        await start_bot(slow)
+        asked = await fake.user_message(fake.general_id, "tell me a long story", mention_bot=True)
+        thread_id = await thread_of(fake, asked)
+        writing = await fake.wait_for(lambda: next(
+            (m for m in fake.bot_messages(thread_id) if fake.buttons(m) == [cid("stop", thread_id)]), None))
+        assert writing["content"].endswith(PLACEHOLDER_TAIL)
+
+        sent = time.monotonic()
+        pressed = await fake.press(writing, cid("stop", thread_id))
+        assert await acknowledged(fake, pressed, sent) == {"type": 6}
+        done = await last_with_buttons(fake, thread_id, "retry", "continue")
+        assert done["content"].endswith("_(reply stopped)_")
+        [reply] = [m for m in await slow.thread_messages(key(thread_id)) if m.role == "assistant"]
+        turn = slow.last_turn(key(thread_id))
+        assert turn is not None and turn.finish_reason == "halted" and turn.generated_tokens < 150
+        assert reply.text.strip() and reply.text.strip() in done["content"]
+
+        # a Stop button that is no longer on the message does nothing (Discord sends what the message shows)
+        count = len(fake.calls)
+        await fake.press(done, cid("stop", thread_id))
+        await asyncio.sleep(0.3)
+        assert [c for c in fake.calls[count:] if c.method != "GET"] == []
+        await slow.drain()
+
+
+async def test_slash_commands_retry_stop_and_forget_with_its_confirmation(
+    fake: FakeDiscord, start_bot: StartBot, service: ChatService
+) -> None:
+    await start_bot(command_guilds=[fake.guild_id])
+    asked = await fake.user_message(fake.general_id, "what is a join?", mention_bot=True)
+    thread_id = await thread_of(fake, asked)
+    first = await last_with_buttons(fake, thread_id, "retry", "continue")
+
+    # /retry: a private acknowledgement; the new reply goes into the thread with the buttons
+    count = len(public(fake, thread_id))
+    retry = await fake.slash_command("retry", channel_id=thread_id)
+    assert await acknowledged(fake, retry, time.monotonic() - 0.1) == {"type": 5, "data": {"flags": 64}}
+    second = await last_with_buttons(fake, thread_id, "retry", "continue", after=count)
+    assert with_buttons(fake, thread_id) == [second["id"]] and first["id"] != second["id"]
+    original = fake.original_response(retry)
+    assert original is not None
+    await fake.wait_for(lambda: "new reply is below" in original["content"])
+    statuses = [m.status for m in await service.thread_messages(key(thread_id)) if m.role == "assistant"]
+    assert statuses[0] == "replaced" and len(statuses) == 2
+
+    # /stop with nothing being written: said privately by the core
+    stop = await fake.slash_command("stop", channel_id=thread_id)
+    await fake.wait_calls("POST", rf"/webhooks/{fake.application_id}/{stop['token']}")
+    stopped = fake.original_response(stop)
+    assert stopped is not None and stopped["content"] == "Nothing is being written here."
+
+    # commands outside a thread Raven talks in: a private hint, nothing stored
+    hint = await fake.slash_command("forget")
+    await fake.wait_calls("POST", rf"/webhooks/{fake.application_id}/{hint['token']}")
+    hinted = fake.original_response(hint)
+    assert hinted is not None and "inside a thread" in fake.shown(hinted)
+
+    # /forget asks, privately, with a button; pressing it deletes the thread's log and state
+    forget = await fake.slash_command("forget", channel_id=thread_id)
+    await fake.wait_calls("POST", rf"/webhooks/{fake.application_id}/{forget['token']}")
+    question = fake.original_response(forget)
+    assert question is not None
+    await fake.wait_for(lambda: question["content"] == FORGET_ASK)
+    assert fake.buttons(question) == [cid("forget", thread_id)] and question["flags"] & 64
+    assert await service.knows_thread(key(thread_id))
+    pressed = await fake.press(question, cid("forget", thread_id))
+    await fake.wait_calls("PATCH", rf"/webhooks/{fake.application_id}/{pressed['token']}/messages/@original")
+    assert question["content"] == FORGET_DONE and fake.buttons(question) == []
+    assert not await service.knows_thread(key(thread_id))
+    assert await service.thread_messages(key(thread_id)) == []
+    assert with_buttons(fake, thread_id) == []  # the last reply's buttons went with it
+
+    # typed in a thread, /forget asks with the same button on the core's question
+    again = await fake.user_message(fake.general_id, "a new question", mention_bot=True)
+    other = await thread_of(fake, again)
+    await last_with_buttons(fake, other, "retry", "continue")
+    await fake.user_message(other, "/forget")
+    asking = await last_with_buttons(fake, other, "forget")
+    assert asking["content"] == FORGET_ASK
+    # /forget confirm:True deletes at once
+    confirm = await fake.slash_command("forget", {"confirm": True}, channel_id=other)
+    await fake.wait_calls("POST", rf"/webhooks/{fake.application_id}/{confirm['token']}")
+    confirmed = fake.original_response(confirm)
+    assert confirmed is not None
+    await fake.wait_for(lambda: confirmed["content"] == FORGET_DONE)
+    assert not await service.knows_thread(key(other))
+
+
+async def test_fork_opens_a_linked_thread_that_goes_on_from_the_same_state(
+    fake: FakeDiscord, start_bot: StartBot, service: ChatService
+) -> None:
+    await start_bot()
+    asked = await fake.user_message(fake.general_id, "plan the schema", mention_bot=True)
+    thread_id = await thread_of(fake, asked)
+    await last_with_buttons(fake, thread_id, "retry", "continue")
+    source_log = [(m.role, m.text) for m in await service.thread_messages(key(thread_id))]
+
+    fork = await fake.slash_command("fork", channel_id=thread_id)
+    await fake.wait_calls("POST", rf"/webhooks/{fake.application_id}/{fork['token']}")
+    [create] = fake.calls_to("POST", rf"/channels/{fake.general_id}/threads")
+    assert create.status == 201 and create.body["name"] == "plan the schema (fork)"
+    new_id = next(t["id"] for t in fake.threads_created() if t["name"] == "plan the schema (fork)")
+    link = fake.original_response(fork)
+    assert link is not None and link["content"] == f"Forked into <#{new_id}>."  # in the old thread
+    [hello] = fake.bot_messages(new_id)
+    assert hello["content"].startswith(f"Forked from <#{thread_id}>")  # and in the new one
+    assert fake.thread_members[new_id] == [fake.alice["id"]]
+    info = await service.thread(key(new_id))
+    assert info is not None and info.forked_from == key(thread_id)
+    assert [(m.role, m.text) for m in await service.thread_messages(key(new_id))] == source_log
+
+    # the fork is followed without a mention and goes on from the copied state, not a rebuild
+    await fake.user_message(new_id, "and the indexes?")
+    await last_with_buttons(fake, new_id, "retry", "continue")
+    turn = service.last_turn(key(new_id))
+    assert turn is not None and turn.resumed_from in ("memory", "store")
+    assert [m.text for m in await service.thread_messages(key(thread_id))] == [t for _, t in source_log]
+
+    # typed: "/fork" in the thread forks it again; the link is posted in both threads
+    await fake.user_message(thread_id, "/fork")
+    await fake.wait_for(lambda: len(fake.threads_created()) == 3)
+    third = fake.threads_created()[-1]["id"]
+    await fake.wait_for(lambda: any(m["content"] == f"Forked into <#{third}>." for m in fake.bot_messages(thread_id)))
+    assert await service.knows_thread(key(third))
+    assert "/fork" not in [m.text for m in await service.thread_messages(key(thread_id))]
+
+    # nothing to fork in a thread Raven does not talk in, nor in a DM
+    stranger = fake.add_user_thread(fake.general_id)
+    nothing = await fake.slash_command("fork", channel_id=stranger)
+    await fake.wait_calls("POST", rf"/webhooks/{fake.application_id}/{nothing['token']}")
+    said = fake.original_response(nothing)
+    assert said is not None and "nothing to fork" in fake.shown(said) and said["embeds"]
+    assert len(fake.threads_created()) == 3
+
+
+async def test_called_into_a_thread_it_reads_the_earlier_messages_once(
+    fake: FakeDiscord, start_bot: StartBot, service: ChatService
+) -> None:
+    thread_id = fake.add_user_thread(fake.general_id, "release planning")
+    await start_bot()
+    await fake.user_message(thread_id, "we ship on friday", author=fake.alice)
+    await fake.user_message(thread_id, "the migration is not ready", author=fake.bob)
+    await asyncio.sleep(0.3)
+    assert fake.bot_messages(thread_id) == []  # not called in yet
+
+    mention = await fake.user_message(thread_id, "what do you think?", mention_bot=True)
+    await last_with_buttons(fake, thread_id, "retry", "continue")
+    [read] = fake.calls_to("GET", rf"/channels/{thread_id}/messages")
+    assert read.query == {"limit": str(service.settings.adopt_max_messages), "before": mention["id"]}
+    stored = await service.thread_messages(key(thread_id))
+    assert [(m.author, m.text, m.status) for m in stored if m.status == "adopted"] == [
+        ("alice", "we ship on friday", "adopted"), ("bob", "the migration is not ready", "adopted")]
+    assert [m.text for m in stored if m.role == "user" and m.status != "adopted"] == ["what do you think?"]
+    assert stored[-1].role == "assistant"
+    turn = service.last_turn(key(thread_id))
+    assert turn is not None and turn.resumed_from == "rebuild"  # the reply's turn read the discussion first
+
+    # later messages cost nothing extra: the history is not read again
+    await fake.user_message(thread_id, "and the rollback plan?")
+    await fake.wait_for(lambda: len([m for m in fake.bot_messages(thread_id) if m["content"]]) >= 2
+                        and not fake.bot_messages(thread_id)[-1]["content"].endswith(PLACEHOLDER_TAIL))
+    assert len(fake.calls_to("GET", rf"/channels/{thread_id}/messages")) == 1
+
+
+async def test_text_attachments_are_read_and_others_noted(
+    fake: FakeDiscord, start_bot: StartBot, service: ChatService
+) -> None:
+    await start_bot()
+    limit = service.settings.attachment_max_bytes
+    files = {
+        "schema.sql": b"CREATE TABLE users (id int primary key);\n",
+        "diagram.png": b"\x89PNG\r\n\x1a\n" + bytes(64),
+        "huge.log": b"x" * (limit + 1),
+    }
+    asked = await fake.user_message(fake.general_id, "why is this slow?", mention_bot=True, files=files)
+    thread_id = await thread_of(fake, asked)
+    await finished_reply(fake, thread_id)
+    assert [path.split("/", 1)[1] for path in fake.downloads] == ["schema.sql"]  # only what is read
+    [question] = [m for m in await service.thread_messages(key(thread_id)) if m.role == "user"]
+    assert question.text.startswith("why is this slow?")
+    assert "[Attached file schema.sql]\n```\nCREATE TABLE users (id int primary key);" in question.text
+    assert "[Attached file diagram.png: not read — not a text file Raven reads]" in question.text
+    assert f"[Attached file huge.log: not read — {limit + 1:,} bytes, over the {limit:,}-byte limit]" in question.text
+
+    # a file alone, without a word: the thread is named after it, and it is still read
+    alone = await fake.user_message(fake.general_id, "", mention_bot=True, files={"notes.md": b"# todo\n"})
+    other = await thread_of(fake, alone)
+    create = fake.calls_to("POST", rf"/channels/{fake.general_id}/messages/{alone['id']}/threads")[0]
+    assert create.body["name"] == "notes.md"
+    await finished_reply(fake, other)
+    [note] = [m for m in await service.thread_messages(key(other)) if m.role == "user"]
+    assert note.text.startswith("[Attached file notes.md]")

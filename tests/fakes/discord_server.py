@@ -13,6 +13,10 @@ What it models, because the adapter depends on it:
   content;
 - interaction callbacks (``?with_response=1``), and follow-ups through ``webhooks/{app}/{token}``,
   the first of which after a deferred response fills the original "thinking" message;
+- message components (buttons) kept on messages as sent and edited, and button presses
+  (:meth:`FakeDiscord.press`) that carry the message as it now stands;
+- a channel's message history (``GET /channels/{id}/messages``: newest first, ``before``/``after``/
+  ``limit``), and attachments served from ``/attachments/…`` on the same server;
 - injected failures (:meth:`FakeDiscord.fail_next`): 403, 404, 429, 5xx with Discord's error bodies.
 """
 
@@ -102,6 +106,9 @@ class FakeDiscord(LocalServer):
         self._failures: list[_Failure] = []
         self._seq = 0
         self._interactions: dict[str, _Interaction] = {}
+        self.files: dict[str, bytes] = {}  # attachment path → bytes
+        self.downloads: list[str] = []  # attachment paths fetched, in order
+        self.thread_members: dict[str, list[str]] = {}
         self._identified = asyncio.Event()
 
         self.application_id = self.new_id()
@@ -127,6 +134,7 @@ class FakeDiscord(LocalServer):
         app.router.add_get("/gw", self._gateway)
         app.router.add_get("/gw/", self._gateway)
         app.router.add_route("*", "/api/v10/{tail:.*}", self._rest)
+        app.router.add_get("/attachments/{tail:.*}", self._attachment)
         await self.serve(app)
 
     @property
@@ -211,13 +219,15 @@ class FakeDiscord(LocalServer):
     def _message_payload(
         self, channel_id: str, author: Payload, content: str, *, roles: list[str] | None = None,
         mentions: list[Payload] | None = None, message_id: str | None = None,
+        attachments: list[Payload] | None = None,
     ) -> Payload:
         channel = self.channels[channel_id]
         payload: Payload = {
             "id": message_id or self.new_id(), "channel_id": channel_id, "author": author,
             "content": content, "timestamp": _now_iso(), "edited_timestamp": None, "tts": False,
             "mention_everyone": False, "mentions": mentions or [], "mention_roles": [],
-            "attachments": [], "embeds": [], "pinned": False, "type": 0, "flags": 0, "components": [],
+            "attachments": attachments or [], "embeds": [], "pinned": False, "type": 0, "flags": 0,
+            "components": [],
         }
         if "guild_id" in channel:
             payload["guild_id"] = self.guild_id
@@ -243,12 +253,17 @@ class FakeDiscord(LocalServer):
     async def user_message(
         self, channel_id: str, content: str, *, author: Payload | None = None,
         roles: list[str] | None = None, mention_bot: bool = False,
+        files: dict[str, bytes] | None = None, sizes: dict[str, int] | None = None,
     ) -> Payload:
-        """A user (alice unless ``author``) posts ``content``, after a mention with ``mention_bot``."""
+        """A user (alice unless ``author``) posts ``content``, after a mention with ``mention_bot``,
+        with ``files`` attached (name → bytes; ``sizes`` may state another size, as a lying client)."""
         author = author or self.alice
         mentions = [self.bot_user] if mention_bot else []
         text = f"{self.mention} {content}" if mention_bot else content
-        payload = self._message_payload(channel_id, author, text, roles=roles, mentions=mentions)
+        attachments = [self._attachment_payload(name, data, (sizes or {}).get(name))
+                       for name, data in (files or {}).items()]
+        payload = self._message_payload(channel_id, author, text, roles=roles, mentions=mentions,
+                                        attachments=attachments)
         self.messages[payload["id"]] = payload
         sent = dict(payload)
         no_content = self.intents is not None and not self.intents & MESSAGE_CONTENT_INTENT
@@ -256,6 +271,39 @@ class FakeDiscord(LocalServer):
             sent["content"] = ""  # what Discord does without the privileged intent
         await self.dispatch("MESSAGE_CREATE", sent)
         return payload
+
+    def _attachment_payload(self, name: str, data: bytes, size: int | None) -> Payload:
+        attachment_id = self.new_id()
+        path = f"{attachment_id}/{name}"
+        self.files[path] = data
+        url = f"http://127.0.0.1:{self.port}/attachments/{path}"
+        return {"id": attachment_id, "filename": name, "size": len(data) if size is None else size,
+                "url": url, "proxy_url": url, "content_type": "application/octet-stream"}
+
+    async def _attachment(self, request: web.Request) -> web.Response:
+        path = request.match_info["tail"]
+        self.downloads.append(path)
+        if path not in self.files:
+            return web.Response(status=404)
+        return web.Response(body=self.files[path], content_type="application/octet-stream")
+
+    async def press(self, message: Payload, custom_id: str, *, user: Payload | None = None,
+                    roles: list[str] | None = None) -> Payload:
+        """A user presses the button ``custom_id`` on ``message`` (INTERACTION_CREATE type 3); the
+        interaction carries the message as it now stands, as Discord's does."""
+        payload = self._interaction_payload(3, "", [], message["channel_id"], user or self.alice, roles)
+        payload["data"] = {"custom_id": custom_id, "component_type": 2}
+        payload["message"] = dict(self.messages[message["id"]])
+        record = _Interaction(payload, payload["channel_id"], original_id=message["id"])
+        self._interactions[payload["token"]] = record
+        await self.dispatch("INTERACTION_CREATE", payload)
+        return payload
+
+    @staticmethod
+    def buttons(message: Payload) -> list[str]:
+        """The custom ids of the buttons a message shows now."""
+        return [c["custom_id"] for row in message.get("components") or [] for c in row.get("components", [])
+                if c.get("type") == 2]
 
     def _interaction_payload(
         self, itype: int, name: str, options: list[Payload], channel_id: str, user: Payload,
@@ -282,11 +330,12 @@ class FakeDiscord(LocalServer):
         return payload
 
     async def slash_command(
-        self, name: str, options: dict[str, str] | None = None, *, channel_id: str | None = None,
+        self, name: str, options: dict[str, str | bool] | None = None, *, channel_id: str | None = None,
         user: Payload | None = None, roles: list[str] | None = None,
     ) -> Payload:
-        """A user invokes ``/name`` (INTERACTION_CREATE type 2); returns the interaction payload."""
-        opts = [{"name": k, "type": 3, "value": v} for k, v in (options or {}).items()]
+        """A user invokes ``/name`` (INTERACTION_CREATE type 2); returns the interaction payload.
+        Options are strings (type 3) or booleans (type 5)."""
+        opts = [{"name": k, "type": 5 if isinstance(v, bool) else 3, "value": v} for k, v in (options or {}).items()]
         payload = self._interaction_payload(
             2, name, opts, channel_id or self.general_id, user or self.alice, roles
         )
@@ -359,10 +408,12 @@ class FakeDiscord(LocalServer):
         return [c for c in self.channels.values() if c["type"] == 11 and c["owner_id"] == self.bot_user["id"]]
 
     def edit_times(self, message_id: str) -> list[float]:
-        """Arrival times of every successful edit of one message (channel or webhook route)."""
+        """Arrival times of every successful edit of one message's text (channel or webhook route;
+        edits of its buttons alone are not counted)."""
         return [
             c.at for c in self.calls
             if c.method == "PATCH" and c.status < 300 and c.path.endswith(f"/messages/{message_id}")
+            and "content" in (c.body or {})
         ]
 
     # ------------------------------------------------------------------ gateway
@@ -412,7 +463,7 @@ class FakeDiscord(LocalServer):
         payload: Payload | list[Any] | None
         status, payload, headers = self._injected_failure(request.method, path)
         if status == 0:
-            status, payload = await self._route(request.method, path, body)
+            status, payload = await self._route(request.method, path, body, dict(request.query))
         self.calls.append(Call(request.method, path, dict(request.query), body, time.monotonic(), status))
         if payload is None:
             return web.Response(status=status, headers=headers)
@@ -427,7 +478,8 @@ class FakeDiscord(LocalServer):
                 return failure.status, failure.body, failure.headers
         return 0, None, {}
 
-    async def _route(self, method: str, path: str, body: Any) -> tuple[int, Payload | list[Any] | None]:
+    async def _route(self, method: str, path: str, body: Any,
+                     query: dict[str, str]) -> tuple[int, Payload | list[Any] | None]:
         app = self.application_id
         routes: list[tuple[str, str, Callable[..., Any]]] = [
             ("GET", r"/users/@me", lambda: (200, self.bot_user)),
@@ -437,10 +489,13 @@ class FakeDiscord(LocalServer):
             ("GET", r"/channels/(\d+)", self._get_channel),
             ("POST", r"/channels/(\d+)/typing", lambda _c: (204, None)),
             ("POST", r"/channels/(\d+)/messages", lambda c: self._create_message(c, body)),
+            ("GET", r"/channels/(\d+)/messages", lambda c: self._history(c, query)),
             ("PATCH", r"/channels/(\d+)/messages/(\d+)", lambda _c, m: self._edit_message(m, body)),
             ("POST", r"/channels/(\d+)/messages/(\d+)/threads", lambda c, m: self._thread(c, body, m)),
             ("POST", r"/channels/(\d+)/threads", lambda c: self._thread(c, body, None)),
             ("PUT", r"/channels/(\d+)/thread-members/@me", lambda _c: (204, None)),
+            ("PUT", r"/channels/(\d+)/thread-members/(\d+)",
+             lambda c, u: (204, self.thread_members.setdefault(c, []).append(u))),
             ("POST", r"/interactions/(\d+)/([^/]+)/callback", lambda _i, t: self._callback(t, body)),
             ("POST", rf"/webhooks/{app}/([^/]+)", lambda t: self._followup(t, body)),
             ("PATCH", rf"/webhooks/{app}/([^/]+)/messages/([^/]+)", lambda t, m: self._edit_hook(t, m, body)),
@@ -482,9 +537,25 @@ class FakeDiscord(LocalServer):
             return 400, too_long
         payload = self._message_payload(channel_id, self.bot_user, body.get("content") or "")
         payload["embeds"] = list(body.get("embeds") or [])
+        payload["components"] = list(body.get("components") or [])
         self.messages[payload["id"]] = payload
         await self.dispatch("MESSAGE_CREATE", payload)  # Discord echoes the bot's own messages
         return 200, payload
+
+    def _history(self, channel_id: str, query: dict[str, str]) -> tuple[int, Payload | list[Any]]:
+        """Discord's channel history: at most ``limit`` (≤ 100) messages, newest first; ``before`` the
+        newest below an id, ``after`` the oldest above one."""
+        if channel_id not in self.channels:
+            return 404, {"message": "Unknown Channel", "code": 10003}
+        limit = min(int(query.get("limit", 50)), 100)
+        found = sorted((m for m in self.messages.values() if m["channel_id"] == channel_id), key=lambda m: int(m["id"]))
+        if "before" in query:
+            found = [m for m in found if int(m["id"]) < int(query["before"])][-limit:]
+        elif "after" in query:
+            found = [m for m in found if int(m["id"]) > int(query["after"])][:limit]
+        else:
+            found = found[-limit:]
+        return 200, found[::-1]
 
     def _edit_message(self, message_id: str, body: Payload) -> tuple[int, Payload]:
         message = self.messages.get(message_id)
@@ -496,6 +567,8 @@ class FakeDiscord(LocalServer):
             message["content"] = body["content"]
         if "embeds" in body:
             message["embeds"] = list(body["embeds"] or [])
+        if "components" in body:
+            message["components"] = list(body["components"] or [])
         message["edited_timestamp"] = _now_iso()
         return 200, message
 
@@ -525,6 +598,9 @@ class FakeDiscord(LocalServer):
             },
             "resource": {"type": kind},
         }
+        if kind == 7 and record.original_id is not None:  # a button's message, updated
+            self._edit_message(record.original_id, data)
+            response["resource"]["message"] = self.messages[record.original_id]
         if kind in (4, 5):
             message = self._message_payload(
                 record.channel_id, self.bot_user, data.get("content") or "", message_id=None
@@ -558,10 +634,12 @@ class FakeDiscord(LocalServer):
             message = self.messages[record.original_id]
             message["content"] = body.get("content") or ""
             message["embeds"] = list(body.get("embeds") or [])
+            message["components"] = list(body.get("components") or [])
             message["flags"] = body.get("flags") or message["flags"]
             return 200, message
         message = self._message_payload(record.channel_id, self.bot_user, body.get("content") or "")
         message["embeds"] = list(body.get("embeds") or [])
+        message["components"] = list(body.get("components") or [])
         message["flags"] = body.get("flags") or 0
         self.messages[message["id"]] = message
         return 200, message
