@@ -132,3 +132,60 @@ def test_missing_model_file_fails_naming_it(tmp_path: Path) -> None:
     assert str(missing) in result.stderr and "does not exist" in result.stderr
     assert "Traceback" not in result.stderr
     assert not (tmp_path / "data" / "demo-rwkv7-tiny.pth").exists()
+
+
+def test_fork_in_the_terminal_continues_in_a_copy_of_the_thread(tmp_path: Path, chat_env: dict[str, str]) -> None:
+    result = run_raven("chat", "--thread", "t5", cwd=tmp_path, stdin="hello\n/fork\nnext question\n", **chat_env)
+    assert result.returncode == 0, result.stderr
+    assert "[forked: now in thread 't5-fork-1'; `raven chat --thread t5` goes back to 't5']" in result.stdout
+    db = tmp_path / "data" / "raven.db"
+    original = rows(db, "SELECT role, text FROM messages WHERE thread_key = 'terminal:t5' ORDER BY id")
+    forked = rows(db, "SELECT role, text FROM messages WHERE thread_key = 'terminal:t5-fork-1' ORDER BY id")
+    assert [role for role, _ in original] == ["user", "assistant"]  # the original stays as it was
+    assert forked[:2] == original and forked[2] == ("user", "next question") and forked[3][0] == "assistant"
+    assert rows(db, "SELECT forked_from FROM threads WHERE key = 'terminal:t5-fork-1'") == [("terminal:t5",)]
+
+
+def test_ctrl_c_while_a_reply_is_written_stops_it_and_keeps_what_was_written(
+        tmp_path: Path, chat_env: dict[str, str]) -> None:
+    """On a terminal (stdin is a pty), SIGINT during a reply is /stop; at the prompt it quits."""
+    import pty
+    import signal
+    import time
+
+    env = {k: v for k, v in os.environ.items() if not k.startswith(("RAVEN_", "DISCORD_", "SLACK_"))}
+    env.update(chat_env, RAVEN_MAX_REPLY_TOKENS="8000", RAVEN_REPLY_TIMEOUT_S="600")
+    master, slave = pty.openpty()
+    process = subprocess.Popen([RAVEN, "chat", "--thread", "tc"], stdin=slave, stdout=subprocess.DEVNULL,
+                               stderr=subprocess.PIPE, env=env, cwd=tmp_path)
+    db = tmp_path / "data" / "raven.db"
+
+    def phase() -> str | None:
+        if not db.exists():
+            return None
+        found = rows(db, "SELECT phase FROM turns ORDER BY id DESC LIMIT 1")
+        return str(found[0][0]) if found else None
+
+    try:
+        deadline = time.monotonic() + 90
+        while not db.exists() and time.monotonic() < deadline:
+            time.sleep(0.2)
+        os.write(master, b"tell me everything\n")
+        while phase() != "generating" and time.monotonic() < deadline:
+            time.sleep(0.1)
+        time.sleep(1.0)  # some of it written
+        process.send_signal(signal.SIGINT)
+        while phase() != "delivered" and time.monotonic() < deadline:
+            time.sleep(0.1)
+        assert process.poll() is None  # still running: the reply was stopped, not the chat
+        assert rows(db, "SELECT reason FROM turns") == [("halted",)]
+        reply = rows(db, "SELECT text FROM messages WHERE role = 'assistant'")
+        assert len(reply) == 1 and reply[0][0]
+        process.send_signal(signal.SIGINT)  # at the prompt: quits
+        process.wait(timeout=60)
+    finally:
+        if process.poll() is None:
+            process.kill()
+        os.close(master)
+        os.close(slave)
+    assert process.returncode == 0, process.stderr.read().decode() if process.stderr else ""
