@@ -871,3 +871,21 @@ async def test_text_attachments_are_read_and_others_noted(
     await finished_reply(fake, other)
     [note] = [m for m in await service.thread_messages(key(other)) if m.role == "user"]
     assert note.text.startswith("[Attached file notes.md]")
+
+
+async def test_buttons_posted_before_a_restart_still_work(
+    fake: FakeDiscord, start_bot: StartBot, service: ChatService
+) -> None:
+    first_run = await start_bot()
+    asked = await fake.user_message(fake.general_id, "remember this", mention_bot=True)
+    thread_id = await thread_of(fake, asked)
+    reply = await last_with_buttons(fake, thread_id, "retry", "continue")
+    await first_run.client.close()  # the process goes; its buttons stay on Discord
+    await fake.wait_for(lambda: not fake._sockets)
+
+    await start_bot()  # a new process knows nothing of that message
+    count = len(public(fake, thread_id))
+    await fake.press(fake.messages[reply["id"]], cid("retry", thread_id))
+    await last_with_buttons(fake, thread_id, "retry", "continue", after=count)
+    statuses = [m.status for m in await service.thread_messages(key(thread_id)) if m.role == "assistant"]
+    assert statuses[0] == "replaced" and len(statuses) == 2
