@@ -24,6 +24,7 @@ import hmac
 import json
 import logging
 import re
+import secrets
 import socket
 import time
 from collections.abc import AsyncIterator, Generator
@@ -48,11 +49,11 @@ from adapters.web_markdown import render as render_markdown
 from bot.core.commands import parse_command
 from bot.core.outcomes import Answered, Busy, CommandDone, CutOff, Failed, Outcome, Refused
 from bot.core.text import clean_text
-from bot.errors import ConfigError, InputError, PersonaError
+from bot.errors import ConfigError, InputError, PersonaError, StoreError
 from bot.events import Event, ThreadKey
 
 if TYPE_CHECKING:
-    from bot.core.service import ChatService
+    from bot.core.service import ChatService, StoredMessage, ThreadInfo
     from bot.core.turn import Turn
 
 log = logging.getLogger(__name__)
@@ -123,6 +124,55 @@ class ChatRequest(BaseModel):
 OutcomeName = Literal["answered", "cut_off", "command"]
 
 
+class ThreadOut(BaseModel):
+    discussion_id: str
+    persona: str
+    title: str
+    created_at: float
+    updated_at: float
+    forked_from: str | None = Field(None, description="the discussion_id this thread was forked from")
+
+
+class MessageOut(BaseModel):
+    id: int = Field(description="the message's id (a reply's is ``at_reply`` of …/fork)")
+    role: str
+    author: str
+    text: str
+    created_at: float
+    html: str | None = Field(None, description="a reply's text rendered from Markdown and sanitised")
+    in_context: bool = Field(
+        False, description="part of what the thread's state holds now (a reply here can be forked from)")
+
+
+class ForkRequest(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+
+    at_reply: int | None = Field(
+        None, description="fork at this reply (a message id of the thread's context); omit: where it is now")
+    discussion_id: str | None = Field(None, description=f"the new thread's id ({ID_RULE}); omit to get one")
+
+    @field_validator("discussion_id", mode="before")
+    @classmethod
+    def _id(cls, value: Any) -> str | None:
+        return None if value is None else _check_id(value, "discussion_id")
+
+
+def _thread_out(info: ThreadInfo, prefix: str) -> ThreadOut:
+    """A thread as the API shows it; ``prefix`` is ``"<user_id>/"``."""
+    source = info.forked_from
+    forked_from = None
+    if source is not None:
+        forked_from = (source.thread_id.removeprefix(prefix)
+                       if source.platform == PLATFORM and source.thread_id.startswith(prefix) else str(source))
+    return ThreadOut(discussion_id=info.key.thread_id.removeprefix(prefix), persona=info.persona,
+                     title=_title(info.title), created_at=info.created_at, updated_at=info.updated_at,
+                     forked_from=forked_from)
+
+
+def new_discussion_id() -> str:
+    return f"d-{int(time.time() * 1000):x}-{secrets.token_hex(3)}"
+
+
 class ChatResponse(BaseModel):
     generated_text: str = Field(description="Raven's reply (or what a command did), as shown")
     outcome: OutcomeName = Field("answered", description="answered; cut_off (timeout or token limit); command")
@@ -133,10 +183,15 @@ class ReplyDone(ChatResponse):
     """The stream's ``done`` event: the answer, and the reply as sanitised HTML for a page."""
 
     html: str = Field("", description="generated_text rendered from Markdown and sanitised (no script can run)")
+    reply_id: int | None = Field(None, description="the reply's message id (``at_reply`` of …/fork)")
+    thread: ThreadOut | None = Field(None, description="a typed /fork: the new thread")
 
 
-def _done(response: ChatResponse) -> str:
-    return ReplyDone(**response.model_dump(), html=render_markdown(response.generated_text)).model_dump_json()
+def _done(response: ChatResponse, outcome: Outcome | None = None, thread: ThreadOut | None = None) -> str:
+    reply_id = getattr(outcome, "reply_id", None) or None  # 0: a reply stopped before its first word
+    done = ReplyDone(**response.model_dump(), html=render_markdown(response.generated_text), reply_id=reply_id,
+                     thread=thread)
+    return done.model_dump_json(exclude={"thread"} if thread is None else None)
 
 
 class Problem(BaseModel):
@@ -171,20 +226,6 @@ class PersonaOut(BaseModel):
     description: str
 
 
-class ThreadOut(BaseModel):
-    discussion_id: str
-    persona: str
-    title: str
-    created_at: float
-    updated_at: float
-
-
-class MessageOut(BaseModel):
-    role: str
-    author: str
-    text: str
-    created_at: float
-    html: str | None = Field(None, description="a reply's text rendered from Markdown and sanitised")
 
 
 class ThreadMessagesOut(BaseModel):
@@ -192,6 +233,7 @@ class ThreadMessagesOut(BaseModel):
     persona: str | None
     messages: list[MessageOut]
     writing: bool = Field(False, description="a reply is being written now: follow it with GET …/live")
+    forked_from: str | None = Field(None, description="the discussion_id this thread was forked from")
 
 
 class Stopped(BaseModel):
@@ -454,6 +496,40 @@ def create_app(service: ChatService, settings: WebSettings) -> FastAPI:
             raise HTTPException(422, str(exc)) from None
         return ThreadKey(PLATFORM, f"{user}/{discussion}")
 
+    async def fork(user_id: str, source: ThreadKey, at_reply: int | None, discussion_id: str | None) -> ThreadOut:
+        """A new thread of the same user starting where ``source`` is (or at one of its replies): the
+        core copies the context and the state. 409 when the new id is taken, 422 for a reply that
+        is not in the context; the caller has checked that ``source`` exists."""
+        prefix = f"{user_id}/"
+        discussion = discussion_id or new_discussion_id()
+        target = ThreadKey(PLATFORM, prefix + discussion)
+        taken = HTTPException(409, f"thread {discussion!r} exists already; choose another discussion_id")
+        if await service.thread(target) is not None:
+            raise taken
+        try:
+            info = await service.fork(source, target, at_reply)
+        except StoreError:
+            if await service.thread(target) is not None:
+                raise taken from None
+            raise HTTPException(422, f"at_reply {at_reply} is not a reply in this thread's context "
+                                     "(see in_context in …/messages)") from None
+        log.info("web: forked %s into %s", source, target)
+        return _thread_out(info, prefix)
+
+    async def typed_fork(chat: ChatRequest) -> tuple[ChatResponse, ThreadOut] | JSONResponse | None:
+        """A typed ``/fork`` (the core cannot open a thread on the page): the new thread, and what to
+        show; None for any other message."""
+        command = service.command(chat.user_message)
+        if command is None or command.name != "fork":
+            return None
+        if await service.thread(chat.key) is None:
+            return JSONResponse({"detail": "There is nothing in this thread to fork yet.",
+                                 "reason": "nothing_to_fork"}, status_code=422)
+        thread = await fork(chat.user_id, chat.key, None, None)
+        said = (f"Forked: the new thread **{thread.title or thread.discussion_id}** ({thread.discussion_id}) "
+                "starts where this one is now; this thread is unchanged.")
+        return ChatResponse(generated_text=said, outcome="command", notice=None), thread
+
     # --- the API --------------------------------------------------------------------------------------
 
     error_responses: dict[int | str, dict[str, Any]] = {
@@ -467,8 +543,15 @@ def create_app(service: ChatService, settings: WebSettings) -> FastAPI:
               openapi_extra={"requestBody": {"required": True, "content": {
                   "application/json": {"schema": ChatRequest.model_json_schema()}}}})
     async def generate_response(request: Request) -> ChatResponse | JSONResponse:
-        """The seed's endpoint: send one message, get the whole reply."""
-        started = await start_turn(await read_chat_request(request))
+        """The seed's endpoint: send one message, get the whole reply. A typed ``/fork`` answers as a
+        command with the new thread beside it (``thread``)."""
+        chat = await read_chat_request(request)
+        forked = await typed_fork(chat)
+        if isinstance(forked, JSONResponse):
+            return forked
+        if forked is not None:
+            return JSONResponse({**forked[0].model_dump(), "thread": forked[1].model_dump()})
+        started = await start_turn(chat)
         if isinstance(started, JSONResponse):
             return started
         before, turn = started
@@ -490,6 +573,17 @@ def create_app(service: ChatService, settings: WebSettings) -> FastAPI:
         before any text (busy, refused) is an ordinary HTTP error instead; a failure midway sends an
         ``error`` event (``{"detail"}``) before ``done``."""
         chat = await read_chat_request(request)
+        forked = await typed_fork(chat)
+        if isinstance(forked, JSONResponse):
+            return forked
+        if forked is not None:
+            said, thread = forked
+
+            async def fork_events() -> AsyncIterator[ServerSentEvent]:
+                yield ServerSentEvent(json.dumps({"text": said.generated_text}), event="token")
+                yield ServerSentEvent(_done(said, thread=thread), event="done")
+
+            return EventSourceResponse(fork_events(), ping=SSE_PING_S, sep="\n")
         started = await start_turn(chat)
         if isinstance(started, JSONResponse):
             return started
@@ -514,7 +608,7 @@ def create_app(service: ChatService, settings: WebSettings) -> FastAPI:
                 done = ChatResponse(generated_text=before + turn.shown, outcome="answered", notice=None)
             else:
                 done = _success(outcome, before)
-            yield ServerSentEvent(_done(done), event="done")
+            yield ServerSentEvent(_done(done, outcome), event="done")
             await service.delivered(turn)
 
         return EventSourceResponse(events(), ping=SSE_PING_S, sep="\n")
@@ -526,35 +620,40 @@ def create_app(service: ChatService, settings: WebSettings) -> FastAPI:
 
     @app.get("/users/{user_id}/threads", response_model=list[ThreadOut], dependencies=[Authorized])
     async def list_threads(user_id: str) -> list[ThreadOut]:
-        """The user's threads, most recently active first."""
+        """The user's threads, most recently active first (``forked_from``: the thread a fork came from)."""
         prefix = thread_key(user_id, "x").thread_id[:-1]  # "<user_id>/"
         threads = await service.list_threads(PLATFORM, prefix=prefix)
-        return [
-            ThreadOut(discussion_id=t.key.thread_id.removeprefix(prefix), persona=t.persona,
-                      title=_title(t.title), created_at=t.created_at, updated_at=t.updated_at)
-            for t in sorted(threads, key=lambda t: t.updated_at, reverse=True)
-            if t.key.platform == PLATFORM and t.key.thread_id.startswith(prefix)
-        ]
+        return [_thread_out(t, prefix) for t in sorted(threads, key=lambda t: t.updated_at, reverse=True)
+                if t.key.platform == PLATFORM and t.key.thread_id.startswith(prefix)]
 
     @app.get("/users/{user_id}/threads/{discussion_id}/messages", response_model=ThreadMessagesOut,
              dependencies=[Authorized], responses={404: {"description": "no such thread"}})
     async def thread_messages(user_id: str, discussion_id: str) -> ThreadMessagesOut:
-        """A thread's whole log, oldest first (earlier personas' turns included)."""
+        """A thread's whole log, oldest first (earlier personas' turns included); ``in_context`` marks
+        what the thread's state holds now, ``forked_from`` the thread it was forked from."""
         key = thread_key(user_id, discussion_id)
         messages = await service.thread_messages(key)
-        persona = await thread_persona(key)
-        if not messages and persona is None:
+        info = await service.thread(key)
+        if not messages and info is None:
             raise HTTPException(404, f"no thread {discussion_id!r} for user {user_id!r}")
+        epoch = info.epoch if info is not None else None
+
+        def in_context(m: StoredMessage) -> bool:  # as the store's context reads the log
+            kept = m.status == "done" if m.role == "assistant" else m.status in ("answered", "adopted")
+            return m.role != "notice" and m.epoch == epoch and kept
+
         def shown() -> list[MessageOut]:  # Markdown for a long thread is CPU work: off the loop
-            return [MessageOut(role=m.role, author=m.author, text=m.text, created_at=m.created_at,
-                               html=render_markdown(m.text) if m.role == "assistant" else None)
+            return [MessageOut(id=m.id, role=m.role, author=m.author, text=m.text, created_at=m.created_at,
+                               html=render_markdown(m.text) if m.role == "assistant" else None,
+                               in_context=in_context(m))
                     for m in messages]
 
         return ThreadMessagesOut(
             discussion_id=discussion_id,
-            persona=persona,
+            persona=info.persona if info is not None else None,
             messages=await asyncio.to_thread(shown),
             writing=service.writing(key) is not None,
+            forked_from=_thread_out(info, f"{user_id}/").forked_from if info is not None else None,
         )
 
     @app.get("/users/{user_id}/threads/{discussion_id}/live", dependencies=[Authorized], response_model=None,
@@ -578,7 +677,7 @@ def create_app(service: ChatService, settings: WebSettings) -> FastAPI:
                 done = ChatResponse(generated_text=turn.shown, outcome="answered", notice=None)
             else:
                 done = _success(outcome)
-            yield ServerSentEvent(_done(done), event="done")
+            yield ServerSentEvent(_done(done, outcome), event="done")
 
         return EventSourceResponse(events(), ping=SSE_PING_S, sep="\n")
 
@@ -609,8 +708,23 @@ def create_app(service: ChatService, settings: WebSettings) -> FastAPI:
             raise HTTPException(404, f"no thread {discussion_id!r} for user {user_id!r}")
         thread = await service.thread(key)
         assert thread is not None
-        return ThreadOut(discussion_id=discussion_id, persona=thread.persona, title=_title(thread.title),
-                         created_at=thread.created_at, updated_at=thread.updated_at)
+        return _thread_out(thread, f"{user_id}/")
+
+    @app.post("/users/{user_id}/threads/{discussion_id}/fork", response_model=ThreadOut, status_code=201,
+              dependencies=[Authorized, JsonOnly],
+              responses={**missing, 409: {"model": Problem, "description": "the new discussion_id is taken"},
+                         422: {"model": Problem, "description": "at_reply is not a reply in the thread's context"}})
+    async def fork_thread(user_id: str, discussion_id: str, request: ForkRequest | None = None) -> ThreadOut:
+        """A new thread that starts where this one is now, or at one of its replies (``at_reply``: a
+        reply's ``id`` with ``in_context`` in …/messages). Its log is a copy of this thread's context
+        up to there and its state a copy of this one's (one row, whatever the history), so it goes on
+        exactly as this thread would; this thread is unchanged. ``discussion_id`` names the new
+        thread (default: a generated one). Send ``{}`` for a fork of the thread as it is."""
+        key = thread_key(user_id, discussion_id)
+        request = request or ForkRequest(at_reply=None, discussion_id=None)
+        if await service.thread(key) is None:
+            raise HTTPException(404, f"no thread {discussion_id!r} for user {user_id!r}")
+        return await fork(user_id, key, request.at_reply, request.discussion_id)
 
     @app.delete("/users/{user_id}/threads/{discussion_id}", status_code=204, dependencies=[Authorized],
                 responses=missing)

@@ -35,6 +35,7 @@
     stop: $("stop"),
     rename: $("rename"),
     remove: $("delete"),
+    fork: $("fork"),
   };
 
   function randomHex(bytes) {
@@ -189,7 +190,8 @@
   const replyTexts = new WeakMap(); // each shown reply's Markdown, for its Copy button
 
   // A finished reply: the server's sanitised HTML, a Copy button on each code block and on the reply.
-  function showReply(item, text, html) {
+  // ``replyId``: its message id when the thread's context holds it, so it can be forked from.
+  function showReply(item, text, html, replyId) {
     const body = item.querySelector(".body");
     body.classList.add("markdown");
     body.innerHTML = html; // rendered and sanitised by the server (nh3): no script, no handlers
@@ -206,6 +208,17 @@
         actionButton("retry", "Retry", "A new reply to the same message", "/retry"),
         actionButton("continue", "Continue", "Make this reply longer", "/continue"));
       item.append(actions);
+    }
+    if (replyId != null && !actions.querySelector(".fork")) {
+      item.dataset.replyId = String(replyId);
+      const fork = document.createElement("button");
+      fork.type = "button";
+      fork.className = "fork";
+      fork.textContent = "Fork";
+      fork.title = "A new thread that starts from this reply (this thread is unchanged)";
+      fork.disabled = state.busy;
+      fork.addEventListener("click", () => guarded(() => forkThread(replyId)));
+      actions.append(fork);
     }
     lastReplyOnly();
   }
@@ -256,7 +269,7 @@
     body.className = "body";
     body.dir = "auto"; // Arabic, Hebrew: laid out right to left
     item.append(who, body);
-    if (options.html != null) showReply(item, text, options.html);
+    if (options.html != null) showReply(item, text, options.html, options.replyId);
     else renderText(body, text);
     (options.after ? options.after.after(item) : ui.messages.append(item));
     scrollDown();
@@ -318,7 +331,8 @@
     ui.reset.disabled = busy;
     ui.rename.disabled = busy;
     ui.remove.disabled = busy;
-    for (const button of ui.messages.querySelectorAll(".retry, .continue")) button.disabled = busy;
+    ui.fork.disabled = busy;
+    for (const button of ui.messages.querySelectorAll(".retry, .continue, .fork")) button.disabled = busy;
     ui.persona.disabled = busy;
     ui.app.classList.toggle("busy", busy);
   }
@@ -358,9 +372,21 @@
     meta.className = "meta";
     meta.textContent = `${personaName(thread.persona)} · ${new Date(thread.updated_at * 1000).toLocaleString()}`;
     button.append(title, meta);
+    if (thread.forked_from) {
+      const origin = document.createElement("span");
+      origin.className = "meta forked";
+      origin.dir = "auto";
+      origin.textContent = `Fork of ${threadTitle(thread.forked_from)}`;
+      button.append(origin);
+    }
     button.addEventListener("click", () => guarded(() => openThread(thread.discussion_id)));
     item.append(button);
     return item;
+  }
+
+  function threadTitle(discussion) {
+    const found = state.threads.find((t) => t.discussion_id === discussion);
+    return found ? `“${found.title || "(untitled)"}”` : "a thread that is gone";
   }
 
   function showThreadList() {
@@ -443,7 +469,8 @@
       }
       const command = message.role === "user" && message.text.trim().startsWith("/");
       addMessage(message.role, message.text, { extraClass: command ? "command" : "", at: message.created_at,
-        html: message.role === "assistant" ? message.html : undefined });
+        html: message.role === "assistant" ? message.html : undefined,
+        replyId: message.role === "assistant" && message.in_context ? message.id : undefined });
     });
   }
 
@@ -460,6 +487,7 @@
     localStorage.setItem(THREAD_KEY, discussion);
     followPersona();
     ui.messages.replaceChildren();
+    if (thread.forked_from) addDivider(`Forked from ${threadTitle(thread.forked_from)}`);
     showHistory(thread.messages);
     markCurrent();
     updateHint();
@@ -498,7 +526,7 @@
           renderText(body, shown);
           scrollDown();
         } else if (name === "done") {
-          showReply(reply, data.generated_text, data.html || "<p>(no reply)</p>");
+          showReply(reply, data.generated_text, data.html || "<p>(no reply)</p>", data.reply_id);
           if (data.notice) addNote(reply, data.notice);
           announce(`Raven: ${data.generated_text}`);
         } else if (name === "error") {
@@ -532,6 +560,7 @@
     const reply = addMessage("assistant", "", { extraClass: "streaming" });
     const body = reply.querySelector(".body");
     let shown = "";
+    let forkedTo = null; // a typed /fork: the new thread, opened once the answer is shown
     try {
       let response;
       try {
@@ -573,9 +602,10 @@
           addNotice(data.detail, reply);
         } else if (name === "done") {
           shown = data.generated_text;
-          showReply(reply, shown, data.html || "<p>(no reply)</p>");
+          showReply(reply, shown, data.html || "<p>(no reply)</p>", data.reply_id);
           if (data.notice) addNote(reply, data.notice);
           announce(`Raven: ${shown}`);
+          if (data.thread) forkedTo = data.thread.discussion_id;
         }
       });
     } catch (error) {
@@ -594,6 +624,28 @@
     followPersona();
     updateHint();
     if (/^\/(retry|continue)\s*$/.test(text.trim())) await openThread(state.discussion); // as the log has it now
+    if (forkedTo) await openThread(forkedTo);
+  }
+
+  // Fork: a new thread that starts where this one is now, or at one of its replies; it opens at once.
+  async function forkThread(atReply) {
+    if (!state.threadPersona) {
+      setStatus("Nothing to fork yet: this thread has no messages.");
+      return;
+    }
+    if (state.busy) return;
+    setBusy(true);
+    let thread = null;
+    try {
+      const response = await threadCall("/fork", { method: "POST", ...JSON_BODY(atReply == null ? {} : { at_reply: atReply }) });
+      if (response.ok) thread = await response.json();
+    } finally {
+      setBusy(false);
+    }
+    if (!thread) return;
+    await refreshThreads();
+    await openThread(thread.discussion_id);
+    announce(`Forked into a new thread: ${thread.title || thread.discussion_id}`);
   }
 
   async function threadCall(suffix, options) {
@@ -694,6 +746,7 @@
   ui.stop.addEventListener("click", () => guarded(stopReply));
   ui.rename.addEventListener("click", () => guarded(renameThread));
   ui.remove.addEventListener("click", () => guarded(deleteThread));
+  ui.fork.addEventListener("click", () => guarded(() => forkThread(null)));
   ui.newThread.addEventListener("click", newThread);
   ui.reset.addEventListener("click", () => {
     if (state.threadPersona) guarded(() => send("/reset"));
