@@ -550,6 +550,18 @@ class StoreContract:
         assert (await store.get_turn(lost_edit.turn_id)).phase == "delivered"  # type: ignore[arg-type,union-attr]
         assert (await store.get_turn(killed.turn_id)).phase == "interrupted"  # type: ignore[arg-type,union-attr]
 
+    async def test_a_continued_reply_is_repaired_from_where_its_turn_began(self, store: Store, clock: FakeClock) -> None:
+        await store.register_instance("dead")
+        asked = await store.accept(SLACK, "default", "q", owner="dead")
+        first = await store.finish_turn(SLACK, asked.message.id, "the first part", None, turn_id=asked.turn_id)
+        await store.mark_repaired(asked.turn_id)  # type: ignore[arg-type]
+        more = await store.accept(SLACK, "default", "/continue", owner="dead", answer=False, redo=True)
+        await store.finish_turn(SLACK, asked.message.id, "the first part and the rest", None, turn_id=more.turn_id,
+                                replaces=first.id, shown_from=len("the first part"))
+        clock.now += 60
+        [repair] = await store.repairs("slack", lease_s=30)
+        assert repair.turn.id == more.turn_id and repair.reply == " and the rest"  # only what it showed
+
     # --- saved states ----------------------------------------------------------------------------------
 
     async def test_save_load_replace_and_delete_state(self, store: Store) -> None:

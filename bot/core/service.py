@@ -718,7 +718,8 @@ class ChatService:
         replaced = redo[1].reply.id if redo is not None else None
         reply_message = await self._commit(thread, fmt, user_message, completion, reply, turn.turn_id,
                                            before=before, replaces=replaced,
-                                           tokens=kept_tokens + completion.segment_tokens)
+                                           tokens=kept_tokens + completion.segment_tokens,
+                                           shown_from=len(kept_text) if kept_text else 0)
         info = TurnInfo(resumed_from, len(prompt), completion.generated_tokens, completion.finish_reason,
                         time.monotonic() - started)
         self._turns[key] = info
@@ -777,7 +778,7 @@ class ChatService:
 
     async def _commit(self, thread: ThreadInfo, fmt: PromptFormat, user_message: StoredMessage,
                       completion: Completion, reply: str, turn_id: int | None, before: Resumed,
-                      replaces: int | None, tokens: list[int]) -> StoredMessage:
+                      replaces: int | None, tokens: list[int], shown_from: int = 0) -> StoredMessage:
         """The reply, the user's message marked answered and the new state: one transaction. The
         state the turn started from stays as the thread's prior state (for ``/retry``)."""
         key = thread.key
@@ -790,7 +791,7 @@ class ChatService:
         reply_message = await self.store.finish_turn(
             key, user_message.id, reply, stored, tokens=tokens or None,
             tokenizer=self.tokenizer.name, turn_id=turn_id, finish=completion.finish_reason, replaces=replaces,
-            generated=completion.generated_tokens)
+            generated=completion.generated_tokens, shown_from=shown_from)
         if final is not None:
             if replaces is None:
                 self.states.remember_prior(key, before.model, fingerprint, thread.epoch, before.last_id)

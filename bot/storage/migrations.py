@@ -154,6 +154,9 @@ MIGRATIONS: list[Sequence[str]] = [
     (
         "ALTER TABLE messages ADD COLUMN user_ref TEXT",
         "ALTER TABLE turns ADD COLUMN generated INTEGER NOT NULL DEFAULT 0",
+        # how much of its reply a turn found written (``/continue`` shows only what it adds: a repair
+        # after a crash must not post the older part again)
+        "ALTER TABLE turns ADD COLUMN shown_from INTEGER NOT NULL DEFAULT 0",
         "CREATE INDEX messages_by_user ON messages (user_ref, created_at) WHERE user_ref IS NOT NULL",
         "CREATE INDEX threads_by_update ON threads (updated_at)",
         "CREATE INDEX states_by_update ON states (updated_at)",

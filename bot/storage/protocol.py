@@ -236,7 +236,7 @@ class Store(Protocol):
         self, key: ThreadKey, user_message_id: int, reply: str, state: StateDraft | None,
         status: Status = "answered", tokens: list[int] | None = None, tokenizer: str | None = None,
         turn_id: int | None = None, finish: str | None = None, replaces: int | None = None,
-        reply_status: Status = "done", generated: int = 0,
+        reply_status: Status = "done", generated: int = 0, shown_from: int = 0,
     ) -> StoredMessage:
         """Store the reply (author ``raven``, with the token ids the model read), set the user
         message's ``status``, move the turn (if given) to ``generated`` with this reply and how it
@@ -249,7 +249,8 @@ class Store(Protocol):
         ``replaced`` (out of the context) and the prior state stays as it was — the replacement was
         written from it too. ``reply_status`` ``aside``: a reply outside the thread's context (a
         summary, a one-shot answer), stored with ``state`` None. ``generated``: the tokens the model
-        wrote for it (what a daily token limit counts)."""
+        wrote for it (what a daily token limit counts). ``shown_from``: the reply's first character this
+        turn showed (``/continue`` shows only what it adds); ``repairs`` offer the reply from there."""
         ...
 
     # --- saved states ----------------------------------------------------------------------------------

@@ -94,7 +94,8 @@ class Delivery:
 @dataclass(frozen=True)
 class Repair:
     """A turn whose process is gone before its platform messages caught up with the log: a reply
-    stored but perhaps not shown in full (``reply`` set), or a turn lost mid-way (``reply`` None)."""
+    stored but perhaps not shown in full (``reply`` set: what this turn's messages should show), or a
+    turn lost mid-way (``reply`` None)."""
 
     turn: TurnRecord
     reply: str | None

@@ -518,7 +518,7 @@ class SQLiteStore:
         found = []
         for row in rows:
             turn = _turn(row)
-            reply = row["reply_text"] if turn.phase == "generated" else None
+            reply = row["reply_text"][row["shown_from"]:] if turn.phase == "generated" else None
             found.append(Repair(turn, reply, await self.deliveries(turn.id)))
         return found
 
@@ -533,7 +533,7 @@ class SQLiteStore:
         self, key: ThreadKey, user_message_id: int, reply: str, state: StateDraft | None,
         status: Status = "answered", tokens: list[int] | None = None, tokenizer: str | None = None,
         turn_id: int | None = None, finish: str | None = None, replaces: int | None = None,
-        reply_status: Status = "done", generated: int = 0,
+        reply_status: Status = "done", generated: int = 0, shown_from: int = 0,
     ) -> StoredMessage:
         packed = pack_tokens(tokens) if tokens is not None else None
 
@@ -546,8 +546,9 @@ class SQLiteStore:
                                  (replaces,))
             if turn_id is not None:
                 await db.execute(
-                    """UPDATE turns SET phase = 'generated', reply_id = ?, reason = ?, generated = ?, updated_at = ?
-                       WHERE id = ?""", (reply_id, finish, generated, self.clock(), turn_id))
+                    """UPDATE turns SET phase = 'generated', reply_id = ?, reason = ?, generated = ?, shown_from = ?,
+                         updated_at = ? WHERE id = ?""",
+                    (reply_id, finish, generated, shown_from, self.clock(), turn_id))
             if state is not None:
                 # A new reply: into the other slot, which becomes current, so the state this turn
                 # started from stays as the prior one. A replacement started from that prior state
