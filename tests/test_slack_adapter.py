@@ -665,3 +665,21 @@ async def test_a_reply_cut_off_inside_a_code_block_leaves_every_message_balanced
     for message in messages:
         assert message.text.count("```") % 2 == 0, message.text[-200:]
     assert messages[-1].text.endswith("_(reply cut off at the 400-token limit)_")
+
+
+async def test_a_user_over_the_rate_limit_gets_a_private_notice_and_the_message_is_kept(
+        settings_factory: SettingsFactory, fake: FakeSlack) -> None:
+    from bot.app.assembly import open_service
+
+    async with open_service(settings_factory(rate_messages_per_minute=1, max_reply_tokens=8)) as service:
+        async with running("http", service, settings_factory, fake) as slack:
+            await slack.deliver.event(event_body(mention("980.000001", "first")))
+            await slack.settle()
+            await slack.deliver.event(event_body(message("980.000002", "second", thread_ts="980.000001")))
+            await slack.settle()
+        stored = await service.thread_messages(ThreadKey("slack", "C1:980.000001"))
+    assert [(m.role, m.status) for m in stored] == [("user", "answered"), ("assistant", "done"), ("user", "refused")]
+    [notice] = [e for e in fake.ephemerals if "limit" in e.text]
+    assert notice.user == USER and notice.thread_ts == "980.000001"
+    assert "1 messages in the last minute (the limit is 1)" in notice.text and "Please wait" in notice.text
+    assert len([m for m in fake.thread("C1", "980.000001") if m.user is None]) == 1  # one answer only
