@@ -21,6 +21,7 @@ import asyncio
 import contextlib
 import hashlib
 import hmac
+import html as html_text
 import json
 import logging
 import re
@@ -66,6 +67,9 @@ ID_RULE = "1-64 characters: letters, digits, '_', '-', '.', '@'"
 # the seed's prompt files, matched case-insensitively; any other value is a persona name
 PROMPT_FILE_ALIASES = {"sqladvisor": "sql", "projectadvisor": "project"}
 SESSION_COOKIE = "raven_session"
+CHATUX_COOKIE = "raven_chatux"
+CHATUX_USER = "chatux"
+"""chatux conversations are web threads of this user: ``web:chatux/<thread or s-<session id>>``."""
 SSE_PING_S = 15
 # The page loads nothing but its own files; the browser enforces it.
 PAGE_HEADERS = {
@@ -171,6 +175,12 @@ def _thread_out(info: ThreadInfo, prefix: str) -> ThreadOut:
 
 def new_discussion_id() -> str:
     return f"d-{int(time.time() * 1000):x}-{secrets.token_hex(3)}"
+
+
+def chatux_output(text: str, **extra: Any) -> dict[str, Any]:
+    """chatux's answer shape. The page puts ``value`` in as HTML: escaped first, then ``<br>`` per line."""
+    value = html_text.escape(text.replace("\r\n", "\n")).replace("\n", "<br>")
+    return {"output": [{"type": "text", "value": value}], **extra}
 
 
 class ChatResponse(BaseModel):
@@ -733,6 +743,51 @@ def create_app(service: ChatService, settings: WebSettings) -> FastAPI:
         if not await service.forget_thread(thread_key(user_id, discussion_id)):
             raise HTTPException(404, f"no thread {discussion_id!r} for user {user_id!r}")
         return Response(status_code=204)
+
+    @app.get("/chat_api", dependencies=[Authorized],
+             responses={403: {"model": Problem, "description": "sent by another site's page"}})
+    async def chat_api(request: Request, text: str = "", thread: str | None = None) -> JSONResponse:
+        """chatux-server-rwkv's endpoint, for its page unchanged: ``GET /chat_api?text=…`` answers
+        ``{"output": [{"type": "text", "value": "<the reply, HTML-escaped, <br> for newlines>"}]}``.
+        One conversation per browser session (a session cookie), or per ``thread`` when given
+        (web user ``chatux``). A reply that cannot be given (busy, refused) is said in ``value`` too,
+        with ``outcome`` saying which; a request from another site's page is refused (403)."""
+        fetch_site = request.headers.get("sec-fetch-site")
+        origin = request.headers.get("origin")
+        if fetch_site not in (None, "same-origin", "none") and origin not in settings.cors_origins:
+            # A GET that runs a turn: no other site's page may make one (an <img> needs no CORS).
+            return JSONResponse({"detail": "chat_api answers only this server's own pages "
+                                           "(or RAVEN_WEB_CORS_ORIGINS)", "reason": "cross_site"}, status_code=403)
+        session = request.cookies.get(CHATUX_COOKIE) or ""
+        fresh = not ID_PATTERN.fullmatch(session)
+        if fresh:
+            session = secrets.token_hex(16)
+        if thread is not None:
+            try:
+                discussion = _check_id(thread, "thread")
+            except ValueError as exc:
+                raise HTTPException(422, str(exc)) from None
+        else:
+            discussion = f"s-{session}"
+        if not text.strip():
+            raise HTTPException(422, "text must not be empty")
+        key = ThreadKey(PLATFORM, f"{CHATUX_USER}/{discussion}")
+        turn = service.reply(Event(thread=key, user_id=CHATUX_USER, user_name=CHATUX_USER, text=text))
+        said = await turn.text()
+        outcome = await turn.outcome()
+        if isinstance(outcome, Busy | Refused | Failed):
+            kind = "busy" if isinstance(outcome, Busy) else "refused" if isinstance(outcome, Refused) else "failed"
+            body = chatux_output(outcome.message, outcome=kind)
+        else:
+            await service.delivered(turn)
+            shown = _success(outcome)
+            body = chatux_output(said + (f"\n({shown.notice})" if shown.notice else ""), outcome=shown.outcome,
+                                 notice=shown.notice)
+        response = JSONResponse(body, headers={"Cache-Control": "no-store"})
+        if fresh and thread is None:
+            response.set_cookie(CHATUX_COOKIE, session, httponly=True, samesite="strict", path="/",
+                                secure=request.url.scheme == "https")
+        return response
 
     @app.get("/healthz", include_in_schema=False)
     async def healthz() -> dict[str, str]:
