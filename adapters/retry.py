@@ -10,6 +10,9 @@
 Slack's SDK takes it as its one retry handler (``SlackRetryHandler`` in ``adapters/slack_bot.py``);
 Discord calls go through ``call_with_retries`` (discord.py already waits out the rate limits it may
 wait out, and retries some 5xx itself; this covers what it gives up on).
+
+Each attempt is told to ``call_observers`` (``PlatformCall``: metrics count calls and errors by code);
+nothing here knows who listens.
 """
 
 from __future__ import annotations
@@ -25,6 +28,31 @@ from typing import TypeVar
 log = logging.getLogger(__name__)
 T = TypeVar("T")
 RETRIED_STATUSES = frozenset({429, 500, 502, 503, 504})
+
+
+@dataclass(frozen=True)
+class PlatformCall:
+    """One attempt at a platform call: ``result`` is ``ok``, the HTTP status of an error (``429``),
+    ``connection`` (a broken connection) or ``error`` (anything else)."""
+
+    platform: str
+    what: str
+    result: str
+
+
+CallObserver = Callable[[PlatformCall], None]
+call_observers: list[CallObserver] = []
+"""Told of every attempt ``call_with_retries`` makes (and whatever calls ``report_call``)."""
+
+
+def report_call(platform: str, what: str, result: str) -> None:
+    """Tell the observers of one attempt; an observer's failure never reaches the call."""
+    call = PlatformCall(platform, what, result)
+    for observe in list(call_observers):
+        try:
+            observe(call)
+        except Exception:
+            log.exception("platform call observer failed")
 
 
 @dataclass(frozen=True)
@@ -49,22 +77,29 @@ class RetryPolicy:
 
 async def call_with_retries(call: Callable[[], Awaitable[T]], policy: RetryPolicy,
                             classify: Callable[[BaseException], tuple[int | None, float | None, bool] | None],
-                            what: str, clock: Callable[[], float] = time.monotonic) -> T:
+                            what: str, clock: Callable[[], float] = time.monotonic, platform: str | None = None) -> T:
     """Run ``call`` under ``policy``. ``classify`` says of an error (status, Retry-After seconds,
-    whether the connection broke), or None for an error that is not the platform's to retry."""
+    whether the connection broke), or None for an error that is not the platform's to retry.
+    ``platform`` names it for the observers (default: ``what`` up to its colon, "discord: …")."""
     started = clock()
     attempt = 0
+    name = platform or what.split(":", 1)[0].strip() or "unknown"
     while True:
         try:
-            return await call()
+            result = await call()
         except Exception as exc:
             kind = classify(exc)
             if kind is None:
+                report_call(name, what, "error")
                 raise
             status, retry_after, connection = kind
+            report_call(name, what, str(status) if status is not None else "connection" if connection else "error")
             wait = policy.delay(attempt, clock() - started, status, retry_after, connection)
             if wait is None:
                 raise
             log.info("%s failed (%s); retrying in %.1f s", what, status or type(exc).__name__, wait)
             await asyncio.sleep(wait)
             attempt += 1
+        else:
+            report_call(name, what, "ok")
+            return result

@@ -28,7 +28,7 @@ import re
 import secrets
 import socket
 import time
-from collections.abc import AsyncIterator, Generator
+from collections.abc import AsyncIterator, Awaitable, Callable, Generator
 from pathlib import Path
 from typing import TYPE_CHECKING, Annotated, Any, Literal
 from urllib.parse import parse_qs, urlsplit
@@ -71,6 +71,8 @@ CHATUX_COOKIE = "raven_chatux"
 CHATUX_USER = "chatux"
 """chatux conversations are web threads of this user: ``web:chatux/<thread or s-<session id>>``."""
 SSE_PING_S = 15
+MetricsSource = Callable[[], Awaitable[tuple[bytes, str]]]
+"""What ``/metrics`` answers: the exposition and its content type (``bot/app/metrics.py`` provides it)."""
 # The page loads nothing but its own files; the browser enforces it.
 PAGE_HEADERS = {
     "Content-Security-Policy": (
@@ -379,8 +381,9 @@ class HostGuard:
 # --- the app -------------------------------------------------------------------------------------------
 
 
-def create_app(service: ChatService, settings: WebSettings) -> FastAPI:
-    """The FastAPI app for one service. Nothing starts until an ASGI server runs it."""
+def create_app(service: ChatService, settings: WebSettings, metrics: MetricsSource | None = None) -> FastAPI:
+    """The FastAPI app for one service (and ``/metrics`` when given). Nothing starts until an ASGI
+    server runs it."""
     token = settings.token.get_secret_value() if settings.token else None
     guard = TokenGuard(token)
     max_body = settings.max_body_bytes
@@ -789,6 +792,13 @@ def create_app(service: ChatService, settings: WebSettings) -> FastAPI:
                                 secure=request.url.scheme == "https")
         return response
 
+    if metrics is not None:
+        @app.get("/metrics", include_in_schema=False, dependencies=[Authorized])
+        async def metrics_page() -> Response:
+            """Prometheus metrics (the token, when one is set, as a bearer token)."""
+            body, content_type = await metrics()
+            return Response(body, media_type=content_type, headers={"Cache-Control": "no-store"})
+
     @app.get("/healthz", include_in_schema=False)
     async def healthz() -> dict[str, str]:
         return {"status": "ok"}
@@ -897,7 +907,7 @@ def _listen(host: str, port: int) -> socket.socket:
 class WebAdapter:
     """Serves the page and the API on ``settings.host:port`` until cancelled."""
 
-    def __init__(self, service: ChatService, settings: WebSettings) -> None:
+    def __init__(self, service: ChatService, settings: WebSettings, metrics: MetricsSource | None = None) -> None:
         if not settings.local and settings.token is None:
             # WebSettings checks this when RAVEN_WEB_ENABLED is set; check again for any other caller.
             raise ConfigError(
@@ -905,7 +915,7 @@ class WebAdapter:
             )
         self.service = service
         self.settings = settings
-        self.app = create_app(service, settings)
+        self.app = create_app(service, settings, metrics)
         self.port: int | None = None
         self._ready = asyncio.Event()
 

@@ -152,6 +152,10 @@ class CoreSettings(Sampling, Section):
 
     log_level: Literal["DEBUG", "INFO", "WARNING", "ERROR"] = "INFO"
 
+    # --- Prometheus metrics: the web port's /metrics when the web page is on, else this port (0: off) --
+    metrics_port: int = Field(0, ge=0, le=65535)
+    metrics_host: str = "127.0.0.1"
+
     @property
     def database_path(self) -> Path:
         return self.database or self.data_dir / "raven.db"

@@ -106,10 +106,15 @@ async def _serve(settings: Settings, stopping: asyncio.Event, only: str | None =
     are answered, the replies in flight finish and are delivered (``RAVEN_SHUTDOWN_GRACE_S``), and
     only then are the platform connections closed."""
     from bot.app.assembly import open_service
+    from bot.app.metrics import Metrics
 
     async with open_service(settings) as service:
         if service.is_demo_model:
             typer.echo(DEMO_BANNER, err=True)
+        metrics = Metrics(service).attach()  # /metrics on the web port, else on RAVEN_METRICS_PORT
+        web_on = settings.web.enabled and only in (None, "web")
+        if not web_on and settings.metrics_port:
+            metrics.serve(settings.metrics_host, settings.metrics_port)
         tasks = []
         if settings.discord.enabled and only in (None, "discord"):
             from adapters.discord_bot import DiscordAdapter
@@ -117,9 +122,9 @@ async def _serve(settings: Settings, stopping: asyncio.Event, only: str | None =
         if settings.slack.enabled and only in (None, "slack"):
             from adapters.slack_bot import SlackAdapter
             tasks.append(asyncio.create_task(SlackAdapter(service, settings.slack).run(), name="slack"))
-        if settings.web.enabled and only in (None, "web"):
+        if web_on:
             from adapters.web import WebAdapter
-            tasks.append(asyncio.create_task(WebAdapter(service, settings.web).run(), name="web"))
+            tasks.append(asyncio.create_task(WebAdapter(service, settings.web, metrics.exposition).run(), name="web"))
         log.info("serving: %s", ", ".join(t.get_name() for t in tasks))
         signalled = asyncio.create_task(stopping.wait(), name="stop signal")
         try:
@@ -134,6 +139,7 @@ async def _serve(settings: Settings, stopping: asyncio.Event, only: str | None =
             for task in tasks:
                 task.cancel()
             await asyncio.gather(*tasks, return_exceptions=True)
+            metrics.close()
 
 
 @app.command()
