@@ -222,10 +222,13 @@ def _success(outcome: Outcome, before: str = "") -> ChatResponse:
 
 
 def _refusal(outcome: Busy | Refused | Failed) -> JSONResponse:
-    """A turn that produced no answer, as an HTTP error: busy 503 (with Retry-After), refused input
-    422, a failure 500."""
+    """A turn that produced no answer, as an HTTP error: busy 503 (with Retry-After), over a rate
+    limit 429 (with Retry-After), refused input 422, a failure 500."""
     if isinstance(outcome, Busy):
         return JSONResponse({"detail": outcome.message, "reason": "busy"}, status_code=503,
+                            headers={"Retry-After": str(outcome.retry_after_s)})
+    if isinstance(outcome, Refused) and outcome.reason == "rate_limited":
+        return JSONResponse({"detail": outcome.message, "reason": outcome.reason}, status_code=429,
                             headers={"Retry-After": str(outcome.retry_after_s)})
     if isinstance(outcome, Refused):
         return JSONResponse({"detail": outcome.message, "reason": outcome.reason}, status_code=422)
@@ -708,9 +711,41 @@ def create_app(service: ChatService, settings: WebSettings, metrics: MetricsSour
     async def stop_reply(user_id: str, discussion_id: str) -> Stopped:
         """Stop the reply being written in the thread (send ``{}``). What was written is kept as the
         reply (``outcome: cut_off``) and the saved state matches it. ``stopped: false`` when nothing
-        was being written. To get a new reply or a longer one, send ``/retry`` or ``/continue`` as an
-        ordinary ``user_message``."""
+        was being written. ``…/retry`` and ``…/continue`` write a new or a longer reply."""
         return Stopped(stopped=service.stop(thread_key(user_id, discussion_id)))
+
+    async def redo(user_id: str, discussion_id: str, command: str) -> ChatResponse | JSONResponse:
+        key = thread_key(user_id, discussion_id)
+        if await service.thread(key) is None:
+            raise HTTPException(404, f"no thread {discussion_id!r} for user {user_id!r}")
+        chat = ChatRequest(user_message=command, user_id=user_id, discussion_id=discussion_id, prompt_file=None,
+                           user_name=None)
+        started = await start_turn(chat)
+        if isinstance(started, JSONResponse):
+            return started
+        before, turn = started
+        await turn.text()
+        outcome = await turn.outcome()
+        if isinstance(outcome, Busy | Refused | Failed):
+            return _refusal(outcome)
+        await service.delivered(turn)
+        return _success(outcome, before)
+
+    @app.post("/users/{user_id}/threads/{discussion_id}/retry", response_model=ChatResponse,
+              dependencies=[Authorized, JsonOnly], responses={**error_responses, **missing})
+    async def retry_reply(user_id: str, discussion_id: str) -> ChatResponse | JSONResponse:
+        """A new reply to the thread's last message, in place of its last reply (send ``{}``): sampled
+        from the state before that reply, which Raven keeps for this. The old reply stays in the log,
+        out of the context. 422 ``nothing_to_redo`` when there is no reply yet. The same as sending
+        ``/retry`` (or ``++``) as the ``user_message``; stream it that way."""
+        return await redo(user_id, discussion_id, "/retry")
+
+    @app.post("/users/{user_id}/threads/{discussion_id}/continue", response_model=ChatResponse,
+              dependencies=[Authorized, JsonOnly], responses={**error_responses, **missing})
+    async def continue_reply(user_id: str, discussion_id: str) -> ChatResponse | JSONResponse:
+        """The thread's last reply made longer (send ``{}``): ``generated_text`` is what was added; the
+        log keeps one reply, the old text and the new. The same as ``/continue`` (or ``+++``)."""
+        return await redo(user_id, discussion_id, "/continue")
 
     @app.patch("/users/{user_id}/threads/{discussion_id}", response_model=ThreadOut,
                dependencies=[Authorized, JsonOnly], responses=missing)

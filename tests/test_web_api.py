@@ -745,3 +745,50 @@ async def test_rename_and_delete_a_thread(client: httpx.AsyncClient, service: Ch
     schema = (await client.get("/openapi.json")).json()["paths"]
     assert {"patch", "delete"} <= set(schema["/users/{user_id}/threads/{discussion_id}"])
     assert "post" in schema["/users/{user_id}/threads/{discussion_id}/stop"]
+
+
+async def test_retry_and_continue_endpoints_replace_and_extend_the_last_reply(
+        client: httpx.AsyncClient, service: ChatService) -> None:
+    key = ThreadKey("web", "alice/redo")
+    missing = await client.post("/users/alice/threads/redo/retry", json={})
+    assert missing.status_code == 404
+    first = await client.post("/generate-response", json=ask("why is it slow?", discussion="redo", persona=None))
+    assert first.status_code == 200, first.text
+    old_reply = [m for m in await service.thread_messages(key) if m.role == "assistant"][-1]
+    retried = await client.post("/users/alice/threads/redo/retry", json={})
+    assert retried.status_code == 200, retried.text
+    log = await service.thread_messages(key)
+    assert (await service.store.get_message(old_reply.id)).status == "replaced"  # type: ignore[union-attr]
+    new_reply = log[-1]
+    assert (new_reply.role, new_reply.status) == ("assistant", "done")
+    assert new_reply.text == retried.json()["generated_text"].strip()
+    continued = await client.post("/users/alice/threads/redo/continue", json={})
+    assert continued.status_code == 200, continued.text
+    longer = [m for m in await service.store.context(key, 0) if m.role == "assistant"]
+    assert len(longer) == 1 and longer[0].text.startswith(new_reply.text[:10])
+    assert continued.json()["generated_text"].strip() in longer[0].text
+    docs = (await client.get("/openapi.json")).json()["paths"]
+    assert "/users/{user_id}/threads/{discussion_id}/retry" in docs
+    assert "/users/{user_id}/threads/{discussion_id}/continue" in docs
+
+
+async def test_a_user_over_the_rate_limit_gets_429_with_retry_after(settings_factory: Any) -> None:
+    from bot.app.assembly import open_service
+
+    settings = settings_factory(rate_messages_per_minute=1, max_reply_tokens=5, web={"port": 0})
+    async with open_service(settings) as service:
+        adapter = WebAdapter(service, settings.web)
+        task = await start_adapter(adapter)
+        try:
+            async with httpx.AsyncClient(base_url=adapter.url, timeout=60) as http:
+                ok = await http.post("/generate-response", json=ask("one", discussion="lim", persona=None))
+                limited = await http.post("/generate-response", json=ask("two", discussion="lim", persona=None))
+                other = await http.post("/generate-response", json=ask("hi", user="bob", discussion="lim",
+                                                                         persona=None))
+        finally:
+            await stop(task)
+        stored = await service.thread_messages(ThreadKey("web", "alice/lim"))
+    assert ok.status_code == 200 and other.status_code == 200
+    assert limited.status_code == 429, limited.text
+    assert limited.json()["reason"] == "rate_limited" and 1 <= int(limited.headers["retry-after"]) <= 60
+    assert [(m.text, m.status) for m in stored if m.role == "user"] == [("one", "answered"), ("two", "refused")]
