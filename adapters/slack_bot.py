@@ -53,7 +53,7 @@ from slack_sdk.http_retry.response import HttpResponse
 from slack_sdk.http_retry.state import RetryState
 from slack_sdk.web.async_client import AsyncWebClient
 
-from adapters.retry import RetryPolicy
+from adapters.retry import RetryPolicy, report_call
 from adapters.settings import SlackSettings
 from adapters.slack_blocks import (
     ACTION_IDS,
@@ -193,6 +193,23 @@ def _retry_after(headers: Mapping[str, list[str] | str] | None) -> float | None:
     return None
 
 
+class ObservedWebClient(AsyncWebClient):
+    """slack_sdk's client, telling ``report_call`` how each Web API call ended (metrics count Slack's
+    calls and errors like the other platforms'); the retried attempts are reported by the handler."""
+
+    async def api_call(self, api_method: str, **kwargs: Any) -> Any:  # type: ignore[override]
+        try:
+            response = await super().api_call(api_method, **kwargs)
+        except SlackApiError as exc:
+            report_call("slack", api_method, str(exc.response.get("error") or exc.response.status_code))
+            raise
+        except Exception:
+            report_call("slack", api_method, "connection")
+            raise
+        report_call("slack", api_method, "ok")
+        return response
+
+
 class SlackRetryHandler(AsyncRetryHandler):
     """slack_sdk's handler interface over ``RetryPolicy``: the one handler the Web API client uses."""
 
@@ -225,6 +242,8 @@ class SlackRetryHandler(AsyncRetryHandler):
         wait = self._next_wait(state, response, error) or 0.0
         assert state.custom_values is not None
         state.custom_values.pop("raven_wait", None)  # decided afresh after the next answer
+        report_call("slack", request.url.rsplit("/", 1)[-1],
+                    str(response.status_code) if response is not None else "connection")
         log.info("slack: %s answered %s; retrying in %.1f s", request.url.rsplit("/", 1)[-1],
                  response.status_code if response is not None else type(error).__name__, wait)
         state.next_attempt_requested = True
@@ -259,7 +278,7 @@ class SlackAdapter:
         self.clock = clock
         self.socket_mode = settings.app_token is not None
         api_url = settings.api_url.rstrip("/") + "/"  # slack_sdk joins method names onto it
-        self.client = AsyncWebClient(
+        self.client = ObservedWebClient(
             token=settings.bot_token.get_secret_value(),
             base_url=api_url,
             # One handler for 429, 5xx and broken connections alike, with a budget in time (see

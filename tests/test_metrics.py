@@ -91,6 +91,7 @@ async def test_web_port_metrics_after_real_turns(settings_factory: Any) -> None:
         assert value(samples, "raven_engine_prefilled_tokens_total") == stats.prefilled_tokens > 0
         assert value(samples, "raven_engine_queue_depth") == 0 == service.engine.queued
         assert value(samples, "raven_engine_batch_rows_max") == stats.max_batch_seen >= 1
+        assert value(samples, "raven_engine_batch_rows") == 0 == service.engine.rows  # all finished
         assert value(samples, "raven_state_cache_bytes") == service.states.used_bytes > 0
         assert value(samples, "raven_state_cache_evictions_total") == service.states.evictions
         size = database_bytes(service.settings.database_path)

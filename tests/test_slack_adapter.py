@@ -616,6 +616,26 @@ async def test_429_429_then_500_on_one_update_is_retried_and_the_reply_completes
     assert fake.ephemerals == []  # no failure notice
 
 
+async def test_every_slack_call_and_retried_attempt_is_reported_for_metrics(
+        service: ChatService, settings_factory: SettingsFactory, fake: FakeSlack) -> None:
+    from adapters.retry import PlatformCall, call_observers
+
+    seen: list[PlatformCall] = []
+    call_observers.append(seen.append)
+    try:
+        fake.fail("chat.update", "ratelimited", status=429, headers={"Retry-After": "1"}, times=1)
+        words = [f"word{i} " for i in range(20)]
+        async with running("socket", ScriptedService(service, words, delay_s=0.1), settings_factory, fake) as slack:
+            await slack.deliver.event(event_body(mention("511.000001", "stream please")))
+            await slack.settle()
+    finally:
+        call_observers.remove(seen.append)
+    calls = [(c.platform, c.what, c.result) for c in seen]
+    assert ("slack", "chat.update", "429") in calls  # the attempt that was retried
+    assert calls.count(("slack", "chat.postMessage", "ok")) == len(fake.calls_to("chat.postMessage"))
+    assert calls.count(("slack", "chat.update", "ok")) == len(fake.calls_to("chat.update")) - 1
+
+
 async def test_persistent_500s_end_with_a_notice_and_the_reply_leaves_the_context(
         service: ChatService, settings_factory: SettingsFactory, fake: FakeSlack) -> None:
     key = ThreadKey("slack", "C1:520.000001")

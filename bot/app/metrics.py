@@ -60,6 +60,8 @@ class _ScrapeTime(Collector):
         stats = engine.stats
         yield GaugeMetricFamily("raven_engine_queue_depth", "Replies and model work waiting for the engine",
                                 value=engine.queued)
+        yield GaugeMetricFamily("raven_engine_batch_rows", "Replies in the batch now (one row each per decode step)",
+                                value=engine.rows)
         yield GaugeMetricFamily("raven_engine_batch_rows_max", "The most rows one decode step has carried",
                                 value=stats.max_batch_seen)
         yield GaugeMetricFamily("raven_engine_max_batch", "Rows one decode step can carry (RAVEN_MAX_BATCH)",

@@ -242,6 +242,11 @@ class Engine:
         return len(self._incoming) + len(self._waiting)
 
     @property
+    def rows(self) -> int:
+        """Replies in the batch now (streaming or closing): what one decode step carries."""
+        return len(self._decoding)
+
+    @property
     def vocab_size(self) -> int:
         return self.backend.vocab_size
 
