@@ -550,7 +550,8 @@ class StoreContract:
         assert (await store.get_turn(lost_edit.turn_id)).phase == "delivered"  # type: ignore[arg-type,union-attr]
         assert (await store.get_turn(killed.turn_id)).phase == "interrupted"  # type: ignore[arg-type,union-attr]
 
-    async def test_a_continued_reply_is_repaired_from_where_its_turn_began(self, store: Store, clock: FakeClock) -> None:
+    async def test_a_continued_reply_is_repaired_from_where_its_turn_began(
+            self, store: Store, clock: FakeClock) -> None:
         await store.register_instance("dead")
         asked = await store.accept(SLACK, "default", "q", owner="dead")
         first = await store.finish_turn(SLACK, asked.message.id, "the first part", None, turn_id=asked.turn_id)

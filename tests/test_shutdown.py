@@ -246,7 +246,7 @@ async def test_raven_chat_beside_raven_run_leaves_the_servers_reply_alone(tmp_pa
             chat = await asyncio.create_subprocess_exec(
                 RAVEN, "chat", "--thread", "side", cwd=tmp_path, env={**chat_env, "RAVEN_MAX_REPLY_TOKENS": "20"},
                 stdin=asyncio.subprocess.PIPE, stdout=asyncio.subprocess.PIPE, stderr=asyncio.subprocess.PIPE)
-            out, chat_err = await asyncio.wait_for(chat.communicate(b"hello from the terminal\n"), 120)
+            _, chat_err = await asyncio.wait_for(chat.communicate(b"hello from the terminal\n"), 120)
             assert chat.returncode == 0, chat_err.decode()
             db = tmp_path / "data" / "raven.db"
             with sqlite3.connect(db) as conn:
