@@ -200,3 +200,51 @@ def test_cpu_bf16_where_it_is_emulated_is_a_warning(tmp_path: Path, base_env: di
     [cpu] = lines(result, "warn", "cpu")
     assert "every bf16 matmul is emulated" in cpu and 'RAVEN_STRATEGY="cpu fp32"' in cpu
     assert "fits here: cpu fp32" in lines(result, "ok", "strategy")[0]
+
+
+async def run_doctor(cwd: Path, env: dict[str, str], *args: str) -> subprocess.CompletedProcess[str]:
+    """The real ``raven doctor`` while this event loop serves the platform stand-ins."""
+    clean = {k: v for k, v in os.environ.items() if not k.startswith(("RAVEN_", "DISCORD_", "SLACK_"))}
+    clean.update(env)
+    process = await asyncio.create_subprocess_exec(RAVEN, "doctor", *args, env=clean, cwd=cwd,
+                                                   stdout=asyncio.subprocess.PIPE, stderr=asyncio.subprocess.PIPE)
+    out, err = await asyncio.wait_for(process.communicate(), 120)
+    return subprocess.CompletedProcess([RAVEN, "doctor"], int(process.returncode or 0), out.decode(), err.decode())
+
+
+DISCORD_OK = "MTAxNzM0NzE3ODk1NzY3ODcyMA.GhIjKl.discordVALUEabcdefghijklmnop"
+SLACK_OK = "xoxb-1234-5678-abcdefABCDEF"
+SLACK_APP_OK = "xapp-1-A0APP-1234-f0f0f0f0f0f0"
+
+
+async def test_the_platforms_are_asked_whether_the_tokens_work(tmp_path: Path, base_env: dict[str, str]) -> None:
+    from tests.fakes.discord_server import FakeDiscord
+    from tests.fakes.slack_server import FakeSlack
+
+    discord, slack = FakeDiscord(), FakeSlack(bot_user_id="UBOT")
+    await discord.start()
+    await slack.start()
+    try:
+        env = {**base_env, "DISCORD_TOKEN": DISCORD_OK, "DISCORD_API_URL": discord.api_base,
+               "SLACK_BOT_TOKEN": SLACK_OK, "SLACK_APP_TOKEN": SLACK_APP_OK, "SLACK_API_URL": slack.base_url}
+        good = await run_doctor(tmp_path, env)
+        assert good.returncode == 0, good.stdout + good.stderr
+        assert any("Discord accepts the token: the bot is" in line for line in lines(good, "ok", "discord"))
+        assert "ok    slack     Slack accepts the bot token: raven in Fake" in good.stdout
+        assert len(slack.calls_to("auth.test")) == 1
+        discord.fail_next("GET", r"/users/@me", 401, message="401: Unauthorized")
+        slack.fail("auth.test", "invalid_auth", status=200)
+        bad = await run_doctor(tmp_path, env)
+        assert bad.returncode == 1
+        assert "Discord rejects DISCORD_TOKEN (401 Unauthorized)" in lines(bad, "fail", "discord")[0]
+        assert "Slack rejects SLACK_BOT_TOKEN (invalid_auth)" in lines(bad, "fail", "slack")[0]
+        for secret in (DISCORD_OK, SLACK_OK, SLACK_APP_OK):
+            assert secret not in bad.stdout + bad.stderr
+    finally:
+        await discord.close()
+        await slack.close()
+    # nothing listening there any more: a warning, not a failure, and --offline asks nobody
+    gone = await run_doctor(tmp_path, env)
+    assert gone.returncode == 0 and "could not reach 127.0.0.1" in lines(gone, "warn", "discord")[0]
+    offline = await run_doctor(tmp_path, env, "--offline")
+    assert offline.returncode == 0 and "could not reach" not in offline.stdout

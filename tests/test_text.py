@@ -52,3 +52,10 @@ def test_lone_surrogates_do_not_crash_and_are_encodable() -> None:
 def test_lone_surrogates_are_dropped() -> None:
     """bot/text.py says lone surrogates are dropped; a stray '?' in their place is not dropping."""
     assert clean_text("a\ud800b\udfffc", 100) == "abc"
+
+
+def test_control_characters_a_model_writes_are_neither_shown_nor_stored() -> None:
+    from bot.core.text import without_controls
+
+    assert without_controls("a\x00b\x07c\td\ne\x1bf\x7fg\x85h\rj") == "abc\td\nefghj"
+    assert without_controls("plain text, ünïcode ✓") == "plain text, ünïcode ✓"

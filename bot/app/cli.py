@@ -319,13 +319,16 @@ def bench(
 
 
 @app.command()
-def doctor() -> None:
-    """Check this deployment (model, tokenizer, devices, database, personas, platform settings, ports)
-    and say what to change; exit status 1 when something would fail."""
+def doctor(
+    offline: Annotated[bool, typer.Option(help="Do not ask Discord and Slack whether the tokens work.")] = False,
+) -> None:
+    """Check this deployment (model, tokenizer, devices, database, personas, platform settings and
+    whether Discord and Slack accept the tokens, ports) and say what to change; exit status 1 when
+    something would fail."""
     from bot.app.doctor import run_checks, summary
 
     settings = _settings()
-    findings = run_checks(settings, lambda finding: typer.echo(finding.line()))
+    findings = run_checks(settings, lambda finding: typer.echo(finding.line()), online=not offline)
     typer.echo(summary(findings))
     if any(finding.level == "fail" for finding in findings):
         raise typer.Exit(1)

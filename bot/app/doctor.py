@@ -10,11 +10,14 @@ from __future__ import annotations
 
 import contextlib
 import errno
+import json
 import os
 import re
 import socket
 import sqlite3
 import tempfile
+import urllib.error
+import urllib.request
 from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
@@ -41,6 +44,9 @@ BYTES_PER_PARAM = {"fp32": 4, "fp16": 2, "bf16": 2, "fp16i8": 1, "fp32i8": 1, "b
 DISCORD_TOKEN = re.compile(r"[A-Za-z0-9_-]{18,}\.[A-Za-z0-9_-]{4,}\.[A-Za-z0-9_-]{20,}")
 SLACK_TOKEN = re.compile(r"x(?:oxb|app)-[A-Za-z0-9]+(?:-[A-Za-z0-9]+){2,}")
 SLACK_SIGNING_SECRET = re.compile(r"[0-9a-f]{32}")
+ONLINE_TIMEOUT_S = 5.0
+DISCORD_API = "https://discord.com/api/v10"
+SLACK_REJECTS = {"invalid_auth", "not_authed", "account_inactive", "token_revoked", "token_expired"}
 
 
 @dataclass(frozen=True)
@@ -432,6 +438,72 @@ def check_slack(settings: Settings) -> list[Finding]:
     return findings
 
 
+# --- asking the platforms whether the tokens work ----------------------------------------------------
+
+
+def _ask(url: str, headers: dict[str, str], post: bool = False) -> tuple[int, dict[str, object]]:
+    """One HTTP request with a short timeout: the status and the JSON body ({} when there is none)."""
+    request = urllib.request.Request(url, data=b"" if post else None, headers=headers,
+                                     method="POST" if post else "GET")
+    try:
+        with urllib.request.urlopen(request, timeout=ONLINE_TIMEOUT_S) as response:
+            status, raw = response.status, response.read()
+    except urllib.error.HTTPError as exc:
+        status, raw = exc.code, exc.read()
+    try:
+        body = json.loads(raw or b"{}")
+    except ValueError:
+        body = {}
+    return status, body if isinstance(body, dict) else {}
+
+
+def _unreachable(check: str, url: str, exc: Exception) -> Finding:
+    host = urllib.request.urlparse(url).netloc or url
+    reason = getattr(exc, "reason", None) or type(exc).__name__
+    return Finding("warn", check, f"could not reach {host} to check the token ({reason})",
+                   "run raven doctor where Raven runs, with its network; or pass --offline")
+
+
+def check_discord_online(settings: Settings) -> Finding | None:
+    """Discord's own answer to the token (GET /users/@me); None when there is no well-formed token."""
+    token = settings.discord.token
+    if token is None or check_discord(settings).level != "ok":
+        return None
+    url = (settings.discord.api_url or DISCORD_API).rstrip("/") + "/users/@me"
+    try:
+        status, body = _ask(url, {"Authorization": f"Bot {token.get_secret_value()}",
+                                  "User-Agent": "DiscordBot (raven doctor, 0.1)"})
+    except (urllib.error.URLError, OSError, ValueError) as exc:
+        return _unreachable("discord", url, exc)
+    if status == 200:
+        return Finding("ok", "discord", f"Discord accepts the token: the bot is {body.get('username', '?')}")
+    if status == 401:
+        return Finding("fail", "discord", "Discord rejects DISCORD_TOKEN (401 Unauthorized)",
+                       "reset the token: Developer Portal → your application → Bot → Reset Token")
+    return Finding("warn", "discord", f"Discord answered {status} to the token check", "try again later")
+
+
+def check_slack_online(settings: Settings) -> Finding | None:
+    """Slack's own answer to the bot token (auth.test); None when there is no well-formed token."""
+    slack = settings.slack
+    if slack.bot_token is None or any(f.level == "fail" for f in check_slack(settings)):
+        return None
+    url = slack.api_url.rstrip("/") + "/auth.test"
+    try:
+        status, body = _ask(url, {"Authorization": f"Bearer {slack.bot_token.get_secret_value()}",
+                                  "Content-Type": "application/x-www-form-urlencoded"}, post=True)
+    except (urllib.error.URLError, OSError, ValueError) as exc:
+        return _unreachable("slack", url, exc)
+    if status == 200 and body.get("ok") is True:
+        who, team = body.get("user", "?"), body.get("team", "?")
+        return Finding("ok", "slack", f"Slack accepts the bot token: {who} in {team}")
+    error = str(body.get("error") or status)
+    if error in SLACK_REJECTS:
+        return Finding("fail", "slack", f"Slack rejects SLACK_BOT_TOKEN ({error})",
+                       "reinstall the app to the workspace and copy the Bot User OAuth Token (xoxb-…) again")
+    return Finding("warn", "slack", f"Slack answered {error} to the token check", "try again later")
+
+
 def check_web(settings: Settings) -> Finding:
     web = settings.web
     where = f"http://{web.host}:{web.port}/"
@@ -482,8 +554,9 @@ def check_ports(settings: Settings) -> list[Finding]:
 # --- all of it -------------------------------------------------------------------------------------
 
 
-def run_checks(settings: Settings, report: Callable[[Finding], None]) -> list[Finding]:
-    """Every check in order, each finding reported as soon as it is known."""
+def run_checks(settings: Settings, report: Callable[[Finding], None], online: bool = True) -> list[Finding]:
+    """Every check in order, each finding reported as soon as it is known; ``online``: also ask
+    Discord and Slack whether the tokens work (a few seconds at most each)."""
     findings: list[Finding] = []
 
     def add(*found: Finding) -> None:
@@ -498,7 +571,10 @@ def run_checks(settings: Settings, report: Callable[[Finding], None]) -> list[Fi
     add(check_gpu(found), check_strategy(settings, info, found, machine), check_cpu(settings, machine))
     add(check_database(settings))
     add(*check_personas(settings))
-    add(check_discord(settings), *check_slack(settings), check_web(settings))
+    add(check_discord(settings), *check_slack(settings))
+    if online:
+        add(*[found for found in (check_discord_online(settings), check_slack_online(settings)) if found])
+    add(check_web(settings))
     add(*check_ports(settings))
     return findings
 

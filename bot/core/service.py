@@ -30,7 +30,7 @@ from bot.core.outcomes import Answered, Busy, CommandDone, CutOff, Failed, Outco
 from bot.core.personas import NAME_PATTERN, Persona, PersonaLibrary, check_name
 from bot.core.prompt import PromptFormat
 from bot.core.states import Resumed, ThreadStates
-from bot.core.text import clean_text
+from bot.core.text import clean_text, without_controls
 from bot.core.thinking import ThinkingFilter, strip_thinking
 from bot.core.turn import Turn, TurnInfo
 from bot.errors import EngineBusy, InputError, PersonaError, RavenError
@@ -558,7 +558,8 @@ class ChatService:
         completion = await self._stream(key, request, turn)
         if not isinstance(completion, Completion):
             return completion
-        reply = await self.store.finish_turn(key, message.id, completion.text.strip(), None, status="done",
+        reply = await self.store.finish_turn(key, message.id, without_controls(completion.text).strip(), None,
+                                             status="done",
                                              turn_id=turn.turn_id, finish=completion.finish_reason,
                                              reply_status="aside", generated=completion.generated_tokens)
         outcome = self._ending(completion, turn, reply.id, sampling)
@@ -660,7 +661,7 @@ class ChatService:
 
     def _stored_reply(self, raw: str, fmt: PromptFormat) -> str:
         """The reply as the log keeps it, and so as the model re-reads it (think block dropped)."""
-        return fmt.clean_reply(raw if self.settings.show_thinking else strip_thinking(raw))
+        return fmt.clean_reply(without_controls(raw if self.settings.show_thinking else strip_thinking(raw)))
 
     def _thread_persona(self, thread: ThreadInfo) -> Persona:
         try:
@@ -738,7 +739,7 @@ class ChatService:
         try:
             visible = ThinkingFilter(show=self.settings.show_thinking)
             async for chunk in generation:
-                turn.show(visible.feed(chunk))
+                turn.show(without_controls(visible.feed(chunk)))
             try:
                 completion = await generation.result()
             except RavenError:

@@ -11,6 +11,13 @@ from bot.errors import InputError
 _CONTROL = re.compile(r"[\x00-\x08\x0b-\x1f\x7f-\x9f]")
 
 
+def without_controls(text: str) -> str:
+    """What the model wrote, without control characters (a random or small model can emit any byte):
+    shown and stored alike, so what a user sees is what the log keeps (a browser, for one, shows a
+    NUL as U+FFFD). The model's own token ids are kept as they were."""
+    return _CONTROL.sub("", text)
+
+
 def clean_text(raw: str | bytes, max_chars: int) -> str:
     """Normalised text, or :class:`InputError` with a message fit for the user."""
     if isinstance(raw, bytes):
