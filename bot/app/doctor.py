@@ -17,6 +17,7 @@ import socket
 import sqlite3
 import tempfile
 import urllib.error
+import urllib.parse
 import urllib.request
 from collections.abc import Callable
 from dataclasses import dataclass
@@ -458,7 +459,7 @@ def _ask(url: str, headers: dict[str, str], post: bool = False) -> tuple[int, di
 
 
 def _unreachable(check: str, url: str, exc: Exception) -> Finding:
-    host = urllib.request.urlparse(url).netloc or url
+    host = urllib.parse.urlsplit(url).netloc or url
     reason = getattr(exc, "reason", None) or type(exc).__name__
     return Finding("warn", check, f"could not reach {host} to check the token ({reason})",
                    "run raven doctor where Raven runs, with its network; or pass --offline")
