@@ -39,7 +39,7 @@ from adapters.settings import DiscordSettings
 from adapters.streaming import CONTINUED, MARK, StreamRenderer, final_pieces, present
 from bot.core.attachments import wanted
 from bot.core.commands import HELP_TEXT
-from bot.core.outcomes import Answered, CommandDone, CutOff, Outcome
+from bot.core.outcomes import Answered, Busy, CommandDone, CutOff, Failed, Outcome, Refused
 from bot.core.service import FORGET_ASK, INTERRUPTED_NOTICE, ChatService, History, Repair
 from bot.errors import ConfigError, PersonaError
 from bot.events import Attachment, EarlierMessage, Event, ThreadKey
@@ -437,7 +437,8 @@ class DiscordAdapter:
             found.append(Attachment(attached.filename, attached.size, content))
         return tuple(found)
 
-    def _history(self, channel: discord.Thread, *, before: discord.Message) -> History:
+    def _history(self, channel: discord.Thread | discord.TextChannel, *,
+                 before: discord.Message | None) -> History:
         """Reads the thread's messages before ``before`` for the core to adopt: the newest
         ``RAVEN_ADOPT_MAX_MESSAGES`` (newest first from Discord, so a long thread gives its latest
         discussion, not its opening), handed over oldest first. System messages are left out."""
@@ -637,13 +638,18 @@ class DiscordAdapter:
         async def fork(interaction: discord.Interaction) -> None:
             await adapter.on_fork(interaction)
 
+        @app_commands.command(name="summary", description="A summary of this thread, or of this channel's "
+                                                          "recent messages (only you see it)")
+        async def summary(interaction: discord.Interaction) -> None:
+            await adapter.on_summary(interaction)
+
         @app_commands.command(name="forget", description="Delete this thread's log and saved state")
         @app_commands.describe(confirm="Delete at once, without asking")
         async def forget(interaction: discord.Interaction, confirm: bool = False) -> None:
             await adapter.on_forget(interaction, confirm)
 
         commands: list[app_commands.Command[Any, ..., None]] = [
-            advisor, reset, retry, continue_, stop, fork, forget, personas, help_]
+            advisor, reset, retry, continue_, stop, fork, summary, forget, personas, help_]
         for command in commands:
             self.tree.add_command(command)
 
@@ -795,6 +801,35 @@ class DiscordAdapter:
                 await self._followup(interaction, done, ephemeral=True)
         except Exception:
             log.exception("discord: /%s failed", command)
+            await self._followup(interaction, "Sorry, something went wrong on my side.", ephemeral=True,
+                                 notice=True)
+
+    async def on_summary(self, interaction: discord.Interaction) -> None:
+        """``/summary``, answered privately: in a thread Raven talks in, of that thread (from its state;
+        the thread is unchanged); elsewhere in a channel, of the channel's recent messages Raven may
+        read (``RAVEN_ADOPT_MAX_MESSAGES`` of them, read for this and not kept)."""
+        try:
+            if not await self._interaction_guard(interaction, ephemeral=True):
+                return
+            channel = interaction.channel
+            key = self._conversation(interaction)
+            history = None
+            if key is None or not await self.service.knows_thread(key):
+                if not isinstance(channel, discord.TextChannel | discord.Thread):
+                    await self._followup(interaction, "Use `/summary` in a channel or a thread.", ephemeral=True,
+                                         notice=True)
+                    return
+                key, history = ThreadKey(PLATFORM, str(channel.id)), self._history(channel, before=None)
+            turn = self.service.reply(self._event(interaction, key, "/summary"), history=history)
+            said = await turn.text()
+            outcome = await turn.outcome()
+            if isinstance(outcome, Busy | Refused | Failed) or not said:
+                await self._followup(interaction, outcome.message, ephemeral=True, notice=True)
+            else:
+                await self._followup(interaction, said[:MESSAGE_LIMIT], ephemeral=True)
+                await self.service.delivered(turn)
+        except Exception:
+            log.exception("discord: /summary failed")
             await self._followup(interaction, "Sorry, something went wrong on my side.", ephemeral=True,
                                  notice=True)
 

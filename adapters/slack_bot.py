@@ -70,7 +70,7 @@ from adapters.streaming import CONTINUED, MARK, StreamRenderer, final_pieces, pr
 from adapters.text_split import split_message
 from bot.core.attachments import wanted
 from bot.core.commands import FORGET_CONFIRMATION, HELP_TEXT, Command
-from bot.core.outcomes import Answered, CutOff
+from bot.core.outcomes import NOTICES, Answered, CutOff
 from bot.core.service import FORGET_ASK, INTERRUPTED_NOTICE, History
 from bot.errors import ConfigError, PersonaError, RavenError
 from bot.events import Attachment, EarlierMessage, Event, ThreadKey
@@ -294,6 +294,7 @@ class SlackAdapter:
         self.app.command("/advisor")(ack=self._ack_advisor, lazy=[self._run_advisor])
         self.app.command("/help")(self._on_help)
         self.app.command("/stop")(self._on_stop_command)
+        self.app.command("/summary")(ack=self._ack_summary, lazy=[self._run_summary])
         for name in ("/retry", "/continue", "/fork", "/forget"):
             self.app.command(name)(ack=self._ack_thread_command, lazy=[self._run_thread_command])
         self.app.action(ACTION_IDS)(ack=self._ack_action, lazy=[self._run_action])
@@ -863,6 +864,64 @@ class SlackAdapter:
             await self._reply(Event(key, user, shown, text, addressed=True), channel, thread_ts)
         except Exception:
             log.exception("slack: %s failed in %s", name, channel)
+
+    # --- /summary: the channel's recent messages, for the user alone ------------------------------------
+    async def _ack_summary(self, ack: Callable[..., Awaitable[Any]], command: dict[str, Any]) -> None:
+        if not self._allowed(str(command.get("channel_id", ""))):
+            await ack(text="Raven is not enabled in this channel.", response_type="ephemeral")
+            return
+        await ack(text="Summarizing this channel's recent messages…", response_type="ephemeral")
+
+    async def _run_summary(self, command: dict[str, Any], respond: Callable[..., Awaitable[Any]],
+                           context: dict[str, Any]) -> None:
+        await self._tracked(self._summary(command, respond, context.get("bot_user_id")))
+
+    async def _summary(self, command: dict[str, Any], respond: Callable[..., Awaitable[Any]],
+                       bot_user: str | None) -> None:
+        """``/summary``: the channel's recent messages (``conversations.history``, read for this and not
+        kept), summarized from a fresh state; only the user sees it. In a thread, ``@Raven summary``
+        summarizes the thread from its own state."""
+        channel, user = str(command.get("channel_id", "")), str(command.get("user_id", ""))
+        if not self._allowed(channel):
+            return
+        try:
+            trigger = command.get("trigger_id")
+            if trigger and not await self.service.claim_event(f"slack:command:{trigger}"):
+                return
+            shown = await self._user_name(user, fallback=command.get("user_name"))
+            turn = self.service.reply(Event(ThreadKey(PLATFORM, f"{channel}:channel"), user, shown, "/summary"),
+                                      history=lambda: self._channel_history(channel, bot_user))
+            said = await turn.text()
+            outcome = await turn.outcome()
+            answered = isinstance(outcome, CutOff) or (bool(said) and not isinstance(outcome, NOTICES))
+            text = said if answered else outcome.message
+            await respond(text=to_mrkdwn(text), response_type="ephemeral", replace_original=True)
+            if answered:
+                await self.service.delivered(turn)
+        except Exception:
+            log.exception("slack: /summary failed in %s", channel)
+
+    async def _channel_history(self, channel: str, bot_user: str | None) -> list[EarlierMessage]:
+        """The channel's newest top-level messages, oldest first (``channels:history``)."""
+        keep = self.service.settings.adopt_max_messages
+        if keep <= 0:
+            return []
+        page = await self.client.conversations_history(channel=channel, limit=min(keep, ADOPT_PAGE))
+        readable = [m for m in reversed(page.get("messages") or [])
+                    if m.get("subtype") in _USER_SUBTYPES | {"bot_message"}]
+        await self._look_up_names({str(m["user"]) for m in readable if m.get("user") and not self._own(m, bot_user)})
+        earlier = []
+        for message in readable:
+            text = from_slack(str(message.get("text") or ""), bot_user)
+            if not text.strip():
+                continue
+            if self._own(message, bot_user):
+                earlier.append(EarlierMessage("Raven", text, from_bot=True))
+            elif message.get("user") and not message.get("bot_id"):
+                earlier.append(EarlierMessage(self._names.get(str(message["user"]), str(message["user"])), text))
+            else:
+                earlier.append(EarlierMessage(str(message.get("username") or "a bot"), text, from_bot=True))
+        return earlier
 
     # --- /fork ----------------------------------------------------------------------------------------
     async def _fork(self, source: ThreadKey, channel: str, thread_ts: str | None, user: str) -> None:

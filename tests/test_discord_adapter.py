@@ -246,7 +246,8 @@ async def test_advisor_in_a_channel_starts_a_thread_with_that_persona(
     synced = fake.calls_to("PUT", rf"/applications/{fake.application_id}/guilds/{fake.guild_id}/commands")
     assert len(synced) == 1 and fake.calls_to("PUT", rf"/applications/{fake.application_id}/commands") == []
     commands = {c["name"]: c for c in synced[0].body}
-    assert set(commands) == {"advisor", "reset", "retry", "continue", "stop", "fork", "forget", "personas", "help"}
+    assert set(commands) == {"advisor", "reset", "retry", "continue", "stop", "fork", "summary", "forget", "personas",
+                             "help"}
     persona_option = next(o for o in commands["advisor"]["options"] if o["name"] == "persona")
     assert persona_option["autocomplete"] is True and persona_option["required"] is True
 
@@ -889,3 +890,33 @@ async def test_buttons_posted_before_a_restart_still_work(
     await last_with_buttons(fake, thread_id, "retry", "continue", after=count)
     statuses = [m.status for m in await service.thread_messages(key(thread_id)) if m.role == "assistant"]
     assert statuses[0] == "replaced" and len(statuses) == 2
+
+
+async def test_summary_of_a_channel_or_a_thread_is_answered_privately(
+    fake: FakeDiscord, start_bot: StartBot, service: ChatService
+) -> None:
+    await start_bot(command_guilds=[fake.guild_id])
+    for text in ("the nightly deploy failed", "the migration locked the orders table"):
+        await fake.user_message(fake.general_id, text)
+    channel_summary = await fake.slash_command("summary")
+    await fake.wait_calls("POST", rf"/webhooks/{fake.application_id}/{channel_summary['token']}")
+    answer = fake.original_response(channel_summary)
+    assert answer is not None and answer["flags"] & 64  # only the user sees it
+    await fake.wait_for(lambda: bool(fake.shown(answer).strip()))
+    channel_log = await service.thread_messages(key(fake.general_id))
+    assert [(m.role, m.status) for m in channel_log] == [("user", "done"), ("assistant", "aside")]
+    assert channel_log[1].text == fake.shown(answer).strip()  # what the user saw is what the log keeps
+    assert fake.calls_to("GET", rf"/channels/{fake.general_id}/messages")  # the channel was read
+
+    asked = await fake.user_message(fake.general_id, "what is a join?", mention_bot=True)
+    thread_id = await thread_of(fake, asked)
+    await last_with_buttons(fake, thread_id, "retry", "continue")
+    before = await service.store.load_state(key(thread_id))
+    thread_summary = await fake.slash_command("summary", channel_id=thread_id)
+    await fake.wait_calls("POST", rf"/webhooks/{fake.application_id}/{thread_summary['token']}")
+    private = fake.original_response(thread_summary)
+    assert private is not None and private["flags"] & 64
+    await fake.wait_for(lambda: bool(fake.shown(private).strip()))
+    assert await service.store.load_state(key(thread_id)) == before  # the thread is unchanged
+    statuses = [m.status for m in await service.thread_messages(key(thread_id)) if m.role == "assistant"]
+    assert statuses == ["done", "aside"]

@@ -159,3 +159,28 @@ async def test_a_history_that_cannot_be_read_still_gets_an_answer(service: ChatS
     await turn.text()
     assert isinstance(await turn.outcome(), Answered | CutOff)
     assert [m.status for m in await service.thread_messages(key)] == ["answered", "done"]
+
+
+async def test_a_channel_summary_reads_the_recent_messages_without_keeping_them(
+        settings_factory: SettingsFactory, package: Any) -> None:  # noqa: F811
+    from bot.core.prompt import PromptFormat
+    from bot.core.service import SUMMARY_REQUEST
+
+    settings = settings_factory(top_k=1, max_reply_tokens=6)  # greedy: the first word depends on the state only
+    key = ThreadKey("test", "channel")
+    async with open_service(settings) as service:
+        turn = service.reply(Event(key, "u1", "Carol", "/summary"), history=history_of(EARLIER))
+        summary = await turn.text()
+        assert isinstance(await turn.outcome(), Answered | CutOff) and summary.strip()
+        log = await service.thread_messages(key)
+        assert [(m.role, m.status) for m in log] == [("user", "done"), ("assistant", "aside")]  # nothing adopted
+        fmt = PromptFormat(service.tokenizer, service.family, service.persona("default"))
+        tokens = fmt.system_tokens()
+        for message in EARLIER:
+            tokens += fmt.earlier_message_tokens(message.author, message.text)
+        tokens += fmt.user_turn_tokens(SUMMARY_REQUEST)
+        logits, _ = package.forward(tokens, None)
+        assert summary.startswith(service.tokenizer.decode([int(logits.argmax().item())]))
+        empty = service.reply(Event(ThreadKey("test", "quiet"), "u1", "Carol", "/summary"), history=history_of([]))
+        outcome = await empty.outcome()
+        assert isinstance(outcome, Refused) and outcome.reason == "nothing_to_summarize"

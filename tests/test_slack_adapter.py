@@ -703,3 +703,23 @@ async def test_a_user_over_the_rate_limit_gets_a_private_notice_and_the_message_
     assert notice.user == USER and notice.thread_ts == "980.000001"
     assert "1 messages in the last minute (the limit is 1)" in notice.text and "Please wait" in notice.text
     assert len([m for m in fake.thread("C1", "980.000001") if m.user is None]) == 1  # one answer only
+
+
+async def test_summary_of_the_channel_is_for_the_user_alone(
+        settings_factory: SettingsFactory, fake: FakeSlack) -> None:
+    from bot.app.assembly import open_service
+
+    fake.say("C1", "990.000001", USER, "the nightly deploy failed")
+    fake.say("C1", "990.000002", USER, "the migration locked the orders table")
+    async with open_service(settings_factory(max_reply_tokens=8)) as service:
+        async with running("http", service, settings_factory, fake) as slack:
+            took, ack = await slack.deliver.command(command("", fake, name="/summary"))
+            await slack.settle()
+            await fake.wait_for(lambda: bool(fake.responses), within=30)
+        log = await service.thread_messages(ThreadKey("slack", "C1:channel"))
+    assert took < 3.0 and ack["response_type"] == "ephemeral" and "Summarizing" in ack["text"]
+    [answer] = fake.responses
+    assert answer["response_type"] == "ephemeral" and answer["text"].strip()
+    assert [(m.role, m.status) for m in log] == [("user", "done"), ("assistant", "aside")]  # the channel: not kept
+    assert fake.calls_to("conversations.history")
+    assert fake.thread("C1", "990.000001") == [] and fake.calls_to("chat.postMessage") == []  # nothing public

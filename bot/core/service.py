@@ -411,7 +411,7 @@ class ChatService:
                 self._writing[key] = turn
                 try:
                     if command.name in ASIDE_COMMANDS:
-                        return await self._aside(command, thread, message, turn)
+                        return await self._aside(command, thread, message, turn, history)
                     return await self._redo(command, thread, message, turn)
                 finally:
                     if self._writing.get(key) is turn:
@@ -486,17 +486,26 @@ class ChatService:
     async def _adopt(self, thread: ThreadInfo, history: History) -> None:
         """Read a platform thread's earlier messages into the log, once, before its first reply."""
         key = thread.key
-        limit = self.settings.adopt_max_messages
-        if not limit or any(m.role != "user" or m.status == "adopted" for m in await self.store.messages(key)):
+        if not self.settings.adopt_max_messages or any(
+                m.role != "user" or m.status == "adopted" for m in await self.store.messages(key)):
             return  # adoption is off, or this thread has been talked in (or adopted) already
+        kept = await self._earlier(key, history)
+        if kept:
+            await self.store.adopt(key, kept)
+            log.info("adopted %s: %d earlier message(s) read into the thread", key, len(kept))
+
+    async def _earlier(self, key: ThreadKey, history: History) -> list[tuple[str, str]]:
+        """A platform's earlier messages as ``(author, text)``, oldest first: the newest ones, at most
+        RAVEN_ADOPT_MAX_MESSAGES and RAVEN_ADOPT_MAX_CHARS of them; [] when they cannot be read."""
         try:
             earlier = list(await asyncio.wait_for(history(), HISTORY_TIMEOUT_S))
         except Exception as exc:  # a platform error must not cost the user their answer
             log.warning("could not read the earlier messages of %s (%s); answering without them", key, exc)
-            return
+            return []
         kept: list[tuple[str, str]] = []
         budget = self.settings.adopt_max_chars
-        for message in reversed(earlier[-limit:]):  # the newest ones, within the character budget
+        for message in reversed(earlier[-self.settings.adopt_max_messages:] if self.settings.adopt_max_messages
+                                else []):
             try:
                 text = clean_text(message.text, self.settings.max_message_chars)
             except InputError:
@@ -505,9 +514,7 @@ class ChatService:
                 break
             budget -= len(text)
             kept.append((message.author or "someone", text))
-        if kept:
-            await self.store.adopt(key, kept[::-1])
-            log.info("adopted %s: %d earlier message(s) read into the thread", key, len(kept))
+        return kept[::-1]
 
     async def _redo(self, command: Command, thread: ThreadInfo, message: StoredMessage, turn: Turn) -> Outcome:
         """``/retry``: a new reply to the last question, sampled from the state before the last reply;
@@ -520,10 +527,13 @@ class ChatService:
         return await self._answer_and_confirm(thread, exchange.question, turn, redo=(command.name, exchange),
                                               seed_message=message)
 
-    async def _aside(self, command: Command, thread: ThreadInfo, message: StoredMessage, turn: Turn) -> Outcome:
+    async def _aside(self, command: Command, thread: ThreadInfo, message: StoredMessage, turn: Turn,
+                     history: History | None = None) -> Outcome:
         """``/summary``: the thread's state, asked for a summary, and that answer kept out of the thread
-        (its state is not changed: the request is read into a copy). ``+gen``/``+i``/``+qa``: a fresh
-        state reading the text in ChatRWKV's format. The reply is stored ``aside``."""
+        (its state is not changed: the request is read into a copy). With ``history`` (a summary of a
+        channel's recent messages, outside any thread): a fresh state reads them first — they are
+        not kept, only the summary is. ``+gen``/``+i``/``+qa``: a fresh state reading the text in
+        ChatRWKV's format. The reply is stored ``aside``."""
         key = thread.key
         persona = self._thread_persona(thread)
         fmt = PromptFormat(self.tokenizer, self.family, persona)
@@ -534,7 +544,16 @@ class ChatService:
         if turn.turn_id is not None:
             await self.store.begin_turn(turn.turn_id, thread.epoch)
         try:
-            if command.name == "summary":
+            if command.name == "summary" and history is not None:
+                earlier = await self._earlier(key, history)
+                if not earlier:
+                    await self._end_turn(turn, "failed", "nothing to summarize")
+                    return Refused("nothing_to_summarize", "There are no recent messages here to summarize.")
+                tokens = await self._off_loop(lambda: [t for author, text in earlier
+                                                       for t in fmt.earlier_message_tokens(author, text)])
+                start = await self.engine.prefill(await self.states.prefix(fmt), tokens)
+                prompt_text, stops = None, fmt.stop_strings
+            elif command.name == "summary":
                 resumed = await self.states.resume(thread, fmt)
                 if not resumed.last_id and resumed.source == "new":
                     await self._end_turn(turn, "failed", "nothing to summarize")

@@ -330,6 +330,8 @@ class FakeSlack(LocalServer):
             return self._json({"ok": False, "error": "msg_too_long"})
         if method == "conversations.replies":
             return self._replies(channel, args)
+        if method == "conversations.history":
+            return self._history(channel, args)
         if method == "chat.getPermalink":
             ts = str(args.get("message_ts", ""))  # (people's messages are known to the fake only if said)
             if not ts:
@@ -363,6 +365,17 @@ class FakeSlack(LocalServer):
                                              str(args.get("text", "")), blocks))
             return self._json({"ok": True, "message_ts": self._new_ts()})
         return self._json({"ok": False, "error": "unknown_method"}, 404)
+
+    def _history(self, channel: str, args: dict[str, Any]) -> web.Response:
+        """``conversations.history``: the channel's top-level messages, newest first, up to ``limit``."""
+        if channel in self.outside_channels:
+            return self._json({"ok": False, "error": "not_in_channel"})
+        found = sorted((m for m in self.messages.values() if m.channel == channel and m.thread_ts is None),
+                       key=lambda m: float(m.ts), reverse=True)[:int(args.get("limit") or 100)]
+        shown = [{"type": "message", "ts": m.ts, "text": m.text,
+                  **({"user": m.user} if m.user else {"user": self.bot_user_id, "bot_id": self.bot_id})}
+                 for m in found]
+        return self._json({"ok": True, "messages": shown, "has_more": False})
 
     def _replies(self, channel: str, args: dict[str, Any]) -> web.Response:
         """``conversations.replies``: the thread's root and replies, oldest first, paged by ``cursor``;
