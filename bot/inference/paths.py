@@ -38,8 +38,10 @@ WKV_CHUNKS = (16, 32, 64)
 """Closed-form wkv block lengths tried; 64 is the longest that keeps the decay ratios in fp32's range."""
 PREPACK_BATCH = {torch.float32: 64, torch.bfloat16: 16}
 """The capability default's oneDNN layout: measured best for decode at B = 1..64 on the Zen 4 machine."""
-TUNE_BATCHES = (1, 16)
-"""Rows per call the matmul kernels are timed at: one stream, and a busy bot's batch."""
+TUNE_BATCHES = (1, 16, 64)
+"""Rows per call the matmul kernels are timed at: one stream, a busy bot's batch, and a full one (at
+(1, 16) alone, F.linear won the small weights by its one-row speed and then cost the 64-row decode
+steps and the prefill ~17% of the engine's throughput: 235 against 282 tok/s at 64 threads, fp32)."""
 TIE = 1.05
 """A candidate within 5% of the best counts as as good: the earlier (preferred) one is kept."""
 
@@ -148,8 +150,9 @@ class TuneCache:
     @staticmethod
     def key(machine: Machine, device: torch.device, dtype: torch.dtype, shape: tuple[int, int, int]) -> str:
         n_layer, n_embd, vocab = shape
+        rows = ",".join(str(b) for b in TUNE_BATCHES)  # a choice made over other batch sizes is not reused
         return (f"{machine.cpu_model} | {machine.kind} | {machine.cores} cores | torch {torch.__version__} | "
-                f"{device.type} {str(dtype).removeprefix('torch.')} | {n_layer}x{n_embd}x{vocab}")
+                f"{device.type} {str(dtype).removeprefix('torch.')} | {n_layer}x{n_embd}x{vocab} | rows {rows}")
 
     def _read(self) -> dict[str, Any]:
         try:
