@@ -549,24 +549,7 @@ class SlackAdapter:
             if not page.get("has_more") or cursor is None:
                 break
         chosen = ([first] if first is not None else []) + list(latest)
-        readable = [m for m in chosen if m.get("subtype") in _USER_SUBTYPES | {"bot_message"}]
-        people = {str(m["user"]) for m in readable if m.get("user") and not self._own(m, bot_user)}
-        await self._look_up_names(people)
-        earlier: list[EarlierMessage] = []
-        for message in readable:
-            text = from_slack(str(message.get("text") or ""), bot_user)
-            names = [str(f.get("name") or "a file") for f in message.get("files") or []]
-            if names:
-                text = (text + "\n" if text else "") + f"[shared: {', '.join(names)}]"
-            if not text.strip():
-                continue
-            if self._own(message, bot_user):
-                earlier.append(EarlierMessage("Raven", text, from_bot=True))
-            elif message.get("user") and not message.get("bot_id"):
-                earlier.append(EarlierMessage(self._names.get(str(message["user"]), str(message["user"])), text))
-            else:  # another app's message
-                profile = message.get("bot_profile") or {}
-                earlier.append(EarlierMessage(str(message.get("username") or profile.get("name") or "a bot"), text))
+        earlier = await self._as_earlier(chosen, bot_user)
         log.info("slack: read %d earlier message(s) of %s:%s to adopt it", len(earlier), channel, thread_ts)
         return earlier
 
@@ -907,20 +890,29 @@ class SlackAdapter:
         if keep <= 0:
             return []
         page = await self.client.conversations_history(channel=channel, limit=min(keep, ADOPT_PAGE))
-        readable = [m for m in reversed(page.get("messages") or [])
-                    if m.get("subtype") in _USER_SUBTYPES | {"bot_message"}]
+        return await self._as_earlier(list(reversed(page.get("messages") or [])), bot_user)
+
+    async def _as_earlier(self, messages: list[dict[str, Any]], bot_user: str | None) -> list[EarlierMessage]:
+        """Slack messages (oldest first) as the core reads them: people's under their names (looked up
+        first), Raven's own and other apps' marked as a bot's; shared files named."""
+        readable = [m for m in messages if m.get("subtype") in _USER_SUBTYPES | {"bot_message"}]
         await self._look_up_names({str(m["user"]) for m in readable if m.get("user") and not self._own(m, bot_user)})
-        earlier = []
+        earlier: list[EarlierMessage] = []
         for message in readable:
             text = from_slack(str(message.get("text") or ""), bot_user)
+            names = [str(f.get("name") or "a file") for f in message.get("files") or []]
+            if names:
+                text = (text + "\n" if text else "") + f"[shared: {', '.join(names)}]"
             if not text.strip():
                 continue
             if self._own(message, bot_user):
                 earlier.append(EarlierMessage("Raven", text, from_bot=True))
             elif message.get("user") and not message.get("bot_id"):
                 earlier.append(EarlierMessage(self._names.get(str(message["user"]), str(message["user"])), text))
-            else:
-                earlier.append(EarlierMessage(str(message.get("username") or "a bot"), text, from_bot=True))
+            else:  # another app's message
+                profile = message.get("bot_profile") or {}
+                earlier.append(EarlierMessage(str(message.get("username") or profile.get("name") or "a bot"), text,
+                                              from_bot=True))
         return earlier
 
     # --- /fork ----------------------------------------------------------------------------------------

@@ -567,6 +567,10 @@ def create_app(service: ChatService, settings: WebSettings, metrics: MetricsSour
             return forked
         if forked is not None:
             return JSONResponse({**forked[0].model_dump(), "thread": forked[1].model_dump()})
+        return await whole_reply(chat)
+
+    async def whole_reply(chat: ChatRequest) -> ChatResponse | JSONResponse:
+        """Run the turn to its end: the answer, or the refusal as an HTTP error."""
         started = await start_turn(chat)
         if isinstance(started, JSONResponse):
             return started
@@ -718,18 +722,8 @@ def create_app(service: ChatService, settings: WebSettings, metrics: MetricsSour
         key = thread_key(user_id, discussion_id)
         if await service.thread(key) is None:
             raise HTTPException(404, f"no thread {discussion_id!r} for user {user_id!r}")
-        chat = ChatRequest(user_message=command, user_id=user_id, discussion_id=discussion_id, prompt_file=None,
-                           user_name=None)
-        started = await start_turn(chat)
-        if isinstance(started, JSONResponse):
-            return started
-        before, turn = started
-        await turn.text()
-        outcome = await turn.outcome()
-        if isinstance(outcome, Busy | Refused | Failed):
-            return _refusal(outcome)
-        await service.delivered(turn)
-        return _success(outcome, before)
+        return await whole_reply(ChatRequest(user_message=command, user_id=user_id, discussion_id=discussion_id,
+                                             prompt_file=None, user_name=None))
 
     @app.post("/users/{user_id}/threads/{discussion_id}/retry", response_model=ChatResponse,
               dependencies=[Authorized, JsonOnly], responses={**error_responses, **missing})
