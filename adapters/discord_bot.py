@@ -34,6 +34,7 @@ import yarl
 from discord import app_commands
 
 from adapters.discord_controls import Action, ControlButton, controls
+from adapters.repairs import keep_repairing
 from adapters.retry import RetryPolicy, call_with_retries
 from adapters.settings import DiscordSettings
 from adapters.streaming import CONTINUED, MARK, StreamRenderer, final_pieces, present
@@ -213,16 +214,8 @@ class DiscordAdapter:
 
     def start_repairs(self) -> None:
         if self._repairer is None or self._repairer.done():
-            self._repairer = asyncio.create_task(self._keep_repairing(), name="discord repairs")
-
-    async def _keep_repairing(self) -> None:
-        """Make Discord match the log after a crash: at start, then as dead processes' leases end."""
-        while True:
-            try:
-                await self.repair()
-            except Exception:
-                log.exception("discord: repairs failed; trying again later")
-            await asyncio.sleep(self.service.repair_interval_s)
+            self._repairer = asyncio.create_task(
+                keep_repairing(PLATFORM, self.repair, self.service.repair_interval_s), name="discord repairs")
 
     async def repair(self) -> int:
         """Finish what a process that died left on Discord: a reply stored in full but shown with the

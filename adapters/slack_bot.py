@@ -53,6 +53,7 @@ from slack_sdk.http_retry.response import HttpResponse
 from slack_sdk.http_retry.state import RetryState
 from slack_sdk.web.async_client import AsyncWebClient
 
+from adapters.repairs import keep_repairing
 from adapters.retry import RetryPolicy, report_call
 from adapters.settings import SlackSettings
 from adapters.slack_blocks import (
@@ -346,16 +347,8 @@ class SlackAdapter:
             await site.start()
             log.info("slack: listening for events on http://%s:%s%s", self.settings.http_host,
                      self.http_port, path)
-        self._repairer = asyncio.create_task(self._keep_repairing(), name="slack repairs")
-
-    async def _keep_repairing(self) -> None:
-        """Make the platform match the log after a crash: at start, then as dead processes' leases end."""
-        while True:
-            try:
-                await self.repair()
-            except Exception:
-                log.exception("slack: repairs failed; trying again later")
-            await asyncio.sleep(self.service.repair_interval_s)
+        self._repairer = asyncio.create_task(
+            keep_repairing(PLATFORM, self.repair, self.service.repair_interval_s), name="slack repairs")
 
     async def repair(self) -> int:
         """Finish what a process that died left on Slack: a reply stored in full but shown with the
