@@ -200,3 +200,21 @@ async def test_raven_run_serves_metrics_where_the_settings_say(settings_factory:
         stopping.set()
         await asyncio.wait_for(serving, 60)
     assert await refused(served)
+
+
+async def test_the_batch_gauge_counts_the_replies_being_written(settings_factory: Any) -> None:
+    from bot.events import Event, ThreadKey
+
+    async with open_service(settings_factory(max_reply_tokens=4000, reply_timeout_s=600)) as service:
+        metrics = Metrics(service)
+        turns = [service.reply(Event(ThreadKey("test", f"g{i}"), "u", "U", "tell me everything")) for i in range(2)]
+        for turn in turns:
+            await anext(turn)  # both are streaming now
+        writing = parse((await metrics.exposition())[0].decode())
+        for i in range(2):
+            assert service.stop(ThreadKey("test", f"g{i}"))
+        await asyncio.gather(*(turn.outcome() for turn in turns))
+        done = parse((await metrics.exposition())[0].decode())
+        metrics.close()
+    assert value(writing, "raven_engine_batch_rows") == 2
+    assert value(done, "raven_engine_batch_rows") == 0
