@@ -26,6 +26,7 @@ class DiscordSettings(Section):
     allowed_guilds: IdList = Field(default_factory=list)
     allowed_channels: IdList = Field(default_factory=list)
     allowed_roles: IdList = Field(default_factory=list)
+    admin_roles: IdList = Field(default_factory=list)  # members with one are exempt from RAVEN_RATE_*
     answer_dms: bool = True
     edit_interval_s: float = Field(1.0, ge=1.0)
     retry_budget_s: float = Field(60.0, gt=0)
@@ -50,6 +51,7 @@ class SlackSettings(Section):
     http_port: int = Field(3000, ge=1, le=65535)
     http_path: str = "/slack/events"
     allowed_channels: IdList = Field(default_factory=list)
+    admins_exempt: bool = False  # workspace admins and owners (users.info) are exempt from RAVEN_RATE_*
     update_interval_s: float = Field(1.2, ge=1.0)
     max_message_chars: int = Field(3900, ge=100, le=40000)
     retry_budget_s: float = Field(60.0, gt=0)

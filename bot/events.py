@@ -58,6 +58,10 @@ class Event:
     that the core parses every command in one place. ``addressed`` says the text was written to
     the bot (the words after a mention, or a direct message): then a command word counts without
     its slash too (``@Raven reset``), and an empty text asks for the help.
+
+    ``channel`` names the room the thread is in (a Discord channel, a Slack channel; None where there
+    is none, as on the web) for the per-channel limits. ``admin``: the platform says the sender holds
+    an admin role (``DISCORD_ADMIN_ROLES``, Slack workspace admins), so the limits do not apply.
     """
 
     thread: ThreadKey
@@ -67,6 +71,8 @@ class Event:
     message_id: str | None = None
     addressed: bool = False
     attachments: tuple[Attachment, ...] = ()
+    channel: str | None = None
+    admin: bool = False
 
     @property
     def platform(self) -> str:

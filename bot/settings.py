@@ -135,6 +135,8 @@ class CoreSettings(Sampling, Section):
     # --- limits and retention (0: none) --------------------------------------------------------------
     rate_messages_per_minute: int = Field(0, ge=0)
     rate_tokens_per_day: int = Field(0, ge=0)
+    rate_channel_messages_per_minute: int = Field(0, ge=0)
+    rate_channel_tokens_per_day: int = Field(0, ge=0)
     admins: IdList = Field(default_factory=list)  # platform:user id, exempt from the limits
     retention_days: float = Field(0, ge=0)
     state_idle_days: float = Field(0, ge=0)

@@ -556,7 +556,7 @@ class StoreContract:
         asked = await store.accept(SLACK, "default", "q", owner="dead")
         first = await store.finish_turn(SLACK, asked.message.id, "the first part", None, turn_id=asked.turn_id)
         await store.mark_repaired(asked.turn_id)  # type: ignore[arg-type]
-        more = await store.accept(SLACK, "default", "/continue", owner="dead", answer=False, redo=True)
+        more = await store.accept(SLACK, "default", "/continue", owner="dead", answer=False, writes_reply=True)
         await store.finish_turn(SLACK, asked.message.id, "the first part and the rest", None, turn_id=more.turn_id,
                                 replaces=first.id, shown_from=len("the first part"))
         clock.now += 60
@@ -642,6 +642,22 @@ class StoreContract:
         assert await store.user_activity("web:alice", start) == [(start + 10, 0)]  # strictly after
         assert await store.user_activity("web:carol", 0) == []
 
+    async def test_channel_activity_counts_every_sender_in_the_channel_and_only_there(
+            self, store: Store, clock: FakeClock) -> None:
+        first = await store.accept(KEY, "default", "q1", owner="me", user_ref="web:alice", channel_ref="test:c1")
+        await store.finish_turn(KEY, first.message.id, "a1", None, turn_id=first.turn_id, generated=7)
+        clock.now += 5
+        await store.accept(OTHER, "default", "q2", owner="me", user_ref="web:bob", channel_ref="test:c1")
+        await store.accept(THIRD, "default", "elsewhere", owner="me", user_ref="web:bob", channel_ref="test:c2")
+        await store.accept(KEY, "default", "refused", owner="me", user_ref="web:bob", channel_ref="test:c1",
+                           refused=True)
+        await store.accept(KEY, "default", "no channel", owner="me", user_ref="web:carol")
+        start = clock.now - 5
+        assert await store.channel_activity("test:c1", start - 1) == [(start, 7), (start + 5, 0)]
+        assert await store.channel_activity("test:c2", start - 1) == [(start + 5, 0)]
+        assert await store.channel_activity("test:c3", 0) == []
+        assert [at for at, _ in await store.user_activity("web:bob", 0)] == [start + 5, start + 5]
+
     async def test_prune_deletes_idle_threads_and_drops_idle_states(self, store: Store, clock: FakeClock) -> None:
         await store.ensure_thread(KEY, "default")
         await turn(store, KEY, "old", "old reply", state(b"old"))
@@ -660,8 +676,8 @@ class StoreContract:
         clock.now += 1000
         assert await store.prune(clock.now, clock.now) == (2, 0)  # their states went with them
 
-    async def test_a_redo_command_gets_a_turn_but_is_not_a_question(self, store: Store) -> None:
-        accepted = await store.accept(KEY, "default", "/retry", owner="me", answer=False, redo=True)
+    async def test_a_command_that_writes_a_reply_gets_a_turn_but_is_not_a_question(self, store: Store) -> None:
+        accepted = await store.accept(KEY, "default", "/retry", owner="me", answer=False, writes_reply=True)
         assert accepted.turn_id is not None and accepted.message.status == "done"
         assert (await store.get_turn(accepted.turn_id)).phase == "received"  # type: ignore[union-attr]
         assert await store.context(KEY, 0) == []

@@ -16,8 +16,9 @@ from tests.conftest import SettingsFactory
 from tests.store_contract import FakeClock
 
 
-async def send(service: ChatService, key: ThreadKey, text: str, user: str = "alice") -> object:
-    turn = service.reply(Event(key, user, user.title(), text))
+async def send(service: ChatService, key: ThreadKey, text: str, user: str = "alice", *,
+               channel: str | None = None, admin: bool = False) -> object:
+    turn = service.reply(Event(key, user, user.title(), text, channel=channel, admin=admin))
     await turn.text()
     return await turn.outcome()
 
@@ -75,6 +76,53 @@ async def test_tokens_per_day_are_limited_and_the_notice_says_when_it_resets(
         assert "UTC" in refused.message
         age(settings.database_path, 86_401)
         assert isinstance(await send(service, key, "a day later"), Answered | CutOff)
+
+
+async def test_a_channel_limit_counts_everyone_in_the_channel_and_spares_admins_by_role(
+        settings_factory: SettingsFactory) -> None:
+    """Per-channel limits: every member's messages in any thread of the channel count; other channels,
+    and messages without a channel (the web), do not; a sender the platform calls an admin is exempt,
+    while that admin's messages still count for the channel."""
+    settings = settings_factory(rate_channel_messages_per_minute=3, max_reply_tokens=4)
+    one, two = ThreadKey("test", "c1-thread-a"), ThreadKey("test", "c1-thread-b")
+    async with open_service(settings) as service:
+        assert isinstance(await send(service, one, "a1", "alice", channel="c1"), Answered | CutOff)
+        assert isinstance(await send(service, two, "b1", "bob", channel="c1"), Answered | CutOff)
+        assert isinstance(await send(service, two, "boss", "boss", channel="c1", admin=True), Answered | CutOff)
+        refused = await send(service, one, "a2", "alice", channel="c1")
+        assert isinstance(refused, Refused) and refused.reason == "rate_limited"
+        assert "This channel has had 3 messages in the last minute (the limit is 3)" in refused.message
+        assert 50 <= refused.retry_after_s <= 60
+        assert isinstance(await send(service, two, "carol", "carol", channel="c1"), Refused)  # anyone there
+        assert isinstance(await send(service, two, "boss again", "boss", channel="c1", admin=True),
+                          Answered | CutOff)  # exempt by role
+        other = ThreadKey("test", "c2-thread")
+        assert isinstance(await send(service, other, "elsewhere", "alice", channel="c2"), Answered | CutOff)
+        assert isinstance(await send(service, ThreadKey("test", "web"), "no channel", "alice"), Answered | CutOff)
+    assert [status for text, status in statuses(settings.database_path) if text in ("a2", "carol")] == [
+        "refused", "refused"]
+    age(settings.database_path, 61)
+    async with open_service(settings) as service:
+        assert isinstance(await send(service, one, "a3", "alice", channel="c1"), Answered | CutOff)
+
+
+async def test_channel_tokens_per_day_name_the_channel_and_an_admin_flag_lifts_the_user_limit(
+        settings_factory: SettingsFactory) -> None:
+    settings = settings_factory(rate_channel_tokens_per_day=6, rate_messages_per_minute=1, max_reply_tokens=8,
+                                seed=3)
+    key = ThreadKey("test", "c9-thread")
+    async with open_service(settings) as service:
+        assert isinstance(await send(service, key, "write", "alice", channel="c9"), Answered | CutOff)
+        info = service.last_turn(key)
+        assert info is not None and info.generated_tokens >= 6
+        refused = await send(service, key, "more", "bob", channel="c9")  # bob's own minute is clear
+        assert isinstance(refused, Refused)
+        assert f"{info.generated_tokens:,} tokens in this channel in the last 24 hours (the limit is 6)" in (
+            refused.message)
+        # alice is over her own per-minute limit, but the platform says she is an admin
+        assert isinstance(await send(service, ThreadKey("test", "dm"), "again", "alice"), Refused)
+        assert isinstance(await send(service, ThreadKey("test", "dm"), "again", "alice", admin=True),
+                          Answered | CutOff)
 
 
 async def test_housekeeping_deletes_idle_threads_and_drops_idle_states(settings_factory: SettingsFactory) -> None:

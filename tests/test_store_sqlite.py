@@ -22,6 +22,7 @@ from bot.storage import SQLiteStore, StateDraft, StoredState
 from bot.storage.migrations import MIGRATIONS, SCHEMA_VERSION
 from bot.storage.records import checksum
 from bot.storage.sqlite import (
+    CHANNEL_ACTIVITY_QUERY,
     GET_THREAD_QUERY,
     INSERT_MESSAGE_QUERY,
     LAST_REPLY_QUERY,
@@ -74,7 +75,7 @@ def old_database(path: Path, version: int) -> sqlite3.Connection:
 
 async def test_open_creates_schema_with_wal_and_user_version(store: SQLiteStore, db_path: Path) -> None:
     assert db_path.is_file()
-    assert SCHEMA_VERSION == 6
+    assert SCHEMA_VERSION == 7
     # journal_mode=WAL is a property of the file: a fresh connection sees it too.
     assert peek(db_path, "PRAGMA journal_mode") == [("wal",)]
     assert peek(db_path, "PRAGMA user_version") == [(SCHEMA_VERSION,)]
@@ -82,7 +83,8 @@ async def test_open_creates_schema_with_wal_and_user_version(store: SQLiteStore,
     assert {"threads", "messages", "states", "processed_events", "instances", "turns"} <= tables
     assert "message_seq" not in tables  # the migration's scratch table is temporary
     indexes = {row[0] for row in peek(db_path, "SELECT name FROM sqlite_master WHERE type = 'index'")}
-    assert {"messages_by_thread", "messages_by_thread_seq", "messages_by_role", "turns_in_flight"} <= indexes
+    assert {"messages_by_thread", "messages_by_thread_seq", "messages_by_role", "turns_in_flight",
+            "messages_by_user", "messages_by_channel"} <= indexes
     async with store.db.execute("PRAGMA foreign_keys") as cursor:
         assert tuple(await cursor.fetchone() or ()) == (1,)
     async with store.db.execute("PRAGMA busy_timeout") as cursor:
@@ -365,16 +367,17 @@ async def test_the_other_queries_of_a_turn_are_index_seeks(store: SQLiteStore, d
     await _long_thread(store, db_path)
     for name, sql, args in [
         ("position", POSITION_QUERY, (str(KEY), 10**9)),
-        ("insert", INSERT_MESSAGE_QUERY, (str(KEY), "user", "", "x", None, "pending", 1.0, None, None, None)),
+        ("insert", INSERT_MESSAGE_QUERY, (str(KEY), "user", "", "x", None, "pending", 1.0, None, None, None, None)),
         ("thread", GET_THREAD_QUERY, (str(KEY),)),
         ("user activity", USER_ACTIVITY_QUERY, ("web:alice", 0.0)),
+        ("channel activity", CHANNEL_ACTIVITY_QUERY, ("discord:1", 0.0)),
     ]:
         steps = plan(db_path, sql, args)
         assert steps and all(s.startswith(("SEARCH", "SCALAR SUBQUERY", "CORRELATED SCALAR SUBQUERY"))
                              for s in steps), (name, steps)
         assert "TEMP B-TREE" not in " ".join(steps), (name, steps)
     assert "USING COVERING INDEX messages_by_thread_seq" in " ".join(plan(db_path, INSERT_MESSAGE_QUERY, (
-        str(KEY), "user", "", "x", None, "pending", 1.0, None, None, None)))
+        str(KEY), "user", "", "x", None, "pending", 1.0, None, None, None, None)))
     assert await store.position_in_thread(KEY, 10**9) == 3002
     added = await store.add_message(KEY, "user", "next")
     assert await store.position_in_thread(KEY, added.id) == 3002

@@ -13,19 +13,18 @@ import asyncio
 import contextlib
 import hashlib
 import logging
-import math
 import time
 import weakref
 from collections import Counter
 from collections.abc import Awaitable, Callable, Sequence
 from dataclasses import dataclass
-from datetime import UTC, datetime
 from typing import TypeVar
 
 from cachetools import LRUCache
 
 from bot.core.attachments import render as render_attachments
 from bot.core.commands import FORGET_CONFIRMATION, HELP_TEXT, Command, as_text, parse_command
+from bot.core.limits import DAY, Limits, over_limit
 from bot.core.outcomes import Answered, Busy, CommandDone, CutOff, Failed, Outcome, Refused
 from bot.core.personas import NAME_PATTERN, Persona, PersonaLibrary, check_name
 from bot.core.prompt import PromptFormat
@@ -64,7 +63,6 @@ SUMMARY_REQUEST = ("Summarize our conversation so far in a few sentences: what w
                    "and anything decided.")
 UNLIMITED_COMMANDS = ("stop", "help", "personas", "forget", "reset", "fork")
 """Commands that write no reply: never held back by a rate limit."""
-MINUTE, DAY = 60.0, 86_400.0
 ONE_SHOT_PROMPTS = {"gen": "{}", "instruct": "Instruction: {}\n\nResponse:", "qa": "Question: {}\n\nAnswer:"}
 """ChatRWKV's one-shot formats, read from a fresh state."""
 FORGET_ASK = ("This deletes this thread's log and saved state for good. "
@@ -387,13 +385,17 @@ class ChatService:
         user_ref = f"{event.platform}:{event.user_id}"
         if previous is not None:
             await asyncio.wait([previous])  # the message that arrived before this one is stored first
-        limited = None if command is not None and command.name in UNLIMITED_COMMANDS else await self._limit(user_ref)
+        channel_ref = f"{event.platform}:{event.channel}" if event.channel else None
+        exempt = event.admin or user_ref in self.settings.admins or (
+            command is not None and command.name in UNLIMITED_COMMANDS)
+        limited = None if exempt else await self._limit(user_ref, channel_ref)
         # The log keeps a command in its slash form.
         accepted = await self.store.accept(
             key, self.settings.default_persona, as_text(command) if command is not None else text,
             author=author, platform_message_id=event.message_id, owner=self.instance_id,
-            answer=command is None, redo=command is not None and command.name in REDO_COMMANDS + ASIDE_COMMANDS,
-            user_ref=user_ref, refused=limited is not None)
+            answer=command is None,
+            writes_reply=command is not None and command.name in REDO_COMMANDS + ASIDE_COMMANDS,
+            user_ref=user_ref, channel_ref=channel_ref, refused=limited is not None)
         stored.set_result(None)
         if limited is not None:
             return limited
@@ -433,32 +435,19 @@ class ChatService:
                 if self._writing.get(key) is turn:
                     del self._writing[key]
 
-    async def _limit(self, user_ref: str) -> Refused | None:
-        """The user's message is over a limit (RAVEN_RATE_*): the refusal that says until when. Read
-        off the log, so limits hold across restarts and processes; admins are exempt."""
-        per_minute, per_day = self.settings.rate_messages_per_minute, self.settings.rate_tokens_per_day
-        if not (per_minute or per_day) or user_ref in self.settings.admins:
-            return None
-        now = time.time()
-        activity = await self.store.user_activity(user_ref, now - DAY)
-        recent = [at for at, _ in activity if at > now - MINUTE]
-        if per_minute and len(recent) >= per_minute:
-            wait = max(1, math.ceil(recent[-per_minute] + MINUTE - now))
-            return Refused("rate_limited", f"You have sent {len(recent)} messages in the last minute (the limit is "
-                                           f"{per_minute}). Please wait {wait} s before the next one.", wait)
-        used = sum(tokens for _, tokens in activity)
-        if per_day and used >= per_day:
-            left, free_at = used, now
-            for at, tokens in activity:  # oldest first: when enough of them have left the 24 hours
-                left -= tokens
-                free_at = at + DAY
-                if left < per_day:
-                    break
-            wait = max(1, math.ceil(free_at - now))
-            when = datetime.fromtimestamp(free_at, UTC).strftime("%H:%M UTC")
-            return Refused("rate_limited", f"Raven has written {used:,} tokens for you in the last 24 hours (the "
-                                           f"limit is {per_day:,}). You can ask again from {when} "
-                                           f"(in about {math.ceil(wait / 60)} min).", wait)
+    async def _limit(self, user_ref: str, channel_ref: str | None) -> Refused | None:
+        """The message is over a limit (RAVEN_RATE_*): the refusal that says until when. The sender's
+        own limits come first, then the channel's (every member's messages there)."""
+        s, now = self.settings, time.time()
+        mine = Limits(s.rate_messages_per_minute, s.rate_tokens_per_day, "You have sent", "for you")
+        if mine.active:
+            refused = over_limit(await self.store.user_activity(user_ref, now - DAY), now, mine)
+            if refused is not None:
+                return refused
+        room = Limits(s.rate_channel_messages_per_minute, s.rate_channel_tokens_per_day,
+                      "This channel has had", "in this channel")
+        if channel_ref is not None and room.active:
+            return over_limit(await self.store.channel_activity(channel_ref, now - DAY), now, room)
         return None
 
     async def housekeeping(self) -> tuple[int, int]:

@@ -161,5 +161,11 @@ MIGRATIONS: list[Sequence[str]] = [
         "CREATE INDEX threads_by_update ON threads (updated_at)",
         "CREATE INDEX states_by_update ON states (updated_at)",
     ),
+    # version 7: per-channel limits, likewise read off the log: the room each user message was written
+    # in (``platform:channel id``; NULL where there is none, as on the web, and for older rows).
+    (
+        "ALTER TABLE messages ADD COLUMN channel_ref TEXT",
+        "CREATE INDEX messages_by_channel ON messages (channel_ref, created_at) WHERE channel_ref IS NOT NULL",
+    ),
 ]
 SCHEMA_VERSION = len(MIGRATIONS)

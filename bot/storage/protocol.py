@@ -148,6 +148,11 @@ class Store(Protocol):
         restarts and processes."""
         ...
 
+    async def channel_activity(self, channel_ref: str, since: float) -> list[tuple[float, int]]:
+        """``user_activity`` for every sender in one channel (``platform:channel id``, as ``accept``
+        stored it): the per-channel limits."""
+        ...
+
     async def prune(self, threads_idle_before: float | None, states_idle_before: float | None) -> tuple[int, int]:
         """Retention, in one transaction: delete every thread (with all of it) not updated since
         ``threads_idle_before`` — except one with a turn in flight — and drop saved states not
@@ -176,14 +181,16 @@ class Store(Protocol):
     async def accept(
         self, key: ThreadKey, default_persona: str, text: str, *, author: str = "",
         platform_message_id: str | None = None, owner: str | None = None, answer: bool = True,
-        redo: bool = False, user_ref: str | None = None, refused: bool = False,
+        writes_reply: bool = False, user_ref: str | None = None, channel_ref: str | None = None,
+        refused: bool = False,
     ) -> Accepted:
         """The moment a message is accepted, in one transaction: the thread (created with
         ``default_persona`` when new), the user's message (``pending`` when it is to be answered,
-        ``done`` for a command) and, when ``answer`` (or ``redo``: a command that writes a new reply
-        to an earlier question, ``/retry`` and ``/continue``), its turn: ``received``, owned by ``owner``.
-        ``user_ref`` (``platform:user id``) names the sender for ``user_activity``; ``refused``: kept,
-        not to be answered (status ``refused``, no turn)."""
+        ``done`` for a command) and, when ``answer`` (or ``writes_reply``: a command that writes a reply
+        of its own — ``/retry``, ``/continue``, ``/summary``, ``+gen`` — without being context itself),
+        its turn: ``received``, owned by ``owner``. ``user_ref`` (``platform:user id``) and
+        ``channel_ref`` (``platform:channel id``) name the sender and the room for ``user_activity``
+        and ``channel_activity``; ``refused``: kept, not to be answered (status ``refused``, no turn)."""
         ...
 
     async def begin_turn(self, turn_id: int, epoch: int) -> None:

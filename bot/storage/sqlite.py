@@ -69,12 +69,15 @@ _THREAD_COLUMNS = """t.*, (SELECT text FROM messages m WHERE m.thread_key = t.ke
 GET_THREAD_QUERY = f"SELECT {_THREAD_COLUMNS} FROM threads t WHERE key = ?"
 INSERT_MESSAGE_QUERY = """
     INSERT INTO messages (thread_key, epoch, seq, role, author, text, platform_message_id, status, created_at,
-                          tokens, tokenizer, user_ref)
+                          tokens, tokenizer, user_ref, channel_ref)
     VALUES (?1, (SELECT epoch FROM threads WHERE key = ?1),
-            (SELECT COALESCE(MAX(seq) + 1, 0) FROM messages WHERE thread_key = ?1), ?, ?, ?, ?, ?, ?, ?, ?, ?)"""
-USER_ACTIVITY_QUERY = """
+            (SELECT COALESCE(MAX(seq) + 1, 0) FROM messages WHERE thread_key = ?1), ?, ?, ?, ?, ?, ?, ?, ?, ?, ?)"""
+# One query per limit: each names its own indexed column (messages_by_user, messages_by_channel).
+_ACTIVITY_QUERY = """
     SELECT m.created_at, COALESCE(t.generated, 0) FROM messages m LEFT JOIN turns t ON t.message_id = m.id
-    WHERE m.user_ref = ? AND m.created_at > ? AND m.status != 'refused' ORDER BY m.created_at"""
+    WHERE m.{column} = ? AND m.created_at > ? AND m.status != 'refused' ORDER BY m.created_at"""
+USER_ACTIVITY_QUERY = _ACTIVITY_QUERY.format(column="user_ref")
+CHANNEL_ACTIVITY_QUERY = _ACTIVITY_QUERY.format(column="channel_ref")
 LAST_REPLY_QUERY = """
     SELECT id FROM messages WHERE thread_key = ? AND role = 'assistant' AND epoch = ? AND id < ?
       AND status = 'done'
@@ -262,7 +265,7 @@ class SQLiteStore:
                 cursor = await db.execute(
                     INSERT_MESSAGE_QUERY,
                     (str(target), row["role"], row["author"], row["text"], None, row["status"], row["created_at"],
-                     row["tokens"], row["tokenizer"], None))
+                     row["tokens"], row["tokenizer"], None, None))
                 assert cursor.lastrowid is not None
                 copied[row["id"]] = int(cursor.lastrowid)
             if forked_at is None:
@@ -307,13 +310,14 @@ class SQLiteStore:
     async def _insert_message(
         self, db: aiosqlite.Connection, key: ThreadKey, role: Role, text: str, author: str,
         platform_message_id: str | None, status: Status, tokens: bytes | None = None, tokenizer: str | None = None,
-        user_ref: str | None = None,
+        user_ref: str | None = None, channel_ref: str | None = None,
     ) -> int:
         """Inside a write transaction, so the thread's next ``seq`` cannot be taken meanwhile."""
         now = self.clock()
         cursor = await db.execute(
             INSERT_MESSAGE_QUERY,
-            (str(key), role, author, text, platform_message_id, status, now, tokens, tokenizer, user_ref),
+            (str(key), role, author, text, platform_message_id, status, now, tokens, tokenizer, user_ref,
+             channel_ref),
         )
         await db.execute("UPDATE threads SET updated_at = ? WHERE key = ?", (now, str(key)))
         assert cursor.lastrowid is not None
@@ -363,7 +367,13 @@ class SQLiteStore:
         return Exchange(question=_message(rows[1]), reply=_message(rows[0]))
 
     async def user_activity(self, user_ref: str, since: float) -> list[tuple[float, int]]:
-        async with self.db.execute(USER_ACTIVITY_QUERY, (user_ref, since)) as cursor:
+        return await self._activity(USER_ACTIVITY_QUERY, user_ref, since)
+
+    async def channel_activity(self, channel_ref: str, since: float) -> list[tuple[float, int]]:
+        return await self._activity(CHANNEL_ACTIVITY_QUERY, channel_ref, since)
+
+    async def _activity(self, query: str, ref: str, since: float) -> list[tuple[float, int]]:
+        async with self.db.execute(query, (ref, since)) as cursor:
             return [(float(row[0]), int(row[1])) for row in await cursor.fetchall()]
 
     async def prune(self, threads_idle_before: float | None, states_idle_before: float | None) -> tuple[int, int]:
@@ -404,21 +414,22 @@ class SQLiteStore:
     async def accept(
         self, key: ThreadKey, default_persona: str, text: str, *, author: str = "",
         platform_message_id: str | None = None, owner: str | None = None, answer: bool = True,
-        redo: bool = False, user_ref: str | None = None, refused: bool = False,
+        writes_reply: bool = False, user_ref: str | None = None, channel_ref: str | None = None,
+        refused: bool = False,
     ) -> Accepted:
         now = self.clock()
-        answer, redo = answer and not refused, redo and not refused
+        answer, writes_reply = answer and not refused, writes_reply and not refused
 
         async def work(db: aiosqlite.Connection) -> tuple[int, int | None]:
             await db.execute(
                 "INSERT OR IGNORE INTO threads (key, persona, epoch, created_at, updated_at) VALUES (?, ?, 0, ?, ?)",
                 (str(key), default_persona, now, now),
             )
-            status: Status = "refused" if refused else "pending" if answer and not redo else "done"
+            status: Status = "refused" if refused else "pending" if answer and not writes_reply else "done"
             message_id = await self._insert_message(db, key, "user", text, author, platform_message_id, status,
-                                                    user_ref=user_ref)
+                                                    user_ref=user_ref, channel_ref=channel_ref)
             turn_id = None
-            if answer or redo:
+            if answer or writes_reply:
                 cursor = await db.execute(
                     """INSERT INTO turns (thread_key, message_id, phase, owner, created_at, updated_at)
                        VALUES (?, ?, 'received', ?, ?, ?)""",
