@@ -389,9 +389,8 @@ class DiscordAdapter:
         if command is not None and command.name == "fork":  # opening a thread is Discord's part
             await self._fork(channel, key, message.author, self._say_in(channel))
             return
-        event = Event(thread=key, user_id=str(message.author.id), user_name=message.author.display_name,
-                      text=text, message_id=str(message.id), addressed=addressed,
-                      attachments=await self._attachments(message))
+        event = self._event_of(key, message.author, text, channel, message_id=str(message.id), addressed=addressed,
+                               attachments=await self._attachments(message))
         try:
             await self._stream(event, self._sender(channel), channel,
                                notify=lambda text: self._try_send(channel, text), controls=True, history=history)
@@ -725,8 +724,7 @@ class DiscordAdapter:
             log.warning("discord: /advisor could not open a thread in %s (%s)", channel.id, _describe(exc))
             await self._followup(interaction, "I couldn't open a thread here. " + notice_for(exc), notice=True)
             return
-        event = Event(thread=ThreadKey(PLATFORM, str(thread.id)), user_id=str(user.id),
-                      user_name=user.display_name, text=text, message_id=None)
+        event = self._event_of(ThreadKey(PLATFORM, str(thread.id)), user, text, thread)
         await self._stream(event, self._sender(thread), thread, notify=lambda notice: self._try_send(thread, notice),
                            controls=True)
 
@@ -956,10 +954,19 @@ class DiscordAdapter:
             await self._followup(interaction, "Sorry, something went wrong on my side.", ephemeral=True,
                                  notice=True)
 
-    @staticmethod
-    def _event(interaction: discord.Interaction, key: ThreadKey, text: str) -> Event:
-        user = interaction.user
-        return Event(thread=key, user_id=str(user.id), user_name=user.display_name, text=text, message_id=None)
+    def _event(self, interaction: discord.Interaction, key: ThreadKey, text: str) -> Event:
+        return self._event_of(key, interaction.user, text, interaction.channel)
+
+    def _event_of(self, key: ThreadKey, user: Any, text: str, channel: Any, **extra: Any) -> Event:
+        """The core's event for ``user`` writing ``text`` in ``channel``: the room its limits count in
+        (a thread counts as its parent channel; a DM has none), and whether an admin role exempts them."""
+        room = None
+        if getattr(channel, "guild", None) is not None:
+            room = str(getattr(channel, "parent_id", None) or channel.id)
+        admin_roles = set(self.settings.admin_roles)
+        admin = bool(admin_roles) and bool({str(role.id) for role in getattr(user, "roles", [])} & admin_roles)
+        return Event(thread=key, user_id=str(user.id), user_name=user.display_name, text=text,
+                     channel=room, admin=admin, **extra)
 
     def _notifier(self, interaction: discord.Interaction) -> Notify:
         async def notify(notice: str) -> None:  # seen by the user only
@@ -974,9 +981,7 @@ class DiscordAdapter:
 
     async def _answer_interaction(self, interaction: discord.Interaction, key: ThreadKey, text: str) -> None:
         """Stream the core's answer as follow-ups of the interaction (a thread or DM)."""
-        user = interaction.user
-        event = Event(thread=key, user_id=str(user.id), user_name=user.display_name, text=text,
-                      message_id=None)
+        event = self._event(interaction, key, text)
 
         async def post(content: str, view: discord.ui.View | None) -> discord.WebhookMessage:
             # follow-ups can be edited for 15 minutes only: no buttons on them

@@ -920,3 +920,38 @@ async def test_summary_of_a_channel_or_a_thread_is_answered_privately(
     assert await service.store.load_state(key(thread_id)) == before  # the thread is unchanged
     statuses = [m.status for m in await service.thread_messages(key(thread_id)) if m.role == "assistant"]
     assert statuses == ["done", "aside"]
+
+
+async def test_channel_limits_count_its_threads_and_an_admin_role_is_exempt(
+    fake: FakeDiscord, start_bot: StartBot, settings_factory: Callable[..., Any]
+) -> None:
+    """RAVEN_RATE_CHANNEL_MESSAGES_PER_MINUTE over real discord.py objects: a message in a thread counts
+    for the thread's parent channel, another channel has its own count, and a member holding one of
+    DISCORD_ADMIN_ROLES (the fake's "guests" role here) is exempt; a refused message is kept."""
+    async with open_service(settings_factory(rate_channel_messages_per_minute=2, max_reply_tokens=4)) as limited:
+        await start_bot(limited, admin_roles=[fake.guest_role_id])
+        asked = await fake.user_message(fake.general_id, "one", mention_bot=True)
+        thread_id = await thread_of(fake, asked)
+        first = await finished_reply(fake, thread_id)
+        await fake.user_message(thread_id, "two")  # inside the thread: counts for #general
+        await finished_reply(fake, thread_id, count=len(first) + 1)
+
+        refused = await fake.user_message(fake.general_id, "three", author=fake.bob, mention_bot=True)
+        refused_thread = await thread_of(fake, refused)
+        notice = await finished_reply(fake, refused_thread)
+        assert "This channel has had 2 messages in the last minute (the limit is 2)" in fake.shown(notice[-1])
+        assert notice[-1]["embeds"]  # a notice, not an answer
+        stored = await limited.thread_messages(key(refused_thread))
+        assert [(m.text, m.status) for m in stored if m.role == "user"] == [("three", "refused")]
+
+        boss = await fake.user_message(fake.general_id, "four", author=fake.bob, roles=[fake.guest_role_id],
+                                       mention_bot=True)
+        boss_thread = await thread_of(fake, boss)
+        answered = await finished_reply(fake, boss_thread)
+        assert not answered[-1]["embeds"] and answered[-1]["content"].strip()  # answered: the role exempts
+        assert [m.status for m in await limited.thread_messages(key(boss_thread)) if m.role == "user"] == ["answered"]
+
+        elsewhere = await fake.user_message(fake.other_id, "five", mention_bot=True)
+        other_thread = await thread_of(fake, elsewhere)
+        assert not (await finished_reply(fake, other_thread))[-1]["embeds"]  # #random has its own count
+        await limited.drain()
