@@ -92,6 +92,7 @@ _BAD_TOKEN = {"invalid_auth", "not_authed", "account_inactive", "token_revoked",
 _MIN_CHARS = 100  # never split finer than this while learning Slack's length limit
 ERROR_NOTICE = "Sorry, something went wrong while answering. Please try again."
 SUB_MESSAGES = 100  # delivery positions: piece * 100 + the Slack message within it (msg_too_long splits)
+ADMIN_LOOKUP_S = 5.0  # how long a message waits for users.info to say whether its sender is an admin
 NAME_CACHE_SIZE = 4096  # display names kept (users.info is rate-limited; people rename themselves)
 NAME_CACHE_TTL_S = 3600
 THREADS_KEPT = 4096  # the last reply (with buttons) per thread, and each user's last thread per channel
@@ -304,6 +305,7 @@ class SlackAdapter:
         self._runner: web.AppRunner | None = None
         self._names: TTLCache[str, str] = TTLCache(maxsize=NAME_CACHE_SIZE, ttl=NAME_CACHE_TTL_S)
         self._looking_up: set[str] = set()
+        self._admins: TTLCache[str, bool] = TTLCache(maxsize=NAME_CACHE_SIZE, ttl=NAME_CACHE_TTL_S)
         self._opening: Counter[ThreadKey] = Counter()
         self._repairer: asyncio.Task[None] | None = None  # threads a mention is opening (see _answer_event)
         self._max_chars: int | None = None  # learned from msg_too_long: Slack's real limit is lower
@@ -499,13 +501,12 @@ class SlackAdapter:
             if command is not None and command.name == "fork":  # the core cannot open a Slack thread
                 await self._fork(key, channel, thread_ts, user)
                 return
-            name = await self._user_name(user)
             history = None
             if inside and thread_ts is not None and not await self.service.knows_thread(key):
                 history = self._history(channel, thread_ts, ts, bot_user)
             files = await self._attachments(event.get("files"))
-            await self._reply(Event(key, user, name, plain, message_id=ts, addressed=addressed,
-                                    attachments=files), channel, thread_ts, history=history)
+            said = await self._event(key, user, plain, channel, message_id=ts, addressed=addressed, attachments=files)
+            await self._reply(said, channel, thread_ts, history=history)
         finally:
             self._opening[key] -= 1
             if self._opening[key] <= 0:
@@ -626,6 +627,24 @@ class SlackAdapter:
         allowed = self.settings.allowed_channels
         return not allowed or channel in allowed
 
+    async def _event(self, key: ThreadKey, user: str, text: str, channel: str, *, fallback: str | None = None,
+                     **extra: Any) -> Event:
+        """The core's event for ``user`` writing ``text`` in ``channel`` (the room its limits count in)."""
+        admin = await self._is_admin(user)  # first: its lookup brings the name as well
+        name = await self._user_name(user, fallback=fallback)
+        return Event(key, user, name, text, channel=channel, admin=admin, **extra)
+
+    async def _is_admin(self, user: str) -> bool:
+        """SLACK_ADMINS_EXEMPT: a workspace admin or owner (users.info) is exempt from the limits. The
+        one lookup a message waits for, briefly, so that a limit does not refuse an admin; a lookup
+        that fails counts as "not an admin" (the limits, if any, then apply)."""
+        if not self.settings.admins_exempt:
+            return False
+        if user not in self._admins:
+            with contextlib.suppress(TimeoutError):
+                await asyncio.wait_for(self._look_up_name(user), ADMIN_LOOKUP_S)
+        return self._admins.get(user, False)
+
     async def _user_name(self, user: str, fallback: str | None = None) -> str:
         """The user's display name (``users:read``) if known; otherwise the id (or ``fallback``) now,
         and the name is looked up in the background for next time. A lookup never holds a reply up
@@ -647,6 +666,8 @@ class SlackAdapter:
             name = profile.get("display_name") or found.get("real_name") or found.get("name")
             if name:
                 self._names[user] = str(name)
+            if found.get("id"):
+                self._admins[user] = bool(found.get("is_admin") or found.get("is_owner"))
         except Exception as exc:  # SlackApiError, a connection error …: the id stays the name
             log.debug("slack: users.info for %s failed (%s)", user, exc)
         finally:
@@ -718,9 +739,9 @@ class SlackAdapter:
                 return
             thread_ts = str(root["ts"])
             key = ThreadKey(PLATFORM, f"{channel}:{thread_ts}")
-            name_shown = await self._user_name(user, fallback=command.get("user_name"))
             text = f"/advisor {name} {question}".strip()
-            await self._reply(Event(key, user, name_shown, text), channel, thread_ts)
+            said = await self._event(key, user, text, channel, fallback=command.get("user_name"))
+            await self._reply(said, channel, thread_ts)
         except Exception:
             log.exception("slack: /advisor failed in %s", channel)
 
@@ -769,8 +790,8 @@ class SlackAdapter:
             if action_id == FORGET and container.get("is_ephemeral"):
                 await respond(delete_original=True)  # the private prompt has been answered
             text = {RETRY: "/retry", CONTINUE: "/continue", FORGET: f"/forget {FORGET_CONFIRMATION}"}[action_id]
-            name = await self._user_name(user, fallback=clicker.get("name"))
-            await self._reply(Event(key, user, name, text, addressed=True), channel, thread_ts)
+            said = await self._event(key, user, text, channel, fallback=clicker.get("name"), addressed=True)
+            await self._reply(said, channel, thread_ts)
         except Exception:
             log.exception("slack: a button click failed")
 
@@ -836,8 +857,8 @@ class SlackAdapter:
                 await self._fork(key, channel, thread_ts, user)
                 return
             text = f"/forget {FORGET_CONFIRMATION}" if name == "/forget" else name
-            shown = await self._user_name(user, fallback=command.get("user_name"))
-            await self._reply(Event(key, user, shown, text, addressed=True), channel, thread_ts)
+            said = await self._event(key, user, text, channel, fallback=command.get("user_name"), addressed=True)
+            await self._reply(said, channel, thread_ts)
         except Exception:
             log.exception("slack: %s failed in %s", name, channel)
 
@@ -864,9 +885,9 @@ class SlackAdapter:
             trigger = command.get("trigger_id")
             if trigger and not await self.service.claim_event(f"slack:command:{trigger}"):
                 return
-            shown = await self._user_name(user, fallback=command.get("user_name"))
-            turn = self.service.reply(Event(ThreadKey(PLATFORM, f"{channel}:channel"), user, shown, "/summary"),
-                                      history=lambda: self._channel_history(channel, bot_user))
+            asked = await self._event(ThreadKey(PLATFORM, f"{channel}:channel"), user, "/summary", channel,
+                                      fallback=command.get("user_name"))
+            turn = self.service.reply(asked, history=lambda: self._channel_history(channel, bot_user))
             said = await turn.text()
             outcome = await turn.outcome()
             answered = isinstance(outcome, CutOff) or (bool(said) and not isinstance(outcome, NOTICES))

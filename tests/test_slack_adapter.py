@@ -705,6 +705,38 @@ async def test_a_user_over_the_rate_limit_gets_a_private_notice_and_the_message_
     assert len([m for m in fake.thread("C1", "980.000001") if m.user is None]) == 1  # one answer only
 
 
+async def test_a_channel_limit_counts_every_member_and_workspace_admins_are_exempt(
+        settings_factory: SettingsFactory, fake: FakeSlack) -> None:
+    """RAVEN_RATE_CHANNEL_MESSAGES_PER_MINUTE through signed HTTP requests: Alice's two messages fill
+    C1's minute, so Bob is refused there (kept, told privately) while C2 answers him; with
+    SLACK_ADMINS_EXEMPT, a workspace admin (users.info's is_admin) is answered in the full C1."""
+    from bot.app.assembly import open_service
+
+    fake.users["U3"] = "Carol"
+    fake.admins.add("U3")
+    async with open_service(settings_factory(rate_channel_messages_per_minute=2, max_reply_tokens=4)) as service:
+        async with running("http", service, settings_factory, fake, admins_exempt=True) as slack:
+            await slack.deliver.event(event_body(mention("990.000001", "first")))
+            await slack.settle()
+            await slack.deliver.event(event_body(message("990.000002", "second", thread_ts="990.000001")))
+            await slack.settle()
+            await slack.deliver.event(event_body(mention("990.000003", "bob here", user="U2")))
+            await slack.settle()
+            await slack.deliver.event(event_body(mention("990.000004", "carol here", user="U3")))
+            await slack.settle()
+            await slack.deliver.event(event_body(mention("990.000005", "bob elsewhere", channel="C2", user="U2")))
+            await slack.settle()
+        bob = await service.thread_messages(ThreadKey("slack", "C1:990.000003"))
+        carol = await service.thread_messages(ThreadKey("slack", "C1:990.000004"))
+        elsewhere = await service.thread_messages(ThreadKey("slack", "C2:990.000005"))
+    assert [(m.role, m.status) for m in bob] == [("user", "refused")]
+    [notice] = [e for e in fake.ephemerals if "limit" in e.text]
+    assert notice.user == "U2" and "This channel has had 2 messages in the last minute (the limit is 2)" in notice.text
+    assert [(m.role, m.author) for m in carol] == [("user", "Carol"), ("assistant", "raven")]  # exempt, named
+    assert [m.role for m in elsewhere] == ["user", "assistant"]  # C2 has its own count
+    assert [c.args["user"] for c in fake.calls_to("users.info")].count("U3") == 1  # looked up once
+
+
 async def test_summary_of_the_channel_is_for_the_user_alone(
         settings_factory: SettingsFactory, fake: FakeSlack) -> None:
     from bot.app.assembly import open_service

@@ -106,6 +106,7 @@ class FakeSlack(LocalServer):
         self.users = users or {}
         self.max_text_chars = max_text_chars  # longer texts get msg_too_long
         self.outside_channels = outside_channels or set()  # the bot is not a member: not_in_channel
+        self.admins: set[str] = set()  # users.info says is_admin for these
         self.calls: list[ApiCall] = []
         self.messages: dict[tuple[str, str], Message] = {}
         self.ephemerals: list[Ephemeral] = []
@@ -320,8 +321,9 @@ class FakeSlack(LocalServer):
             if user not in self.users:
                 return self._json({"ok": False, "error": "user_not_found"})
             name = self.users[user]
-            return self._json({"ok": True, "user": {"id": user, "name": name.lower(),
-                                                    "real_name": name, "profile": {"display_name": name}}})
+            return self._json({"ok": True, "user": {"id": user, "name": name.lower(), "is_admin": user in self.admins,
+                                                    "is_owner": False, "real_name": name,
+                                                    "profile": {"display_name": name}}})
         channel = str(args.get("channel", ""))
         posting = method in ("chat.postMessage", "chat.update", "chat.postEphemeral")
         if posting and channel in self.outside_channels:
