@@ -629,10 +629,12 @@ class SlackAdapter:
 
     async def _event(self, key: ThreadKey, user: str, text: str, channel: str, *, fallback: str | None = None,
                      **extra: Any) -> Event:
-        """The core's event for ``user`` writing ``text`` in ``channel`` (the room its limits count in)."""
+        """The core's event for ``user`` writing ``text`` in ``channel``: the room its limits count in
+        (a direct message, ``D…``, has none, as on Discord), and whether an admin role exempts them."""
         admin = await self._is_admin(user)  # first: its lookup brings the name as well
         name = await self._user_name(user, fallback=fallback)
-        return Event(key, user, name, text, channel=channel, admin=admin, **extra)
+        room = None if channel.startswith("D") else channel
+        return Event(key, user, name, text, channel=room, admin=admin, **extra)
 
     async def _is_admin(self, user: str) -> bool:
         """SLACK_ADMINS_EXEMPT: a workspace admin or owner (users.info) is exempt from the limits. The

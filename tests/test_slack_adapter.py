@@ -11,6 +11,7 @@ import json
 import logging
 import re
 import socket
+import sqlite3
 import time
 import urllib.parse
 from collections.abc import AsyncIterator, Callable
@@ -726,13 +727,23 @@ async def test_a_channel_limit_counts_every_member_and_workspace_admins_are_exem
             await slack.settle()
             await slack.deliver.event(event_body(mention("990.000005", "bob elsewhere", channel="C2", user="U2")))
             await slack.settle()
+            await slack.deliver.event(event_body(message("990.000006", "in private", channel="D9", user="U2",
+                                                         channel_type="im")))
+            await slack.settle()
+            await slack.deliver.event(event_body(message("990.000007", "again", channel="D9", user="U2",
+                                                         channel_type="im")))
+            await slack.settle()
         bob = await service.thread_messages(ThreadKey("slack", "C1:990.000003"))
         carol = await service.thread_messages(ThreadKey("slack", "C1:990.000004"))
         elsewhere = await service.thread_messages(ThreadKey("slack", "C2:990.000005"))
+        with sqlite3.connect(service.settings.database_path) as db:
+            direct = db.execute("SELECT status, channel_ref FROM messages WHERE text IN ('in private', 'again')"
+                                " ORDER BY id").fetchall()
     assert [(m.role, m.status) for m in bob] == [("user", "refused")]
     [notice] = [e for e in fake.ephemerals if "limit" in e.text]
     assert notice.user == "U2" and "This channel has had 2 messages in the last minute (the limit is 2)" in notice.text
     assert [(m.role, m.author) for m in carol] == [("user", "Carol"), ("assistant", "raven")]  # exempt, named
+    assert direct == [("answered", None), ("answered", None)]  # a DM is no channel: two in a row are fine
     assert [m.role for m in elsewhere] == ["user", "assistant"]  # C2 has its own count
     assert [c.args["user"] for c in fake.calls_to("users.info")].count("U3") == 1  # looked up once
 
