@@ -811,7 +811,8 @@ class DiscordAdapter:
                                          notice=True)
                     return
                 key, history = ThreadKey(PLATFORM, str(channel.id)), self._history(channel, before=None)
-            turn = self.service.reply(self._event(interaction, key, "/summary"), history=history)
+            asked = self._event_of(key, interaction.user, "/summary", channel, private=True)  # ephemeral
+            turn = self.service.reply(asked, history=history)
             said = await turn.text()
             outcome = await turn.outcome()
             if isinstance(outcome, Busy | Refused | Failed) or not said:

@@ -888,7 +888,7 @@ class SlackAdapter:
             if trigger and not await self.service.claim_event(f"slack:command:{trigger}"):
                 return
             asked = await self._event(ThreadKey(PLATFORM, f"{channel}:channel"), user, "/summary", channel,
-                                      fallback=command.get("user_name"))
+                                      fallback=command.get("user_name"), private=True)  # ephemeral
             turn = self.service.reply(asked, history=lambda: self._channel_history(channel, bot_user))
             said = await turn.text()
             outcome = await turn.outcome()

@@ -62,6 +62,8 @@ class Event:
     ``channel`` names the room the thread is in (a Discord channel, a Slack channel; None where there
     is none, as on the web) for the per-channel limits. ``admin``: the platform says the sender holds
     an admin role (``DISCORD_ADMIN_ROLES``, Slack workspace admins), so the limits do not apply.
+    ``private``: the reply is shown to the sender alone (an ephemeral message, which no one can edit
+    after a crash), so a turn lost mid-way is not repaired by posting in the thread for everyone.
     """
 
     thread: ThreadKey
@@ -73,6 +75,7 @@ class Event:
     attachments: tuple[Attachment, ...] = ()
     channel: str | None = None
     admin: bool = False
+    private: bool = False
 
     @property
     def platform(self) -> str:

@@ -658,6 +658,18 @@ class StoreContract:
         assert await store.channel_activity("test:c3", 0) == []
         assert [at for at, _ in await store.user_activity("web:bob", 0)] == [start + 5, start + 5]
 
+    async def test_a_turn_accepted_as_not_repairable_never_shows_up_in_repairs(
+            self, store: Store, clock: FakeClock) -> None:
+        private = await store.accept(KEY, "default", "/summary", owner="dead", answer=False, writes_reply=True,
+                                     repairable=False)
+        public = await store.accept(OTHER, "default", "q", owner="dead")
+        assert private.turn_id is not None and public.turn_id is not None
+        for accepted in (private, public):
+            await store.begin_turn(accepted.turn_id, 0)
+        clock.now += 1000  # the owner never registered: both turns are orphans
+        assert {t.id for t in await store.recover(30)} == {private.turn_id, public.turn_id}
+        assert [r.turn.id for r in await store.repairs(KEY.platform, 30)] == [public.turn_id]
+
     async def test_prune_deletes_idle_threads_and_drops_idle_states(self, store: Store, clock: FakeClock) -> None:
         await store.ensure_thread(KEY, "default")
         await turn(store, KEY, "old", "old reply", state(b"old"))

@@ -14,6 +14,7 @@ import asyncio
 import contextlib
 import itertools
 import re
+import sqlite3
 import time
 from collections.abc import AsyncIterator, Awaitable, Callable
 from typing import Any, cast
@@ -895,7 +896,7 @@ async def test_buttons_posted_before_a_restart_still_work(
 async def test_summary_of_a_channel_or_a_thread_is_answered_privately(
     fake: FakeDiscord, start_bot: StartBot, service: ChatService
 ) -> None:
-    await start_bot(command_guilds=[fake.guild_id])
+    adapter = await start_bot(command_guilds=[fake.guild_id])
     for text in ("the nightly deploy failed", "the migration locked the orders table"):
         await fake.user_message(fake.general_id, text)
     channel_summary = await fake.slash_command("summary")
@@ -907,6 +908,11 @@ async def test_summary_of_a_channel_or_a_thread_is_answered_privately(
     assert [(m.role, m.status) for m in channel_log] == [("user", "done"), ("assistant", "aside")]
     assert channel_log[1].text == fake.shown(answer).strip()  # what the user saw is what the log keeps
     assert fake.calls_to("GET", rf"/channels/{fake.general_id}/messages")  # the channel was read
+    # had the process died mid-summary, no repair would post in the channel: it was the user's alone
+    with sqlite3.connect(service.settings.database_path) as db:
+        db.execute("UPDATE turns SET phase = 'interrupted'")
+    assert await adapter.repair() == 0
+    assert fake.calls_to("POST", rf"/channels/{fake.general_id}/messages") == []
 
     asked = await fake.user_message(fake.general_id, "what is a join?", mention_bot=True)
     thread_id = await thread_of(fake, asked)

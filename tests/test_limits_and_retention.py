@@ -76,6 +76,10 @@ async def test_tokens_per_day_are_limited_and_the_notice_says_when_it_resets(
         assert "UTC" in refused.message
         age(settings.database_path, 86_401)
         assert isinstance(await send(service, key, "a day later"), Answered | CutOff)
+        # a question asked with the persona switch is the sender's too: its tokens count
+        other = ThreadKey("test", "tokens-advisor")
+        assert isinstance(await send(service, other, "/advisor sql write a lot", user="bob"), Answered | CutOff)
+        assert isinstance(await send(service, other, "and more", user="bob"), Refused)
 
 
 async def test_a_channel_limit_counts_everyone_in_the_channel_and_spares_admins_by_role(

@@ -759,6 +759,11 @@ async def test_summary_of_the_channel_is_for_the_user_alone(
             took, ack = await slack.deliver.command(command("", fake, name="/summary"))
             await slack.settle()
             await fake.wait_for(lambda: bool(fake.responses), within=30)
+            # had the process died mid-summary, no repair would post in the channel: the answer was
+            # the user's alone (and the key "C1:channel" is no Slack thread)
+            with sqlite3.connect(service.settings.database_path) as db:
+                db.execute("UPDATE turns SET phase = 'interrupted'")
+            assert await slack.adapter.repair() == 0
         log = await service.thread_messages(ThreadKey("slack", "C1:channel"))
     assert took < 3.0 and ack["response_type"] == "ephemeral" and "Summarizing" in ack["text"]
     [answer] = fake.responses

@@ -395,7 +395,7 @@ class ChatService:
             author=author, platform_message_id=event.message_id, owner=self.instance_id,
             answer=command is None,
             writes_reply=command is not None and command.name in REDO_COMMANDS + ASIDE_COMMANDS,
-            user_ref=user_ref, channel_ref=channel_ref, refused=limited is not None)
+            user_ref=user_ref, channel_ref=channel_ref, refused=limited is not None, repairable=not event.private)
         stored.set_result(None)
         if limited is not None:
             return limited
@@ -422,9 +422,13 @@ class ChatService:
                 result = await self._command(command, thread, turn)
                 if not isinstance(result, str):
                     return result
-                # "/advisor <persona> <question>": the question is answered in the new epoch
+                # "/advisor <persona> <question>": the question is answered in the new epoch. It is
+                # the sender's too (the tokens written for it count), so one such message counts
+                # twice against a per-minute limit: the safe side.
                 asked = await self.store.accept(key, self.settings.default_persona, result, author=author,
-                                                platform_message_id=event.message_id, owner=self.instance_id)
+                                                platform_message_id=event.message_id, owner=self.instance_id,
+                                                user_ref=user_ref, channel_ref=channel_ref,
+                                                repairable=not event.private)
                 turn.turn_id, message, thread = asked.turn_id, asked.message, asked.thread
             if history is not None:
                 await self._adopt(thread, history)

@@ -182,7 +182,7 @@ class Store(Protocol):
         self, key: ThreadKey, default_persona: str, text: str, *, author: str = "",
         platform_message_id: str | None = None, owner: str | None = None, answer: bool = True,
         writes_reply: bool = False, user_ref: str | None = None, channel_ref: str | None = None,
-        refused: bool = False,
+        refused: bool = False, repairable: bool = True,
     ) -> Accepted:
         """The moment a message is accepted, in one transaction: the thread (created with
         ``default_persona`` when new), the user's message (``pending`` when it is to be answered,
@@ -190,7 +190,8 @@ class Store(Protocol):
         of its own — ``/retry``, ``/continue``, ``/summary``, ``+gen`` — without being context itself),
         its turn: ``received``, owned by ``owner``. ``user_ref`` (``platform:user id``) and
         ``channel_ref`` (``platform:channel id``) name the sender and the room for ``user_activity``
-        and ``channel_activity``; ``refused``: kept, not to be answered (status ``refused``, no turn)."""
+        and ``channel_activity``; ``refused``: kept, not to be answered (status ``refused``, no turn).
+        ``repairable=False``: the turn never shows up in ``repairs`` (its reply is private to the sender)."""
         ...
 
     async def begin_turn(self, turn_id: int, epoch: int) -> None:

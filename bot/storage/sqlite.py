@@ -415,7 +415,7 @@ class SQLiteStore:
         self, key: ThreadKey, default_persona: str, text: str, *, author: str = "",
         platform_message_id: str | None = None, owner: str | None = None, answer: bool = True,
         writes_reply: bool = False, user_ref: str | None = None, channel_ref: str | None = None,
-        refused: bool = False,
+        refused: bool = False, repairable: bool = True,
     ) -> Accepted:
         now = self.clock()
         answer, writes_reply = answer and not refused, writes_reply and not refused
@@ -431,9 +431,9 @@ class SQLiteStore:
             turn_id = None
             if answer or writes_reply:
                 cursor = await db.execute(
-                    """INSERT INTO turns (thread_key, message_id, phase, owner, created_at, updated_at)
-                       VALUES (?, ?, 'received', ?, ?, ?)""",
-                    (str(key), message_id, owner, now, now),
+                    """INSERT INTO turns (thread_key, message_id, phase, owner, created_at, updated_at, notified)
+                       VALUES (?, ?, 'received', ?, ?, ?, ?)""",
+                    (str(key), message_id, owner, now, now, 0 if repairable else 1),
                 )
                 turn_id = cursor.lastrowid
             return message_id, turn_id
