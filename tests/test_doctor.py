@@ -248,3 +248,22 @@ async def test_the_platforms_are_asked_whether_the_tokens_work(tmp_path: Path, b
     assert gone.returncode == 0 and "could not reach 127.0.0.1" in lines(gone, "warn", "discord")[0]
     offline = await run_doctor(tmp_path, env, "--offline")
     assert offline.returncode == 0 and "could not reach" not in offline.stdout
+
+
+def test_limits_and_who_is_exempt_are_reported_and_a_misspelt_exemption_warns(
+        tmp_path: Path, base_env: dict[str, str]) -> None:
+    good = doctor(tmp_path, **base_env, RAVEN_RATE_MESSAGES_PER_MINUTE="20", RAVEN_RATE_CHANNEL_TOKENS_PER_DAY="50000",
+                  RAVEN_ADMINS="discord:123456789012345678,slack:U0123ABC", DISCORD_ADMIN_ROLES="223456789012345678",
+                  SLACK_ADMINS_EXEMPT="true")
+    assert good.returncode == 0, good.stdout + good.stderr
+    [line] = lines(good, "ok", "limits")
+    assert line.endswith("per user 20 messages/min; per channel 50000 tokens/day; exempt: 2 user(s), "
+                         "1 Discord role(s), Slack workspace admins"), good.stdout
+    bad = doctor(tmp_path, **base_env, RAVEN_ADMINS="alice,discord:123456789012345678",
+                 DISCORD_ADMIN_ROLES="Moderators")
+    assert bad.returncode == 0, bad.stdout + bad.stderr  # Raven would start: a warning, not a failure
+    [warning] = lines(bad, "warn", "limits")
+    assert "RAVEN_ADMINS entry 'alice' is not platform:user id" in warning
+    assert "DISCORD_ADMIN_ROLES has 'Moderators', which is not a Discord ID" in warning
+    after = bad.stdout.splitlines()[bad.stdout.splitlines().index(warning) + 1]
+    assert "Copy ID" in after

@@ -395,6 +395,38 @@ def check_discord(settings: Settings) -> Finding:
     return Finding("ok", "discord", f"DISCORD_TOKEN is set and well-formed; {scope}")
 
 
+PLATFORMS = ("discord", "slack", "web", "terminal")
+SNOWFLAKE = re.compile(r"\d{15,21}")
+
+
+def check_limits(settings: Settings) -> Finding:
+    """The limits, and who is exempt. A misspelt exemption starts fine and then limits an admin, so
+    each list is checked for the shape of what it holds (a warning: Raven would still start)."""
+    core, discord = settings, settings.discord
+    problems = [f"RAVEN_ADMINS entry {entry!r} is not platform:user id" for entry in core.admins
+                if entry.partition(":")[0] not in PLATFORMS or not entry.partition(":")[2]]
+    for name, ids in (("DISCORD_ADMIN_ROLES", discord.admin_roles), ("DISCORD_ALLOWED_ROLES", discord.allowed_roles),
+                      ("DISCORD_ALLOWED_CHANNELS", discord.allowed_channels),
+                      ("DISCORD_ALLOWED_GUILDS", discord.allowed_guilds)):
+        problems += [f"{name} has {value!r}, which is not a Discord ID"
+                     for value in ids if not SNOWFLAKE.fullmatch(value)]
+    if problems:
+        return Finding("warn", "limits", "; ".join(problems),
+                       "write platform:user id (e.g. discord:123456789012345678), and Discord IDs as numbers: "
+                       "turn on Developer Mode, then right-click the role, channel or server → Copy ID")
+    per = [f"{n} {unit}" for n, unit in ((core.rate_messages_per_minute, "messages/min"),
+                                          (core.rate_tokens_per_day, "tokens/day")) if n]
+    room = [f"{n} {unit}" for n, unit in ((core.rate_channel_messages_per_minute, "messages/min"),
+                                           (core.rate_channel_tokens_per_day, "tokens/day")) if n]
+    if not per and not room:
+        return Finding("ok", "limits", "none set (RAVEN_RATE_*)")
+    exempt = [f"{len(core.admins)} user(s)"] if core.admins else []
+    exempt += [f"{len(discord.admin_roles)} Discord role(s)"] if discord.admin_roles else []
+    exempt += ["Slack workspace admins"] if settings.slack.admins_exempt else []
+    return Finding("ok", "limits", f"per user {', '.join(per) or 'none'}; per channel {', '.join(room) or 'none'}; "
+                                   f"exempt: {', '.join(exempt) or 'nobody'}")
+
+
 def check_slack(settings: Settings) -> list[Finding]:
     slack = settings.slack
     if slack.bot_token is None:
@@ -572,7 +604,7 @@ def run_checks(settings: Settings, report: Callable[[Finding], None], online: bo
     add(check_gpu(found), check_strategy(settings, info, found, machine), check_cpu(settings, machine))
     add(check_database(settings))
     add(*check_personas(settings))
-    add(check_discord(settings), *check_slack(settings))
+    add(check_discord(settings), *check_slack(settings), check_limits(settings))
     if online:
         add(*[found for found in (check_discord_online(settings), check_slack_online(settings)) if found])
     add(check_web(settings))
