@@ -328,3 +328,61 @@ async def test_a_message_arriving_in_a_busy_batch_streams_after_one_step(setting
         assert prompt_tokens in engine.stats.prefill_sizes
         for generation in [*busy, newcomer]:
             await generation.result()
+
+
+def greedy_request(engine: Engine, start: ModelState, text: str, stops: list[str]) -> GenerateRequest:
+    return GenerateRequest(
+        start=start, prompt_tokens=engine.tokenizer.encode(f"User: {text}\n\nAssistant:"),
+        sampling=SamplingParams(temperature=0, max_tokens=40), stop_strings=stops, seed=1,
+    )
+
+
+async def test_a_stop_string_is_found_wherever_it_falls_and_nothing_past_it_streams(
+        settings_factory: SettingsFactory) -> None:
+    settings = settings_factory()
+    assert settings.model is not None
+    backend = load_backend(settings, settings.model)
+    async with Engine(backend, load_tokenizer(settings.tokenizer), max_batch=8, max_queue=64) as engine:
+        start = engine.zero_state()
+        free_text, free, _ = await collect(engine.generate(greedy_request(engine, start, "tell me more", [])))
+        assert free.generated_tokens == 40 and len(free_text) > 30
+        # Stop strings cut from the greedy reply itself at every position of its first 24 characters
+        # (so some end one character into a token, some deep inside one, some span two), and one that
+        # never occurs. The same greedy reply with each must end just before the stop's first occurrence.
+        stops = [free_text[p:p + size] for p in range(24) for size in (1, 5)] + ["\x07never"]
+        runs = await asyncio.gather(*(collect(engine.generate(greedy_request(engine, start, "tell me more", [stop])))
+                                      for stop in stops))
+    for stop, (text, done, _) in zip(stops, runs, strict=True):
+        cut = free_text.find(stop)
+        expected = free_text if cut < 0 else free_text[:cut]
+        assert (text, done.text) == (expected, expected), stop
+        assert done.finish_reason == ("length" if cut < 0 else "stop")
+
+
+async def test_a_step_wakes_the_event_loop_once_not_once_per_reply(
+        settings_factory: SettingsFactory, monkeypatch: pytest.MonkeyPatch) -> None:
+    settings = settings_factory()
+    assert settings.model is not None
+    backend = load_backend(settings, settings.model)
+    loop = asyncio.get_running_loop()
+    calls = 0
+    original = loop.call_soon_threadsafe
+
+    def counting(*args, **kwargs):  # type: ignore[no-untyped-def]
+        nonlocal calls
+        calls += 1
+        return original(*args, **kwargs)
+
+    async with Engine(backend, load_tokenizer(settings.tokenizer), max_batch=4, max_queue=8) as engine:
+        start = engine.zero_state()
+        prompts = [engine.tokenizer.encode(f"User: hi {i}\n\nAssistant:") for i in range(4)]
+        monkeypatch.setattr(loop, "call_soon_threadsafe", counting)
+        replies = await asyncio.gather(*(collect(engine.generate(GenerateRequest(
+            start=start, prompt_tokens=prompt, sampling=SamplingParams(max_tokens=30), stop_strings=[],
+            seed=i))) for i, prompt in enumerate(prompts)))
+        monkeypatch.undo()
+        steps = engine.stats.decode_steps
+    chunks = sum(done.generated_tokens for _, done, _ in replies)
+    assert chunks > 60 and steps < chunks
+    # Per step at most: the admitted replies' first tokens, then the decode step's tokens and endings.
+    assert calls <= 2 * steps + 2

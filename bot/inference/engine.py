@@ -14,7 +14,8 @@ Scheduling, once per step of the worker:
 
 The backend keeps streaming generations in slots ``0 .. n-1`` (compacted when one finishes) and
 prefills in one extra slot at the end of the pool. Nothing here blocks the event loop: results
-reach asyncio through ``call_soon_threadsafe``.
+reach asyncio through ``call_soon_threadsafe``, gathered in an outbox and handed over once per phase
+of a step (one wake-up of the loop for a 64-row step, not 64).
 """
 
 from __future__ import annotations
@@ -88,12 +89,48 @@ class _Call:
         self.loop.call_soon_threadsafe(settle, self.result, value, None)
 
 
+class _Outbox:
+    """What the worker hands to event loops (text chunks, results), delivered in one
+    ``call_soon_threadsafe`` per loop and batch instead of one per token: each call writes to the
+    loop's wake-up pipe and each wake-up takes the GIL from the worker between its torch ops.
+    Worker thread only; the order of everything posted is kept."""
+
+    def __init__(self) -> None:
+        self._items: list[tuple[asyncio.AbstractEventLoop, Callable[..., object], tuple[object, ...]]] = []
+
+    def post(self, loop: asyncio.AbstractEventLoop, fn: Callable[..., object], *args: object) -> None:
+        self._items.append((loop, fn, args))
+
+    def deliver(self) -> None:
+        if not self._items:
+            return
+        items, self._items = self._items, []
+        by_loop: dict[asyncio.AbstractEventLoop, list[tuple[Callable[..., object], tuple[object, ...]]]] = {}
+        for loop, fn, args in items:
+            by_loop.setdefault(loop, []).append((fn, args))
+        for loop, calls in by_loop.items():
+            try:
+                loop.call_soon_threadsafe(_run_calls, calls)
+            except RuntimeError:  # the loop is closed: nobody is waiting for these any more
+                log.debug("engine: %d result(s) for a closed event loop dropped", len(calls))
+
+
+def _run_calls(calls: list[tuple[Callable[..., object], tuple[object, ...]]]) -> None:
+    """On the event loop: one batch from the worker, in order; one failing call never stops the rest."""
+    for fn, args in calls:
+        try:
+            fn(*args)
+        except Exception:
+            log.exception("engine: delivering a result failed")
+
+
 class _Job:
     """Work in the worker's queues. Fields below the line are touched only by the worker."""
 
     def __init__(self, loop: asyncio.AbstractEventLoop, start: ModelState, tokens: list[int],
-                 deadline: float, request: GenerateRequest | None) -> None:
+                 deadline: float, request: GenerateRequest | None, outbox: _Outbox) -> None:
         self.loop = loop
+        self.outbox = outbox
         self.start = start
         self.tokens = tokens
         self.deadline = deadline
@@ -119,11 +156,11 @@ class _Job:
         self.finish: FinishReason | None = None
 
     def emit(self, chunk: str | None) -> None:
-        self.loop.call_soon_threadsafe(self.chunks.put_nowait, chunk)
+        self.outbox.post(self.loop, self.chunks.put_nowait, chunk)
 
     def resolve(self, value: object) -> None:
         error = value if isinstance(value, BaseException) else None
-        self.loop.call_soon_threadsafe(settle, self.result, None if error else value, error)
+        self.outbox.post(self.loop, settle, self.result, None if error else value, error)
 
 
 class Generation:
@@ -208,6 +245,7 @@ class Engine:
         self._failure: BaseException | None = None
         self._wrapping_up = False
         self._never = torch.tensor(tokenizer.unknown_ids(backend.vocab_size), dtype=torch.long)
+        self._outbox = _Outbox()
         self._template: State | None = None  # the model's state layout, for decode_state (worker only)
 
     # --- lifecycle ------------------------------------------------------------------------------
@@ -336,7 +374,7 @@ class Engine:
             raise RavenError(f"the engine stopped after an error: {self._failure}")
         self._check_room()
         deadline = time.monotonic() + self.reply_timeout_s if request is not None else float("inf")
-        job = _Job(asyncio.get_running_loop(), start, tokens, deadline, request)
+        job = _Job(asyncio.get_running_loop(), start, tokens, deadline, request, self._outbox)
         with self._cond:
             self._incoming.append(job)
             self._cond.notify_all()
@@ -375,6 +413,7 @@ class Engine:
                     except Exception as exc:  # fail the work in flight, keep serving the rest
                         log.exception("engine step failed")
                         self._fail_in_flight(exc)
+                    self._outbox.deliver()
                     self.stats.step_seconds += time.perf_counter() - started
         except BaseException as exc:  # never leave callers waiting forever
             log.exception("engine worker failed")
@@ -406,10 +445,13 @@ class Engine:
         for job in jobs:
             job.emit(None)
             job.resolve(error)
+        self._outbox.deliver()
 
     def _step(self) -> None:
         admitted = self._admit()
+        self._outbox.deliver()  # new replies' first tokens go out before the decode step runs
         self._decode_step()
+        self._outbox.deliver()
         self._prefill_step(self.prefill_chunk - admitted)
 
     def _decode_step(self) -> None:
@@ -484,12 +526,13 @@ class Engine:
             count = job.start.token_count + len(job.tokens)
             if job.request is None:
                 job.resolve(ModelState(self.backend.read_slot(slot), logits.clone(), count))
-                continue
-            self._start_reply(job)
-            self.backend.move_slot(self._prefill_slot, len(self._decoding))
-            self._decoding.append(job)
-            job.token_count = count
-            self._accept(job, sample_rows(logits.clone().unsqueeze(0), [job.sampler])[0])  # type: ignore[list-item]
+            else:
+                self._start_reply(job)
+                self.backend.move_slot(self._prefill_slot, len(self._decoding))
+                self._decoding.append(job)
+                job.token_count = count
+                self._accept(job, sample_rows(logits.clone().unsqueeze(0), [job.sampler])[0])  # type: ignore[list-item]
+            self._outbox.deliver()  # before the rest of the budget is read
 
     def _start_reply(self, job: _Job) -> None:
         request = job.request
@@ -565,13 +608,17 @@ class Engine:
         job.generated.append(token)
         job.pending_token = token
         # A token can end inside a multi-byte character: the incremental decoder holds it back.
+        before = len(job.text)
         text = job.text + job.decoder.decode(piece)
         job.text = text
         job.sampler.record(token, piece.decode("utf-8", errors="ignore"))
-        if text.strip():
-            job.sampler.banned.discard(END_OF_TEXT)  # end-of-text is allowed once the reply has content
+        if END_OF_TEXT in job.sampler.banned and text[before:].strip():
+            # end-of-text is allowed once the reply has content (the text before was all blank)
+            job.sampler.banned.discard(END_OF_TEXT)
         for stop in request.stop_strings:
-            cut = text.find(stop)
+            # The text before this token held no stop string (the reply would have ended): look
+            # only where one could end in the new piece, not through the whole reply every token.
+            cut = text.find(stop, max(0, before - len(stop) + 1)) if stop else 0
             if cut >= 0:
                 job.text = text[:cut]
                 self._flush(job, len(job.text))
