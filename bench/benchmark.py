@@ -15,6 +15,12 @@ What is measured (JSON keys):
   (loaded from its saved state) ÷ on a new thread. ``rebuild_8k_s`` is what re-reading would cost.
 * ``ours_decode_step_tok_s_<N>``: the model alone, one decode step over N rows (no sampling, no
   scheduling): the ceiling the engine's figure approaches.
+* ``engine_step_ratio_<N>``: ``ours_aggregate_tok_s_<N>`` ÷ ``ours_decode_step_tok_s_<N>``, what the
+  engine delivers of its own decode step (both from this run, so a busy host moves it less than
+  either figure). Where the rest goes, from the engine run itself: ``engine_decode_share_<N>`` (the
+  wall time spent in the model's decode steps), ``engine_full_step_ms_<N>`` against
+  ``direct_step_ms_<N>`` (one N-row step inside the engine and alone) and ``engine_streamed_rows_<N>``
+  (rows of those steps that produced a streamed token rather than a reply's closing tokens).
 * ``ttft_busy_ms``: time to the first streamed token of a 40-token message sent while 32 replies
   (``busy_streams``) are streaming: what a user waits for when the bot is busy (median of 5).
 * ``prefill_ratio``: a 512-token message, our prefill tok/s ÷ the package's.
@@ -183,10 +189,38 @@ async def _generate(engine: Engine, start: ModelState, prompt: list[int], max_to
     return (first if first >= 0 else total), total, completion.generated_tokens
 
 
+class _TimedDecode:
+    """The backend with its decode steps timed (seconds and rows each), for the engine's accounting."""
+
+    def __init__(self, inner: Backend) -> None:
+        self.inner = inner
+        self.steps: list[tuple[int, float]] = []
+
+    def __getattr__(self, name: str) -> Any:
+        return getattr(self.inner, name)
+
+    def decode(self, tokens: Sequence[int]) -> torch.Tensor:
+        started = time.perf_counter()
+        logits = self.inner.decode(tokens)
+        _sync(logits.device)
+        self.steps.append((len(tokens), time.perf_counter() - started))
+        return logits
+
+
+@dataclass
+class _EngineRun:
+    wall: float
+    tokens: int
+    decode_s: float  # in the model's decode steps
+    full_steps_s: list[float]  # each step over every thread's row
+    rows: int  # rows of all decode steps (streamed tokens and closing tokens)
+
+
 async def _engine_phase(backend: Backend, threads: int, max_tokens: int, seed: int, gaps: list[float],
-                        torch_threads: int) -> tuple[float, int]:
-    """``threads`` replies generated at once; returns (wall seconds, generated tokens)."""
-    engine = Engine(backend, _BenchTokenizer(), max_batch=threads, max_queue=threads + 8,
+                        torch_threads: int) -> _EngineRun:
+    """``threads`` replies generated at once, with the engine's decode steps timed."""
+    timed = _TimedDecode(backend)
+    engine = Engine(timed, _BenchTokenizer(), max_batch=threads, max_queue=threads + 8,  # type: ignore[arg-type]
                     torch_threads=torch_threads)
     stop = asyncio.Event()
     async with engine:
@@ -200,7 +234,8 @@ async def _engine_phase(backend: Backend, threads: int, max_tokens: int, seed: i
         wall = time.perf_counter() - started
         stop.set()
         await ticker
-    return wall, sum(r[2] for r in results)
+    return _EngineRun(wall, sum(r[2] for r in results), sum(t for _, t in timed.steps),
+                      [t for rows, t in timed.steps if rows == threads], sum(rows for rows, _ in timed.steps))
 
 
 async def _busy_phase(backend: Backend, streams: int, probes: int, stream_tokens: int, gaps: list[float],
@@ -246,6 +281,18 @@ async def _resume_phase(backend: Backend, history: ModelState, rounds: int, gaps
         stop.set()
         await ticker
     return _median(with_history), _median(fresh)
+
+
+def _accounting(n: int, runs: Sequence[_EngineRun], rate: float, step_rate: float) -> dict[str, float]:
+    """Where the engine's time went at ``n`` threads, against the model's own ``n``-row step."""
+    full = [t for run in runs for t in run.full_steps_s]
+    return {
+        f"engine_step_ratio_{n}": round(rate / step_rate, 3),
+        f"engine_decode_share_{n}": round(sum(r.decode_s for r in runs) / sum(r.wall for r in runs), 3),
+        f"engine_full_step_ms_{n}": round(_median(full) * 1000, 2) if full else 0.0,
+        f"direct_step_ms_{n}": round(n / step_rate * 1000, 2),
+        f"engine_streamed_rows_{n}": round(sum(r.tokens for r in runs) / max(1, sum(r.rows for r in runs)), 3),
+    }
 
 
 def _peak_memory(device: torch.device) -> dict[str, float | None]:
@@ -434,13 +481,15 @@ def _run(size: str, dtype: str, device: str, threads: tuple[int, ...], quick: bo
     ref_stall: list[float] = []  # the package's own loop behaviour, reported apart
     ref_engine = [asyncio.run(_engine_phase(ref, 1, gen_tokens, 50 + r, ref_stall, torch_threads))
                   for r in range(rounds)]
-    ref_engine_rate = _median([tokens / wall for wall, tokens in ref_engine])
+    ref_engine_rate = _median([run.tokens / run.wall for run in ref_engine])
     aggregate: dict[str, float] = {}
+    accounting: dict[str, Any] = {}
     for n in threads:
         say(f"{n} threads generating at once")
         runs = [asyncio.run(_engine_phase(ours, n, gen_tokens, 100 + 1000 * r, stall, torch_threads))
                 for r in range(1 if quick else 2)]
-        aggregate[str(n)] = _median([tokens / wall for wall, tokens in runs])
+        aggregate[str(n)] = _median([run.tokens / run.wall for run in runs])
+        accounting |= _accounting(n, runs, aggregate[str(n)], direct.step_rate[str(n)])
 
     say("time to first token beside busy replies")
     busy_streams = min(32, max(threads))
@@ -466,6 +515,7 @@ def _run(size: str, dtype: str, device: str, threads: tuple[int, ...], quick: bo
         "package_single_tok_s": round(ref_single, 1),
         **{f"ours_aggregate_tok_s_{n}": round(rate, 1) for n, rate in aggregate.items()},
         **{f"ours_decode_step_tok_s_{n}": round(rate, 1) for n, rate in direct.step_rate.items()},
+        **accounting,
         "package_engine_tok_s": round(ref_engine_rate, 1),
         "ours_prefill_tok_s": round(ours_prefill_rate, 1),
         "package_prefill_tok_s": round(ref_prefill_rate, 1),
@@ -511,7 +561,9 @@ def format_table(result: dict[str, Any]) -> str:
                      f"{result['package_engine_tok_s']:.1f}", f"{result[key]:.1f}x", mark(key, result[key])))
         rows.append((f"  model alone, {n} rows per step", f"{result[f'ours_decode_step_tok_s_{n}']:.1f}",
                      f"{result['package_single_tok_s']:.1f}",
-                     f"{result[f'ours_decode_step_tok_s_{n}'] / result['package_single_tok_s']:.1f}x", ""))
+                     f"{result[f'ours_decode_step_tok_s_{n}'] / result['package_single_tok_s']:.1f}x",
+                     f"engine gets {result[f'engine_step_ratio_{n}']:.0%} of it; step "
+                     f"{result[f'engine_full_step_ms_{n}']:.0f} ms in it, {result[f'direct_step_ms_{n}']:.0f} alone"))
     rows.append(("prefill 512 tokens, tok/s", f"{result['ours_prefill_tok_s']:.0f}",
                  f"{result['package_prefill_tok_s']:.0f}", f"{result['prefill_ratio']:.2f}x",
                  mark("prefill_ratio", result["prefill_ratio"])))

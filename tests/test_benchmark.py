@@ -54,6 +54,15 @@ def test_quick_benchmark_reports_every_figure(tmp_path: Path, monkeypatch: pytes
     assert f"CPU: {machine['cpu_model']}" in table and f"paths: {result['paths_summary']}" in table
     assert (tmp_path / "tuning.json").is_file()
     assert result["reference_dtype"] == "fp32" and result["notes"] == []
+    # the engine against its own decode step, and where the rest of its time went
+    for n in (16, 64):
+        assert result[f"engine_step_ratio_{n}"] == pytest.approx(
+            result[f"ours_aggregate_tok_s_{n}"] / result[f"ours_decode_step_tok_s_{n}"], rel=0.05)
+        assert 0 < result[f"engine_decode_share_{n}"] < 1
+        assert result[f"engine_full_step_ms_{n}"] > 0 and result[f"direct_step_ms_{n}"] > 0
+        # 8 tokens a reply (quick), then its last token and the turn separator as closing rows
+        assert 0.5 < result[f"engine_streamed_rows_{n}"] < 1
+        assert f"engine gets {result[f'engine_step_ratio_{n}']:.0%} of it" in table
 
 
 def test_bf16_without_native_support_says_so_and_measures_against_fp32(tmp_path: Path) -> None:
