@@ -386,3 +386,27 @@ async def test_a_step_wakes_the_event_loop_once_not_once_per_reply(
     assert chunks > 60 and steps < chunks
     # Per step at most: the admitted replies' first tokens, then the decode step's tokens and endings.
     assert calls <= 2 * steps + 2
+
+
+async def test_a_reply_whose_event_loop_has_closed_never_stops_the_engine(settings_factory: SettingsFactory) -> None:
+    settings = settings_factory()
+    assert settings.model is not None
+    backend = load_backend(settings, settings.model)
+    async with Engine(backend, load_tokenizer(settings.tokenizer), max_batch=2, max_queue=4) as engine:
+        start = engine.zero_state()
+
+        def on_another_loop() -> None:  # a caller that goes away while its reply still streams
+            loop = asyncio.new_event_loop()
+
+            async def begin() -> None:
+                generation = engine.generate(GenerateRequest(
+                    start=start, prompt_tokens=engine.tokenizer.encode("User: hi\n\nAssistant:"),
+                    sampling=SamplingParams(max_tokens=40), stop_strings=[], seed=1))
+                await generation.__aiter__().__anext__()
+
+            loop.run_until_complete(begin())
+            loop.close()
+
+        await asyncio.to_thread(on_another_loop)
+        _, done, _ = await collect(engine.generate(request(engine, start, "again", max_tokens=3)))
+        assert done.generated_tokens == 3 and done.final is not None
