@@ -64,7 +64,11 @@ async def run_until_sigterm(tmp_path: Path, model: Path, **extra: str) -> tuple[
         try:
             await fake.wait_connected(within=90)
             await fake.send_envelope("events_api", event_body(mention("700.000001", "tell me everything")))
-            await fake.wait_for(lambda: bool(fake.calls_to("chat.postMessage")), within=60)  # streaming
+            # Mid-reply: the turn is generating and its first message is posted and recorded (a signal
+            # in the moment between the post and the turn's start is a different case).
+            db = tmp_path / "data" / "raven.db"
+            await fake.wait_for(lambda: bool(fake.calls_to("chat.postMessage")) and recorded_with_mark(db)
+                                and "generating" in turn_phases(db), within=60)
             process.send_signal(signal.SIGTERM)
             _, err = await asyncio.wait_for(process.communicate(), 120)
         finally:
