@@ -34,7 +34,7 @@ import yarl
 from discord import app_commands
 
 from adapters.discord_controls import Action, ControlButton, controls
-from adapters.repairs import keep_repairing
+from adapters.repairs import confirm_posts, has_unconfirmed, keep_repairing
 from adapters.retry import RetryPolicy, call_with_retries
 from adapters.settings import DiscordSettings
 from adapters.streaming import CONTINUED, MARK, StreamRenderer, final_pieces, present
@@ -56,6 +56,7 @@ NO_MENTIONS = discord.AllowedMentions.none()
 EMBED_LIMIT = 4096  # characters of an embed's description
 NOTICE_COLOUR = discord.Colour.orange()
 ATTACHMENT_TIMEOUT_S = 30.0
+POST_SEARCH_LIMIT = 50  # newest messages a repair reads to find a post whose id a crash kept from the log
 FORK_SUFFIX = " (fork)"
 
 Post = Callable[[str, discord.ui.View | None], Awaitable[Any]]
@@ -238,6 +239,11 @@ class DiscordAdapter:
 
     async def _repair_turn(self, channel: Any, repair: Repair) -> None:
         delivered = list(repair.deliveries)
+        if has_unconfirmed(delivered):  # a post whose id a crash kept from the log: find it by its text
+            me = self.client.user
+            own = [(str(m.id), m.content) async for m in channel.history(limit=POST_SEARCH_LIMIT)
+                   if me is not None and m.author.id == me.id]
+            delivered = confirm_posts(delivered, own)
         if repair.reply is not None:
             pieces = final_pieces(repair.reply, MESSAGE_LIMIT)
             for index, piece in enumerate(pieces):
@@ -499,9 +505,12 @@ class DiscordAdapter:
         async def shown(position: int, handle: Any, piece: str) -> None:
             await self.service.record_delivery(turn, position, str(handle.id), piece)
 
+        async def posting(position: int, piece: str) -> None:
+            await self.service.posting(turn, position, piece)
+
         renderer: StreamRenderer[Any] = StreamRenderer(
             post=post_piece, edit=edit, limit=MESSAGE_LIMIT,
-            min_interval_s=self.settings.edit_interval_s, shown=shown,
+            min_interval_s=self.settings.edit_interval_s, shown=shown, posting=posting,
         )
         try:
             _, notice = await present(renderer, turn)

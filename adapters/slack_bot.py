@@ -53,7 +53,7 @@ from slack_sdk.http_retry.response import HttpResponse
 from slack_sdk.http_retry.state import RetryState
 from slack_sdk.web.async_client import AsyncWebClient
 
-from adapters.repairs import keep_repairing
+from adapters.repairs import confirm_posts, has_unconfirmed, keep_repairing
 from adapters.retry import RetryPolicy, report_call
 from adapters.settings import SlackSettings
 from adapters.slack_blocks import (
@@ -99,6 +99,7 @@ THREADS_KEPT = 4096  # the last reply (with buttons) per thread, and each user's
 ADOPT_PAGE = 200  # conversations.replies page size (Slack's maximum is 1,000; it suggests 200)
 ADOPT_MAX_PAGES = 20  # a thread longer than this many pages is read from its start and its latest part
 NAME_LOOKUP_S = 5.0  # adopting waits at most this long for the authors' names (ids otherwise)
+POST_SEARCH_LIMIT = 100  # newest messages a repair reads to find a post whose ts a crash kept from the log
 FILE_TIMEOUT_S = 30.0
 FILES_HOST = "files.slack.com"  # the only host (besides SLACK_API_URL's) that ever sees the bot token
 NO_THREAD = ("Slack does not say which thread a slash command was typed in, so `{command}` acts on the "
@@ -316,6 +317,7 @@ class SlackAdapter:
         self._last_reply: LRUCache[ThreadKey, tuple[str, _Message]] = LRUCache(maxsize=THREADS_KEPT)
         self._recent: LRUCache[tuple[str, str], tuple[ThreadKey, str | None]] = LRUCache(maxsize=THREADS_KEPT)
         self._bot_id: str | None = None  # this app's bot id (auth.test): its own messages when adopting
+        self._bot_user: str | None = None  # and its bot user (auth.test's user_id)
         self._files: aiohttp.ClientSession | None = None  # downloads of files shared with Raven
 
     # --- lifecycle ---------------------------------------------------------------------------------
@@ -370,7 +372,9 @@ class SlackAdapter:
         return done
 
     async def _repair_turn(self, channel: str, thread_ts: str | None, repair: Repair) -> None:
-        delivered = [d for d in repair.deliveries]
+        delivered = list(repair.deliveries)
+        if has_unconfirmed(delivered):  # a post whose ts a crash kept from the log: find it by its text
+            delivered = confirm_posts(delivered, await self._own_messages(channel, thread_ts, repair.turn.created_at))
         if repair.reply is not None:
             pieces = final_pieces(repair.reply, self.settings.max_message_chars, to_mrkdwn)
             for index, piece in enumerate(pieces):
@@ -396,6 +400,18 @@ class SlackAdapter:
         blocks = [{"type": "context", "elements": [{"type": "mrkdwn", "text": shown}]}]
         await self.client.chat_postMessage(channel=channel, thread_ts=thread_ts, text=shown, blocks=blocks)
         log.info("slack: told %s that turn %s was interrupted", channel, repair.turn.id)
+
+    async def _own_messages(self, channel: str, thread_ts: str | None, since: float) -> list[tuple[str, str]]:
+        """This app's messages in the thread (or DM) from ``since`` on, newest first: ``(ts, text)``."""
+        oldest = f"{since - 1:.6f}"
+        if thread_ts is None:
+            found = await self.client.conversations_history(channel=channel, oldest=oldest, limit=POST_SEARCH_LIMIT)
+        else:
+            found = await self.client.conversations_replies(channel=channel, ts=thread_ts, oldest=oldest,
+                                                            limit=POST_SEARCH_LIMIT)
+        messages = sorted(found.get("messages") or [], key=lambda m: float(m.get("ts", 0)), reverse=True)
+        return [(str(m["ts"]), str(m.get("text", ""))) for m in messages
+                if m.get("ts") and self._own(m, self._bot_user)]
 
     async def stop(self) -> None:
         if self._repairer is not None:
@@ -430,7 +446,7 @@ class SlackAdapter:
     async def _check_token(self) -> None:
         try:
             found = await self.client.auth_test()
-            self._bot_id = found.get("bot_id")
+            self._bot_id, self._bot_user = found.get("bot_id"), found.get("user_id")
         except SlackApiError as exc:
             error = _api_error(exc)
             if error in _BAD_TOKEN:
@@ -992,6 +1008,11 @@ class SlackAdapter:
             for sub, message in enumerate(posted.messages):  # a piece Slack found too long is several
                 await self.service.record_delivery(turn, position * SUB_MESSAGES + sub, message.ts, message.text)
 
+        async def posting(position: int, piece: str) -> None:  # the first message of it, as it will be sent
+            first = split_message(piece, self._max_chars)[0] if self._max_chars and len(piece) > self._max_chars \
+                else piece
+            await self.service.posting(turn, position * SUB_MESSAGES, first)
+
         renderer = _ReplyRenderer(
             post=lambda piece: self._post(channel, thread_ts, piece, reply),
             edit=self._update,
@@ -999,6 +1020,7 @@ class SlackAdapter:
             min_interval_s=self.settings.update_interval_s,
             transform=to_mrkdwn,
             shown=shown,
+            posting=posting,
             reply=reply,
         )
         try:

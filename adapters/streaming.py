@@ -36,6 +36,9 @@ class StreamRenderer(Generic[Handle]):
     transform: Callable[[str], str] = lambda text: text
     #: called after each successful post or edit with (position, handle, text shown): delivery records
     shown: Callable[[int, Handle, str], Awaitable[None]] | None = None
+    #: called before each new post with (position, text to post): the delivery record made before the
+    #: post, so that a crash between the post and ``shown`` leaves a trace for the repair
+    posting: Callable[[int, str], Awaitable[None]] | None = None
     messages: list[Handle] = field(default_factory=list)
     _shown: list[str] = field(default_factory=list)
     _last_edit: float = float("-inf")
@@ -85,6 +88,8 @@ class StreamRenderer(Generic[Handle]):
                 await self.edit(self.messages[index], piece)
                 self._shown[index] = piece
             else:
+                if self.posting is not None:
+                    await self.posting(index, piece)
                 self.messages.append(await self.post(piece))
                 self._shown.append(piece)
             if self.shown is not None:

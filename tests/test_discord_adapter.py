@@ -537,8 +537,11 @@ async def test_on_start_it_repairs_what_a_dead_process_left_half_written(
     from bot.storage import SQLiteStore
 
     finished, lost = fake.add_user_thread(fake.general_id), fake.add_user_thread(fake.general_id)
+    # killed between a post and its record: the message is there, the log knows only that it was
+    # about to be posted (and what it shows); and killed just before a post that never happened
+    unrecorded, unposted = fake.add_user_thread(fake.general_id), fake.add_user_thread(fake.general_id)
     half = {}
-    for thread_id, text in ((finished, "The full re" + MARK), (lost, "half" + MARK)):
+    for thread_id, text in ((finished, "The full re" + MARK), (lost, "half" + MARK), (unrecorded, "posted" + MARK)):
         payload = fake._message_payload(thread_id, fake.bot_user, text)
         fake.messages[payload["id"]] = payload
         half[thread_id] = payload
@@ -552,19 +555,30 @@ async def test_on_start_it_repairs_what_a_dead_process_left_half_written(
         await dead.record_delivery(done.turn_id, 0, half[finished]["id"], "The full re" + MARK)  # type: ignore[arg-type]
         cut = await dead.accept(key(lost), "default", "question two", owner="dead")
         await dead.record_delivery(cut.turn_id, 0, half[lost]["id"], "half" + MARK)  # type: ignore[arg-type]
+        other = await dead.accept(key(unrecorded), "default", "question three", owner="dead")
+        await dead.record_delivery(other.turn_id, 0, "", "posted" + MARK)  # type: ignore[arg-type]
+        ghost = await dead.accept(key(unposted), "default", "question four", owner="dead")
+        await dead.finish_turn(key(unposted), ghost.message.id, "All of the ghost reply.", None,
+                               turn_id=ghost.turn_id)
+        await dead.record_delivery(ghost.turn_id, 0, "", "All of the gh" + MARK)  # type: ignore[arg-type]
     await service.store.recover(lease_s=30)  # what the running process's lease loop does
 
     await start_bot()
     await fake.wait_for(lambda: half[finished]["content"] == "The full reply, all of it."
                         and half[lost]["content"] == "half"
                         and any("restarted while answering" in fake.shown(m) for m in fake.bot_messages(lost)))
+    await fake.wait_for(lambda: half[unrecorded]["content"] == "posted"  # found by its text, mark removed
+                        and any("restarted while answering" in fake.shown(m) for m in fake.bot_messages(unrecorded)))
+    await fake.wait_for(lambda: [m["content"] for m in fake.bot_messages(unposted)] == ["All of the ghost reply."])
 
     async def nothing_left() -> bool:
         return await service.store.repairs("discord", lease_s=30) == []
     await eventually(nothing_left)
-    phases = [(await service.store.get_turn(t)).phase for t in (done.turn_id, cut.turn_id)]  # type: ignore[arg-type,union-attr]
-    assert phases == ["delivered", "interrupted"]
+    phases = [(await service.store.get_turn(t)).phase  # type: ignore[arg-type,union-attr]
+              for t in (done.turn_id, cut.turn_id, other.turn_id, ghost.turn_id)]
+    assert phases == ["delivered", "interrupted", "interrupted", "delivered"]
     assert len(fake.bot_messages(lost)) == 2 and len(fake.bot_messages(finished)) == 1  # told once each
+    assert len(fake.bot_messages(unrecorded)) == 2 and len(fake.bot_messages(unposted)) == 1
 
 
 async def test_a_reply_cut_off_inside_a_code_block_leaves_every_message_balanced(

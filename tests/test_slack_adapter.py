@@ -771,3 +771,44 @@ async def test_summary_of_the_channel_is_for_the_user_alone(
     assert [(m.role, m.status) for m in log] == [("user", "done"), ("assistant", "aside")]  # the channel: not kept
     assert fake.calls_to("conversations.history")
     assert fake.thread("C1", "990.000001") == [] and fake.calls_to("chat.postMessage") == []  # nothing public
+
+
+async def test_a_post_whose_ts_a_crash_kept_from_the_log_is_found_by_its_text_and_repaired(
+        settings_factory: SettingsFactory, fake: FakeSlack) -> None:
+    """Killed between chat.postMessage and its delivery record: the log knows only that a message
+    showing "posted …" was about to be posted. The repair finds it among the app's own messages in the
+    thread (conversations.replies) and takes the mark off, then tells the thread; a post that never
+    happened (nothing shows its text) is made afresh, once, for a reply stored in full."""
+    import time
+
+    from adapters.streaming import MARK
+    from bot.app.assembly import open_service
+    from bot.storage import SQLiteStore
+    from tests.fakes.slack_server import Message
+
+    fake.say("C1", "995.000001", USER, "question three")
+    fake.say("C1", "996.000001", USER, "question four")
+    now = time.monotonic()
+    fake.messages[("C1", "995.000002")] = Message("C1", "995.000002", "posted" + MARK, "995.000001", now, [now])
+    settings = settings_factory()
+    async with SQLiteStore(settings.database_path, clock=lambda: time.time() - 3600) as dead:
+        await dead.register_instance("dead")
+        lost = await dead.accept(ThreadKey("slack", "C1:995.000001"), "default", "question three", owner="dead")
+        await dead.record_delivery(lost.turn_id, 0, "", "posted" + MARK)  # type: ignore[arg-type]
+        key = ThreadKey("slack", "C1:996.000001")
+        ghost = await dead.accept(key, "default", "question four", owner="dead")
+        await dead.finish_turn(key, ghost.message.id, "All of the ghost reply.", None, turn_id=ghost.turn_id)
+        await dead.record_delivery(ghost.turn_id, 0, "", "All of the gh" + MARK)  # type: ignore[arg-type]
+    async with open_service(settings) as service:
+        async with running("http", service, settings_factory, fake):
+            await fake.wait_for(lambda: [m.text for m in fake.thread("C1", "996.000001")] == ["All of the ghost reply."]
+                                and len(fake.thread("C1", "995.000001")) == 2)
+            for _ in range(200):  # each turn is marked repaired just after its last call
+                if not await service.repairs("slack"):
+                    break
+                await asyncio.sleep(0.05)
+            assert await service.repairs("slack") == []
+    found = fake.thread("C1", "995.000001")
+    assert found[0].ts == "995.000002" and found[0].text == "posted"  # the same message, mark removed
+    assert "restarted while answering" in found[1].text
+    assert fake.calls_to("conversations.replies")

@@ -40,6 +40,7 @@ from bot.inference.tokenizer import Tokenizer
 from bot.settings import CoreSettings
 from bot.storage import (
     INTERRUPTED_NOTICE,
+    Delivery,
     Exchange,
     Phase,
     Repair,
@@ -86,7 +87,7 @@ class TurnReport:
 TurnObserver = Callable[[TurnReport], None]
 
 __all__ = [
-    "INTERRUPTED_NOTICE", "ChatService", "Repair", "StoredMessage", "ThreadInfo", "Turn", "TurnInfo",
+    "INTERRUPTED_NOTICE", "ChatService", "Delivery", "Repair", "StoredMessage", "ThreadInfo", "Turn", "TurnInfo",
     "TurnObserver", "TurnReport",
 ]
 
@@ -293,6 +294,12 @@ class ChatService:
         """What a platform message of the reply shows now (for repairs after a crash)."""
         if turn.turn_id is not None:
             await self.store.record_delivery(turn.turn_id, position, platform_message_id, shown)
+
+    async def posting(self, turn: Turn, position: int, shown: str) -> None:
+        """A platform message showing ``shown`` is about to be posted at ``position``: recorded first,
+        with no id yet (``Delivery.confirmed`` False), so that a crash before ``record_delivery``
+        still tells the repair to look for it."""
+        await self.record_delivery(turn, position, "", shown)
 
     async def repairs(self, platform: str) -> list[Repair]:
         """Turns on ``platform`` whose messages may not match the log (see ``Store.repairs``)."""

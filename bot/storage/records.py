@@ -82,13 +82,20 @@ class TurnRecord:
 
 @dataclass(frozen=True)
 class Delivery:
-    """One platform message that carries (part of) a turn's reply, and what it shows now."""
+    """One platform message that carries (part of) a turn's reply, and what it shows now.
+    ``platform_message_id`` is empty while the message is being posted: recorded just before the
+    post, so that a crash between the post and its record leaves a trace (``confirmed`` False) that a
+    repair resolves by looking for the bot's message showing exactly ``shown``."""
 
     turn_id: int
     position: int
     platform_message_id: str
     shown: str
     updated_at: float
+
+    @property
+    def confirmed(self) -> bool:
+        return bool(self.platform_message_id)
 
 
 @dataclass(frozen=True)
