@@ -230,9 +230,11 @@ class ChatService:
             await asyncio.wait_for(self.drain(), max(10.0, grace_s))
 
     async def drain(self) -> None:
-        """Wait for turns still finishing in the background (a reply whose reader went away)."""
+        """Wait for turns still finishing in the background (a reply whose reader went away).
+        ``asyncio.wait``, not ``gather``: a drain given up on (``shutdown``'s grace) must not cancel
+        the turns it waited for, which are then cut off and stored instead."""
         while self._tasks:
-            await asyncio.gather(*list(self._tasks), return_exceptions=True)
+            await asyncio.wait(list(self._tasks))
 
     # --- a turn ------------------------------------------------------------------------------------
 
@@ -335,6 +337,7 @@ class ChatService:
 
     async def _run(self, event: Event, turn: Turn, previous: asyncio.Future[None] | None,
                    stored: asyncio.Future[None], history: History | None) -> None:
+        outcome: Outcome = Failed(partial=turn.shown)
         try:
             outcome = await self._turn(event, turn, previous, stored, history)
         except Exception:
@@ -344,7 +347,7 @@ class ChatService:
         finally:
             if not stored.done():
                 stored.set_result(None)
-        turn.end(outcome)
+            turn.end(outcome)  # even when cancelled: no reader may wait for an outcome forever
         self._report(event, turn, outcome)
 
     def _report(self, event: Event, turn: Turn, outcome: Outcome) -> None:
