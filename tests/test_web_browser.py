@@ -564,10 +564,8 @@ async def shows_a_new_reply(page: Any, service: ChatService, key: ThreadKey, rep
     raise AssertionError(f"the page does not show the log's new reply: {shown!r} != {rendered!r}")
 
 
-# A page bug this test now always meets: after Continue the page re-reads the thread, and addMessage()
-# calls showReply() (and so lastReplyOnly()) before the item is in #messages, so the reply before the
-# last keeps its Retry/Continue. Fix in adapters/static/app.js: append the item before showReply().
-@pytest.mark.xfail(strict=True, reason="app.js: Retry/Continue stay on the previous reply after a re-read")
+# After Continue the page re-reads the thread: only the last reply may keep Retry/Continue (addMessage
+# once decided that before the item was in #messages, and the reply before the last kept them).
 @pytest.mark.parametrize("viewport", [DESKTOP, PHONE], ids=["desktop", "phone"])
 async def test_stop_retry_continue_rename_and_delete_from_the_page(
     settings_factory: Any, viewport: dict[str, int]

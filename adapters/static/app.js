@@ -269,9 +269,10 @@
     body.className = "body";
     body.dir = "auto"; // Arabic, Hebrew: laid out right to left
     item.append(who, body);
+    // in the list first: showReply decides, among the replies listed, which is the last one
+    (options.after ? options.after.after(item) : ui.messages.append(item));
     if (options.html != null) showReply(item, text, options.html, options.replyId);
     else renderText(body, text);
-    (options.after ? options.after.after(item) : ui.messages.append(item));
     scrollDown();
     return item;
   }
