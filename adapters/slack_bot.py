@@ -656,8 +656,8 @@ class SlackAdapter:
         """SLACK_ADMINS_EXEMPT: a workspace admin or owner (users.info) is exempt from the limits. The
         one lookup a message waits for, briefly, so that a limit does not refuse an admin; a lookup
         that fails counts as "not an admin" (the limits, if any, then apply)."""
-        if not self.settings.admins_exempt:
-            return False
+        if not self.settings.admins_exempt or not self.service.limits_apply:
+            return False  # nothing to be exempt from: no message waits for the lookup
         if user not in self._admins:
             with contextlib.suppress(TimeoutError):
                 await asyncio.wait_for(self._look_up_name(user), ADMIN_LOOKUP_S)

@@ -812,3 +812,15 @@ async def test_a_post_whose_ts_a_crash_kept_from_the_log_is_found_by_its_text_an
     assert found[0].ts == "995.000002" and found[0].text == "posted"  # the same message, mark removed
     assert "restarted while answering" in found[1].text
     assert fake.calls_to("conversations.replies")
+
+
+async def test_with_no_limits_set_no_message_waits_to_learn_whether_its_sender_is_an_admin(
+        service: ChatService, settings_factory: SettingsFactory, fake: FakeSlack) -> None:
+    """SLACK_ADMINS_EXEMPT without any RAVEN_RATE_* limit: nothing to be exempt from, so the message is
+    answered at once and stored under the sender's id, the name being looked up in the background
+    (waiting for users.info would have stored "Alice")."""
+    async with running("http", service, settings_factory, fake, admins_exempt=True) as slack:
+        await slack.deliver.event(event_body(mention("997.000001", "hello")))
+        await slack.settle()
+    stored = await service.thread_messages(ThreadKey("slack", "C1:997.000001"))
+    assert [(m.role, m.author) for m in stored] == [("user", USER), ("assistant", "raven")]

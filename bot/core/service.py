@@ -311,6 +311,14 @@ class ChatService:
         await self.store.mark_repaired(repair.turn.id)
 
     @property
+    def limits_apply(self) -> bool:
+        """Any RAVEN_RATE_* limit is set: only then is it worth an adapter's while to find out whether a
+        sender is exempt (a Slack admin costs a users.info call the message waits for)."""
+        s = self.settings
+        return bool(s.rate_messages_per_minute or s.rate_tokens_per_day
+                    or s.rate_channel_messages_per_minute or s.rate_channel_tokens_per_day)
+
+    @property
     def repair_interval_s(self) -> float:
         """How often adapters look for repairs: a dead process's turns surface once its lease ends."""
         return self.settings.instance_lease_s / 3
