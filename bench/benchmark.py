@@ -456,7 +456,8 @@ def _run(size: str, dtype: str, device: str, threads: tuple[int, ...], quick: bo
     path = _checkpoint(size)  # type: ignore[arg-type]
     say(f"loading the batched backend ({device} {dtype}) and choosing its paths")
     ours = BatchedRWKV7Backend(path, device=device, dtype=dtype, max_slots=max(threads) + 1,
-                               tune_cache=_cache_dir() / "tuning.json", always_tune=True)
+                               tune_cache=_cache_dir() / "tuning.json", always_tune=True,
+                               torch_threads=torch_threads)
     # As the bot: RAVEN_TORCH_THREADS if set, else what the backend chose for this machine.
     torch_threads = torch_threads or ours.paths.threads
     ref_dtype, notes = dtype, []

@@ -10,8 +10,9 @@ import pytest
 import torch
 
 from bot.inference.backend import clone_state
+from bot.inference.linear import mkldnn_works
 from bot.inference.package_backend import PackageBackend
-from bot.inference.paths import TuneCache, candidates, least_regret
+from bot.inference.paths import MAX_COPIES, TuneCache, _time_cold, candidates, cold_copies, least_regret, tune_matmul
 from bot.inference.rwkv7_batched import BatchedRWKV7Backend
 
 FP32_TOL = 1e-4
@@ -23,6 +24,38 @@ def test_least_regret_is_never_far_from_the_best() -> None:
     assert least_regret(times) == "b"
     assert least_regret({"x": [1.0, 1.0], "y": [0.99, 1.0]}) == "x"  # within 5%: the preferred stays
     assert least_regret({"x": [2.0], "y": [1.0]}) == "y"
+
+
+def test_kernels_are_timed_with_their_weight_out_of_the_cache() -> None:
+    # enough copies to pass the cold budget, at least one, at most MAX_COPIES
+    assert cold_copies(torch.zeros(768, 768), cold_bytes=128 << 20) == 57  # 2.25 MiB each
+    assert cold_copies(torch.zeros(65536, 768), cold_bytes=128 << 20) == 1  # 192 MiB: one is cold
+    assert cold_copies(torch.zeros(64, 64), cold_bytes=128 << 20) == MAX_COPIES
+    assert cold_copies(torch.zeros(1536, 768, dtype=torch.bfloat16), cold_bytes=128 << 20) == 57  # by bytes
+
+    calls: list[tuple[str, int, int]] = []
+
+    class Recording:
+        def __init__(self, kernel: str, n: int) -> None:
+            self.kernel, self.n = kernel, n
+
+        def __call__(self, x: torch.Tensor) -> torch.Tensor:
+            calls.append((self.kernel, self.n, x.shape[0]))
+            return x
+
+    kernels = {k: [Recording(k, n) for n in range(3)] for k in ("a", "b")}
+    times = _time_cold(kernels, [torch.zeros(1), torch.zeros(4)], rounds=2)
+    assert set(times) == {"a", "b"} and all(len(t) == 2 for t in times.values())
+    # warmed on the newest copy, then interleaved: every kernel at every row count in each round,
+    # each call on the copy used longest ago
+    assert calls[:4] == [("a", 2, 1), ("a", 2, 4), ("b", 2, 1), ("b", 2, 4)]
+    assert calls[4:] == [("a", 0, 1), ("a", 1, 4), ("b", 2, 1), ("b", 0, 4),
+                         ("a", 1, 1), ("a", 2, 4), ("b", 0, 1), ("b", 1, 4)]
+
+    weights = {"48x32": torch.randn(48, 32)}
+    chosen, report = tune_matmul(weights, ["plain", "onednn:16"] if mkldnn_works(torch.device("cpu"), torch.float32)
+                                 else ["plain", "plain"], batches=(1, 4), cold_bytes=1 << 16)
+    assert chosen["48x32"] in report["48x32"] and all(len(t) == 2 for t in report["48x32"].values())
 
 
 @pytest.fixture(scope="module")
@@ -62,6 +95,23 @@ def test_measured_paths_are_cached_and_match_the_package(tiny_v7_path: Path, ref
     assert second.paths.source == "cached" and second.paths.matmul == first.paths.matmul
     assert second.paths.wkv_chunk == first.paths.wkv_chunk
     assert "chosen by cached" in second.paths.summary()
+
+
+def test_kernels_are_timed_on_the_threads_the_steps_will_use(tiny_v7_path: Path, tmp_path: Path) -> None:
+    cache = tmp_path / "tuning.json"
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)  # the caller's thread at one, as the benchmark's event loop is
+    try:
+        chosen = BatchedRWKV7Backend(tiny_v7_path, max_slots=2, tune_cache=cache, always_tune=True)
+        pinned = BatchedRWKV7Backend(tiny_v7_path, max_slots=2, tune_cache=cache, always_tune=True,
+                                     torch_threads=1)
+    finally:
+        torch.set_num_threads(before)
+    cores = chosen.machine.cores
+    keys = list(json.loads(cache.read_text()))
+    assert any(key.endswith(f"| {cores} threads") for key in keys)  # not the caller's one
+    assert any(key.endswith("| 1 threads") for key in keys) and len(keys) == (2 if cores > 1 else 1)
+    assert pinned.paths.threads == 1 and pinned.paths.threads_source == "RAVEN_TORCH_THREADS"
 
 
 def test_a_damaged_cache_is_measured_again(tiny_v7_path: Path, tmp_path: Path) -> None:

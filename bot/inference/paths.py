@@ -6,7 +6,8 @@ Two ways to choose, both logged and reported by ``raven bench``:
   prepacked wherever it works (fp32 laid out for 64 rows, bf16 for 16), else ``F.linear``; a wkv
   chunk of 32; one torch thread per usable core (affinity and cgroup quota, not the host's count).
 * **measured at load** (``raven run`` and the benchmark): each distinct weight shape is timed with
-  every kernel that works here at one row and at a batch, and the kernel with the smallest *regret*
+  every kernel that works here at 1, 16 and 64 rows, the weight read from memory as in a real step
+  (copies cycled through, ``COLD_BYTES``), and the kernel with the smallest *regret*
   wins — the largest factor by which it is slower than the best kernel at any of those batch sizes,
   so the choice is never far from the best for one stream nor for a busy bot. The prefill's wkv
   chunk is timed the same way, and so is the thread count on a real decode step (1 vs all cores:
@@ -44,6 +45,14 @@ TUNE_BATCHES = (1, 16, 64)
 steps and the prefill ~17% of the engine's throughput: 235 against 282 tok/s at 64 threads, fp32)."""
 TIE = 1.05
 """A candidate within 5% of the best counts as as good: the earlier (preferred) one is kept."""
+COLD_BYTES = 128 << 20
+"""Weights timed per kernel and shape, in copies cycled through (up to ``MAX_COPIES``): more than any
+last-level cache we run on, so that each call reads its weight from memory, as it does in a real
+step (which reads the whole model once). Timed warm, a weight that fits in the cache measures what
+no decode step sees: on the AVX2 Zen 3, at 16 rows a 768×768 ``F.linear`` took 0.40 ms from the
+cache (oneDNN 0.29) but 0.73 ms from memory (oneDNN 0.50), so the warm timing chose ``F.linear``
+for that shape and cost every step ~4-10% (measured A/B in the same process)."""
+MAX_COPIES = 64
 
 
 @dataclass
@@ -118,23 +127,52 @@ def least_regret(times: Mapping[str, Sequence[float]]) -> str:
     return next(n for n in names if regret[n] <= lowest * TIE)
 
 
+def cold_copies(weight: torch.Tensor, cold_bytes: int = COLD_BYTES) -> int:
+    """How many copies of ``weight`` to cycle through so that each call finds it out of the cache."""
+    size = weight.numel() * weight.element_size()
+    return max(1, min(MAX_COPIES, -(-cold_bytes // max(size, 1))))
+
+
+def _time_cold(kernels: Mapping[str, Sequence[Linear]], inputs: Sequence[torch.Tensor],
+               rounds: int = 5) -> dict[str, list[float]]:
+    """Median seconds of one call per kernel and input. The calls are interleaved (every kernel at
+    every row count, round after round), so that a burst of load from elsewhere (on a shared host the
+    same kernel varied 2× within a minute) falls on all candidates alike, not on one. Each call runs
+    on the copy used longest ago (copies are made in order, so the first ones have left the cache
+    by the time the last is made)."""
+    for linears in kernels.values():  # warm-up: oneDNN builds its primitive on the first call
+        for x in inputs:
+            linears[-1](x)
+    samples: dict[str, list[list[float]]] = {k: [[] for _ in inputs] for k in kernels}
+    turn = 0
+    for _ in range(rounds):
+        for name, linears in kernels.items():
+            for i, x in enumerate(inputs):
+                linear = linears[turn % len(linears)]
+                turn += 1
+                started = time.perf_counter()
+                linear(x)
+                samples[name][i].append(time.perf_counter() - started)
+    return {k: [float(statistics.median(t)) for t in per_input] for k, per_input in samples.items()}
+
+
 def tune_matmul(weights: Mapping[str, torch.Tensor], kernels: Sequence[str],
-                batches: Sequence[int] = TUNE_BATCHES) -> tuple[dict[str, str], dict[str, Any]]:
-    """Per shape (one real weight each), the kernel of least regret over ``batches``."""
+                batches: Sequence[int] = TUNE_BATCHES,
+                cold_bytes: int = COLD_BYTES) -> tuple[dict[str, str], dict[str, Any]]:
+    """Per shape (one real weight each), the kernel of least regret over ``batches``, each timed
+    with the weight read from memory (see ``COLD_BYTES``)."""
     chosen: dict[str, str] = {}
     report: dict[str, Any] = {}
     for key, weight in weights.items():
         if len(kernels) == 1:
             chosen[key] = kernels[0]
             continue
-        times: dict[str, list[float]] = {}
-        for kernel in kernels:
-            linear = Linear(weight, kernel)
-            times[kernel] = []
-            for rows in batches:
-                x = torch.randn(rows, weight.shape[1]).to(weight.dtype) * 0.1
-                times[kernel].append(median_seconds(lambda lin=linear, x=x: lin(x)))  # type: ignore[misc]
-            del linear
+        copies = [weight] + [weight.clone() for _ in range(cold_copies(weight, cold_bytes) - 1)]
+        built = {kernel: [Linear(w, kernel) for w in copies] for kernel in dict.fromkeys(kernels)}
+        del copies
+        inputs = [torch.randn(rows, weight.shape[1]).to(weight.dtype) * 0.1 for rows in batches]
+        times = _time_cold(built, inputs)
+        del built
         chosen[key] = least_regret(times)
         report[key] = {k: [round(t * 1e3, 3) for t in v] for k, v in times.items()}
     return chosen, report
@@ -148,11 +186,15 @@ class TuneCache:
         self.path = Path(path)
 
     @staticmethod
-    def key(machine: Machine, device: torch.device, dtype: torch.dtype, shape: tuple[int, int, int]) -> str:
+    def key(machine: Machine, device: torch.device, dtype: torch.dtype, shape: tuple[int, int, int],
+            threads: int) -> str:
+        """``threads``: the torch threads the kernels were timed on (a one-thread choice is not reused
+        on two)."""
         n_layer, n_embd, vocab = shape
         rows = ",".join(str(b) for b in TUNE_BATCHES)  # a choice made over other batch sizes is not reused
         return (f"{machine.cpu_model} | {machine.kind} | {machine.cores} cores | torch {torch.__version__} | "
-                f"{device.type} {str(dtype).removeprefix('torch.')} | {n_layer}x{n_embd}x{vocab} | rows {rows}")
+                f"{device.type} {str(dtype).removeprefix('torch.')} | {n_layer}x{n_embd}x{vocab} | rows {rows}"
+                f" | weights from memory | {threads} threads")  # older choices (timed from the cache) go
 
     def _read(self) -> dict[str, Any]:
         try:

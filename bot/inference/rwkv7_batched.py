@@ -315,10 +315,12 @@ class BatchedRWKV7Backend:
     family: str = "v7"
 
     def __init__(self, path: Path, device: str = "cpu", dtype: str = "fp32", max_slots: int = 64,
-                 tune_cache: Path | None = None, always_tune: bool = False) -> None:
+                 tune_cache: Path | None = None, always_tune: bool = False, torch_threads: int = 0) -> None:
         """``tune_cache``: measure the fast paths at load and keep the choices in this JSON file (see
         ``bot.inference.paths``); None chooses them by capability, without measuring. A model under
-        ``MIN_TUNE_PARAMS`` (a test or demo model) is measured only with ``always_tune``."""
+        ``MIN_TUNE_PARAMS`` (a test or demo model) is measured only with ``always_tune``.
+        ``torch_threads``: the count the engine will run with (``RAVEN_TORCH_THREADS``); 0: chosen
+        here (all usable cores, or one if that measures faster)."""
         if dtype not in DTYPES:
             raise ModelLoadError(f"dtype must be one of {', '.join(DTYPES)}, not {dtype!r}")
         dev = torch.device(device)
@@ -333,6 +335,7 @@ class BatchedRWKV7Backend:
         self.max_slots = max_slots
         self._tune_cache = TuneCache(tune_cache) if tune_cache is not None else None
         self._always_tune = always_tune
+        self._torch_threads = max(0, torch_threads)
         self.machine: Machine = detect()
         self.bf16_warning = bf16_warning(self.machine) if dev.type == "cpu" and dtype == "bf16" else None
         if self.bf16_warning:
@@ -342,8 +345,11 @@ class BatchedRWKV7Backend:
         self.n_head, self.head_size = (int(s) for s in sd["blocks.0.att.r_k"].shape)
         # The loader's large parallel ops would give the calling thread (often a pooled executor
         # thread that lives on) an OpenMP team of its own: they run in a thread that ends.
-        # sd is memory-mapped; it is dropped on return.
-        run_in_fresh_thread(lambda: self._load(sd), name="rwkv7-load")
+        # sd is memory-mapped; it is dropped on return. The kernels are timed with the thread count
+        # the steps will run with, not the caller's (the benchmark's event-loop thread is at one:
+        # inherited, it chose the kernels on one thread for a bot that runs on two).
+        run_in_fresh_thread(lambda: self._load(sd), name="rwkv7-load",
+                            torch_threads=self._torch_threads or self.machine.cores)
 
     # ---- loading -----------------------------------------------------------------------------
 
@@ -357,7 +363,9 @@ class BatchedRWKV7Backend:
         self.att_x = torch.zeros(L, S, C, dtype=self.torch_dtype, device=self.device)
         self.wkv = torch.zeros(L, S * H, N, N, dtype=torch.float32, device=self.device)  # slot-major heads
         self.ffn_x = torch.zeros(L, S, C, dtype=self.torch_dtype, device=self.device)
-        if self.tune_cache is not None and self.device.type == "cpu":
+        if self._torch_threads:
+            self.paths.threads, self.paths.threads_source = self._torch_threads, "RAVEN_TORCH_THREADS"
+        elif self.tune_cache is not None and self.device.type == "cpu":
             self._tune_threads()
         log.info("RWKV-7 %s on %s (%s, %s): %s", self.dtype, self.device, self.machine.cpu_model,
                  self.machine.kind, self.paths.summary())
@@ -392,7 +400,7 @@ class BatchedRWKV7Backend:
         if self.tune_cache is None or self.device.type != "cpu":
             return paths
         key = TuneCache.key(self.machine, self.device, self.torch_dtype,
-                            (self.n_layer, self.n_embd, self.vocab_size))
+                            (self.n_layer, self.n_embd, self.vocab_size), torch.get_num_threads())
         cached = self.tune_cache.get(key)
         if cached is not None and set(cached["matmul"]) == set(paths.matmul):
             paths.matmul, paths.wkv_chunk, paths.source = dict(cached["matmul"]), int(cached["wkv_chunk"]), "cached"
