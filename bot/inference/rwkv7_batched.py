@@ -399,14 +399,15 @@ class BatchedRWKV7Backend:
         paths = by_capability(shapes, self.device, self.torch_dtype, self.machine.cores)
         if self.tune_cache is None or self.device.type != "cpu":
             return paths
+        kernels = candidates(self.device, self.torch_dtype)
         key = TuneCache.key(self.machine, self.device, self.torch_dtype,
-                            (self.n_layer, self.n_embd, self.vocab_size), torch.get_num_threads())
+                            (self.n_layer, self.n_embd, self.vocab_size), torch.get_num_threads(), kernels)
         cached = self.tune_cache.get(key)
         if cached is not None and set(cached["matmul"]) == set(paths.matmul):
             paths.matmul, paths.wkv_chunk, paths.source = dict(cached["matmul"]), int(cached["wkv_chunk"]), "cached"
             return paths
         started = time.perf_counter()
-        paths.matmul, paths.timings["matmul_ms"] = tune_matmul(matrices, candidates(self.device, self.torch_dtype))
+        paths.matmul, paths.timings["matmul_ms"] = tune_matmul(matrices, kernels)
         paths.wkv_chunk, paths.timings["wkv_chunk_ms"] = self._tune_wkv_chunk()
         paths.source, paths.tune_seconds = "measured", time.perf_counter() - started
         self.tune_cache.put(key, paths.matmul, paths.wkv_chunk)
