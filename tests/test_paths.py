@@ -3,17 +3,20 @@ kernel the tuner may pick gives the package's logits (the oracle) within the fp3
 
 from __future__ import annotations
 
+import itertools
 import json
 from pathlib import Path
 
 import pytest
 import torch
 
+from bot.app.assembly import load_backend
 from bot.inference.backend import clone_state
 from bot.inference.linear import mkldnn_works
 from bot.inference.package_backend import PackageBackend
 from bot.inference.paths import MAX_COPIES, TuneCache, _time_cold, candidates, cold_copies, least_regret, tune_matmul
 from bot.inference.rwkv7_batched import BatchedRWKV7Backend
+from tests.conftest import SettingsFactory
 
 FP32_TOL = 1e-4
 
@@ -49,8 +52,12 @@ def test_kernels_are_timed_with_their_weight_out_of_the_cache() -> None:
     # warmed on the newest copy, then interleaved: every kernel at every row count in each round,
     # each call on the copy used longest ago
     assert calls[:4] == [("a", 2, 1), ("a", 2, 4), ("b", 2, 1), ("b", 2, 4)]
-    assert calls[4:] == [("a", 0, 1), ("a", 1, 4), ("b", 2, 1), ("b", 0, 4),
-                         ("a", 1, 1), ("a", 2, 4), ("b", 0, 1), ("b", 1, 4)]
+    assert calls[4:] == [("a", 0, 1), ("a", 1, 4), ("b", 0, 1), ("b", 1, 4),
+                         ("a", 2, 1), ("a", 0, 4), ("b", 2, 1), ("b", 0, 4)]
+    timed = calls[4:]
+    for kernel in ("a", "b"):  # no copy of a kernel timed twice in a row (the second call would be warm)
+        used = [n for k, n, _ in timed if k == kernel]
+        assert all(x != y for x, y in itertools.pairwise(used))
 
     weights = {"48x32": torch.randn(48, 32)}
     chosen, report = tune_matmul(weights, ["plain", "onednn:16"] if mkldnn_works(torch.device("cpu"), torch.float32)
@@ -112,6 +119,14 @@ def test_kernels_are_timed_on_the_threads_the_steps_will_use(tiny_v7_path: Path,
     assert any(f"| {cores} threads |" in key for key in keys)  # not the caller's one
     assert any("| 1 threads |" in key for key in keys) and len(keys) == (2 if cores > 1 else 1)
     assert pinned.paths.threads == 1 and pinned.paths.threads_source == "RAVEN_TORCH_THREADS"
+
+
+def test_raven_torch_threads_reaches_the_backend(settings_factory: SettingsFactory) -> None:
+    settings = settings_factory(torch_threads=1)
+    assert settings.model is not None and settings.torch_threads == 1
+    backend = load_backend(settings, settings.model)
+    assert isinstance(backend, BatchedRWKV7Backend)
+    assert backend.paths.threads == 1 and backend.paths.threads_source == "RAVEN_TORCH_THREADS"
 
 
 def test_a_damaged_cache_is_measured_again(tiny_v7_path: Path, tmp_path: Path) -> None:

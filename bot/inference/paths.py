@@ -146,12 +146,12 @@ def _time_cold(kernels: Mapping[str, Sequence[Linear]], inputs: Sequence[torch.T
         for x in inputs:
             linears[-1](x)
     samples: dict[str, list[list[float]]] = {k: [[] for _ in inputs] for k in kernels}
-    turn = 0
+    turns = dict.fromkeys(kernels, 0)  # per kernel: its copies in turn, none twice in a row
     for _ in range(rounds):
         for name, linears in kernels.items():
             for i, x in enumerate(inputs):
-                linear = linears[turn % len(linears)]
-                turn += 1
+                linear = linears[turns[name] % len(linears)]
+                turns[name] += 1
                 started = time.perf_counter()
                 linear(x)
                 samples[name][i].append(time.perf_counter() - started)
@@ -162,7 +162,10 @@ def tune_matmul(weights: Mapping[str, torch.Tensor], kernels: Sequence[str],
                 batches: Sequence[int] = TUNE_BATCHES,
                 cold_bytes: int = COLD_BYTES) -> tuple[dict[str, str], dict[str, Any]]:
     """Per shape (one real weight each), the kernel of least regret over ``batches``, each timed
-    with the weight read from memory (see ``COLD_BYTES``)."""
+    with the weight read from memory (see ``COLD_BYTES``). Memory at load, for one shape at a time:
+    every candidate's copies at once (interleaving needs them all), about ``COLD_BYTES`` per kernel,
+    or one reordered weight per oneDNN kernel where the weight alone is larger (the 0.1B head: three
+    of 192 MiB); freed before the weights are loaded."""
     chosen: dict[str, str] = {}
     report: dict[str, Any] = {}
     for key, weight in weights.items():
