@@ -622,3 +622,40 @@ async def test_stop_retry_continue_rename_and_delete_from_the_page(
         assert await service.thread(key) is None and await service.thread_messages(key) == []
         assert await page.locator(".msg").count() == 0
         assert foreign == [] and errors == []
+
+
+# A Retry re-renders the thread from the log once its reply is done. The page stayed idle meanwhile, so
+# a Continue clicked then hit a button being replaced, and was lost (CI saw Continue do nothing).
+async def test_after_retry_the_page_stays_busy_until_the_thread_is_read_again(
+    service: ChatService, settings_factory: Any
+) -> None:
+    settings = settings_factory(web={"port": 0}).web
+    async with serving(service, settings) as adapter, chromium() as browser:
+        page, foreign, errors = await page_at(browser, adapter.url, DESKTOP)
+        await page.fill("#message", "Hello there")
+        await page.click("#send")
+        await page.wait_for_selector(".msg.assistant[data-state=done]")
+        await page.wait_for_selector("#stop", state="hidden")
+        key = await thread_key_of(page)
+        first = (await service.thread_messages(key))[-1]
+
+        while_read: list[tuple[bool, bool]] = []  # (Stop shown, Continue disabled) while the thread is re-read
+
+        async def slow_read(route: Any) -> None:
+            while_read.append((await page.is_visible("#stop"),
+                               await page.locator(".msg.assistant .continue:visible").last.is_disabled()))
+            await asyncio.sleep(0.5)
+            await route.continue_()
+
+        await page.route("**/threads/*/messages", slow_read)
+        await page.locator(".msg.assistant .actions .retry:visible").last.click()
+        stored = await shows_a_new_reply(page, service, key, replacing=first.id)
+        assert while_read == [(True, True)]
+        continue_button = page.locator(".msg.assistant .continue:visible")
+        assert await continue_button.count() == 1 and not await continue_button.is_disabled()
+        assert not await page.is_disabled("#send")
+        await page.unroute("**/threads/*/messages")
+        await continue_button.click()
+        continued = await shows_a_new_reply(page, service, key, replacing=stored[-1].id)
+        assert continued[-1].text.startswith(stored[-1].text)
+        assert foreign == [] and errors == []

@@ -61,6 +61,7 @@
     personas: [],
     threads: [],
     busy: false,
+    following: false, // reading along a reply this page did not ask for (followReply)
   };
 
   // --- talking to the server ---------------------------------------------------------------------
@@ -229,6 +230,7 @@
     button.className = className;
     button.textContent = label;
     button.title = title;
+    button.disabled = state.busy;
     button.addEventListener("click", () => guarded(() => send(command)));
     return button;
   }
@@ -510,6 +512,7 @@
     const path = `/users/${encodeURIComponent(state.user)}/threads/${encodeURIComponent(discussion)}/live`;
     const reply = addMessage("assistant", "", { extraClass: "streaming" });
     const body = reply.querySelector(".body");
+    state.following = true;
     setBusy(true);
     setStatus("Raven is writing…");
     let shown = "";
@@ -539,6 +542,7 @@
     } finally {
       reply.classList.remove("streaming");
       reply.dataset.state = "done";
+      state.following = false;
       setBusy(false);
       setStatus("");
     }
@@ -562,6 +566,7 @@
     const body = reply.querySelector(".body");
     let shown = "";
     let forkedTo = null; // a typed /fork: the new thread, opened once the answer is shown
+    let streamed = false; // the server took the message (so the list and the thread are read again)
     try {
       let response;
       try {
@@ -593,6 +598,7 @@
         if (response.status >= 500) await refreshThreads(); // busy: kept in the log, marked failed
         return;
       }
+      streamed = true;
       await refreshThreads(); // the message is stored now: the thread is listed with its title
       await readEvents(response, (name, data) => {
         if (name === "token") {
@@ -615,17 +621,30 @@
       if (!shown && reply.isConnected && !replyTexts.has(reply)) reply.remove();
       reply.classList.remove("streaming");
       reply.dataset.state = "done";
-      setBusy(false);
-      setStatus("");
-      scrollDown();
+      try {
+        if (streamed) await settle(text);
+      } catch (error) {
+        addNotice(error.message);
+      } finally {
+        if (!state.following) { // the re-read found a reply under way (another tab): that one reads along
+          setBusy(false);
+          setStatus("");
+        }
+        scrollDown();
+      }
     }
+    if (forkedTo) await openThread(forkedTo);
+  }
+
+  // Still busy meanwhile: a Retry or Continue re-renders the thread, and a click on a button that is
+  // being replaced would be lost (the buttons stay disabled until the thread is shown as the log has it).
+  async function settle(text) {
     await refreshThreads();
     const current = state.threads.find((t) => t.discussion_id === state.discussion);
     if (current) state.threadPersona = current.persona;
     followPersona();
     updateHint();
     if (/^\/(retry|continue)\s*$/.test(text.trim())) await openThread(state.discussion); // as the log has it now
-    if (forkedTo) await openThread(forkedTo);
   }
 
   // Fork: a new thread that starts where this one is now, or at one of its replies; it opens at once.
