@@ -28,14 +28,15 @@ pytestmark = [
 ]
 
 # Counts how often the streaming reply bubble changed: more than a few means tokens arrived one by one.
+# Counts the times the streaming bubble's text was redrawn (each redraw clears the body once: one record
+# that removes its nodes), not the observer's callbacks: a callback gets every change made since the
+# last one, and on a fast machine a whole reply's token events came in two network reads.
 COUNT_REPLY_UPDATES = """
 window.__replyUpdates = 0;
 document.addEventListener("DOMContentLoaded", () => {
   new MutationObserver((records) => {
-    if (records.some((r) => {
-      const el = r.target.nodeType === 1 ? r.target : r.target.parentElement;
-      return el && el.closest(".msg.assistant.streaming");
-    })) window.__replyUpdates += 1;
+    window.__replyUpdates += records.filter((r) => r.type === "childList" && r.removedNodes.length > 0
+      && r.target.nodeType === 1 && r.target.matches(".msg.assistant.streaming .body")).length;
   }).observe(document.getElementById("messages"), { childList: true, subtree: true, characterData: true });
 });
 """
