@@ -402,7 +402,12 @@ class SlackAdapter:
         log.info("slack: told %s that turn %s was interrupted", channel, repair.turn.id)
 
     async def _own_messages(self, channel: str, thread_ts: str | None, since: float) -> list[tuple[str, str]]:
-        """This app's messages in the thread (or DM) from ``since`` on, newest first: ``(ts, text)``."""
+        """This app's messages in the thread (or DM) from ``since`` on, newest first: ``(ts, text)``.
+
+        Without knowing which messages are this app's (auth.test failed at start), every post would look
+        as if it never happened and be made again: ask again, and let a failure put the repair off."""
+        if not (self._bot_id or self._bot_user):
+            await self._identify()
         oldest = f"{since - 1:.6f}"
         if thread_ts is None:
             found = await self.client.conversations_history(channel=channel, oldest=oldest, limit=POST_SEARCH_LIMIT)
@@ -445,13 +450,17 @@ class SlackAdapter:
 
     async def _check_token(self) -> None:
         try:
-            found = await self.client.auth_test()
-            self._bot_id, self._bot_user = found.get("bot_id"), found.get("user_id")
+            await self._identify()
         except SlackApiError as exc:
             error = _api_error(exc)
             if error in _BAD_TOKEN:
                 raise ConfigError(f"SLACK_BOT_TOKEN was refused by Slack ({error})") from None
             log.warning("slack: auth.test failed (%s); starting anyway", error)
+
+    async def _identify(self) -> None:
+        """Learn this app's bot id and bot user (auth.test); raises SlackApiError when Slack says no."""
+        found = await self.client.auth_test()
+        self._bot_id, self._bot_user = found.get("bot_id"), found.get("user_id")
 
     async def _tracked(self, work: Awaitable[None]) -> None:
         task = asyncio.current_task()

@@ -814,6 +814,41 @@ async def test_a_post_whose_ts_a_crash_kept_from_the_log_is_found_by_its_text_an
     assert fake.calls_to("conversations.replies")
 
 
+async def test_a_repair_puts_off_finding_its_posts_until_it_knows_which_messages_are_its_own(
+        settings_factory: SettingsFactory, fake: FakeSlack) -> None:
+    """auth.test failed at start (and again at the first repair round): the app cannot tell its own
+    messages from anyone's, so a post whose ts a crash kept from the log would look never made and be
+    posted a second time. The repair is put off instead, and the next round (auth.test answered)
+    edits the message that was posted."""
+    import time
+
+    from adapters.streaming import MARK
+    from bot.app.assembly import open_service
+    from bot.storage import SQLiteStore
+    from tests.fakes.slack_server import Message
+
+    fake.say("C1", "998.000001", USER, "question five")
+    now = time.monotonic()
+    fake.messages[("C1", "998.000002")] = Message("C1", "998.000002", "All of the gh" + MARK, "998.000001", now, [now])
+    settings = settings_factory()
+    key = ThreadKey("slack", "C1:998.000001")
+    async with SQLiteStore(settings.database_path, clock=lambda: time.time() - 3600) as dead:
+        await dead.register_instance("dead")
+        ghost = await dead.accept(key, "default", "question five", owner="dead")
+        await dead.finish_turn(key, ghost.message.id, "All of the ghost reply.", None, turn_id=ghost.turn_id)
+        await dead.record_delivery(ghost.turn_id, 0, "", "All of the gh" + MARK)  # type: ignore[arg-type]
+    fake.fail("auth.test", "internal_error", times=2)
+    async with open_service(settings) as service:
+        async with running("http", service, settings_factory, fake) as slack:
+            await fake.wait_for(lambda: len(fake.calls_to("auth.test")) >= 2 or bool(fake.calls_to("chat.postMessage")))
+            await asyncio.sleep(0.3)  # what the first round would post or edit, it has by now
+            assert [(m.ts, m.text) for m in fake.thread("C1", "998.000001")] == [("998.000002", "All of the gh" + MARK)]
+            assert len(await service.repairs("slack")) == 1  # put off, not given up
+            assert await slack.adapter.repair() == 1
+    assert [(m.ts, m.text) for m in fake.thread("C1", "998.000001")] == [("998.000002", "All of the ghost reply.")]
+    assert fake.calls_to("chat.postMessage") == []
+
+
 async def test_with_no_limits_set_no_message_waits_to_learn_whether_its_sender_is_an_admin(
         service: ChatService, settings_factory: SettingsFactory, fake: FakeSlack) -> None:
     """SLACK_ADMINS_EXEMPT without any RAVEN_RATE_* limit: nothing to be exempt from, so the message is
