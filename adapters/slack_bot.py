@@ -305,7 +305,7 @@ class SlackAdapter:
         self._socket: AsyncSocketModeHandler | None = None
         self._runner: web.AppRunner | None = None
         self._names: TTLCache[str, str] = TTLCache(maxsize=NAME_CACHE_SIZE, ttl=NAME_CACHE_TTL_S)
-        self._looking_up: set[str] = set()
+        self._lookups: dict[str, asyncio.Task[None]] = {}  # users.info under way, shared by who waits for it
         self._admins: TTLCache[str, bool] = TTLCache(maxsize=NAME_CACHE_SIZE, ttl=NAME_CACHE_TTL_S)
         self._opening: Counter[ThreadKey] = Counter()
         self._repairer: asyncio.Task[None] | None = None  # threads a mention is opening (see _answer_event)
@@ -581,7 +581,8 @@ class SlackAdapter:
         unknown = [user for user in users if user not in self._names][:50]
         if unknown:
             with contextlib.suppress(TimeoutError):
-                await asyncio.wait_for(asyncio.gather(*(self._look_up_name(u) for u in unknown)), NAME_LOOKUP_S)
+                await asyncio.wait_for(asyncio.gather(*(asyncio.shield(self._lookup(u)) for u in unknown)),
+                                       NAME_LOOKUP_S)
 
     async def _attachments(self, files: Any) -> tuple[Attachment, ...]:
         """Slack's ``files`` of a message as the core's attachments: the bytes of the ones the core
@@ -669,7 +670,7 @@ class SlackAdapter:
             return False  # nothing to be exempt from: no message waits for the lookup
         if user not in self._admins:
             with contextlib.suppress(TimeoutError):
-                await asyncio.wait_for(self._look_up_name(user), ADMIN_LOOKUP_S)
+                await asyncio.wait_for(asyncio.shield(self._lookup(user)), ADMIN_LOOKUP_S)
         return self._admins.get(user, False)
 
     async def _user_name(self, user: str, fallback: str | None = None) -> str:
@@ -679,12 +680,24 @@ class SlackAdapter:
         known = self._names.get(user)
         if known is not None:
             return known
-        if user not in self._looking_up:
-            self._looking_up.add(user)
-            task = asyncio.create_task(self._look_up_name(user), name=f"slack users.info {user}")
-            self._tasks.add(task)
-            task.add_done_callback(self._tasks.discard)
+        self._lookup(user)
         return fallback or user
+
+    def _lookup(self, user: str) -> asyncio.Task[None]:
+        """The user's users.info call: the one under way if there is one (two messages at once from
+        someone new make one call, not two: the method is rate-limited), else a new one."""
+        task = self._lookups.get(user)
+        if task is None:
+            task = self._lookups[user] = asyncio.create_task(self._look_up_name(user), name=f"slack users.info {user}")
+            self._tasks.add(task)
+
+            def finished(done: asyncio.Task[None]) -> None:
+                self._tasks.discard(done)
+                if self._lookups.get(user) is done:
+                    del self._lookups[user]
+
+            task.add_done_callback(finished)
+        return task
 
     async def _look_up_name(self, user: str) -> None:
         try:
@@ -697,8 +710,6 @@ class SlackAdapter:
                 self._admins[user] = bool(found.get("is_admin") or found.get("is_owner"))
         except Exception as exc:  # SlackApiError, a connection error …: the id stays the name
             log.debug("slack: users.info for %s failed (%s)", user, exc)
-        finally:
-            self._looking_up.discard(user)
 
     # --- /advisor ----------------------------------------------------------------------------------
     def _persona_list(self) -> str:

@@ -814,6 +814,30 @@ async def test_a_post_whose_ts_a_crash_kept_from_the_log_is_found_by_its_text_an
     assert fake.calls_to("conversations.replies")
 
 
+async def test_two_messages_at_once_from_someone_new_make_one_users_info_call(
+        settings_factory: SettingsFactory, fake: FakeSlack) -> None:
+    """With limits set and SLACK_ADMINS_EXEMPT, each message waits (briefly) for its sender's users.info.
+    Two at once from someone Raven has not seen share the one call under way (it is rate-limited):
+    both learn from it that she is an admin, and both are answered under her name."""
+    from bot.app.assembly import open_service
+
+    fake.users["U3"] = "Carol"
+    fake.admins.add("U3")
+    gate = fake.hold("users.info")
+    async with open_service(settings_factory(rate_messages_per_minute=1, max_reply_tokens=4)) as service:
+        async with running("http", service, settings_factory, fake, admins_exempt=True) as slack:
+            await slack.deliver.event(event_body(mention("985.000001", "first", user="U3")))
+            await slack.deliver.event(event_body(mention("985.000002", "second", user="U3")))
+            await fake.wait_for(lambda: len(fake.calls_to("users.info")) >= 1)
+            await asyncio.sleep(0.3)  # the second message has reached its lookup by now
+            gate.set()
+            await slack.settle()
+        threads = [await service.thread_messages(ThreadKey("slack", f"C1:985.00000{i}")) for i in (1, 2)]
+    assert [c.args["user"] for c in fake.calls_to("users.info")] == ["U3"]
+    assert [[(m.role, m.author) for m in thread] for thread in threads] == \
+        [[("user", "Carol"), ("assistant", "raven")]] * 2  # both exempt from the limit of 1, both named
+
+
 async def test_a_repair_puts_off_finding_its_posts_until_it_knows_which_messages_are_its_own(
         settings_factory: SettingsFactory, fake: FakeSlack) -> None:
     """auth.test failed at start (and again at the first repair round): the app cannot tell its own

@@ -115,6 +115,7 @@ class FakeSlack(LocalServer):
         self.acks: dict[str, tuple[float, dict[str, Any]]] = {}
         self.connections = 0
         self._failures: dict[str, list[_Failure]] = {}
+        self._holds: dict[str, asyncio.Event] = {}
         self._ts = itertools.count(1)
         self._envelopes = itertools.count(1)
         self._changed = asyncio.Condition()
@@ -143,6 +144,11 @@ class FakeSlack(LocalServer):
              times: int = 1) -> None:
         """Answer the next ``times`` calls of ``method`` with an error."""
         self._failures.setdefault(method, []).append(_Failure(error, status, headers or {}, times))
+
+    def hold(self, method: str) -> asyncio.Event:
+        """Keep every call of ``method`` waiting (recorded, unanswered) until the returned event is set."""
+        gate = self._holds[method] = asyncio.Event()
+        return gate
 
     def heal(self) -> None:
         """Forget every failure still queued: the Web API answers normally again."""
@@ -282,6 +288,9 @@ class FakeSlack(LocalServer):
         auth = request.headers.get("Authorization", "")
         token = auth.removeprefix("Bearer ") if auth else args.get("token")
         self.calls.append(ApiCall(method, args, time.monotonic(), token))
+        if method in self._holds:
+            await self._notify()
+            await self._holds[method].wait()
         if self._drops.get(method, 0) > 0:  # the connection breaks: no HTTP answer at all
             self._drops[method] -= 1
             assert request.transport is not None
