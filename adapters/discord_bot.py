@@ -162,7 +162,8 @@ class DiscordAdapter:
         )
         self.tree = app_commands.CommandTree(self.client)
         self._repairer: asyncio.Task[None] | None = None
-        # The messages carrying buttons, per thread: only the newest reply keeps them (this process's)
+        # The messages carrying buttons, per thread: only the newest reply keeps them ([]: it has none).
+        # A thread not in here (answered before a restart) is looked up in the log's deliveries.
         self._controls: dict[ThreadKey, list[Any]] = {}
         self._add_commands()
 
@@ -555,6 +556,7 @@ class DiscordAdapter:
             for handle in stop_on:
                 if handle is not last or final is None:
                     await handle.edit(view=None)
+            self._controls[key] = []
             if last is not None and final is not None:
                 await last.edit(view=final)
                 self._controls[key] = [last]
@@ -563,7 +565,13 @@ class DiscordAdapter:
 
     async def _clear_controls(self, key: ThreadKey) -> None:
         """Take the buttons off the thread's older reply."""
-        for handle in self._controls.pop(key, []):
+        handles = self._controls.pop(key, None)
+        if handles is None:  # answered before a restart: its newest posted message, as the log has it
+            delivery = await self.service.last_delivery(key)  # (taking none off a message changes nothing)
+            handles = [] if delivery is None else [
+                self.client.get_partial_messageable(int(key.thread_id)).get_partial_message(
+                    int(delivery.platform_message_id))]
+        for handle in handles:
             try:
                 await handle.edit(view=None)
             except discord.HTTPException as exc:

@@ -311,10 +311,10 @@ class SlackAdapter:
         self._repairer: asyncio.Task[None] | None = None  # threads a mention is opening (see _answer_event)
         self._max_chars: int | None = None  # learned from msg_too_long: Slack's real limit is lower
         self._tasks: set[asyncio.Task[Any]] = set()
-        # Each thread's last reply message with buttons (taken off when a newer reply comes), and each
-        # user's last thread per channel (what a slash command acts on). In memory: after a restart
-        # an older reply may keep its buttons; a click on them then acts on the thread's last reply.
-        self._last_reply: LRUCache[ThreadKey, tuple[str, _Message]] = LRUCache(maxsize=THREADS_KEPT)
+        # Each thread's last reply message with buttons (taken off when a newer reply comes; None: its
+        # last reply has none), and each user's last thread per channel (what a slash command acts on).
+        # A thread not in here (posted before a restart) is looked up in the log's deliveries.
+        self._last_reply: LRUCache[ThreadKey, tuple[str, _Message] | None] = LRUCache(maxsize=THREADS_KEPT)
         self._recent: LRUCache[tuple[str, str], tuple[ThreadKey, str | None]] = LRUCache(maxsize=THREADS_KEPT)
         self._bot_id: str | None = None  # this app's bot id (auth.test): its own messages when adopting
         self._bot_user: str | None = None  # and its bot user (auth.test's user_id)
@@ -821,7 +821,7 @@ class SlackAdapter:
                 if not self.service.stop(key):
                     await self._notice(channel, thread_ts, user, NOTHING_WRITTEN)
                 return
-            last = self._last_reply.get(key)
+            last = await self._last_reply_of(key)
             if action_id != FORGET and last is not None and clicked and last[1].ts != clicked:
                 await self._notice(channel, thread_ts, user, STALE_BUTTONS)
                 return
@@ -1084,12 +1084,26 @@ class SlackAdapter:
                 await self._edit(channel, last, last.text, want, reply.key.thread_id)
         except SlackApiError as exc:
             log.warning("slack: could not set the buttons of a reply in %s (%s)", reply.key, _api_error(exc))
-        if last.controls is not None:
-            self._last_reply[reply.key] = (channel, last)
+        self._last_reply[reply.key] = (channel, last) if last.controls is not None else None
+
+    async def _last_reply_of(self, key: ThreadKey) -> tuple[str, _Message] | None:
+        """The thread's last reply message with its buttons: as this process left it, or, for a thread
+        last answered before a restart, the newest message the log says was posted in it (taken to
+        show buttons: taking them off a message that has none changes nothing)."""
+        if key in self._last_reply:
+            return self._last_reply[key]
+        delivery = await self.service.last_delivery(key)
+        found = None
+        if delivery is not None:
+            channel = key.thread_id.partition(":")[0]
+            found = channel, _Message(delivery.platform_message_id, delivery.shown, 0.0, controls="done")
+        self._last_reply[key] = found
+        return found
 
     async def _retire(self, key: ThreadKey) -> None:
         """Take the buttons off the thread's previous reply (a newer one is coming)."""
-        last = self._last_reply.pop(key, None)
+        last = await self._last_reply_of(key)
+        self._last_reply.pop(key, None)
         if last is None:
             return
         channel, message = last

@@ -517,6 +517,25 @@ class StoreContract:
             (0, "ts1", "Hello, world"), (1, "ts2", "more …")]
         assert await store.deliveries(10**9) == []
 
+    async def test_last_delivery_is_the_newest_posted_message_of_the_thread(self, store: Store) -> None:
+        assert await store.last_delivery(SLACK) is None
+        first = await store.accept(SLACK, "default", "q1", owner="A")
+        await store.record_delivery(first.turn_id, 0, "ts1", "one")  # type: ignore[arg-type]
+        await store.record_delivery(first.turn_id, 1, "ts2", "two")  # type: ignore[arg-type]
+        other = ThreadKey(SLACK.platform, SLACK.thread_id + "-other")
+        elsewhere = await store.accept(other, "default", "q", owner="A")
+        await store.record_delivery(elsewhere.turn_id, 0, "ts9", "another thread")  # type: ignore[arg-type]
+        last = await store.last_delivery(SLACK)
+        assert last is not None and (last.turn_id, last.position, last.platform_message_id, last.shown) == (
+            first.turn_id, 1, "ts2", "two")
+        second = await store.accept(SLACK, "default", "q2", owner="A")
+        await store.record_delivery(second.turn_id, 0, "", "about to be posted")  # type: ignore[arg-type]
+        last = await store.last_delivery(SLACK)  # a post not made yet (no id) is not where the buttons are
+        assert last is not None and last.platform_message_id == "ts2"
+        await store.record_delivery(second.turn_id, 0, "ts3", "posted")  # type: ignore[arg-type]
+        last = await store.last_delivery(SLACK)
+        assert last is not None and (last.turn_id, last.platform_message_id) == (second.turn_id, "ts3")
+
     async def test_repairs_are_the_turns_a_gone_process_left_unfinished(self, store: Store, clock: FakeClock) -> None:
         await store.register_instance("live")
         await store.register_instance("dead")

@@ -895,7 +895,7 @@ async def test_text_attachments_are_read_and_others_noted(
     assert note.text.startswith("[Attached file notes.md]")
 
 
-async def test_buttons_posted_before_a_restart_still_work(
+async def test_buttons_posted_before_a_restart_still_work_and_move_to_the_newest_reply(
     fake: FakeDiscord, start_bot: StartBot, service: ChatService
 ) -> None:
     first_run = await start_bot()
@@ -905,12 +905,15 @@ async def test_buttons_posted_before_a_restart_still_work(
     await first_run.client.close()  # the process goes; its buttons stay on Discord
     await fake.wait_for(lambda: not fake._sockets)
 
-    await start_bot()  # a new process knows nothing of that message
+    await start_bot()  # a new process knows nothing of that message but what the log recorded
     count = len(public(fake, thread_id))
     await fake.press(fake.messages[reply["id"]], cid("retry", thread_id))
-    await last_with_buttons(fake, thread_id, "retry", "continue", after=count)
+    newer = await last_with_buttons(fake, thread_id, "retry", "continue", after=count)
     statuses = [m.status for m in await service.thread_messages(key(thread_id)) if m.role == "assistant"]
     assert statuses[0] == "replaced" and len(statuses) == 2
+    # the buttons moved to the newest reply, as without the restart (the log says where they were)
+    assert with_buttons(fake, thread_id) == [newer["id"]]
+    assert fake.buttons(fake.messages[reply["id"]]) == [] and fake.messages[reply["id"]]["content"] == reply["content"]
 
 
 async def test_summary_of_a_channel_or_a_thread_is_answered_privately(

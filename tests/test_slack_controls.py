@@ -319,3 +319,32 @@ async def test_files_are_read_into_the_message_or_noted_as_not_read(
         last_question = [t for role, _, t in await stored(service, key) if role == "user"][-1]
         assert last_question == "[Attached file notes.md: not read — it could not be fetched]"
     await asyncio.sleep(0)
+
+
+async def test_after_a_restart_the_buttons_still_move_to_the_newest_reply(
+        service: ChatService, settings_factory: SettingsFactory, fake: FakeSlack) -> None:
+    """Which message shows a thread's buttons is read back from the log's deliveries by a process that
+    did not post it: the next reply takes them off the older one, and a click on the older one's
+    buttons is refused as stale, as without the restart."""
+    thread = "640.000001"
+    async with running("http", service, settings_factory, fake) as slack:
+        await slack.deliver.event(event_body(mention(thread, "tell me about joins")))
+        await slack.settle()
+        [first] = slack.replies("C1", thread)
+        assert first.buttons() == RETRY_CONTINUE
+        first_ts, first_text = first.ts, first.text
+    async with running("http", service, settings_factory, fake) as slack:  # restarted
+        await slack.deliver.event(event_body(message("640.000002", "and indexes?", thread_ts=thread)))
+        await slack.settle()
+        old, new = slack.replies("C1", thread)
+        assert (old.ts, old.text, old.buttons()) == (first_ts, first_text, [])  # the same words, no buttons
+        assert new.buttons() == RETRY_CONTINUE
+    async with running("http", service, settings_factory, fake) as slack:  # and again
+        await slack.deliver.action(click(fake, first, "raven_retry", value=f"C1:{thread}"))
+        await slack.settle()
+        assert len(slack.replies("C1", thread)) == 2 and STALE_BUTTONS in fake.ephemerals[-1].text
+        await slack.deliver.action(click(fake, new, "raven_continue"))
+        await slack.settle()
+        messages = slack.replies("C1", thread)
+        assert len(messages) >= 3 and [b for _, b in with_buttons(messages)] == [RETRY_CONTINUE]
+        assert messages[-1].buttons() == RETRY_CONTINUE

@@ -75,7 +75,7 @@ def old_database(path: Path, version: int) -> sqlite3.Connection:
 
 async def test_open_creates_schema_with_wal_and_user_version(store: SQLiteStore, db_path: Path) -> None:
     assert db_path.is_file()
-    assert SCHEMA_VERSION == 7
+    assert SCHEMA_VERSION == 8
     # journal_mode=WAL is a property of the file: a fresh connection sees it too.
     assert peek(db_path, "PRAGMA journal_mode") == [("wal",)]
     assert peek(db_path, "PRAGMA user_version") == [(SCHEMA_VERSION,)]

@@ -310,6 +310,11 @@ class ChatService:
     async def repaired(self, repair: Repair) -> None:
         await self.store.mark_repaired(repair.turn.id)
 
+    async def last_delivery(self, key: ThreadKey) -> Delivery | None:
+        """The thread's newest posted platform message (where its last reply's buttons are), for an
+        adapter that did not post it: it was started since."""
+        return await self.store.last_delivery(key)
+
     @property
     def limits_apply(self) -> bool:
         """Any RAVEN_RATE_* limit is set: only then is it worth an adapter's while to find out whether a

@@ -167,5 +167,9 @@ MIGRATIONS: list[Sequence[str]] = [
         "ALTER TABLE messages ADD COLUMN channel_ref TEXT",
         "CREATE INDEX messages_by_channel ON messages (channel_ref, created_at) WHERE channel_ref IS NOT NULL",
     ),
+    # version 8: a thread's turns newest first (where its last reply's buttons are, after a restart)
+    (
+        "CREATE INDEX turns_by_thread ON turns (thread_key, id)",
+    ),
 ]
 SCHEMA_VERSION = len(MIGRATIONS)

@@ -228,6 +228,12 @@ class Store(Protocol):
         """The turn's platform messages, by position."""
         ...
 
+    async def last_delivery(self, thread: ThreadKey) -> Delivery | None:
+        """The last platform message (highest position) of the thread's newest turn that has a posted
+        one (a delivery recorded before its post, with no id yet, does not count): where the thread's
+        last reply shows its buttons, for a process that did not post it."""
+        ...
+
     async def repairs(self, platform: str, lease_s: float, limit: int = 50) -> list[Repair]:
         """The turns of ``platform``'s threads whose platform messages may not match the log, oldest
         first: a reply ``generated`` whose owner is gone (stopped, unknown, or no heartbeat for

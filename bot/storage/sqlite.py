@@ -512,6 +512,14 @@ class SQLiteStore:
                                    (turn_id,)) as cursor:
             return [_delivery(row) for row in await cursor.fetchall()]
 
+    async def last_delivery(self, thread: ThreadKey) -> Delivery | None:
+        async with self.db.execute(
+            """SELECT d.* FROM turns t JOIN deliveries d ON d.turn_id = t.id
+               WHERE t.thread_key = ? AND d.platform_message_id != ''
+               ORDER BY t.id DESC, d.position DESC LIMIT 1""", (str(thread),)) as cursor:
+            row = await cursor.fetchone()
+        return _delivery(row) if row is not None else None
+
     async def repairs(self, platform: str, lease_s: float, limit: int = 50) -> list[Repair]:
         start = f"{platform}:"
         async with self.db.execute(
