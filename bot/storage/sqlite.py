@@ -83,6 +83,10 @@ LAST_REPLY_QUERY = """
       AND status = 'done'
     ORDER BY id DESC LIMIT 1"""
 # seq numbers a thread's messages 0, 1, 2… in id order, so the newest one below ``id`` says how many are.
+# newest turn first (turns_by_thread), then its messages from the last (the deliveries' primary key)
+LAST_DELIVERY_QUERY = """SELECT d.* FROM turns t JOIN deliveries d ON d.turn_id = t.id
+    WHERE t.thread_key = ? AND d.platform_message_id != ''
+    ORDER BY t.id DESC, d.position DESC LIMIT 1"""
 POSITION_QUERY = "SELECT seq + 1 FROM messages WHERE thread_key = ? AND id < ? ORDER BY id DESC LIMIT 1"
 # The model reads a question just before its answer. Messages are stored as they arrive, so two
 # questions sent together sit before both answers in the log: a question is placed at its answer's id
@@ -513,10 +517,7 @@ class SQLiteStore:
             return [_delivery(row) for row in await cursor.fetchall()]
 
     async def last_delivery(self, thread: ThreadKey) -> Delivery | None:
-        async with self.db.execute(
-            """SELECT d.* FROM turns t JOIN deliveries d ON d.turn_id = t.id
-               WHERE t.thread_key = ? AND d.platform_message_id != ''
-               ORDER BY t.id DESC, d.position DESC LIMIT 1""", (str(thread),)) as cursor:
+        async with self.db.execute(LAST_DELIVERY_QUERY, (str(thread),)) as cursor:
             row = await cursor.fetchone()
         return _delivery(row) if row is not None else None
 
