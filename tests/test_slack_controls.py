@@ -71,6 +71,20 @@ def with_buttons(messages: list[Message]) -> list[tuple[str, list[str]]]:
     return [(m.ts, m.buttons()) for m in messages if m.buttons()]
 
 
+async def stale_then_continue(slack: Any, fake: FakeSlack, thread: str, old: Message, new: Message) -> list[Message]:
+    """A click on the older reply's Continue is refused as stale (nothing posted); one on the newest
+    reply's works, and only its continuation's last message then shows buttons. The thread's messages."""
+    await slack.deliver.action(click(fake, old, "raven_continue", value=f"C1:{thread}"))
+    await slack.settle()
+    assert len(slack.replies("C1", thread)) == 2 and STALE_BUTTONS in fake.ephemerals[-1].text
+    await slack.deliver.action(click(fake, new, "raven_continue"))
+    await slack.settle()
+    messages: list[Message] = slack.replies("C1", thread)
+    assert len(messages) >= 3 and [b for _, b in with_buttons(messages)] == [RETRY_CONTINUE]
+    assert messages[-1].buttons() == RETRY_CONTINUE
+    return messages
+
+
 async def stored(service: ChatService, key: ThreadKey) -> list[tuple[str, str, str]]:
     return [(m.role, m.status, m.text) for m in await service.thread_messages(key)]
 
@@ -105,15 +119,8 @@ async def test_retry_and_continue_buttons_are_acked_at_once_and_only_the_last_re
         retried = log[3][2]
 
         # the old reply's buttons, still shown somewhere (a client that did not refresh): refused
-        await slack.deliver.action(click(fake, first, "raven_continue", value=f"C1:{thread}"))
-        await slack.settle()
-        assert len(slack.replies("C1", thread)) == 2 and STALE_BUTTONS in fake.ephemerals[-1].text
-
-        await slack.deliver.action(click(fake, new, "raven_continue"))
-        await slack.settle()
-        messages = slack.replies("C1", thread)
-        assert len(messages) >= 3 and [b for _, b in with_buttons(messages)] == [RETRY_CONTINUE]
-        assert messages[-1].buttons() == RETRY_CONTINUE and shows(messages[1], retried)
+        messages = await stale_then_continue(slack, fake, thread, first, new)
+        assert shows(messages[1], retried)
         log = await stored(service, key)
         assert log[-2][2] == "/continue" and log[-1][0] == "assistant"
         longer = log[-1][2]
@@ -340,11 +347,4 @@ async def test_after_a_restart_the_buttons_still_move_to_the_newest_reply(
         assert (old.ts, old.text, old.buttons()) == (first_ts, first_text, [])  # the same words, no buttons
         assert new.buttons() == RETRY_CONTINUE
     async with running("http", service, settings_factory, fake) as slack:  # and again
-        await slack.deliver.action(click(fake, first, "raven_retry", value=f"C1:{thread}"))
-        await slack.settle()
-        assert len(slack.replies("C1", thread)) == 2 and STALE_BUTTONS in fake.ephemerals[-1].text
-        await slack.deliver.action(click(fake, new, "raven_continue"))
-        await slack.settle()
-        messages = slack.replies("C1", thread)
-        assert len(messages) >= 3 and [b for _, b in with_buttons(messages)] == [RETRY_CONTINUE]
-        assert messages[-1].buttons() == RETRY_CONTINUE
+        await stale_then_continue(slack, fake, thread, first, new)
