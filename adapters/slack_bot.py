@@ -821,7 +821,9 @@ class SlackAdapter:
                 if not self.service.stop(key):
                     await self._notice(channel, thread_ts, user, NOTHING_WRITTEN)
                 return
-            last = await self._last_reply_of(key)
+            # Only what this process posted: the log's newest message may be a command's (/help keeps
+            # the buttons where they are), so after a restart a click acts on the thread's last reply.
+            last = self._last_reply.get(key)
             if action_id != FORGET and last is not None and clicked and last[1].ts != clicked:
                 await self._notice(channel, thread_ts, user, STALE_BUTTONS)
                 return
@@ -1084,12 +1086,15 @@ class SlackAdapter:
                 await self._edit(channel, last, last.text, want, reply.key.thread_id)
         except SlackApiError as exc:
             log.warning("slack: could not set the buttons of a reply in %s (%s)", reply.key, _api_error(exc))
-        self._last_reply[reply.key] = (channel, last) if last.controls is not None else None
+        if last.controls is not None:
+            self._last_reply[reply.key] = (channel, last)
+        elif reply.retires:  # the older reply's buttons are off, and this one has none
+            self._last_reply[reply.key] = None
 
     async def _last_reply_of(self, key: ThreadKey) -> tuple[str, _Message] | None:
         """The thread's last reply message with its buttons: as this process left it, or, for a thread
         last answered before a restart, the newest message the log says was posted in it (taken to
-        show buttons: taking them off a message that has none changes nothing)."""
+        show buttons: taking them off a message that has none, a command's, changes nothing)."""
         if key in self._last_reply:
             return self._last_reply[key]
         delivery = await self.service.last_delivery(key)
