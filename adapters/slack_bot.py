@@ -313,7 +313,7 @@ class SlackAdapter:
         self._tasks: set[asyncio.Task[Any]] = set()
         # Each thread's last reply message with buttons (taken off when a newer reply comes; None: its
         # last reply has none), and each user's last thread per channel (what a slash command acts on).
-        # A thread not in here (posted before a restart) is looked up in the log's deliveries.
+        # What is not in here (from before a restart) is looked up in the log.
         self._last_reply: LRUCache[ThreadKey, tuple[str, _Message] | None] = LRUCache(maxsize=THREADS_KEPT)
         self._recent: LRUCache[tuple[str, str], tuple[ThreadKey, str | None]] = LRUCache(maxsize=THREADS_KEPT)
         self._bot_id: str | None = None  # this app's bot id (auth.test): its own messages when adopting
@@ -836,12 +836,19 @@ class SlackAdapter:
             log.exception("slack: a button click failed")
 
     # --- /retry, /continue, /stop, /fork, /forget ------------------------------------------------------
-    def _target(self, command: dict[str, Any]) -> tuple[ThreadKey, str | None] | str:
-        """The thread a slash command acts on (the user's last one in that channel), or why none."""
-        channel = str(command.get("channel_id", ""))
+    async def _target(self, command: dict[str, Any]) -> tuple[ThreadKey, str | None] | str:
+        """The thread a slash command acts on (the user's last one in that channel), or why none: as
+        this process saw it (a ``/fork`` moves it to the fork), else the thread of the user's newest
+        message there in the log (written before a restart, or to another process)."""
+        channel, user = str(command.get("channel_id", "")), str(command.get("user_id", ""))
         if not self._allowed(channel):
             return "Raven is not enabled in this channel."
-        found = self._recent.get((channel, str(command.get("user_id", ""))))
+        found = self._recent.get((channel, user))
+        if found is None and channel and user:
+            key = await self.service.last_thread_of(PLATFORM, user, f"{channel}:")
+            if key is not None:
+                thread = key.thread_id.partition(":")[2]
+                found = self._recent[(channel, user)] = (key, None if thread == "dm" else thread)
         if found is None:
             return NO_THREAD.format(command=command.get("command", "this command"))
         return found
@@ -853,7 +860,7 @@ class SlackAdapter:
 
     async def _on_stop_command(self, ack: Callable[..., Awaitable[Any]], command: dict[str, Any]) -> None:
         """``/stop``: answered in the ack (stopping is immediate)."""
-        target = self._target(command)
+        target = await self._target(command)
         if isinstance(target, str):
             await ack(text=target, response_type="ephemeral")
             return
@@ -862,7 +869,7 @@ class SlackAdapter:
         await ack(text=said, response_type="ephemeral")
 
     async def _ack_thread_command(self, ack: Callable[..., Awaitable[Any]], command: dict[str, Any]) -> None:
-        target = self._target(command)
+        target = await self._target(command)
         if isinstance(target, str):
             await ack(text=target, response_type="ephemeral")
             return
@@ -882,7 +889,7 @@ class SlackAdapter:
         await self._tracked(self._thread_command(command))
 
     async def _thread_command(self, command: dict[str, Any]) -> None:
-        target = self._target(command)
+        target = await self._target(command)
         name = str(command.get("command", ""))
         confirmed = from_slack(str(command.get("text") or "")).strip().lower() == FORGET_CONFIRMATION
         if isinstance(target, str) or (name == "/forget" and not confirmed):

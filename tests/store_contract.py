@@ -517,6 +517,24 @@ class StoreContract:
             (0, "ts1", "Hello, world"), (1, "ts2", "more …")]
         assert await store.deliveries(10**9) == []
 
+    async def test_last_thread_of_a_sender_under_a_prefix(self, store: Store, clock: FakeClock) -> None:
+        in_c1 = ThreadKey("slack", "C1:1.000001")
+        later_c1 = ThreadKey("slack", "C1:2.000001")
+        in_c10 = ThreadKey("slack", "C10:3.000001")  # "slack:C1" is its prefix too, "slack:C1:" is not
+        assert await store.last_thread_of("slack:U1", "slack:C1:") is None
+        await store.accept(in_c1, "default", "a", owner="A", user_ref="slack:U1")
+        clock.now += 1
+        await store.accept(later_c1, "default", "b", owner="A", user_ref="slack:U2")  # someone else's
+        clock.now += 1
+        await store.accept(in_c10, "default", "c", owner="A", user_ref="slack:U1")
+        assert await store.last_thread_of("slack:U1", "slack:C1:") == in_c1
+        assert await store.last_thread_of("slack:U2", "slack:C1:") == later_c1
+        assert await store.last_thread_of("slack:U1", "slack:C10:") == in_c10
+        assert await store.last_thread_of("slack:U1", "slack:C_:") is None  # the prefix is literal
+        clock.now += 1
+        await store.accept(later_c1, "default", "/retry", answer=False, user_ref="slack:U1")  # a command too
+        assert await store.last_thread_of("slack:U1", "slack:C1:") == later_c1
+
     async def test_last_delivery_is_the_newest_posted_message_of_the_thread(self, store: Store) -> None:
         assert await store.last_delivery(SLACK) is None
         first = await store.accept(SLACK, "default", "q1", owner="A")

@@ -369,3 +369,25 @@ async def test_a_command_that_keeps_the_buttons_leaves_them_to_be_moved_by_the_n
         await slack.settle()
         messages = slack.replies("C1", thread)
         assert with_buttons(messages) == [(messages[-1].ts, RETRY_CONTINUE)] and answer.buttons() == []
+
+
+async def test_after_a_restart_slash_commands_still_find_the_users_last_thread(
+        service: ChatService, settings_factory: SettingsFactory, fake: FakeSlack) -> None:
+    """The thread a slash command acts on is read from the log when the process did not see the user's
+    message (restarted since): the user's newest message in that channel, not another user's, not
+    another channel's."""
+    thread, key = "660.000001", ThreadKey("slack", "C1:660.000001")
+    async with running("http", service, settings_factory, fake) as slack:
+        await slack.deliver.event(event_body(mention(thread, "first question")))
+        await slack.deliver.event(event_body(mention("660.000002", "bob's question", user="U2")))
+        await slack.deliver.event(event_body(mention("660.000003", "elsewhere", channel="C2")))
+        await slack.settle()
+    async with running("http", service, settings_factory, fake) as slack:  # restarted
+        took, answer = await slack.deliver.command(command("", fake, name="/retry"))
+        assert took < 3.0 and answer.get("response_type") == "ephemeral" and "first question" in answer["text"]
+        await slack.settle()
+        assert [text for role, _, text in await stored(service, key) if role == "user"] == ["first question",
+                                                                                           "/retry"]
+        assert len(slack.replies("C1", thread)) == 2
+        _, answer = await slack.deliver.command(command("", fake, name="/stop", channel="C3"))
+        assert answer["text"] == NO_THREAD.format(command="/stop")  # nothing of hers in C3

@@ -27,6 +27,7 @@ from bot.storage.sqlite import (
     INSERT_MESSAGE_QUERY,
     LAST_DELIVERY_QUERY,
     LAST_REPLY_QUERY,
+    LAST_THREAD_OF_QUERY,
     POSITION_QUERY,
     USER_ACTIVITY_QUERY,
 )
@@ -369,6 +370,7 @@ async def test_the_other_queries_of_a_turn_are_index_seeks(store: SQLiteStore, d
     for name, sql, args in [
         ("position", POSITION_QUERY, (str(KEY), 10**9)),
         ("last delivery", LAST_DELIVERY_QUERY, (str(KEY),)),  # turns_by_thread, newest first
+        ("last thread of", LAST_THREAD_OF_QUERY, ("web:alice", 9, "terminal:")),  # messages_by_user
         ("insert", INSERT_MESSAGE_QUERY, (str(KEY), "user", "", "x", None, "pending", 1.0, None, None, None, None)),
         ("thread", GET_THREAD_QUERY, (str(KEY),)),
         ("user activity", USER_ACTIVITY_QUERY, ("web:alice", 0.0)),

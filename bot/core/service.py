@@ -310,6 +310,11 @@ class ChatService:
     async def repaired(self, repair: Repair) -> None:
         await self.store.mark_repaired(repair.turn.id)
 
+    async def last_thread_of(self, platform: str, user_id: str, under: str) -> ThreadKey | None:
+        """The thread of the user's newest message on ``platform`` among the thread ids starting with
+        ``under`` (e.g. one channel's): for a slash command, in a process that did not see it."""
+        return await self.store.last_thread_of(f"{platform}:{user_id}", f"{platform}:{under}")
+
     async def last_delivery(self, key: ThreadKey) -> Delivery | None:
         """The thread's newest posted platform message (where its last reply's buttons are), for an
         adapter that did not post it: it was started since."""

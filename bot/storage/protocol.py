@@ -148,6 +148,12 @@ class Store(Protocol):
         restarts and processes."""
         ...
 
+    async def last_thread_of(self, user_ref: str, prefix: str) -> ThreadKey | None:
+        """The thread of the sender's newest message (``user_ref`` as ``accept`` stored it) among the
+        threads whose key starts with ``prefix`` (literally: e.g. ``slack:C1:``, one Slack channel's):
+        what a slash command acts on, for a process that did not see that message."""
+        ...
+
     async def channel_activity(self, channel_ref: str, since: float) -> list[tuple[float, int]]:
         """``user_activity`` for every sender in one channel (``platform:channel id``, as ``accept``
         stored it): the per-channel limits."""

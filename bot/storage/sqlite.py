@@ -83,6 +83,10 @@ LAST_REPLY_QUERY = """
       AND status = 'done'
     ORDER BY id DESC LIMIT 1"""
 # seq numbers a thread's messages 0, 1, 2… in id order, so the newest one below ``id`` says how many are.
+# the sender's messages newest first (messages_by_user), the first under the prefix
+LAST_THREAD_OF_QUERY = """SELECT thread_key FROM messages
+    WHERE user_ref = ? AND substr(thread_key, 1, ?) = ?
+    ORDER BY created_at DESC LIMIT 1"""
 # newest turn first (turns_by_thread), then its messages from the last (the deliveries' primary key)
 LAST_DELIVERY_QUERY = """SELECT d.* FROM turns t JOIN deliveries d ON d.turn_id = t.id
     WHERE t.thread_key = ? AND d.platform_message_id != ''
@@ -515,6 +519,11 @@ class SQLiteStore:
         async with self.db.execute("SELECT * FROM deliveries WHERE turn_id = ? ORDER BY position",
                                    (turn_id,)) as cursor:
             return [_delivery(row) for row in await cursor.fetchall()]
+
+    async def last_thread_of(self, user_ref: str, prefix: str) -> ThreadKey | None:
+        async with self.db.execute(LAST_THREAD_OF_QUERY, (user_ref, len(prefix), prefix)) as cursor:
+            row = await cursor.fetchone()
+        return ThreadKey.parse(row[0]) if row is not None else None
 
     async def last_delivery(self, thread: ThreadKey) -> Delivery | None:
         async with self.db.execute(LAST_DELIVERY_QUERY, (str(thread),)) as cursor:
