@@ -529,6 +529,7 @@ def _run(size: str, dtype: str, device: str, threads: tuple[int, ...], quick: bo
         "reference_dtype": ref_dtype, "notes": notes,
         "machine": ours.machine.as_dict(), "cpu_kind": ours.machine.kind, "paths": ours.paths.as_dict(),
         "paths_summary": ours.paths.summary(),
+        "cuda_graphs": ours.graphs.summary() if ours.graphs is not None else None,
         "threads": list(threads), "torch_threads": torch_threads,
         "torch_version": torch.__version__, "quick": quick,
         "generated_tokens_per_thread": gen_tokens, "rounds": rounds,

@@ -114,6 +114,7 @@ class CoreSettings(Sampling, Section):
     tokenizer: str = "rwkv_vocab_v20230424"
     backend: Literal["auto", "batched", "package"] = "auto"
     torch_threads: int = Field(0, ge=0)
+    cuda_graphs: bool = True
 
     # --- storage and personas ----------------------------------------------------------------------
     data_dir: Path = Path("data")

@@ -14,8 +14,18 @@ from bot.app.assembly import load_backend
 from bot.inference.backend import clone_state
 from bot.inference.linear import mkldnn_works
 from bot.inference.package_backend import PackageBackend
-from bot.inference.paths import MAX_COPIES, TuneCache, _time_cold, candidates, cold_copies, least_regret, tune_matmul
+from bot.inference.paths import (
+    MAX_COPIES,
+    TuneCache,
+    _time_cold,
+    candidates,
+    cold_copies,
+    least_regret,
+    tune_matmul,
+    wkv_candidates,
+)
 from bot.inference.rwkv7_batched import BatchedRWKV7Backend
+from bot.inference.wkv_fused import FUSED, TORCH, fused_works
 from tests.conftest import SettingsFactory
 
 FP32_TOL = 1e-4
@@ -152,8 +162,46 @@ def test_every_kernel_the_tuner_may_pick_matches_the_package(kernel: str, tiny_v
     import bot.inference.rwkv7_batched as batched
 
     monkeypatch.setattr(batched, "WKV_CHUNKS", (16,))
+    monkeypatch.setattr(batched, "wkv_candidates", lambda device: [TORCH])
     monkeypatch.setattr(batched, "candidates", lambda device, dtype: [kernel])
     backend = BatchedRWKV7Backend(tiny_v7_path, max_slots=2, tune_cache=tmp_path / "t.json", always_tune=True)
     assert set(backend.paths.matmul.values()) == {kernel} and backend.head.kernel == kernel
-    assert backend.paths.wkv_chunk == 16
+    assert backend.paths.wkv == TORCH and backend.paths.wkv_chunk == 16
+    assert "wkv torch, chunk 16" in backend.paths.summary()
     _check_against_package(backend, ref)
+
+
+@pytest.mark.parametrize("wkv", wkv_candidates(torch.device("cpu")))
+def test_every_wkv_kernel_the_tuner_may_pick_matches_the_package(
+        wkv: str, tiny_v7_path: Path, ref: PackageBackend, tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    import bot.inference.rwkv7_batched as batched
+
+    monkeypatch.setattr(batched, "wkv_candidates", lambda device: [wkv])
+    cache = tmp_path / "t.json"
+    backend = BatchedRWKV7Backend(tiny_v7_path, max_slots=2, tune_cache=cache, always_tune=True)
+    assert backend.paths.wkv == wkv and f"wkv {wkv}" in backend.paths.summary()
+    timed = backend.paths.timings["wkv_ms"]  # a 256-token prefill, 16- and 64-row steps per candidate
+    assert all(len(t) == 3 and min(t) > 0 for t in timed.values())
+    assert (FUSED in timed) == (wkv == FUSED) and {"16", "32", "64"} <= set(timed)
+    assert next(iter(json.loads(cache.read_text()).values()))["wkv"] == wkv
+    _check_against_package(backend, ref)
+
+
+def test_the_fused_wkv_kernels_are_the_default_where_numba_works(tiny_v7_path: Path) -> None:
+    backend = BatchedRWKV7Backend(tiny_v7_path, max_slots=2)
+    assert fused_works()  # numba is a dependency: on our machines the fused path must be there
+    assert backend.paths.source == "capability" and backend.paths.wkv == FUSED
+    assert wkv_candidates(torch.device("meta")) == [TORCH]  # not on a device it cannot run on
+
+
+def test_a_cached_choice_from_before_the_fused_kernels_is_measured_again(tiny_v7_path: Path, tmp_path: Path) -> None:
+    cache = tmp_path / "t.json"
+    first = BatchedRWKV7Backend(tiny_v7_path, max_slots=2, tune_cache=cache, always_tune=True)
+    stored = json.loads(cache.read_text())
+    (key, entry), = stored.items()
+    del entry["wkv"]  # an entry as older versions wrote it
+    cache.write_text(json.dumps(stored))
+    assert TuneCache(cache).get(key) is None
+    again = BatchedRWKV7Backend(tiny_v7_path, max_slots=2, tune_cache=cache, always_tune=True)
+    assert again.paths.source == "measured" and first.paths.source == "measured"
+    assert json.loads(cache.read_text())[key]["wkv"] in (FUSED, TORCH)

@@ -269,3 +269,14 @@ def test_multi_row_prefill_past_a_chunk_boundary_matches_package(
         want, state = _package_run(ref, ref.zero_state(), prompt)
         assert float((got[row] - want).abs().max()) <= FP32_TOL
         assert _max_state_diff(ours.read_slot(row), state) <= FP32_TOL
+
+
+def test_cuda_graphs_are_for_cuda_only(b7_ckpt: Path) -> None:
+    """On the CPU every decode step runs eagerly (graphs are a CUDA launch-overhead fix); the CUDA
+    replays are checked against the eager step in ``tests/test_cuda_oracle.py``."""
+    backend = BatchedRWKV7Backend(b7_ckpt, max_slots=2, cuda_graphs=True)
+    assert backend.graphs is None
+    first = backend.decode([5, 6])
+    backend.load_slot(0, backend.zero_state())
+    backend.load_slot(1, backend.zero_state())
+    assert float((backend.decode([5, 6]) - first).abs().max()) == 0.0  # the same step, from the same states

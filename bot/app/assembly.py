@@ -77,7 +77,8 @@ def load_backend(settings: CoreSettings, path: Path) -> Backend:
 
         device, _, dtype = settings.strategy.strip().partition(" ")
         return BatchedRWKV7Backend(path, device=device, dtype=dtype.strip() or "fp32", max_slots=slots,
-                                   tune_cache=settings.data_dir / "tuning.json", torch_threads=settings.torch_threads)
+                                   tune_cache=settings.data_dir / "tuning.json", torch_threads=settings.torch_threads,
+                                   cuda_graphs=settings.cuda_graphs)
     from bot.inference.package_backend import PackageBackend
 
     return PackageBackend(path, settings.strategy, max_slots=slots)

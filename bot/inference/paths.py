@@ -1,16 +1,19 @@
-"""The fast paths for this machine and model: matmul kernel per weight shape, wkv chunk, threads.
+"""The fast paths for this machine and model: matmul kernel per weight shape, wkv kernel and chunk,
+threads.
 
 Two ways to choose, both logged and reported by ``raven bench``:
 
 * **by capability** (no measurement; what a backend built without a tuning cache uses): oneDNN
-  prepacked wherever it works (fp32 laid out for 64 rows, bf16 for 16), else ``F.linear``; a wkv
+  prepacked wherever it works (fp32 laid out for 64 rows, bf16 for 16), else ``F.linear``; on the
+  CPU the fused wkv kernels (``bot.inference.wkv_fused``) where numba works, else PyTorch's with a
   chunk of 32; one torch thread per usable core (affinity and cgroup quota, not the host's count).
 * **measured at load** (``raven run`` and the benchmark): each distinct weight shape is timed with
   every kernel that works here at 1, 16 and 64 rows, the weight read from memory as in a real step
   (copies cycled through, ``COLD_BYTES``), and the kernel with the smallest *regret*
   wins — the largest factor by which it is slower than the best kernel at any of those batch sizes,
-  so the choice is never far from the best for one stream nor for a busy bot. The prefill's wkv
-  chunk is timed the same way, and so is the thread count on a real decode step (1 vs all cores:
+  so the choice is never far from the best for one stream nor for a busy bot. The wkv kernels are
+  timed the same way (fused, or PyTorch's at each chunk: a 256-token prefill and 16- and 64-row
+  steps), and so is the thread count on a real decode step (1 vs all cores:
   on a machine whose cores are busy, one thread was 2.5× faster for a whole chat). Kernel and chunk
   choices are cached per machine, torch version and model shape (a JSON file), so a restart costs
   nothing; the thread count is measured at every load, because it depends on what else runs.
@@ -31,6 +34,7 @@ import torch
 
 from bot.inference.linear import PLAIN, Linear, mkldnn_works, onednn
 from bot.inference.machine import Machine
+from bot.inference.wkv_fused import FUSED, TORCH, fused_works
 
 log = logging.getLogger(__name__)
 
@@ -60,9 +64,10 @@ class Paths:
     """What the backend runs with. ``matmul`` maps a weight shape ``"OUTxIN"`` to its kernel."""
 
     matmul: dict[str, str]
-    wkv_chunk: int
+    wkv_chunk: int  # the closed form's block length, where ``wkv`` is "torch"
     threads: int
     source: str  # "capability", "measured" or "cached" (kernels and chunk); threads say their own
+    wkv: str = TORCH  # "fused" (bot.inference.wkv_fused) or "torch" (PyTorch ops)
     threads_source: str = "cores"
     tune_seconds: float = 0.0
     timings: dict[str, Any] = field(default_factory=dict)
@@ -76,7 +81,8 @@ class Paths:
         for kernel in self.matmul.values():
             counts[kernel] = counts.get(kernel, 0) + 1
         kernels = ", ".join(f"{k} for {n} shape{'s' if n > 1 else ''}" for k, n in sorted(counts.items()))
-        return (f"matmul {kernels or 'plain'}; wkv chunk {self.wkv_chunk}; {self.threads} torch "
+        wkv = "wkv fused" if self.wkv == FUSED else f"wkv torch, chunk {self.wkv_chunk}"
+        return (f"matmul {kernels or 'plain'}; {wkv}; {self.threads} torch "
                 f"thread{'s' if self.threads > 1 else ''} ({self.threads_source}); chosen by {self.source}"
                 + (f" in {self.tune_seconds:.1f} s" if self.source == "measured" else ""))
 
@@ -98,10 +104,16 @@ def candidates(device: torch.device, dtype: torch.dtype) -> list[str]:
     return [onednn(hint), onednn(16 if hint == 64 else 64), onednn(1), PLAIN]
 
 
+def wkv_candidates(device: torch.device) -> list[str]:
+    """The wkv kernels that work here, the capability default first."""
+    return ([FUSED] if device.type == "cpu" and fused_works() else []) + [TORCH]
+
+
 def by_capability(shapes: Sequence[Sequence[int]], device: torch.device, dtype: torch.dtype,
                   cores: int) -> Paths:
     best = candidates(device, dtype)[0]
-    return Paths({shape_key(s): best for s in shapes}, DEFAULT_WKV_CHUNK, cores, "capability")
+    return Paths({shape_key(s): best for s in shapes}, DEFAULT_WKV_CHUNK, cores, "capability",
+                 wkv=wkv_candidates(device)[0])
 
 
 def median_seconds(fn: Callable[[], object], repeats: int = 5, warmup: int = 2,
@@ -192,14 +204,14 @@ class TuneCache:
 
     @staticmethod
     def key(machine: Machine, device: torch.device, dtype: torch.dtype, shape: tuple[int, int, int],
-            threads: int, kernels: Sequence[str]) -> str:
+            threads: int, kernels: Sequence[str], wkv: Sequence[str] = (TORCH,)) -> str:
         """``threads``: the torch threads the kernels were timed on (a one-thread choice is not reused
-        on two); ``kernels``: the candidates (a choice among fewer is measured again)."""
+        on two); ``kernels`` and ``wkv``: the candidates (a choice among fewer is measured again)."""
         n_layer, n_embd, vocab = shape
         rows = ",".join(str(b) for b in TUNE_BATCHES)  # a choice made over other batch sizes is not reused
         return (f"{machine.cpu_model} | {machine.kind} | {machine.cores} cores | torch {torch.__version__} | "
                 f"{device.type} {str(dtype).removeprefix('torch.')} | {n_layer}x{n_embd}x{vocab} | rows {rows}"
-                f" | weights from memory | {threads} threads | {','.join(kernels)}")
+                f" | weights from memory | {threads} threads | {','.join(kernels)} | wkv {','.join(wkv)}")
 
     def _read(self) -> dict[str, Any]:
         try:
@@ -211,12 +223,13 @@ class TuneCache:
     def get(self, key: str) -> dict[str, Any] | None:
         entry = self._read().get(key)
         ok = (isinstance(entry, dict) and isinstance(entry.get("matmul"), dict)
-              and entry.get("wkv_chunk") in WKV_CHUNKS)
+              and entry.get("wkv_chunk") in WKV_CHUNKS and entry.get("wkv") in (FUSED, TORCH))
         return entry if ok else None
 
-    def put(self, key: str, matmul: dict[str, str], wkv_chunk: int) -> None:
+    def put(self, key: str, matmul: dict[str, str], wkv_chunk: int, wkv: str = TORCH) -> None:
         data = self._read()
-        data[key] = {"matmul": matmul, "wkv_chunk": wkv_chunk, "at": time.strftime("%Y-%m-%d %H:%M:%S")}
+        data[key] = {"matmul": matmul, "wkv_chunk": wkv_chunk, "wkv": wkv,
+                     "at": time.strftime("%Y-%m-%d %H:%M:%S")}
         try:
             self.path.parent.mkdir(parents=True, exist_ok=True)
             tmp = self.path.with_suffix(".tmp")

@@ -53,6 +53,7 @@ import torch.nn.functional as F
 from bot.errors import ModelLoadError, NonFiniteLogitsError
 from bot.inference.backend import State
 from bot.inference.checkpoint import detect_family, read_state_dict
+from bot.inference.cuda_graphs import StepGraphs
 from bot.inference.linear import Linear
 from bot.inference.machine import Machine, bf16_warning, detect
 from bot.inference.paths import (
@@ -66,8 +67,10 @@ from bot.inference.paths import (
     median_seconds,
     shape_key,
     tune_matmul,
+    wkv_candidates,
 )
 from bot.inference.threads import run_in_fresh_thread
+from bot.inference.wkv_fused import FUSED, TORCH, wkv_seq, wkv_step
 
 log = logging.getLogger(__name__)
 
@@ -315,12 +318,14 @@ class BatchedRWKV7Backend:
     family: str = "v7"
 
     def __init__(self, path: Path, device: str = "cpu", dtype: str = "fp32", max_slots: int = 64,
-                 tune_cache: Path | None = None, always_tune: bool = False, torch_threads: int = 0) -> None:
+                 tune_cache: Path | None = None, always_tune: bool = False, torch_threads: int = 0,
+                 cuda_graphs: bool = True) -> None:
         """``tune_cache``: measure the fast paths at load and keep the choices in this JSON file (see
         ``bot.inference.paths``); None chooses them by capability, without measuring. A model under
         ``MIN_TUNE_PARAMS`` (a test or demo model) is measured only with ``always_tune``.
         ``torch_threads``: the count the engine will run with (``RAVEN_TORCH_THREADS``); 0: chosen
-        here (all usable cores, or one if that measures faster)."""
+        here (all usable cores, or one if that measures faster). ``cuda_graphs``: on CUDA, replay
+        each batch size's decode step as a CUDA graph (``bot.inference.cuda_graphs``)."""
         if dtype not in DTYPES:
             raise ModelLoadError(f"dtype must be one of {', '.join(DTYPES)}, not {dtype!r}")
         dev = torch.device(device)
@@ -336,6 +341,7 @@ class BatchedRWKV7Backend:
         self._tune_cache = TuneCache(tune_cache) if tune_cache is not None else None
         self._always_tune = always_tune
         self._torch_threads = max(0, torch_threads)
+        self.graphs = StepGraphs(self._step_logits, dev) if cuda_graphs and dev.type == "cuda" else None
         self.machine: Machine = detect()
         self.bf16_warning = bf16_warning(self.machine) if dev.type == "cpu" and dtype == "bf16" else None
         if self.bf16_warning:
@@ -367,8 +373,8 @@ class BatchedRWKV7Backend:
             self.paths.threads, self.paths.threads_source = self._torch_threads, "RAVEN_TORCH_THREADS"
         elif self.tune_cache is not None and self.device.type == "cpu":
             self._tune_threads()
-        log.info("RWKV-7 %s on %s (%s, %s): %s", self.dtype, self.device, self.machine.cpu_model,
-                 self.machine.kind, self.paths.summary())
+        log.info("RWKV-7 %s on %s (%s, %s): %s%s", self.dtype, self.device, self.machine.cpu_model,
+                 self.machine.kind, self.paths.summary(), "; CUDA graphs on" if self.graphs else "")
 
     # ---- choosing the paths (see bot.inference.paths) -------------------------------------------
 
@@ -400,39 +406,54 @@ class BatchedRWKV7Backend:
         if self.tune_cache is None or self.device.type != "cpu":
             return paths
         kernels = candidates(self.device, self.torch_dtype)
+        wkv = wkv_candidates(self.device)
         key = TuneCache.key(self.machine, self.device, self.torch_dtype,
-                            (self.n_layer, self.n_embd, self.vocab_size), torch.get_num_threads(), kernels)
+                            (self.n_layer, self.n_embd, self.vocab_size), torch.get_num_threads(), kernels, wkv)
         cached = self.tune_cache.get(key)
-        if cached is not None and set(cached["matmul"]) == set(paths.matmul):
-            paths.matmul, paths.wkv_chunk, paths.source = dict(cached["matmul"]), int(cached["wkv_chunk"]), "cached"
+        if cached is not None and set(cached["matmul"]) == set(paths.matmul) and cached["wkv"] in wkv:
+            paths.matmul, paths.wkv_chunk = dict(cached["matmul"]), int(cached["wkv_chunk"])
+            paths.wkv, paths.source = str(cached["wkv"]), "cached"
             return paths
         started = time.perf_counter()
         paths.matmul, paths.timings["matmul_ms"] = tune_matmul(matrices, kernels)
-        paths.wkv_chunk, paths.timings["wkv_chunk_ms"] = self._tune_wkv_chunk()
+        (paths.wkv, paths.wkv_chunk), paths.timings["wkv_ms"] = self._tune_wkv(wkv)
         paths.source, paths.tune_seconds = "measured", time.perf_counter() - started
-        self.tune_cache.put(key, paths.matmul, paths.wkv_chunk)
+        self.tune_cache.put(key, paths.matmul, paths.wkv_chunk, paths.wkv)
         return paths
 
-    def _tune_wkv_chunk(self) -> tuple[int, dict[str, float]]:
-        """The closed-form block length that reads a ``PREFILL_CHUNK``-token prompt fastest here."""
+    def _tune_wkv(self, kernels: Sequence[str]) -> tuple[tuple[str, int], dict[str, list[float]]]:
+        """The wkv formulation (fused, or PyTorch's closed form at each block length) that runs a
+        ``PREFILL_CHUNK``-token prefill and 16- and 64-row decode steps with the least regret here."""
         H, N, T = self.n_head, self.head_size, PREFILL_CHUNK
         g = torch.Generator().manual_seed(0)
 
         def rand(*shape: int) -> torch.Tensor:
             return torch.rand(*shape, generator=g).to(self.device)
 
-        r, k, v = (rand(1, T, H, N) - 0.5 for _ in range(3))
-        kk = F.normalize(rand(1, T, H, N) - 0.5, dim=-1)
-        log_w, a = LOG_W_SCALE * rand(1, T, H, N), rand(1, T, H, N)
-        state = torch.zeros(H, N, N, device=self.device)
+        def inputs(B: int, T: int) -> list[torch.Tensor]:
+            r, k, v = (rand(B, T, H, N) - 0.5 for _ in range(3))
+            kk = F.normalize(rand(B, T, H, N) - 0.5, dim=-1)
+            return [r, LOG_W_SCALE * rand(B, T, H, N), k, v, kk, rand(B, T, H, N)]
 
-        def run(chunk: int) -> Callable[[], object]:
-            return lambda: _wkv_seq(state, r, log_w, k, v, kk, a, chunk=chunk)
+        prompt = inputs(1, T)
+        rows = {B: [t.view(B * H, N) for t in inputs(B, 1)] for B in (16, 64)}
+        states = {B: torch.zeros(B * H, N, N, device=self.device) for B in (1, 16, 64)}
 
-        order = sorted(WKV_CHUNKS, key=lambda c: c != DEFAULT_WKV_CHUNK)  # the default wins ties
-        times = {str(c): [median_seconds(run(c), repeats=3, warmup=1)] for c in order}
+        def median(fn: Callable[..., object], *args: object, **kwargs: object) -> float:
+            return median_seconds(partial(fn, *args, **kwargs), repeats=3, warmup=1)
+
+        def steps(step: Callable[..., torch.Tensor]) -> list[float]:
+            return [median(step, states[B], *rows[B]) for B in rows]
+
+        times: dict[str, list[float]] = {}
+        if FUSED in kernels:
+            times[FUSED] = [median(wkv_seq, states[1], *prompt), *steps(wkv_step)]
+        torch_steps = steps(_wkv_step)  # one step formulation for every block length
+        for c in sorted(WKV_CHUNKS, key=lambda c: c != DEFAULT_WKV_CHUNK):  # the default wins ties
+            times[str(c)] = [median(_wkv_seq, states[1], *prompt, chunk=c), *torch_steps]
         best = least_regret(times)
-        return int(best), {c: round(t[0] * 1e3, 3) for c, t in times.items()}
+        report = {name: [round(t * 1e3, 3) for t in ts] for name, ts in times.items()}
+        return ((FUSED, DEFAULT_WKV_CHUNK) if best == FUSED else (TORCH, int(best))), report
 
     def _tune_threads(self) -> None:
         """All usable cores, or one thread, whichever runs real decode steps faster right now (one
@@ -553,11 +574,15 @@ class BatchedRWKV7Backend:
         H, N = self.n_head, self.head_size
         state = self.wkv[i, slots.start * H:slots.stop * H]  # (S·H, N, N), a view into the pool
 
+        fused = self.paths.wkv == FUSED
         if T == 1:
             ins = [t.float().view(S_ * H, N) for t in (r, log_w, k, v, kk, a)]
-            return _wkv_step(state, *ins).view(S_, T, C)
+            return (wkv_step if fused else _wkv_step)(state, *ins).view(S_, T, C)
         def heads(t: torch.Tensor) -> torch.Tensor:
             return t.view(S_, T, H, N)
+
+        if fused:
+            return wkv_seq(state, *(heads(t) for t in (r, log_w, k, v, kk, a))).view(S_, T, C)
 
         # contiguous: a padded last chunk leaves a strided view, which group_norm's .view cannot take
         y = _wkv_seq(state, heads(r), heads(log_w), heads(k), heads(v), heads(kk), heads(a),
@@ -574,6 +599,13 @@ class BatchedRWKV7Backend:
 
     def _forward(self, tokens: torch.Tensor, slots: slice) -> torch.Tensor:
         """tokens (S, T) for the S sequences in ``slots``; returns the last token's fp32 logits (S, V)."""
+        return self._checked(self._logits(tokens, slots), slots)
+
+    def _step_logits(self, ids: torch.Tensor) -> torch.Tensor:
+        """One decode step of slots 0..B-1 without a host synchronisation: what a CUDA graph captures."""
+        return self._logits(ids.view(-1, 1), slice(0, int(ids.shape[0])))
+
+    def _logits(self, tokens: torch.Tensor, slots: slice) -> torch.Tensor:
         C = self.n_embd
         x = self.emb[tokens]  # (S, T, C)
         v_first: torch.Tensor | None = None
@@ -582,7 +614,9 @@ class BatchedRWKV7Backend:
             x = x + att
             x = x + self._channel_mix(i, F.layer_norm(x, (C,), *p.ln2), slots)
         x = F.layer_norm(x[:, -1], (C,), *self.ln_out)
-        logits = self.head(x).float()
+        return self.head(x).float()
+
+    def _checked(self, logits: torch.Tensor, slots: slice) -> torch.Tensor:
         if self.torch_dtype == torch.float16 and not bool(torch.isfinite(logits).all()):
             raise NonFiniteLogitsError(
                 f"fp16 overflow: the model produced NaN/inf logits on {self.device}; the states of "
@@ -671,5 +705,8 @@ class BatchedRWKV7Backend:
         ids = torch.tensor(list(tokens), dtype=torch.long, device=self.device)
         with torch.no_grad():
             # On the device: the engine samples there and copies back only the chosen ids.
+            replayed = self.graphs.run(ids) if self.graphs is not None else None
+            if replayed is not None:
+                return self._checked(replayed, slice(0, B))
             return self._forward(ids.view(B, 1), slice(0, B))
 

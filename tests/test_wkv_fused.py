@@ -1,0 +1,65 @@
+"""The fused (numba) wkv kernels against PyTorch's formulations of the same recurrence: the decode
+step, the closed-form prefill, over several sequences and heads, from a non-zero state, with the
+strongest decay the model can express, and with bf16 inputs. The whole model on the fused path is
+held to the ``rwkv`` package in ``tests/test_paths.py`` and ``tests/test_rwkv7_batched.py``."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from bot.inference.rwkv7_batched import LOG_W_SCALE, _wkv_seq, _wkv_step
+from bot.inference.wkv_fused import fused_works, wkv_seq, wkv_step
+
+REL = 2e-5  # the fused sums run in another order (vectorised): last bits only
+
+pytestmark = pytest.mark.skipif(not fused_works(), reason="numba cannot compile the kernels here")
+
+
+def _inputs(B: int, T: int, H: int, seed: int) -> list[torch.Tensor]:
+    g = torch.Generator().manual_seed(seed)
+    N = 64
+    r, k, v = (torch.randn(B, T, H, N, generator=g) for _ in range(3))
+    kk = torch.nn.functional.normalize(torch.randn(B, T, H, N, generator=g), dim=-1)
+    log_w = LOG_W_SCALE * torch.rand(B, T, H, N, generator=g)
+    log_w[0, :, 0] = LOG_W_SCALE  # the strongest decay, on one head
+    a = torch.rand(B, T, H, N, generator=g)
+    return [r, log_w, k, v, kk, a]
+
+
+def _close(got: torch.Tensor, want: torch.Tensor) -> bool:
+    return float((got - want).abs().max()) <= REL * float(want.abs().max())
+
+
+@pytest.mark.parametrize(("B", "T", "H"), [(1, 1, 1), (2, 37, 3), (3, 70, 2)])
+def test_fused_prefill_is_the_closed_form(B: int, T: int, H: int) -> None:
+    ins = _inputs(B, T, H, seed=B * 100 + T)
+    S0 = torch.randn(B * H, 64, 64, generator=torch.Generator().manual_seed(T)) * 0.1
+    S_ref, S_fused = S0.clone(), S0.clone()
+    want = _wkv_seq(S_ref, *ins, chunk=32)
+    got = wkv_seq(S_fused, *ins)
+    assert got.shape == want.shape == (B, T, H, 64) and got.dtype == torch.float32
+    assert _close(got, want) and _close(S_fused, S_ref)
+    assert not torch.equal(S_fused, S0)  # the state really was updated in place
+
+
+def test_fused_steps_are_pytorchs_steps() -> None:
+    B, T, H = 4, 20, 3
+    ins = _inputs(B, T, H, seed=7)
+    S0 = torch.randn(B * H, 64, 64, generator=torch.Generator().manual_seed(1)) * 0.1
+    S_ref, S_fused = S0.clone(), S0.clone()
+    for t in range(T):
+        rows = [x[:, t].reshape(B * H, 64) for x in ins]
+        want = _wkv_step(S_ref, *rows)
+        got = wkv_step(S_fused, *rows)
+        assert _close(got, want), f"token {t}"
+    assert _close(S_fused, S_ref)
+
+
+def test_bf16_inputs_are_read_as_fp32() -> None:
+    ins = _inputs(2, 9, 2, seed=3)
+    half = [x.bfloat16() for x in ins]
+    S_ref, S_fused = torch.zeros(4, 64, 64), torch.zeros(4, 64, 64)
+    want = _wkv_seq(S_ref, *(x.float() for x in half), chunk=16)
+    got = wkv_seq(S_fused, *half)
+    assert _close(got, want) and _close(S_fused, S_ref)
