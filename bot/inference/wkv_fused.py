@@ -7,8 +7,8 @@ memory bandwidth. At 64 threads of the 0.1B shape the pool is 12.6 MB a layer, a
 which reads each row of a head's state once and writes it once. Prefill walks the tokens one by one
 with the head's 16 KB state held in the L1 cache: 0.8-1.3 ms for 256 tokens of one layer against
 5.5-10 ms for the chunked closed form (``rwkv7_batched._wkv_seq``). The formulas are those of
-``rwkv7_batched._wkv_step``; tests hold both kernels to the PyTorch ones and the model to the
-``rwkv`` package.
+``rwkv7_batched._wkv_step``; one kernel serves both (a step is a prefill of one token), and tests
+hold it to the PyTorch formulations and the model to the ``rwkv`` package.
 
 Floating point: the dot products are summed in a vectorised order (``fastmath`` reassociation and
 fused multiply-adds only; no assumption about NaN or infinity), so results differ from PyTorch's in
@@ -38,11 +38,11 @@ _kernels: dict[str, Any] = {}
 
 
 def _compile() -> dict[str, Any]:
-    """The two kernels, compiled on first use (numba caches them on disk: a restart takes ~0.1 s)."""
+    """The kernel, compiled on first use (numba caches them on disk: a restart takes ~0.1 s)."""
     if not _kernels:
         from bot.inference import wkv_kernels
 
-        _kernels.update(step=wkv_kernels.step, seq=wkv_kernels.seq, numba=wkv_kernels.numba)
+        _kernels.update(seq=wkv_kernels.seq, numba=wkv_kernels.numba)
     return _kernels
 
 
@@ -60,12 +60,9 @@ def _threads(numba: Any, head_tokens: int) -> None:
 def wkv_step(S: torch.Tensor, r: torch.Tensor, log_w: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
              kk: torch.Tensor, a: torch.Tensor) -> torch.Tensor:
     """``rwkv7_batched._wkv_step`` in one pass: S (B·H, N, N) fp32 contiguous, updated in place;
-    inputs (B·H, N); returns y (B·H, N) fp32."""
-    kernels = _compile()
-    _threads(kernels["numba"], r.shape[0])
-    y = torch.empty(r.shape, dtype=torch.float32)
-    kernels["step"](S.numpy(), *_arrays((r, log_w, k, v, kk, a)), y.numpy())
-    return y
+    inputs (B·H, N); returns y (B·H, N) fp32. One token of B·H sequences of one head each."""
+    X, N = r.shape
+    return wkv_seq(S, *(t.reshape(1, 1, X, N) for t in (r, log_w, k, v, kk, a))).view(X, N)
 
 
 def wkv_seq(S: torch.Tensor, r: torch.Tensor, log_w: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
@@ -81,7 +78,7 @@ def wkv_seq(S: torch.Tensor, r: torch.Tensor, log_w: torch.Tensor, k: torch.Tens
 
 @cache
 def fused_works() -> bool:
-    """numba is importable, compiles both kernels, and they agree with the PyTorch step here (a
+    """numba is importable, compiles the kernel, and its prefill and step agree with PyTorch's here (a
     broken or missing install falls back to the PyTorch path with one log line, never an error)."""
     try:
         from bot.inference.rwkv7_batched import _wkv_step  # the reference formulation

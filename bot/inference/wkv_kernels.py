@@ -1,7 +1,8 @@
-"""The numba kernels behind ``bot.inference.wkv_fused`` (imported only when they are used: numba
-takes a second or so to import). Per head x of the batch (``prange``: spread over numba's threads),
-each row i of the state ``S[x]`` (value dim i, key dim j) is read once for its two dot products and
-written once with the decay and the rank-2 update; see ``rwkv7_batched._wkv_step`` for the algebra."""
+"""The numba kernel behind ``bot.inference.wkv_fused`` (imported only when it is used: numba takes a
+second or so to import). Per head x of the batch (``prange``: spread over numba's threads), token
+by token, each row i of the state ``S[x]`` (value dim i, key dim j) is read once for its two dot
+products and written once with the decay and the rank-2 update; see ``rwkv7_batched._wkv_step`` for
+the algebra. A decode step is the case T = 1."""
 
 from typing import Any
 
@@ -12,33 +13,6 @@ from numba import njit, prange
 numba.config.THREADING_LAYER = "threadsafe"  # type: ignore[attr-defined]  # omp or tbb, never workqueue
 _FASTMATH = {"reassoc", "contract"}  # vectorised sums and fused multiply-adds; nothing about NaN/inf
 
-
-@njit(parallel=True, fastmath=_FASTMATH, nogil=True, cache=True)
-def step(S: Any, r: Any, log_w: Any, k: Any, v: Any, kk: Any, a: Any, y: Any) -> None:
-    X, N = r.shape
-    for x in prange(X):
-        w = np.empty(N, np.float32)
-        kka = np.empty(N, np.float32)
-        wr = np.empty(N, np.float32)
-        k_r = np.float32(0.0)
-        kka_r = np.float32(0.0)
-        for j in range(N):
-            w[j] = np.exp(log_w[x, j])
-            kka[j] = kk[x, j] * a[x, j]
-            wr[j] = w[j] * r[x, j]
-            k_r += k[x, j] * r[x, j]
-            kka_r += kka[j] * r[x, j]
-        for i in range(N):
-            sa = np.float32(0.0)  # S·(-kk): what the delta rule removes
-            s_wr = np.float32(0.0)  # S·(w⊙r)
-            for j in range(N):
-                s = S[x, i, j]
-                sa -= s * kk[x, j]
-                s_wr += s * wr[j]
-            vi = v[x, i]
-            for j in range(N):
-                S[x, i, j] = S[x, i, j] * w[j] + sa * kka[j] + vi * k[x, j]
-            y[x, i] = s_wr + sa * kka_r + vi * k_r
 
 @njit(parallel=True, fastmath=_FASTMATH, nogil=True, cache=True)
 def seq(S: Any, r: Any, log_w: Any, k: Any, v: Any, kk: Any, a: Any, y: Any) -> None:
