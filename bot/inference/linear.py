@@ -3,6 +3,8 @@
 Kernels (named as ``bot.inference.paths`` records them):
 
 * ``plain``: ``F.linear`` — MKL's sgemm/gemv on CPU, cuBLAS on CUDA;
+* ``transposed``: the ``rwkv`` package's own layout, the weight stored (in, out) and ``x @ W`` — on the
+  CPU a different BLAS routine (MKL's gemv/gemm on the other operand order) from ``plain``'s;
 * ``onednn:<B>``: oneDNN's ``mkldnn._linear_pointwise`` on a weight reordered once ("prepacked")
   into oneDNN's blocked layout for batches of about ``B`` rows.
 
@@ -10,7 +12,10 @@ Why more than one: which is fastest depends on the CPU. On the AVX-512 Zen 4 mac
 oneDNN prepacked ran fp32 matmuls at ~2× MKL (≈500 vs ≈215 GFLOP/s for 256×768 @ 768×3072 on 2
 cores, 45 vs 28 GB/s for the 768×65536 head at one row) and +20-35% on decode with the prepacking;
 on an AVX2 Zen 3 the same choice left one stream at 0.77× the package (which uses MKL). Where the
-CPU lacks AVX-512 BW/VL/DQ and AVX-NE-CONVERT, oneDNN refuses bf16 weights altogether.
+CPU lacks AVX-512 BW/VL/DQ and AVX-NE-CONVERT, oneDNN refuses bf16 weights altogether. The
+package's layout is offered so that no shape can run slower than the reference does on a CPU where
+its BLAS call is the fast one: on the Zen 5 it ran the one-row head at 25-27 GB/s against
+``F.linear``'s 16, though oneDNN's 39-41 still won there.
 """
 
 from __future__ import annotations
@@ -23,6 +28,7 @@ import torch.nn.functional as F
 log = logging.getLogger(__name__)
 
 PLAIN = "plain"
+TRANSPOSED = "transposed"
 
 
 def onednn(hint: int) -> str:
@@ -36,11 +42,16 @@ class Linear:
         self.out_features, self.in_features = weight.shape
         self.kernel = kernel
         self.use_mkldnn = kernel.startswith("onednn:")
+        self.transposed = kernel == TRANSPOSED
         self.weight = weight
         if self.use_mkldnn:
             self.weight = torch.ops.mkldnn._reorder_linear_weight(weight, int(kernel.split(":")[1]))
+        elif self.transposed:
+            self.weight = weight.t().contiguous()
 
     def __call__(self, x: torch.Tensor) -> torch.Tensor:
+        if self.transposed:
+            return torch.matmul(x, self.weight)
         if not self.use_mkldnn:
             return F.linear(x, self.weight)
         lead = x.shape[:-1]

@@ -32,7 +32,7 @@ from typing import Any
 
 import torch
 
-from bot.inference.linear import PLAIN, Linear, mkldnn_works, onednn
+from bot.inference.linear import PLAIN, TRANSPOSED, Linear, mkldnn_works, onednn
 from bot.inference.machine import Machine
 from bot.inference.wkv_fused import FUSED, TORCH, fused_works
 
@@ -95,13 +95,15 @@ def shape_key(shape: Sequence[int]) -> str:
 
 
 def candidates(device: torch.device, dtype: torch.dtype) -> list[str]:
-    """The kernels that work here, the capability default first."""
+    """The kernels that work here, the capability default first. ``transposed`` (the ``rwkv``
+    package's layout) is last: it never wins a tie, but where the reference's own BLAS call is the
+    fastest for a shape, the tuner finds it."""
     if not mkldnn_works(device, dtype):
-        return [PLAIN]
+        return [PLAIN, TRANSPOSED]
     hint = PREPACK_BATCH.get(dtype, 16)
     # onednn:1, the layout for one row: on the AVX2 Zen 3 the 768×65536 head at one row took 11-12 ms
     # in it against 14-17 in the 64-row layout, and as long at 16 and 64 rows (within the host's noise)
-    return [onednn(hint), onednn(16 if hint == 64 else 64), onednn(1), PLAIN]
+    return [onednn(hint), onednn(16 if hint == 64 else 64), onednn(1), PLAIN, TRANSPOSED]
 
 
 def wkv_candidates(device: torch.device) -> list[str]:
