@@ -131,6 +131,37 @@ def test_kernels_are_timed_on_the_threads_the_steps_will_use(tiny_v7_path: Path,
     assert pinned.paths.threads == 1 and pinned.paths.threads_source == "RAVEN_TORCH_THREADS"
 
 
+def test_thread_counts_take_turns_so_a_burst_of_load_cannot_pick_the_slower(tiny_v7_path: Path,
+                                                                             monkeypatch: pytest.MonkeyPatch) -> None:
+    import time as clock
+
+    backend = BatchedRWKV7Backend(tiny_v7_path, max_slots=16)
+    cores = backend.machine.cores
+    if cores < 2:
+        pytest.skip("one usable core: there is no thread count to choose")
+    real_decode = backend.decode
+    order: list[int] = []
+
+    def decode(tokens: list[int]) -> torch.Tensor:
+        """The model's step, with one thread made 2x slower than all cores, and a burst of load
+        from elsewhere on the first two rounds after the warm-up (calls 4..11 with two options)."""
+        threads = torch.get_num_threads()
+        order.append(threads)
+        clock.sleep((0.008 if threads == 1 else 0.004) + (0.03 if 4 <= len(order) - 1 < 12 else 0.0))
+        return real_decode(tokens)
+
+    monkeypatch.setattr(backend, "decode", decode)
+    backend._tune_threads()
+    assert backend.paths.threads == cores and backend.paths.threads_source == "measured at load"
+    options = [cores] + ([cores // 2] if cores >= 4 else []) + [1]
+    per_round = [n for n in options for _ in range(2)]  # each count at one row and at 16
+    assert order == per_round * (1 + 5)  # the warm-up, then the rounds, the counts in turn
+    timed = backend.paths.timings["threads_ms"]
+    assert set(timed) == {str(n) for n in options}
+    assert all(len(t) == 2 and t[0] > 0 for t in timed.values())
+    assert timed["1"][1] > timed[str(cores)][1]  # the burst did not decide it: the slower count lost
+
+
 def test_raven_torch_threads_reaches_the_backend(settings_factory: SettingsFactory) -> None:
     settings = settings_factory(torch_threads=1)
     assert settings.model is not None and settings.torch_threads == 1

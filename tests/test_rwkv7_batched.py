@@ -276,7 +276,27 @@ def test_cuda_graphs_are_for_cuda_only(b7_ckpt: Path) -> None:
     replays are checked against the eager step in ``tests/test_cuda_oracle.py``."""
     backend = BatchedRWKV7Backend(b7_ckpt, max_slots=2, cuda_graphs=True)
     assert backend.graphs is None
-    first = backend.decode([5, 6])
-    backend.load_slot(0, backend.zero_state())
-    backend.load_slot(1, backend.zero_state())
-    assert float((backend.decode([5, 6]) - first).abs().max()) == 0.0  # the same step, from the same states
+
+
+def test_a_graph_that_cannot_be_captured_leaves_the_eager_step(caplog: pytest.LogCaptureFixture) -> None:
+    """The fallback, run where capturing must fail (no CUDA here; on a GPU an op that cannot be
+    captured fails the same way): the first call of a batch size is the eager warm-up, the second
+    tries to capture, fails, warns once and turns graphs off; every later call runs eagerly without
+    trying again."""
+    from bot.inference.cuda_graphs import StepGraphs
+
+    steps: list[int] = []
+
+    def step(ids: torch.Tensor) -> torch.Tensor:
+        steps.append(int(ids.shape[0]))
+        return ids.float()
+
+    graphs = StepGraphs(step, torch.device("cpu"))
+    ids = torch.tensor([3, 4])
+    with caplog.at_level("WARNING", logger="bot.inference.cuda_graphs"):
+        assert graphs.run(ids) is None and graphs.disabled is None  # the warm-up: eager
+        assert graphs.run(ids) is None and graphs.disabled is not None  # the capture failed
+        assert graphs.run(ids) is None and graphs.run(torch.tensor([1])) is None
+    assert graphs.captured == [] and graphs.summary().startswith("CUDA graphs off (")
+    assert caplog.text.count("CUDA graph capture failed at batch size 2") == 1
+    assert steps == []  # StepGraphs itself ran no step: the eager calls are the backend's own

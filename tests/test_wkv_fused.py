@@ -63,3 +63,20 @@ def test_bf16_inputs_are_read_as_fp32() -> None:
     want = _wkv_seq(S_ref, *(x.float() for x in half), chunk=16)
     got = wkv_seq(S_fused, *half)
     assert _close(got, want) and _close(S_fused, S_ref)
+
+
+@pytest.mark.parametrize(("env", "layer"), [(None, "threadsafe"), ("omp", "omp"), ("TBB", "tbb"),
+                                            ("safe", "safe"), ("default", "threadsafe"),
+                                            ("workqueue", "threadsafe"), ("forksafe", "threadsafe")])
+def test_an_operators_numba_threading_layer_is_kept_where_it_is_safe(
+        env: str | None, layer: str, monkeypatch: pytest.MonkeyPatch, caplog: pytest.LogCaptureFixture) -> None:
+    from bot.inference import wkv_kernels
+
+    if env is None:
+        monkeypatch.delenv("NUMBA_THREADING_LAYER", raising=False)
+    else:
+        monkeypatch.setenv("NUMBA_THREADING_LAYER", env)
+    with caplog.at_level("WARNING", logger="bot.inference.wkv_kernels"):
+        assert wkv_kernels._threading_layer() == layer
+    warned = env in ("workqueue", "forksafe")
+    assert ("not safe for the engine's threads" in caplog.text) == warned

@@ -41,6 +41,7 @@ matrix-vector product, so we do it in O(N²) in place.
 from __future__ import annotations
 
 import logging
+import statistics
 import time
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
@@ -83,6 +84,8 @@ WKV_CHUNK = DEFAULT_WKV_CHUNK
 (≥ 0.545^32 ≈ 4e-9) and the L×L products small."""
 MIN_TUNE_PARAMS = 20_000_000
 """Below this many weights a model's steps take microseconds: measuring its paths says nothing."""
+THREAD_ROUNDS = 5
+"""Rounds of the thread-count measurement (each: every option at one row and at 16)."""
 LOG_W_SCALE = -0.606531  # log w = -exp(-0.5) · sigmoid(·): the package's literal, kept for bit-faithfulness
 
 
@@ -458,24 +461,35 @@ class BatchedRWKV7Backend:
     def _tune_threads(self) -> None:
         """All usable cores, or one thread, whichever runs real decode steps faster right now (one
         stream and a batch): with other processes busy on the same cores, one OpenMP thread beat two
-        by 2.5× for a whole chat. Measured at every load, not cached: it depends on the neighbours."""
+        by 2.5× for a whole chat. Measured at every load, not cached: it depends on the neighbours.
+        The options take turns, round after round (median per option and batch), so that a burst of
+        load from elsewhere falls on all of them alike: measured one after the other, a noisy
+        neighbour once made one thread "win" on a host where two ran a 16-row step 1.4× faster."""
         cores = self.machine.cores
         options = [cores] + ([cores // 2] if cores >= 4 else []) + ([1] if cores > 1 else [])
         if len(options) == 1:
             self.paths.threads_source = "the only core"
             return
         before = torch.get_num_threads()
-        batch = min(16, self.max_slots)
-        times: dict[str, list[float]] = {}
+        batches = (1, min(16, self.max_slots))
+        samples: dict[int, list[list[float]]] = {n: [[] for _ in batches] for n in options}
         try:
-            for n in options:
+            for n in options:  # warm-up: each count's OpenMP team and kernels
                 torch.set_num_threads(n)
-                times[str(n)] = [median_seconds(partial(self.decode, [1] * b), repeats=3, warmup=1)
-                                 for b in (1, batch)]
+                for b in batches:
+                    self.decode([1] * b)
+            for _ in range(THREAD_ROUNDS):
+                for n in options:
+                    torch.set_num_threads(n)
+                    for i, b in enumerate(batches):
+                        started = time.perf_counter()
+                        self.decode([1] * b)
+                        samples[n][i].append(time.perf_counter() - started)
         finally:
             torch.set_num_threads(before)
         for t in (self.att_x, self.wkv, self.ffn_x):
             t.zero_()
+        times = {str(n): [statistics.median(per_batch) for per_batch in samples[n]] for n in options}
         self.paths.threads = int(least_regret(times))
         self.paths.threads_source = "measured at load"
         self.paths.timings["threads_ms"] = {n: [round(x * 1e3, 3) for x in t] for n, t in times.items()}

@@ -4,13 +4,32 @@ by token, each row i of the state ``S[x]`` (value dim i, key dim j) is read once
 products and written once with the decay and the rank-2 update; see ``rwkv7_batched._wkv_step`` for
 the algebra. A decode step is the case T = 1."""
 
+import logging
+import os
 from typing import Any
 
 import numba
 import numpy as np
 from numba import njit, prange
 
-numba.config.THREADING_LAYER = "threadsafe"  # type: ignore[attr-defined]  # omp or tbb, never workqueue
+log = logging.getLogger(__name__)
+SAFE_LAYERS = ("threadsafe", "safe", "omp", "tbb")
+"""numba's threading layers that take two threads launching kernels at once (``workqueue`` aborts
+the process; ``forksafe`` may pick it); ``safe``/``threadsafe`` let numba choose tbb or omp."""
+
+
+def _threading_layer() -> str:
+    """The operator's ``NUMBA_THREADING_LAYER`` where it is one of ``SAFE_LAYERS``, else
+    ``threadsafe`` (numba's own default, ``default``, may choose ``workqueue``)."""
+    wanted = os.environ.get("NUMBA_THREADING_LAYER", "").strip().lower()
+    if wanted in SAFE_LAYERS:
+        return wanted
+    if wanted and wanted != "default":
+        log.warning("NUMBA_THREADING_LAYER=%s is not safe for the engine's threads; using threadsafe", wanted)
+    return "threadsafe"
+
+
+numba.config.THREADING_LAYER = _threading_layer()  # type: ignore[attr-defined]
 _FASTMATH = {"reassoc", "contract"}  # vectorised sums and fused multiply-adds; nothing about NaN/inf
 
 
