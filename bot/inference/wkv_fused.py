@@ -73,7 +73,7 @@ def wkv_seq(S: torch.Tensor, r: torch.Tensor, log_w: torch.Tensor, k: torch.Tens
     kernels = _compile()
     _threads(kernels["numba"], r.shape[0] * r.shape[1] * r.shape[2])
     y = torch.empty(r.shape, dtype=torch.float32)
-    kernels["seq"](S.numpy(), *_arrays((r, log_w, k, v, kk, a)), y.numpy())
+    kernels["seq"](S.numpy(), *_arrays((r, log_w.float().exp(), k, v, kk, a)), y.numpy())
     return y
 
 
