@@ -65,6 +65,34 @@ def test_bf16_inputs_are_read_as_fp32() -> None:
     assert _close(got, want) and _close(S_fused, S_ref)
 
 
+def _post_torch(y: torch.Tensor, r: torch.Tensor, k: torch.Tensor, v: torch.Tensor, g: torch.Tensor,
+                r_k: torch.Tensor, ln_w: torch.Tensor, ln_b: torch.Tensor) -> torch.Tensor:
+    """What ``_time_mix``'s PyTorch path does after the recurrence, in fp32: ln_x, bonus, gate."""
+    B, T, H, N = y.shape
+    normed = torch.nn.functional.group_norm(y.reshape(B * T, H * N), H, ln_w, ln_b, eps=64e-5).view(B, T, H, N)
+    bonus = (r * k * r_k).sum(-1, keepdim=True) * v
+    return (normed + bonus) * g
+
+
+@pytest.mark.parametrize(("B", "T", "H", "dtype"), [(1, 1, 2, torch.float32), (5, 1, 3, torch.float32),
+                                                     (2, 33, 2, torch.float32), (3, 1, 2, torch.bfloat16)])
+def test_the_kernels_post_is_pytorchs_group_norm_bonus_and_gate(B: int, T: int, H: int, dtype: torch.dtype) -> None:
+    g_ = torch.Generator().manual_seed(B + 10 * T)
+    ins = [x.to(dtype) for x in _inputs(B, T, H, seed=5 * B + T)]
+    gate, r_k = torch.randn(B, T, H, 64, generator=g_).to(dtype), torch.randn(H, 64, generator=g_).to(dtype)
+    ln_w, ln_b = 1 + 0.3 * torch.randn(H * 64, generator=g_), 0.3 * torch.randn(H * 64, generator=g_)
+    S0 = torch.randn(B * H, 64, 64, generator=g_) * 0.1
+    S_raw, S_post = S0.clone(), S0.clone()
+    raw = wkv_seq(S_raw, *ins)
+    got = wkv_seq(S_post, *ins, post=(gate, r_k, ln_w, ln_b))
+    r, _, k, v, _, _ = (x.float() for x in ins)
+    want = _post_torch(raw, r, k, v, gate.float(), r_k.float(), ln_w, ln_b)
+    assert got.shape == want.shape == (B, T, H, 64) and got.dtype == torch.float32
+    assert float((got - want).abs().max()) <= 1e-5 * float(want.abs().max())
+    assert float((got - raw).abs().max()) > 0.1  # it is not the raw output
+    assert torch.equal(S_post, S_raw)  # the state's update does not depend on the post-processing
+
+
 @pytest.mark.parametrize(("env", "layer"), [(None, "threadsafe"), ("omp", "omp"), ("TBB", "tbb"),
                                             ("safe", "safe"), ("default", "threadsafe"),
                                             ("workqueue", "threadsafe"), ("forksafe", "threadsafe")])

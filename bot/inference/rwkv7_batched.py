@@ -573,6 +573,9 @@ class BatchedRWKV7Backend:
             assert p.v0 is not None and p.v1 is not None and p.v2 is not None
             v = v + (v_first - v) * torch.sigmoid(p.v0 + p.v2(p.v1(xv)))
 
+        if self.paths.wkv == FUSED:  # the recurrence, ln_x, the bonus and the gate in one kernel
+            y = self._wkv_fused(i, slots, r, log_w, k, v, kk, a, g)
+            return p.output(y.to(x.dtype)), v_first
         y = self._wkv(i, slots, r, log_w, k, v, kk, a)  # (S, T, C) fp32
         y = F.group_norm(y.view(S_ * T, C), H, p.ln_x[0], p.ln_x[1], eps=64e-5).view(S_, T, C)
         y = y.to(x.dtype)
@@ -583,25 +586,34 @@ class BatchedRWKV7Backend:
 
     def _wkv(self, i: int, slots: slice, r: torch.Tensor, log_w: torch.Tensor, k: torch.Tensor,
              v: torch.Tensor, kk: torch.Tensor, a: torch.Tensor) -> torch.Tensor:
-        """Run the recurrence for layer i on the states in ``slots``; inputs (S, T, C), output fp32."""
+        """PyTorch's recurrence for layer i on the states in ``slots``; inputs (S, T, C), output fp32."""
         S_, T, C = r.shape
         H, N = self.n_head, self.head_size
         state = self.wkv[i, slots.start * H:slots.stop * H]  # (S·H, N, N), a view into the pool
-
-        fused = self.paths.wkv == FUSED
         if T == 1:
-            ins = [t.float().view(S_ * H, N) for t in (r, log_w, k, v, kk, a)]
-            return (wkv_step if fused else _wkv_step)(state, *ins).view(S_, T, C)
+            return _wkv_step(state, *(t.float().view(S_ * H, N) for t in (r, log_w, k, v, kk, a))).view(S_, T, C)
         def heads(t: torch.Tensor) -> torch.Tensor:
             return t.view(S_, T, H, N)
 
-        if fused:
-            return wkv_seq(state, *(heads(t) for t in (r, log_w, k, v, kk, a))).view(S_, T, C)
-
-        # contiguous: a padded last chunk leaves a strided view, which group_norm's .view cannot take
         y = _wkv_seq(state, heads(r), heads(log_w), heads(k), heads(v), heads(kk), heads(a),
                      chunk=self.paths.wkv_chunk)
+        # contiguous: a padded last chunk leaves a strided view, which group_norm's .view cannot take
         return y.reshape(S_, T, C).contiguous()
+
+    def _wkv_fused(self, i: int, slots: slice, r: torch.Tensor, log_w: torch.Tensor, k: torch.Tensor,
+                   v: torch.Tensor, kk: torch.Tensor, a: torch.Tensor, g: torch.Tensor) -> torch.Tensor:
+        """The fused kernel for layer i (``bot.inference.wkv_fused``): the recurrence, and each head's
+        output normed, with its bonus, gated; inputs (S, T, C), output (S, T, C) fp32."""
+        S_, T, C = r.shape
+        H, N = self.n_head, self.head_size
+        p = self.layers[i]
+        state = self.wkv[i, slots.start * H:slots.stop * H]
+        def heads(t: torch.Tensor) -> torch.Tensor:
+            return t.view(S_, T, H, N)
+
+        y = wkv_seq(state, heads(r), heads(log_w), heads(k), heads(v), heads(kk), heads(a),
+                    post=(heads(g), p.r_k, p.ln_x[0], p.ln_x[1]))
+        return y.view(S_, T, C)
 
     def _channel_mix(self, i: int, x: torch.Tensor, slots: slice) -> torch.Tensor:
         """The MLP half of block i: relu(shifted x @ K)² @ V. x (S, T, C) is ln2's output."""

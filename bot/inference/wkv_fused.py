@@ -58,22 +58,36 @@ def _threads(numba: Any, head_tokens: int) -> None:
     numba.set_num_threads(max(1, min(wanted, numba.config.NUMBA_NUM_THREADS)))
 
 
+Post = tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]
+"""``(g, r_k, ln_w, ln_b)``: the output gate (B, T, H, N), the bonus weights (H, N), ``ln_x``'s (C,)."""
+GROUP_NORM_EPS = 64e-5  # the model's ln_x eps (the package's literal)
+_NO_POST = (np.empty((1, 1, 1, 1), np.float32), np.empty((1, 1), np.float32),
+            np.empty(1, np.float32), np.empty(1, np.float32))  # typed like Post: one compiled kernel
+
+
 def wkv_step(S: torch.Tensor, r: torch.Tensor, log_w: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
              kk: torch.Tensor, a: torch.Tensor) -> torch.Tensor:
     """``rwkv7_batched._wkv_step`` in one pass: S (B·H, N, N) fp32 contiguous, updated in place;
     inputs (B·H, N); returns y (B·H, N) fp32. One token of B·H sequences of one head each."""
     X, N = r.shape
-    return wkv_seq(S, *(t.reshape(1, 1, X, N) for t in (r, log_w, k, v, kk, a))).view(X, N)
+
+    def one(t: torch.Tensor) -> torch.Tensor:
+        return t.reshape(1, 1, X, N)
+
+    return wkv_seq(S, one(r), one(log_w), one(k), one(v), one(kk), one(a)).view(X, N)
 
 
 def wkv_seq(S: torch.Tensor, r: torch.Tensor, log_w: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
-            kk: torch.Tensor, a: torch.Tensor) -> torch.Tensor:
+            kk: torch.Tensor, a: torch.Tensor, post: Post | None = None) -> torch.Tensor:
     """``rwkv7_batched._wkv_seq`` token by token: inputs (B, T, H, N), S (B·H, N, N) updated in
-    place; returns y (B, T, H, N) fp32."""
+    place; returns y (B, T, H, N) fp32 — with ``post``, as the time-mix feeds it to its output
+    projection: ``(group_norm(y) + (r·(k⊙r_k))·v) ⊙ g`` per head (``_time_mix``'s torch path)."""
     kernels = _compile()
     _threads(kernels["numba"], r.shape[0] * r.shape[1] * r.shape[2])
     y = torch.empty(r.shape, dtype=torch.float32)
-    kernels["seq"](S.numpy(), *_arrays((r, log_w.float().exp(), k, v, kk, a)), y.numpy())
+    extra = _arrays(post) if post is not None else _NO_POST
+    kernels["seq"](S.numpy(), *_arrays((r, log_w.float().exp(), k, v, kk, a)), y.numpy(), post is not None,
+                   *extra, GROUP_NORM_EPS)
     return y
 
 

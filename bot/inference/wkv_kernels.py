@@ -4,7 +4,9 @@ by token, each row i of the state ``S[x]`` (value dim i, key dim j) is read once
 products and written once with the decay and the rank-2 update; see ``rwkv7_batched._wkv_step`` for
 the algebra. A decode step is the case T = 1. The decay comes in as ``w`` (the caller's vectorised
 ``exp``): numba's scalar ``exp`` per element cost 20-30% of the kernel (at 16 and 64 rows and for a
-256-token prefill, measured on the Zen 5)."""
+256-token prefill, measured on the Zen 5). With ``post``, each head's output leaves the kernel as the
+model uses it next: group-normed (``ln_x``), plus the bonus ``(r·(k⊙r_k))·v``, times the gate ``g``
+(eight PyTorch ops a layer otherwise, 0.3-2 ms a step at 1-64 rows)."""
 
 import logging
 import os
@@ -36,22 +38,29 @@ _FASTMATH = {"reassoc", "contract"}  # vectorised sums and fused multiply-adds; 
 
 
 @njit(parallel=True, fastmath=_FASTMATH, nogil=True, cache=True)
-def seq(S: Any, r: Any, w_: Any, k: Any, v: Any, kk: Any, a: Any, y: Any) -> None:
+def seq(S: Any, r: Any, w_: Any, k: Any, v: Any, kk: Any, a: Any, y: Any, post: bool, g: Any, r_k: Any,
+        ln_w: Any, ln_b: Any, eps: float) -> None:
     B, T, H, N = r.shape
     for x in prange(B * H):
         b = x // H
         h = x % H
         kka = np.empty(N, np.float32)
         wr = np.empty(N, np.float32)
+        out = np.empty(N, np.float32)
         for t in range(T):
             k_r = np.float32(0.0)
             kka_r = np.float32(0.0)
+            bonus = np.float32(0.0)
             w = w_[b, t, h]
             for j in range(N):
                 kka[j] = kk[b, t, h, j] * a[b, t, h, j]
                 wr[j] = w[j] * r[b, t, h, j]
                 k_r += k[b, t, h, j] * r[b, t, h, j]
                 kka_r += kka[j] * r[b, t, h, j]
+            if post:
+                for j in range(N):
+                    bonus += k[b, t, h, j] * r[b, t, h, j] * r_k[h, j]
+            mean = np.float32(0.0)
             for i in range(N):
                 sa = np.float32(0.0)
                 s_wr = np.float32(0.0)
@@ -62,4 +71,20 @@ def seq(S: Any, r: Any, w_: Any, k: Any, v: Any, kk: Any, a: Any, y: Any) -> Non
                 vi = v[b, t, h, i]
                 for j in range(N):
                     S[x, i, j] = S[x, i, j] * w[j] + sa * kka[j] + vi * k[b, t, h, j]
-                y[b, t, h, i] = s_wr + sa * kka_r + vi * k_r
+                out[i] = s_wr + sa * kka_r + vi * k_r
+                mean += out[i]
+            if not post:
+                for i in range(N):
+                    y[b, t, h, i] = out[i]
+                continue
+            # The head's group norm, the current token's own value ("bonus") and the output gate.
+            mean /= N
+            var = np.float32(0.0)
+            for i in range(N):
+                d = out[i] - mean
+                var += d * d
+            rstd = np.float32(1.0) / np.sqrt(var / N + np.float32(eps))
+            for i in range(N):
+                c = h * N + i
+                normed = (out[i] - mean) * rstd * ln_w[c] + ln_b[c]
+                y[b, t, h, i] = (normed + bonus * v[b, t, h, i]) * g[b, t, h, i]
