@@ -71,7 +71,7 @@ from bot.inference.paths import (
     wkv_candidates,
 )
 from bot.inference.threads import run_in_fresh_thread
-from bot.inference.wkv_fused import FUSED, TORCH, wkv_seq, wkv_step
+from bot.inference.wkv_fused import FUSED, TORCH, LayerConstants, wkv_layer, wkv_seq, wkv_step
 
 log = logging.getLogger(__name__)
 
@@ -514,6 +514,7 @@ class BatchedRWKV7Backend:
         self.ln_out = (self._t(sd["ln_out.weight"]), self._t(sd["ln_out.bias"]))
         self.head = self._lin(sd["head.weight"])
         self.layers: list[_Layer] = []
+        self._fused_constants: dict[int, LayerConstants] = {}
         for i in range(self.n_layer):
             a, f, b = f"blocks.{i}.att.", f"blocks.{i}.ffn.", f"blocks.{i}."
             self.layers.append(_Layer(
@@ -565,17 +566,20 @@ class BatchedRWKV7Backend:
         a = torch.sigmoid(p.a0 + p.a2(p.a1(xa)))
         g = p.g2(torch.sigmoid(p.g1(xg)))
 
+        v_gate = None
+        if v_first is not None:  # past layer 0 the first layer's values are mixed in by this gate
+            assert p.v0 is not None and p.v1 is not None and p.v2 is not None
+            v_gate = torch.sigmoid(p.v0 + p.v2(p.v1(xv)))
+        if self.paths.wkv == FUSED:  # everything from here to the output projection in one kernel
+            y = self._wkv_fused(i, slots, r, log_w, k, v, a, g, v_first, v_gate)
+            return p.output(y.to(x.dtype)), v if v_first is None else v_first
+
         kk = F.normalize((k * p.k_k).view(S_, T, H, N), dim=-1, p=2.0).view(S_, T, C)
         k = k * (1 + (a - 1) * p.k_a)
-        if v_first is None:  # layer 0: its values are mixed into every later layer's
+        if v_first is None or v_gate is None:  # layer 0: its values are mixed into every later layer's
             v_first = v
         else:
-            assert p.v0 is not None and p.v1 is not None and p.v2 is not None
-            v = v + (v_first - v) * torch.sigmoid(p.v0 + p.v2(p.v1(xv)))
-
-        if self.paths.wkv == FUSED:  # the recurrence, ln_x, the bonus and the gate in one kernel
-            y = self._wkv_fused(i, slots, r, log_w, k, v, kk, a, g)
-            return p.output(y.to(x.dtype)), v_first
+            v = v + (v_first - v) * v_gate
         y = self._wkv(i, slots, r, log_w, k, v, kk, a)  # (S, T, C) fp32
         y = F.group_norm(y.view(S_ * T, C), H, p.ln_x[0], p.ln_x[1], eps=64e-5).view(S_, T, C)
         y = y.to(x.dtype)
@@ -601,18 +605,23 @@ class BatchedRWKV7Backend:
         return y.reshape(S_, T, C).contiguous()
 
     def _wkv_fused(self, i: int, slots: slice, r: torch.Tensor, log_w: torch.Tensor, k: torch.Tensor,
-                   v: torch.Tensor, kk: torch.Tensor, a: torch.Tensor, g: torch.Tensor) -> torch.Tensor:
-        """The fused kernel for layer i (``bot.inference.wkv_fused``): the recurrence, and each head's
-        output normed, with its bonus, gated; inputs (S, T, C), output (S, T, C) fp32."""
+                   v: torch.Tensor, a: torch.Tensor, g: torch.Tensor, v_first: torch.Tensor | None,
+                   v_gate: torch.Tensor | None) -> torch.Tensor:
+        """The fused kernel for layer i (``bot.inference.wkv_fused.wkv_layer``) from the raw key and
+        value: inputs (S, T, C), output (S, T, C) fp32, ready for the gate's output projection."""
         S_, T, C = r.shape
         H, N = self.n_head, self.head_size
-        p = self.layers[i]
+        if i not in self._fused_constants:
+            p = self.layers[i]
+            self._fused_constants[i] = LayerConstants.of(p.k_k, p.k_a, p.r_k, *p.ln_x)
         state = self.wkv[i, slots.start * H:slots.stop * H]
+
         def heads(t: torch.Tensor) -> torch.Tensor:
             return t.view(S_, T, H, N)
 
-        y = wkv_seq(state, heads(r), heads(log_w), heads(k), heads(v), heads(kk), heads(a),
-                    post=(heads(g), p.r_k, p.ln_x[0], p.ln_x[1]))
+        mixed = (heads(v_first), heads(v_gate)) if v_first is not None and v_gate is not None else (None, None)
+        y = wkv_layer(state, heads(r), heads(log_w), heads(k), heads(v), heads(a), heads(g),
+                      self._fused_constants[i], *mixed)
         return y.view(S_, T, C)
 
     def _channel_mix(self, i: int, x: torch.Tensor, slots: slice) -> torch.Tensor:

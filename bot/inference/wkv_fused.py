@@ -24,6 +24,7 @@ threads launch a kernel at once; an operator's safe ``NUMBA_THREADING_LAYER`` is
 from __future__ import annotations
 
 import logging
+from dataclasses import dataclass
 from functools import cache
 from typing import Any
 
@@ -61,11 +62,26 @@ def _threads(numba: Any, head_tokens: int) -> None:
     numba.set_num_threads(max(1, min(wanted, numba.config.NUMBA_NUM_THREADS)))
 
 
-Post = tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]
-"""``(g, r_k, ln_w, ln_b)``: the output gate (B, T, H, N), the bonus weights (H, N), ``ln_x``'s (C,)."""
 GROUP_NORM_EPS = 64e-5  # the model's ln_x eps (the package's literal)
-_NO_POST = (np.empty((1, 1, 1, 1), np.float32), np.empty((1, 1), np.float32),
-            np.empty(1, np.float32), np.empty(1, np.float32))  # typed like Post: one compiled kernel
+_EMPTY4, _EMPTY2, _EMPTY1 = (np.empty((1,) * n, np.float32) for n in (4, 2, 1))  # typed stand-ins:
+# every call passes arrays of the same ranks, so numba compiles (and caches) one kernel
+
+
+@dataclass(frozen=True)
+class LayerConstants:
+    """One layer's per-channel weights the fused time-mix reads, fp32 and contiguous (made once)."""
+
+    k_k: np.ndarray  # (C,)
+    k_a: np.ndarray  # (C,)
+    r_k: np.ndarray  # (H, N)
+    ln_w: np.ndarray  # (C,) ln_x
+    ln_b: np.ndarray  # (C,)
+
+    @classmethod
+    def of(cls, k_k: torch.Tensor, k_a: torch.Tensor, r_k: torch.Tensor, ln_w: torch.Tensor,
+           ln_b: torch.Tensor) -> LayerConstants:
+        k_k_, k_a_, r_k_, w_, b_ = _arrays((k_k, k_a, r_k, ln_w, ln_b))
+        return cls(k_k_, k_a_, r_k_, w_, b_)
 
 
 def wkv_step(S: torch.Tensor, r: torch.Tensor, log_w: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
@@ -81,16 +97,44 @@ def wkv_step(S: torch.Tensor, r: torch.Tensor, log_w: torch.Tensor, k: torch.Ten
 
 
 def wkv_seq(S: torch.Tensor, r: torch.Tensor, log_w: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
-            kk: torch.Tensor, a: torch.Tensor, post: Post | None = None) -> torch.Tensor:
+            kk: torch.Tensor, a: torch.Tensor) -> torch.Tensor:
     """``rwkv7_batched._wkv_seq`` token by token: inputs (B, T, H, N), S (B·H, N, N) updated in
-    place; returns y (B, T, H, N) fp32 — with ``post``, as the time-mix feeds it to its output
-    projection: ``(group_norm(y) + (r·(k⊙r_k))·v) ⊙ g`` per head (``_time_mix``'s torch path)."""
+    place; returns y (B, T, H, N) fp32."""
+    r_, w_, k_, v_, kk_, a_ = _arrays((r, log_w.float().exp(), k, v, kk, a))
+    return _launch(S, r.shape, (r_, w_, k_, v_, kk_, a_), post=None, pre=None)
+
+
+def wkv_layer(S: torch.Tensor, r: torch.Tensor, log_w: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
+              a: torch.Tensor, g: torch.Tensor, layer: LayerConstants, v_first: torch.Tensor | None = None,
+              v_gate: torch.Tensor | None = None) -> torch.Tensor:
+    """A layer's whole time-mix between its projections and its output projection, ``_time_mix``'s
+    PyTorch path in one pass: from the raw key and value (B, T, H, N) (and past layer 0 the first
+    layer's values with the residual's gate, its sigmoid applied), the recurrence on S (updated in
+    place), then per head ``(group_norm(y) + (r·(k⊙r_k))·v) ⊙ g``; returns (B, T, H, N) fp32."""
+    r_, w_, k_, v_, a_, g_ = _arrays((r, log_w.float().exp(), k, v, a, g))
+    mix = v_first is not None and v_gate is not None
+    first, gate = _arrays((v_first, v_gate)) if mix else (_EMPTY4, _EMPTY4)  # type: ignore[arg-type]
+    return _launch(S, r.shape, (r_, w_, k_, v_, _EMPTY4, a_), post=(g_, layer), pre=(mix, first, gate))
+
+
+def _launch(S: torch.Tensor, shape: torch.Size, ins: tuple[np.ndarray, ...],
+            post: tuple[np.ndarray, LayerConstants] | None,
+            pre: tuple[bool, np.ndarray, np.ndarray] | None) -> torch.Tensor:
     kernels = _compile()
-    _threads(kernels["numba"], r.shape[0] * r.shape[1] * r.shape[2])
-    y = torch.empty(r.shape, dtype=torch.float32)
-    extra = _arrays(post) if post is not None else _NO_POST
-    kernels["seq"](S.numpy(), *_arrays((r, log_w.float().exp(), k, v, kk, a)), y.numpy(), post is not None,
-                   *extra, GROUP_NORM_EPS)
+    _threads(kernels["numba"], shape[0] * shape[1] * shape[2])
+    y = torch.empty(shape, dtype=torch.float32)
+    if post is not None:
+        g, layer = post
+        post_args: tuple[object, ...] = (True, g, layer.r_k, layer.ln_w, layer.ln_b)
+    else:
+        post_args = (False, _EMPTY4, _EMPTY2, _EMPTY1, _EMPTY1)
+    if pre is not None:
+        assert post is not None
+        mix, first, gate = pre
+        pre_args: tuple[object, ...] = (True, mix, post[1].k_k, post[1].k_a, first, gate)
+    else:
+        pre_args = (False, False, _EMPTY1, _EMPTY1, _EMPTY4, _EMPTY4)
+    kernels["seq"](S.numpy(), *ins, y.numpy(), *post_args, GROUP_NORM_EPS, *pre_args)
     return y
 
 

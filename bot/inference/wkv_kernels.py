@@ -6,7 +6,9 @@ the algebra. A decode step is the case T = 1. The decay comes in as ``w`` (the c
 ``exp``): numba's scalar ``exp`` per element cost 20-30% of the kernel (at 16 and 64 rows and for a
 256-token prefill, measured on the Zen 5). With ``post``, each head's output leaves the kernel as the
 model uses it next: group-normed (``ln_x``), plus the bonus ``(r·(k⊙r_k))·v``, times the gate ``g``
-(eight PyTorch ops a layer otherwise, 0.3-2 ms a step at 1-64 rows)."""
+(eight PyTorch ops a layer otherwise, 0.3-2 ms a step at 1-64 rows). With ``pre``, ``k`` and ``v``
+are the raw projections and the kernel derives ``kk``, the in-context key and the value residual
+itself (eleven more ops a layer)."""
 
 import logging
 import os
@@ -39,7 +41,8 @@ _FASTMATH = {"reassoc", "contract"}  # vectorised sums and fused multiply-adds; 
 
 @njit(parallel=True, fastmath=_FASTMATH, nogil=True, cache=True)
 def seq(S: Any, r: Any, w_: Any, k: Any, v: Any, kk: Any, a: Any, y: Any, post: bool, g: Any, r_k: Any,
-        ln_w: Any, ln_b: Any, eps: float) -> None:
+        ln_w: Any, ln_b: Any, eps: float, pre: bool, mix: bool, k_k: Any, k_a: Any, v_first: Any,
+        v_gate: Any) -> None:
     B, T, H, N = r.shape
     for x in prange(B * H):
         b = x // H
@@ -47,30 +50,53 @@ def seq(S: Any, r: Any, w_: Any, k: Any, v: Any, kk: Any, a: Any, y: Any, post: 
         kka = np.empty(N, np.float32)
         wr = np.empty(N, np.float32)
         out = np.empty(N, np.float32)
+        keys = np.empty(N, np.float32)  # k as the recurrence uses it
+        unit = np.empty(N, np.float32)  # kk
+        vals = np.empty(N, np.float32)  # v as the recurrence uses it
         for t in range(T):
+            if pre:
+                # From the raw projections: kk = normalize(k⊙k_k), k ← k⊙(1 + (a-1)⊙k_a) and, past
+                # layer 0, v ← v + (v_first - v)⊙gate (the gate's sigmoid comes in computed).
+                norm = np.float32(0.0)
+                for j in range(N):
+                    c = h * N + j
+                    kj = k[b, t, h, j]
+                    unit[j] = kj * k_k[c]
+                    norm += unit[j] * unit[j]
+                    keys[j] = kj * (np.float32(1.0) + (a[b, t, h, j] - np.float32(1.0)) * k_a[c])
+                    vj = v[b, t, h, j]
+                    vals[j] = vj + (v_first[b, t, h, j] - vj) * v_gate[b, t, h, j] if mix else vj
+                inv = np.float32(1.0) / max(np.sqrt(norm), np.float32(1e-12))
+                for j in range(N):
+                    unit[j] *= inv
+            else:
+                for j in range(N):
+                    keys[j] = k[b, t, h, j]
+                    unit[j] = kk[b, t, h, j]
+                    vals[j] = v[b, t, h, j]
             k_r = np.float32(0.0)
             kka_r = np.float32(0.0)
             bonus = np.float32(0.0)
             w = w_[b, t, h]
             for j in range(N):
-                kka[j] = kk[b, t, h, j] * a[b, t, h, j]
+                kka[j] = unit[j] * a[b, t, h, j]
                 wr[j] = w[j] * r[b, t, h, j]
-                k_r += k[b, t, h, j] * r[b, t, h, j]
+                k_r += keys[j] * r[b, t, h, j]
                 kka_r += kka[j] * r[b, t, h, j]
             if post:
                 for j in range(N):
-                    bonus += k[b, t, h, j] * r[b, t, h, j] * r_k[h, j]
+                    bonus += keys[j] * r[b, t, h, j] * r_k[h, j]
             mean = np.float32(0.0)
             for i in range(N):
                 sa = np.float32(0.0)
                 s_wr = np.float32(0.0)
                 for j in range(N):
                     s = S[x, i, j]
-                    sa -= s * kk[b, t, h, j]
+                    sa -= s * unit[j]
                     s_wr += s * wr[j]
-                vi = v[b, t, h, i]
+                vi = vals[i]
                 for j in range(N):
-                    S[x, i, j] = S[x, i, j] * w[j] + sa * kka[j] + vi * k[b, t, h, j]
+                    S[x, i, j] = S[x, i, j] * w[j] + sa * kka[j] + vi * keys[j]
                 out[i] = s_wr + sa * kka_r + vi * k_r
                 mean += out[i]
             if not post:
@@ -87,4 +113,4 @@ def seq(S: Any, r: Any, w_: Any, k: Any, v: Any, kk: Any, a: Any, y: Any, post: 
             for i in range(N):
                 c = h * N + i
                 normed = (out[i] - mean) * rstd * ln_w[c] + ln_b[c]
-                y[b, t, h, i] = (normed + bonus * v[b, t, h, i]) * g[b, t, h, i]
+                y[b, t, h, i] = (normed + bonus * vals[i]) * g[b, t, h, i]
