@@ -10,8 +10,9 @@ with the head's 16 KB state held in the L1 cache: 0.8-1.3 ms for 256 tokens of o
 ``rwkv7_batched._wkv_step``; one kernel serves both (a step is a prefill of one token), and tests
 hold it to the PyTorch formulations and the model to the ``rwkv`` package. The decay arrives as
 ``w = exp(log w)`` from PyTorch's vectorised ``exp`` (numba's is scalar: 20-30% of the kernel), and
-for the model (``post``) each head's output leaves the kernel normed, with its bonus, gated: what
-eight PyTorch ops a layer did after it.
+for the model (``wkv_layer``) the kernel runs the time-mix from the raw projections to the output
+projection's input: it derives ``kk``, the in-context key and the value residual, and each head's
+output leaves it normed, with its bonus, gated (nineteen PyTorch ops a layer before and after it).
 
 Floating point: the dot products are summed in a vectorised order (``fastmath`` reassociation and
 fused multiply-adds only; no assumption about NaN or infinity), so results differ from PyTorch's in
