@@ -163,7 +163,10 @@ def test_ctrl_c_while_a_reply_is_written_stops_it_and_keeps_what_was_written(
     def phase() -> str | None:
         if not db.exists():
             return None
-        found = rows(db, "SELECT phase FROM turns ORDER BY id DESC LIMIT 1")
+        try:
+            found = rows(db, "SELECT phase FROM turns ORDER BY id DESC LIMIT 1")
+        except sqlite3.OperationalError:  # the file exists a moment before its migrations have run
+            return None
         return str(found[0][0]) if found else None
 
     try:
