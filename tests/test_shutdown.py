@@ -40,8 +40,11 @@ def recorded_with_mark(db: Path) -> bool:
     """The newest delivery record shows the still-writing mark (the database may not exist yet)."""
     if not db.exists():
         return False
-    with sqlite3.connect(db) as conn:
-        row = conn.execute("SELECT shown FROM deliveries ORDER BY updated_at DESC LIMIT 1").fetchone()
+    try:
+        with sqlite3.connect(db) as conn:
+            row = conn.execute("SELECT shown FROM deliveries ORDER BY updated_at DESC LIMIT 1").fetchone()
+    except sqlite3.OperationalError:  # the file exists a moment before its migrations have run
+        return False
     return bool(row) and str(row[0]).endswith(MARK)
 
 
