@@ -44,7 +44,8 @@ _kernels: dict[str, Any] = {}
 
 
 def _compile() -> dict[str, Any]:
-    """The kernel, compiled on first use (numba caches them on disk: a restart takes ~0.1 s)."""
+    """The kernel, compiled on first use: ~5 s once per machine and code version (Zen 5, measured
+    with an empty cache); numba caches it on disk, so a restart takes ~1.4 s, mostly numba's import."""
     if not _kernels:
         from bot.inference import wkv_kernels
 
