@@ -9,7 +9,14 @@ import pytest
 import torch
 
 from bot.inference.rwkv7_batched import LOG_W_SCALE, _wkv_seq, _wkv_step
-from bot.inference.wkv_fused import LayerConstants, fused_works, wkv_layer, wkv_seq, wkv_step
+from bot.inference.wkv_fused import (
+    LayerConstants,
+    fused_works,
+    time_mix_reference,
+    wkv_layer,
+    wkv_seq,
+    wkv_step,
+)
 
 REL = 2e-5  # the fused sums run in another order (vectorised): last bits only
 
@@ -65,22 +72,6 @@ def test_bf16_inputs_are_read_as_fp32() -> None:
     assert _close(got, want) and _close(S_fused, S_ref)
 
 
-def _time_mix_torch(S: torch.Tensor, r: torch.Tensor, log_w: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
-                    a: torch.Tensor, g: torch.Tensor, k_k: torch.Tensor, k_a: torch.Tensor, r_k: torch.Tensor,
-                    ln_w: torch.Tensor, ln_b: torch.Tensor, v_first: torch.Tensor | None,
-                    v_gate: torch.Tensor | None) -> torch.Tensor:
-    """``_time_mix``'s PyTorch path from the projections to the output projection's input, in fp32."""
-    B, T, H, N = r.shape
-    kk = torch.nn.functional.normalize(k * k_k.view(H, N), dim=-1, p=2.0)
-    k = k * (1 + (a - 1) * k_a.view(H, N))
-    if v_first is not None and v_gate is not None:
-        v = v + (v_first - v) * v_gate
-    y = _wkv_seq(S, r, log_w, k, v, kk, a, chunk=16)
-    normed = torch.nn.functional.group_norm(y.reshape(B * T, H * N), H, ln_w, ln_b, eps=64e-5).view(B, T, H, N)
-    bonus = (r * k * r_k).sum(-1, keepdim=True) * v
-    return (normed + bonus) * g
-
-
 @pytest.mark.parametrize(("B", "T", "H", "dtype", "mixed"), [
     (1, 1, 2, torch.float32, False), (5, 1, 3, torch.float32, True), (2, 33, 2, torch.float32, True),
     (3, 1, 2, torch.bfloat16, True), (2, 9, 2, torch.bfloat16, False)])
@@ -100,13 +91,13 @@ def test_the_fused_layer_is_pytorchs_time_mix(B: int, T: int, H: int, dtype: tor
     first, gated = (v_first, v_gate) if mixed else (None, None)
     got = wkv_layer(S_fused, r, log_w, k, v, a, gate, LayerConstants.of(k_k, k_a, r_k, ln_w, ln_b), first, gated)
     f32 = [x.float() if x is not None else None for x in (r, log_w, k, v, a, gate, first, gated)]
-    want = _time_mix_torch(S_ref, *f32[:6], k_k, k_a, r_k, ln_w, ln_b, f32[6], f32[7])  # type: ignore[arg-type]
+    want = time_mix_reference(S_ref, *f32[:6], k_k, k_a, r_k, ln_w, ln_b, f32[6], f32[7])  # type: ignore[arg-type]
     assert got.shape == want.shape == (B, T, H, 64) and got.dtype == torch.float32
     assert float((got - want).abs().max()) <= 1e-4 * float(want.abs().max())
     assert _close(S_fused, S_ref)
     if mixed:  # the residual is really applied: without it the answer differs
         S_plain = S0.clone()
-        plain = _time_mix_torch(S_plain, *f32[:6], k_k, k_a, r_k, ln_w, ln_b, None, None)  # type: ignore[arg-type]
+        plain = time_mix_reference(S_plain, *f32[:6], k_k, k_a, r_k, ln_w, ln_b, None, None)  # type: ignore[arg-type]
         assert float((plain - want).abs().max()) > 0.1
 
 
@@ -125,3 +116,17 @@ def test_an_operators_numba_threading_layer_is_kept_where_it_is_safe(
         assert wkv_kernels._threading_layer() == layer
     warned = env in ("workqueue", "forksafe")
     assert ("not safe for the engine's threads" in caplog.text) == warned
+
+
+def test_the_self_check_covers_the_fused_time_mix(monkeypatch: pytest.MonkeyPatch,
+                                                  caplog: pytest.LogCaptureFixture) -> None:
+    """A kernel whose recurrence is right but whose time-mix is not (a miscompile on some CPU) must
+    send the backend to PyTorch's path: the start-up check runs ``wkv_layer`` too."""
+    from bot.inference import wkv_fused
+
+    assert wkv_fused.fused_works.__wrapped__() is True
+    real = wkv_fused.wkv_layer
+    monkeypatch.setattr(wkv_fused, "wkv_layer", lambda *args, **kwargs: real(*args, **kwargs) * 1.01)
+    with caplog.at_level("WARNING", logger="bot.inference.wkv_fused"):
+        assert wkv_fused.fused_works.__wrapped__() is False
+    assert "disagree with PyTorch's ops" in caplog.text

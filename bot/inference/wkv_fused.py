@@ -140,10 +140,32 @@ def _launch(S: torch.Tensor, shape: torch.Size, ins: tuple[np.ndarray, ...],
     return y
 
 
+def time_mix_reference(S: torch.Tensor, r: torch.Tensor, log_w: torch.Tensor, k: torch.Tensor,
+                       v: torch.Tensor, a: torch.Tensor, g: torch.Tensor, k_k: torch.Tensor, k_a: torch.Tensor,
+                       r_k: torch.Tensor, ln_w: torch.Tensor, ln_b: torch.Tensor,
+                       v_first: torch.Tensor | None = None, v_gate: torch.Tensor | None = None) -> torch.Tensor:
+    """What ``wkv_layer`` computes, in PyTorch ops (fp32; inputs (B, T, H, N), S updated in place,
+    one token at a time with ``rwkv7_batched._wkv_step``): the self-check's and the tests' reference."""
+    from bot.inference.rwkv7_batched import _wkv_step
+
+    B, T, H, N = r.shape
+    kk = torch.nn.functional.normalize(k * k_k.view(H, N), dim=-1, p=2.0)
+    k = k * (1 + (a - 1) * k_a.view(H, N))
+    if v_first is not None and v_gate is not None:
+        v = v + (v_first - v) * v_gate
+    y = torch.stack([_wkv_step(S, *(t[:, s].reshape(B * H, N) for t in (r, log_w, k, v, kk, a))).view(B, H, N)
+                     for s in range(T)], dim=1)
+    normed = torch.nn.functional.group_norm(y.reshape(B * T, H * N), H, ln_w, ln_b,
+                                            eps=GROUP_NORM_EPS).view(B, T, H, N)
+    return (normed + (r * k * r_k).sum(-1, keepdim=True) * v) * g
+
+
 @cache
 def fused_works() -> bool:
-    """numba is importable, compiles the kernel, and its prefill and step agree with PyTorch's here (a
-    broken or missing install falls back to the PyTorch path with one log line, never an error)."""
+    """numba is importable, compiles the kernel, and what the model runs here agrees with PyTorch's:
+    the recurrence (prefill and step) and the whole fused time-mix (``wkv_layer``), past layer 0's
+    residual included. A broken or missing install falls back to the PyTorch path with one log
+    line, never an error."""
     try:
         from bot.inference.rwkv7_batched import _wkv_step  # the reference formulation
 
@@ -155,15 +177,27 @@ def fused_works() -> bool:
         a = torch.rand(1, T, X, N, generator=g)
         r, k, v = ins
         S0 = torch.randn(X, N, N, generator=g) * 0.1
-        ref_S, seq_S, step_S = S0.clone(), S0.clone(), S0.clone()
+        ref_S, seq_S, step_S, layer_S, layer_ref_S = (S0.clone() for _ in range(5))
         want = torch.stack([_wkv_step(ref_S, *(t[0, s] for t in (r, log_w, k, v, kk, a))) for s in range(T)])
         got_seq = wkv_seq(seq_S, r, log_w, k, v, kk, a)[0]
         got_step = torch.stack([wkv_step(step_S, *(t[0, s] for t in (r, log_w, k, v, kk, a))) for s in range(T)])
-        scale = float(want.abs().max())
-        ok = all(float((got - want).abs().max()) <= 1e-4 * scale for got in (got_seq, got_step))
-        ok = ok and all(float((s - ref_S).abs().max()) <= 1e-4 * float(ref_S.abs().max()) for s in (seq_S, step_S))
+
+        def close(got: torch.Tensor, ref: torch.Tensor) -> bool:
+            return float((got - ref).abs().max()) <= 1e-4 * float(ref.abs().max())
+
+        gate, first, v_gate = (torch.randn(1, T, X, N, generator=g) for _ in range(3))
+        k_k, k_a = 1 + 0.2 * torch.randn(X * N, generator=g), torch.rand(X * N, generator=g)
+        r_k, ln_w, ln_b = (torch.randn(X, N, generator=g), 1 + 0.2 * torch.randn(X * N, generator=g),
+                           0.2 * torch.randn(X * N, generator=g))
+        v_gate = torch.sigmoid(v_gate)
+        got_layer = wkv_layer(layer_S, r, log_w, k, v, a, gate, LayerConstants.of(k_k, k_a, r_k, ln_w, ln_b),
+                              first, v_gate)
+        want_layer = time_mix_reference(layer_ref_S, r, log_w, k, v, a, gate, k_k, k_a, r_k, ln_w, ln_b,
+                                        first, v_gate)
+        ok = close(got_seq, want) and close(got_step, want) and close(got_layer, want_layer)
+        ok = ok and close(seq_S, ref_S) and close(step_S, ref_S) and close(layer_S, layer_ref_S)
         if not ok:
-            log.warning("the fused wkv kernels disagree with the PyTorch step here; using PyTorch's")
+            log.warning("the fused wkv kernels disagree with PyTorch's ops here; using PyTorch's")
         return ok
     except Exception as exc:  # numba missing, or it cannot compile for this CPU: PyTorch's path
         log.info("fused wkv kernels unavailable (%s); using PyTorch's", exc)
