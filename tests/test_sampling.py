@@ -112,8 +112,8 @@ def _package_distribution(logits: torch.Tensor, params: SamplingParams, monkeypa
     return seen[0]
 
 
-def _our_counts(logits: torch.Tensor, params: SamplingParams, draws: int, first_search: int | None
-                ) -> np.ndarray:
+def _our_counts(logits: torch.Tensor, params: SamplingParams, draws: int, first_search: int | None,
+                kernel: bool = False) -> np.ndarray:
     """How many of ``draws`` evenly spaced uniform numbers pick each token: draws × the probability
     our sampler gives it, to within one."""
     samplers = []
@@ -123,7 +123,7 @@ def _our_counts(logits: torch.Tensor, params: SamplingParams, draws: int, first_
         sampler.banned.clear()  # the package bans nothing by itself
         sampler.last_nucleus = first_search
         samplers.append(sampler)
-    tokens = sample_rows(logits.expand(draws, -1).clone(), samplers)
+    tokens = sample_rows(logits.expand(draws, -1).clone(), samplers, cpu_kernel=kernel)
     return np.bincount(np.array(tokens), minlength=logits.shape[0])
 
 
@@ -137,6 +137,10 @@ def _logits(kind: str, width: int = 16384) -> torch.Tensor:
         return torch.randn(width, generator=gen) * 2
     if kind == "flat":  # thousands in the nucleus: past the first candidate search
         return torch.randn(width, generator=gen) * 0.5
+    if kind == "three":  # a nucleus of exactly three tokens
+        logits = torch.zeros(width)
+        logits[5:8] = torch.tensor([20.0, 19.9, 19.8])
+        return logits
     if kind == "ties":  # the cut falls inside a run of equal logits: all of them stay
         logits = torch.zeros(width)
         logits[100:130] = 6.0
@@ -144,6 +148,7 @@ def _logits(kind: str, width: int = 16384) -> torch.Tensor:
     raise ValueError(kind)
 
 
+@pytest.mark.parametrize("kernel", [False, True], ids=["torch", "kernel"])
 @pytest.mark.parametrize(("kind", "params", "first_search"), [
     ("peaked", SamplingParams(top_p=0.3), None),
     ("peaked", SamplingParams(top_p=0.9, temperature=0.7), 1),
@@ -154,16 +159,18 @@ def _logits(kind: str, width: int = 16384) -> torch.Tensor:
     ("flat", SamplingParams(top_p=0.5), None),  # past 512 and 4,096 candidates: the full sort
     ("flat", SamplingParams(top_p=0.05), 1),
     ("ties", SamplingParams(top_p=0.2), 1),
+    ("three", SamplingParams(top_p=0.99, top_k=2), None),  # top_k one short of the nucleus
     # The 30 sixes hold 42.5% of the mass; the cut falls among the zeros, which tie with the last
     # candidates: every zero stays in, so the short list must not be trusted (the full sort decides).
     ("ties", SamplingParams(top_p=0.426), 1),
 ])
 def test_each_token_is_drawn_as_often_as_the_package_would_draw_it(
-        kind: str, params: SamplingParams, first_search: int | None, monkeypatch: pytest.MonkeyPatch) -> None:
+        kind: str, params: SamplingParams, first_search: int | None, kernel: bool,
+        monkeypatch: pytest.MonkeyPatch) -> None:
     logits = _logits(kind)
     expected = _package_distribution(logits, params, monkeypatch)
     draws = 1000
-    counts = _our_counts(logits, params, draws, first_search)
+    counts = _our_counts(logits, params, draws, first_search, kernel)
     support = set(np.flatnonzero(expected).tolist())
     assert set(np.flatnonzero(counts).tolist()) <= support  # never a token the package would not pick
     # Each token owns an interval of [0, 1) as long as its probability: it catches that many of the
@@ -179,3 +186,67 @@ def test_a_very_low_temperature_still_draws_from_the_nucleus() -> None:
     picks = {sample_rows(logits.clone(), [RowSampler(SamplingParams(temperature=0.01, top_p=0.9), seed=s)])[0]
              for s in range(40)}
     assert picks <= {10, 11} and 10 in picks
+
+
+# --- the CPU kernel (bot.inference.nucleus) against PyTorch's path ---------------------------------
+
+def _chat_rows(rows: int, scale: float, seed: int = 3) -> torch.Tensor:
+    """Rows like the benchmark's random-weight model at top-p 0.3 (scale 2: a ~350-token nucleus)."""
+    return torch.randn(rows, 65536, generator=torch.Generator().manual_seed(seed)) * scale
+
+
+@pytest.mark.parametrize(("scale", "params"), [
+    (2.0, SamplingParams()),  # the chat defaults, penalties included
+    (6.0, SamplingParams(top_p=0.9, temperature=0.8)),  # peaked: a handful of tokens
+    (1.0, SamplingParams(top_p=0.5)),  # thousands in the nucleus: the kernel widens its threshold
+    (2.0, SamplingParams(top_p=0.9, top_k=30, temperature=1.4)),
+])
+def test_the_kernel_draws_the_tokens_pytorchs_path_draws(scale: float, params: SamplingParams) -> None:
+    logits = _chat_rows(24, scale)
+    runs = []
+    for kernel in (True, False):
+        samplers = [RowSampler(params, seed=i) for i in range(len(logits))]
+        for _step in range(3):  # the penalties and the last nucleus carry from step to step
+            tokens = sample_rows(logits.clone(), samplers, cpu_kernel=kernel)
+            for sampler, token in zip(samplers, tokens, strict=True):
+                sampler.record(token, "x")
+        runs.append(([s.count(t) for s, t in zip(samplers, tokens, strict=True)], tokens,
+                     [s.last_nucleus for s in samplers]))
+    assert runs[0] == runs[1]
+    sizes = runs[0][2]
+    assert all(n is not None and n >= 1 for n in sizes)
+    if params.top_k:
+        assert max(sizes) <= params.top_k  # type: ignore[operator]
+
+
+def test_the_kernel_leaves_a_row_without_probabilities_to_pytorchs_path() -> None:
+    logits = _chat_rows(3, 2.0)
+    logits[1] = float("nan")  # a broken model's row: the kernel cannot rank it
+    from bot.inference.nucleus import draw_rows
+
+    samplers = [RowSampler(SamplingParams(), seed=i) for i in range(3)]
+    probs = torch.softmax(logits, dim=-1)
+    picked = draw_rows(probs, samplers, [0.5, 0.5, 0.5])
+    assert picked[1] is None and picked[0] is not None and picked[2] is not None
+    tokens = sample_rows(logits.clone(), [RowSampler(SamplingParams(), seed=i) for i in range(3)], cpu_kernel=True)
+    assert len(tokens) == 3 and all(0 <= t < 65536 for t in tokens)
+
+
+def test_a_kernel_that_disagrees_sends_sampling_to_pytorchs_path(monkeypatch: pytest.MonkeyPatch,
+                                                                 caplog: pytest.LogCaptureFixture) -> None:
+    from bot.inference import nucleus, sampling
+
+    def off_by_one(probs: torch.Tensor, samplers: list[RowSampler], draws: list[float]) -> list[int | None]:
+        return [int(probs[i].argmax()) + 1 for i in range(len(samplers))]
+
+    monkeypatch.setattr(sampling, "draw_rows", off_by_one)
+    nucleus.nucleus_works.cache_clear()
+    try:
+        with caplog.at_level("WARNING", logger="bot.inference.nucleus"):
+            assert nucleus.nucleus_works() is False
+        assert "disagrees" in caplog.text
+        logits = _chat_rows(2, 6.0)
+        tokens = sample_rows(logits.clone(), [RowSampler(SamplingParams(top_p=0.01), seed=i) for i in range(2)])
+        assert tokens == logits.argmax(dim=-1).tolist()  # PyTorch's path: the top token, not its neighbour
+    finally:
+        nucleus.nucleus_works.cache_clear()

@@ -1,7 +1,9 @@
 """The sampler works where the logits are: it never copies a full row of the vocabulary to the CPU
 (``.cpu()``, ``.numpy()``, ``.tolist()``, ``.item()``, ``.to("cpu")``), so on CUDA a decode step
-brings back B token ids, not B × 65,536 logits. Watched on the CPU with a torch function mode that
-sees every tensor method call; the mode itself is checked to catch each kind of copy."""
+brings back B token ids, not B × 65,536 logits. This is PyTorch's path (``cpu_kernel=False``), the
+one a CUDA device runs; on the CPU the compiled kernel reads the rows through a numpy view instead.
+Watched on the CPU with a torch function mode that sees every tensor method call; the mode itself is
+checked to catch each kind of copy."""
 
 from __future__ import annotations
 
@@ -64,6 +66,6 @@ def test_sampling_never_copies_a_full_row_to_the_host(rows: int, params: dict[st
     logits = torch.randn(rows, VOCAB, generator=torch.Generator().manual_seed(1)) * 3
     samplers = _samplers(rows, **params)
     with WatchCopies(VOCAB) as watch:
-        picks = sample_rows(logits.clone(), samplers)
+        picks = sample_rows(logits.clone(), samplers, cpu_kernel=False)
     assert watch.seen == []
     assert len(picks) == rows and all(0 <= t < VOCAB and t not in (0, 3, 4) for t in picks)

@@ -106,14 +106,14 @@ def test_the_fused_layer_is_pytorchs_time_mix(B: int, T: int, H: int, dtype: tor
                                             ("workqueue", "threadsafe"), ("forksafe", "threadsafe")])
 def test_an_operators_numba_threading_layer_is_kept_where_it_is_safe(
         env: str | None, layer: str, monkeypatch: pytest.MonkeyPatch, caplog: pytest.LogCaptureFixture) -> None:
-    from bot.inference import wkv_kernels
+    from bot.inference import numba_setup
 
     if env is None:
         monkeypatch.delenv("NUMBA_THREADING_LAYER", raising=False)
     else:
         monkeypatch.setenv("NUMBA_THREADING_LAYER", env)
-    with caplog.at_level("WARNING", logger="bot.inference.wkv_kernels"):
-        assert wkv_kernels._threading_layer() == layer
+    with caplog.at_level("WARNING", logger="bot.inference.numba_setup"):
+        assert numba_setup.threading_layer() == layer
     warned = env in ("workqueue", "forksafe")
     assert ("not safe for the engine's threads" in caplog.text) == warned
 

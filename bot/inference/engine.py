@@ -36,6 +36,7 @@ from bot.errors import EngineBusy, RavenError
 from bot.inference import state_codec
 from bot.inference.backend import Backend, ModelState, State
 from bot.inference.machine import usable_cores
+from bot.inference.nucleus import nucleus_works
 from bot.inference.sampling import END_OF_TEXT, RowSampler, SamplingParams, sample_rows
 from bot.inference.threads import settle
 from bot.inference.tokenizer import Tokenizer
@@ -386,6 +387,8 @@ class Engine:
         if self.torch_threads:
             torch.set_num_threads(self.torch_threads)
         try:
+            if self.backend.device.type == "cpu":
+                nucleus_works()  # compile (or load) the sampling kernel now, not in the first reply
             with torch.no_grad():  # grad mode is per thread: set it in the worker itself
                 while True:
                     with self._cond:

@@ -20,6 +20,10 @@ cut is found among a few candidates per row, all rows at once:
 few tokens), so a peaked batch pays for 64 candidates, a flat one for 512. The draw itself uses one
 number from the row's own ``random.Random``, so a reply is the same alone or batched.
 
+On the CPU the search and the draw run instead in one compiled pass per row
+(``bot.inference.nucleus``, same rules and same numbers, ~3× faster at 64 rows); what follows is the
+path for a CUDA device, and the CPU's where numba does not work.
+
 Everything runs on the device the logits are on (a CUDA decode step's logits stay on the GPU): only
 B-sized results (the chosen ids, which rows were resolved) come back to the CPU, never a row of the
 vocabulary (64 × 65,536 fp32 is 16 MB a step).
@@ -32,6 +36,8 @@ from dataclasses import dataclass
 
 import numpy as np
 import torch
+
+from bot.inference.nucleus import draw_rows, nucleus_works
 
 END_OF_TEXT = 0
 CHUNK = 8
@@ -213,8 +219,12 @@ def _first_k(samplers: list[RowSampler]) -> int:
     return min(CANDIDATES, max(MIN_CANDIDATES, 1 << (wanted - 1).bit_length()))
 
 
-def sample_rows(logits: torch.Tensor, samplers: list[RowSampler]) -> list[int]:
-    """One token per row of ``logits`` (B, V), on whatever device they are; modifies ``logits``."""
+def sample_rows(logits: torch.Tensor, samplers: list[RowSampler], *, cpu_kernel: bool | None = None
+                ) -> list[int]:
+    """One token per row of ``logits`` (B, V), on whatever device they are; modifies ``logits``.
+
+    ``cpu_kernel``: draw CPU rows with the compiled kernel (``bot.inference.nucleus``); None: where
+    it works here (checked once), False: PyTorch's path (the one a CUDA device runs)."""
     _penalise_rows(logits, samplers)
     probs = torch.softmax(logits.float(), dim=-1)
     width = probs.shape[1]
@@ -226,6 +236,12 @@ def sample_rows(logits: torch.Tensor, samplers: list[RowSampler]) -> list[int]:
             tokens[i] = token
     draws = {i: s.rng.random() for i, s in enumerate(samplers) if tokens[i] is None}
     pending = list(draws)
+    if pending and probs.device.type == "cpu" and (nucleus_works() if cpu_kernel is None else cpu_kernel):
+        rows = probs if len(pending) == len(samplers) else probs[pending]
+        picked = draw_rows(rows, [samplers[i] for i in pending], [draws[i] for i in pending])
+        for i, token in zip(pending, picked, strict=True):
+            tokens[i] = token
+        pending = [i for i in pending if tokens[i] is None]  # rows without a probability: below
     k = _first_k([samplers[i] for i in pending]) if pending else 0
     while pending:
         rows = probs if len(pending) == len(samplers) else probs[pending]

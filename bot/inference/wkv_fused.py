@@ -19,7 +19,7 @@ fused multiply-adds only; no assumption about NaN or infinity), so results diffe
 the last bits (≤ 2e-5 relative, measured), never in the recurrence. Threads: heads are spread over
 numba's threading layer, ``omp`` or ``tbb`` (never ``workqueue``, which aborts the process when two
 threads launch a kernel at once; an operator's safe ``NUMBA_THREADING_LAYER`` is kept, see
-``wkv_kernels._threading_layer``), with as many threads as torch uses on the calling thread.
+``numba_setup.threading_layer``), with as many threads as torch uses on the calling thread.
 """
 
 from __future__ import annotations

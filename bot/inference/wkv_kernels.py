@@ -10,36 +10,18 @@ model uses it next: group-normed (``ln_x``), plus the bonus ``(r·(k⊙r_k))·v`
 are the raw projections and the kernel derives ``kk``, the in-context key and the value residual
 itself (eleven more ops a layer)."""
 
-import logging
-import os
 from typing import Any
 
 import numba
 import numpy as np
 from numba import njit, prange
 
-log = logging.getLogger(__name__)
-SAFE_LAYERS = ("threadsafe", "safe", "omp", "tbb")
-"""numba's threading layers that take two threads launching kernels at once (``workqueue`` aborts
-the process; ``forksafe`` may pick it); ``safe``/``threadsafe`` let numba choose tbb or omp."""
+from bot.inference.numba_setup import FASTMATH
+
+__all__ = ["numba", "seq"]
 
 
-def _threading_layer() -> str:
-    """The operator's ``NUMBA_THREADING_LAYER`` where it is one of ``SAFE_LAYERS``, else
-    ``threadsafe`` (numba's own default, ``default``, may choose ``workqueue``)."""
-    wanted = os.environ.get("NUMBA_THREADING_LAYER", "").strip().lower()
-    if wanted in SAFE_LAYERS:
-        return wanted
-    if wanted and wanted != "default":
-        log.warning("NUMBA_THREADING_LAYER=%s is not safe for the engine's threads; using threadsafe", wanted)
-    return "threadsafe"
-
-
-numba.config.THREADING_LAYER = _threading_layer()  # type: ignore[attr-defined]
-_FASTMATH = {"reassoc", "contract"}  # vectorised sums and fused multiply-adds; nothing about NaN/inf
-
-
-@njit(parallel=True, fastmath=_FASTMATH, nogil=True, cache=True)
+@njit(parallel=True, fastmath=FASTMATH, nogil=True, cache=True)
 def seq(S: Any, r: Any, w_: Any, k: Any, v: Any, kk: Any, a: Any, y: Any, post: bool, g: Any, r_k: Any,
         ln_w: Any, ln_b: Any, eps: float, pre: bool, mix: bool, k_k: Any, k_a: Any, v_first: Any,
         v_gate: Any) -> None:
