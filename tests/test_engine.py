@@ -226,6 +226,31 @@ def test_engine_refuses_a_backend_without_room(tiny_v7_path: Path) -> None:
         Engine(backend, load_tokenizer("rwkv_vocab_v20230424"), max_batch=4)
 
 
+async def test_the_sampling_kernel_is_ready_before_the_engine_serves(
+        settings_factory: SettingsFactory, monkeypatch: pytest.MonkeyPatch) -> None:
+    """numba holds the GIL while it loads a kernel (a 200 ms loop stall in a benchmark run when the
+    worker did it): entering the engine does it, off the event loop, before anything is served."""
+    import threading
+
+    from bot.inference import engine as engine_module
+
+    loop_thread = threading.current_thread()
+    calls: list[threading.Thread] = []  # the thread of each call
+
+    def check() -> bool:
+        calls.append(threading.current_thread())
+        return True
+
+    monkeypatch.setattr(engine_module, "nucleus_works", check)
+    settings = settings_factory()
+    assert settings.model is not None
+    backend = load_backend(settings, settings.model)
+    async with Engine(backend, load_tokenizer(settings.tokenizer), max_batch=2) as running:
+        # Done when entered, neither on the loop's thread nor left to the worker's first step.
+        assert calls and calls[0] is not loop_thread and calls[0].name != "raven-engine"
+        assert running.rows == 0
+
+
 async def test_tensor_work_runs_in_the_worker_thread(engine: Engine) -> None:
     import threading
 

@@ -252,6 +252,10 @@ class Engine:
     # --- lifecycle ------------------------------------------------------------------------------
 
     async def __aenter__(self) -> Engine:
+        if self.backend.device.type == "cpu":
+            # numba holds the GIL while it compiles or loads the sampling kernel (0.8-5 s): done
+            # here, before the caller starts serving, the event loop has nothing to answer yet.
+            await asyncio.to_thread(nucleus_works)
         self.start()
         return self
 
@@ -388,7 +392,7 @@ class Engine:
             torch.set_num_threads(self.torch_threads)
         try:
             if self.backend.device.type == "cpu":
-                nucleus_works()  # compile (or load) the sampling kernel now, not in the first reply
+                nucleus_works()  # (done already when entered with ``async with``) not in the first reply
             with torch.no_grad():  # grad mode is per thread: set it in the worker itself
                 while True:
                     with self._cond:
