@@ -21,8 +21,8 @@ few tokens), so a peaked batch pays for 64 candidates, a flat one for 512. The d
 number from the row's own ``random.Random``, so a reply is the same alone or batched.
 
 On the CPU the search and the draw run instead in one compiled pass per row
-(``bot.inference.nucleus``, same rules and same numbers, ~3× faster at 64 rows); what follows is the
-path for a CUDA device, and the CPU's where numba does not work.
+(``bot.inference.nucleus``, same rules and same numbers: 2.5 ms at 64 rows against 7-8 ms here on
+the Zen 5). What follows is the path for a CUDA device, and for a CPU where numba does not work.
 
 Everything runs on the device the logits are on (a CUDA decode step's logits stay on the GPU): only
 B-sized results (the chosen ids, which rows were resolved) come back to the CPU, never a row of the
