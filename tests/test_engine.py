@@ -229,7 +229,8 @@ def test_engine_refuses_a_backend_without_room(tiny_v7_path: Path) -> None:
 async def test_the_sampling_kernel_is_ready_before_the_engine_serves(
         settings_factory: SettingsFactory, monkeypatch: pytest.MonkeyPatch) -> None:
     """numba holds the GIL while it loads a kernel (a 200 ms loop stall in a benchmark run when the
-    worker did it): entering the engine does it, off the event loop, before anything is served."""
+    worker did it): entering the engine does it, off the event loop, before anything is served, in a
+    thread that ends."""
     import threading
 
     from bot.inference import engine as engine_module
@@ -248,6 +249,8 @@ async def test_the_sampling_kernel_is_ready_before_the_engine_serves(
     async with Engine(backend, load_tokenizer(settings.tokenizer), max_batch=2) as running:
         # Done when entered, neither on the loop's thread nor left to the worker's first step.
         assert calls and calls[0] is not loop_thread and calls[0].name != "raven-engine"
+        calls[0].join(timeout=5)  # a thread that ends (an executor's would keep an OpenMP team)
+        assert not calls[0].is_alive()
         assert running.rows == 0
 
 

@@ -38,7 +38,7 @@ from bot.inference.backend import Backend, ModelState, State
 from bot.inference.machine import usable_cores
 from bot.inference.nucleus import nucleus_works
 from bot.inference.sampling import END_OF_TEXT, RowSampler, SamplingParams, sample_rows
-from bot.inference.threads import settle
+from bot.inference.threads import in_fresh_thread, settle
 from bot.inference.tokenizer import Tokenizer
 
 log = logging.getLogger(__name__)
@@ -254,8 +254,10 @@ class Engine:
     async def __aenter__(self) -> Engine:
         if self.backend.device.type == "cpu":
             # numba holds the GIL while it compiles or loads the sampling kernel (0.8-5 s): done
-            # here, before the caller starts serving, the event loop has nothing to answer yet.
-            await asyncio.to_thread(nucleus_works)
+            # here, before the caller starts serving, the event loop has nothing to answer yet. In a
+            # thread that ends: the check's parallel launch gives its thread an OpenMP team, which an
+            # executor thread would keep (see bot.inference.threads).
+            await in_fresh_thread(nucleus_works, name="raven-sampling-check")
         self.start()
         return self
 
