@@ -554,8 +554,8 @@ class BatchedRWKV7Backend:
         S_, T, C = x.shape
         H, N = self.n_head, self.head_size
         prev = self._shift(x, self.att_x[i, slots])
-        # The six token-shift interpolations x + (prev - x)·μ at once: (6, S, T, C).
-        xr, xw, xk, xv, xa, xg = torch.addcmul(x, prev - x, p.maa.view(6, 1, 1, C)).unbind(0)
+        # The six token-shift interpolations x + (prev - x)·μ at once, in one op: (6, S, T, C).
+        xr, xw, xk, xv, xa, xg = torch.lerp(x, prev, p.maa.view(6, 1, 1, C)).unbind(0)
         self.att_x[i, slots] = x[:, -1]
 
         r = p.receptance(xr)
@@ -628,7 +628,7 @@ class BatchedRWKV7Backend:
         """The MLP half of block i: relu(shifted x @ K)² @ V. x (S, T, C) is ln2's output."""
         p = self.layers[i]
         prev = self._shift(x, self.ffn_x[i, slots])
-        xk = torch.addcmul(x, prev - x, p.ffn_x_k)
+        xk = torch.lerp(x, prev, p.ffn_x_k)
         self.ffn_x[i, slots] = x[:, -1]
         return p.ffn_value(torch.relu(p.ffn_key(xk)).square_())
 
