@@ -25,6 +25,7 @@ from bot.inference.paths import (
     wkv_candidates,
 )
 from bot.inference.rwkv7_batched import BatchedRWKV7Backend
+from bot.inference.threads import run_in_fresh_thread
 from bot.inference.wkv_fused import FUSED, TORCH, fused_works
 from tests.conftest import SettingsFactory
 
@@ -156,11 +157,62 @@ def test_thread_counts_take_turns_so_a_burst_of_load_cannot_pick_the_slower(tiny
     monkeypatch.setattr(batched, "time", types.SimpleNamespace(perf_counter=lambda: now[0]))
     backend._tune_threads()
     assert backend.paths.threads == cores and backend.paths.threads_source == "measured at load"
+    assert backend.paths.small_step_threads == cores  # one stream too
     options = [cores] + ([cores // 2] if cores >= 4 else []) + [1]
     per_round = [n for n in options for _ in range(2)]  # each count at one row and at 16
     assert order == per_round * (1 + 5)  # the warm-up, then the rounds, the counts in turn
     timed = backend.paths.timings["threads_ms"]
     assert timed == {str(n): [8.0, 8.0] if n == 1 else [4.0, 4.0] for n in options}  # medians: the burst left out
+
+
+def test_one_stream_and_a_batch_each_get_the_thread_count_measured_best_for_them(
+        tiny_v7_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """A shared host where one thread reads a one-row step faster (the weights from memory, no
+    second thread to wait for) and all cores compute a 16-row step faster: each size gets its own
+    count, and the steps and prefill then run on it."""
+    import types
+
+    import bot.inference.rwkv7_batched as batched
+
+    backend = BatchedRWKV7Backend(tiny_v7_path, max_slots=16)
+    cores = backend.machine.cores
+    if cores < 2:
+        pytest.skip("one usable core: there is no thread count to choose")
+    now = [0.0]
+    real_decode = backend.decode
+
+    def decode(tokens: list[int]) -> torch.Tensor:
+        one = torch.get_num_threads() == 1
+        now[0] += (0.003 if one else 0.005) if len(tokens) == 1 else (0.008 if one else 0.004)
+        return torch.zeros(len(tokens), backend.vocab_size)
+
+    monkeypatch.setattr(backend, "decode", decode)
+    monkeypatch.setattr(batched, "time", types.SimpleNamespace(perf_counter=lambda: now[0]))
+    backend._tune_threads()
+    monkeypatch.setattr(backend, "decode", real_decode)
+    assert backend.paths.small_step_threads == 1 and backend.paths.threads == cores
+    assert f"{cores} torch threads, 1 for steps under 4 rows (measured at load)" in backend.paths.summary()
+    assert [backend.paths.threads_for(n) for n in (1, 3, 4, 16)] == [1, 1, cores, cores]
+
+    seen: list[tuple[int, int]] = []
+    forward = backend._forward
+
+    def counted(tokens: torch.Tensor, slots: slice) -> torch.Tensor:
+        seen.append((tokens.numel(), torch.get_num_threads()))
+        return forward(tokens, slots)
+
+    monkeypatch.setattr(backend, "_forward", counted)
+
+    def serve() -> None:  # as the engine's worker does: its own thread, at the batch count
+        backend.decode([1])
+        backend.decode([1] * 8)
+        backend.prefill(0, [1, 2, 3, 4, 5])
+        backend.decode([2])
+        torch.set_num_threads(cores + 1)  # a count someone else chose: left alone
+        backend.decode([1] * 8)
+
+    run_in_fresh_thread(serve, name="serve", torch_threads=cores)
+    assert seen == [(1, 1), (8, cores), (5, cores), (1, 1), (8, cores + 1)]
 
 
 def test_raven_torch_threads_reaches_the_backend(settings_factory: SettingsFactory) -> None:

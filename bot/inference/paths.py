@@ -57,6 +57,11 @@ no decode step sees: on the AVX2 Zen 3, at 16 rows a 768×768 ``F.linear`` took 
 cache (oneDNN 0.29) but 0.73 ms from memory (oneDNN 0.50), so the warm timing chose ``F.linear``
 for that shape and cost every step ~4-10% (measured A/B in the same process)."""
 MAX_COPIES = 64
+SMALL_STEP_ROWS = 4
+"""Decode steps under this many rows run on the thread count measured best at one row, larger ones
+(and prefill) on the count measured best at 16 rows. The two can differ on a shared host: one
+stream reads the weights (memory-bound, each matmul a short parallel region that waits for every
+thread), a batch computes with them."""
 
 
 @dataclass
@@ -65,15 +70,20 @@ class Paths:
 
     matmul: dict[str, str]
     wkv_chunk: int  # the closed form's block length, where ``wkv`` is "torch"
-    threads: int
+    threads: int  # decode steps of ``SMALL_STEP_ROWS`` rows or more, and every prefill
     source: str  # "capability", "measured" or "cached" (kernels and chunk); threads say their own
     wkv: str = TORCH  # "fused" (bot.inference.wkv_fused) or "torch" (PyTorch ops)
     threads_source: str = "cores"
+    small_step_threads: int = 0  # decode steps under SMALL_STEP_ROWS rows; 0: ``threads``
     tune_seconds: float = 0.0
     timings: dict[str, Any] = field(default_factory=dict)
 
     def kernel(self, shape: Sequence[int]) -> str:
         return self.matmul.get(shape_key(shape), PLAIN)
+
+    def threads_for(self, rows: int) -> int:
+        """The torch thread count for a decode step of ``rows`` rows."""
+        return self.small_step_threads if rows < SMALL_STEP_ROWS and self.small_step_threads else self.threads
 
     def summary(self) -> str:
         """One line for the log and the benchmark's printout."""
@@ -82,8 +92,10 @@ class Paths:
             counts[kernel] = counts.get(kernel, 0) + 1
         kernels = ", ".join(f"{k} for {n} shape{'s' if n > 1 else ''}" for k, n in sorted(counts.items()))
         wkv = "wkv fused" if self.wkv == FUSED else f"wkv torch, chunk {self.wkv_chunk}"
+        small = self.small_step_threads
+        split = (f", {small} for steps under {SMALL_STEP_ROWS} rows" if small and small != self.threads else "")
         return (f"matmul {kernels or 'plain'}; {wkv}; {self.threads} torch "
-                f"thread{'s' if self.threads > 1 else ''} ({self.threads_source}); chosen by {self.source}"
+                f"thread{'s' if self.threads > 1 else ''}{split} ({self.threads_source}); chosen by {self.source}"
                 + (f" in {self.tune_seconds:.1f} s" if self.source == "measured" else ""))
 
     def as_dict(self) -> dict[str, Any]:

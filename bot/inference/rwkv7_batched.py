@@ -459,9 +459,10 @@ class BatchedRWKV7Backend:
         return ((FUSED, DEFAULT_WKV_CHUNK) if best == FUSED else (TORCH, int(best))), report
 
     def _tune_threads(self) -> None:
-        """All usable cores, or one thread, whichever runs real decode steps faster right now (one
-        stream and a batch): with other processes busy on the same cores, one OpenMP thread beat two
-        by 2.5× for a whole chat. Measured at every load, not cached: it depends on the neighbours.
+        """All usable cores, or one thread, whichever runs real decode steps faster right now, for
+        one stream and for a batch separately (``Paths.threads_for``): with other processes busy on
+        the same cores, one OpenMP thread beat two by 2.5× for a whole chat. Measured at every
+        load, not cached: it depends on the neighbours.
         The options take turns, round after round (median per option and batch), so that a burst of
         load from elsewhere falls on all of them alike: measured one after the other, a noisy
         neighbour once made one thread "win" on a host where two ran a 16-row step 1.4× faster."""
@@ -490,7 +491,10 @@ class BatchedRWKV7Backend:
         for t in (self.att_x, self.wkv, self.ffn_x):
             t.zero_()
         times = {str(n): [statistics.median(per_batch) for per_batch in samples[n]] for n in options}
-        self.paths.threads = int(least_regret(times))
+        # Each batch size its own count: one least regret over both let a batch's gain from two
+        # threads outvote one stream's loss from them, or the reverse.
+        self.paths.small_step_threads = int(least_regret({n: t[:1] for n, t in times.items()}))
+        self.paths.threads = int(least_regret({n: t[1:] for n, t in times.items()}))
         self.paths.threads_source = "measured at load"
         self.paths.timings["threads_ms"] = {n: [round(x * 1e3, 3) for x in t] for n, t in times.items()}
 
@@ -709,6 +713,7 @@ class BatchedRWKV7Backend:
         self._check_slot(slot)
         if not tokens:
             raise ValueError("prefill needs at least one token")
+        self._use_threads(len(tokens))
         ids = torch.tensor(list(tokens), dtype=torch.long, device=self.device)
         logits: torch.Tensor | None = None
         with torch.no_grad():
@@ -725,6 +730,7 @@ class BatchedRWKV7Backend:
         self._check_slot(first_slot + S - 1)
         if not S or not rows[0] or any(len(r) != len(rows[0]) for r in rows):
             raise ValueError("prefill_rows needs one or more token lists of one non-zero length")
+        self._use_threads(S * len(rows[0]))
         ids = torch.tensor([list(r) for r in rows], dtype=torch.long, device=self.device)
         logits: torch.Tensor | None = None
         with torch.no_grad():
@@ -733,10 +739,22 @@ class BatchedRWKV7Backend:
         assert logits is not None
         return logits.cpu()
 
+    def _use_threads(self, rows: int) -> None:
+        """Switch between the two measured thread counts (``Paths.threads_for``) where they differ;
+        a count someone else set on this thread (neither of them) is left alone."""
+        small, big = self.paths.small_step_threads, self.paths.threads
+        if not small or small == big or self.device.type != "cpu":
+            return
+        current = torch.get_num_threads()
+        wanted = self.paths.threads_for(rows)
+        if current != wanted and current in (small, big):
+            torch.set_num_threads(wanted)
+
     def decode(self, tokens: Sequence[int]) -> torch.Tensor:
         B = len(tokens)
         if not 0 < B <= self.max_slots:
             raise ValueError(f"decode takes 1..{self.max_slots} tokens (one per slot), got {B}")
+        self._use_threads(B)
         ids = torch.tensor(list(tokens), dtype=torch.long, device=self.device)
         with torch.no_grad():
             # On the device: the engine samples there and copies back only the chosen ids.
