@@ -58,8 +58,8 @@ cache (oneDNN 0.29) but 0.73 ms from memory (oneDNN 0.50), so the warm timing ch
 for that shape and cost every step ~4-10% (measured A/B in the same process)."""
 MAX_COPIES = 64
 SMALL_STEP_ROWS = 4
-"""Decode steps under this many rows run on the thread count measured best at one row, larger ones
-(and prefill) on the count measured best at 16 rows. The two can differ on a shared host: one
+"""Decode steps under this many rows (and prefills under this many tokens) run on the thread count
+measured best at one row, larger ones on the count measured best at 16 rows. The two can differ on a shared host: one
 stream reads the weights (memory-bound, each matmul a short parallel region that waits for every
 thread), a batch computes with them."""
 
@@ -70,11 +70,11 @@ class Paths:
 
     matmul: dict[str, str]
     wkv_chunk: int  # the closed form's block length, where ``wkv`` is "torch"
-    threads: int  # decode steps of ``SMALL_STEP_ROWS`` rows or more, and every prefill
+    threads: int  # decode steps and prefills of ``SMALL_STEP_ROWS`` rows (tokens) or more
     source: str  # "capability", "measured" or "cached" (kernels and chunk); threads say their own
     wkv: str = TORCH  # "fused" (bot.inference.wkv_fused) or "torch" (PyTorch ops)
     threads_source: str = "cores"
-    small_step_threads: int = 0  # decode steps under SMALL_STEP_ROWS rows; 0: ``threads``
+    small_step_threads: int = 0  # smaller steps and prefills; 0: ``threads``
     tune_seconds: float = 0.0
     timings: dict[str, Any] = field(default_factory=dict)
 
