@@ -250,3 +250,57 @@ def test_a_kernel_that_disagrees_sends_sampling_to_pytorchs_path(monkeypatch: py
         assert tokens == logits.argmax(dim=-1).tolist()  # PyTorch's path: the top token, not its neighbour
     finally:
         nucleus.nucleus_works.cache_clear()
+
+
+def test_tokens_of_equal_probability_are_walked_in_id_order_on_both_paths() -> None:
+    """Five tokens share the top logit exactly (the rest far below): the draw's number picks the
+    ``int(u * 5)``-th of them by id, whether the kernel or PyTorch's path draws."""
+    import random
+
+    tied = [60001, 7, 31337, 4096, 12]
+    logits = torch.full((1, 65536), -30.0)
+    logits[0, tied] = 5.0
+    for seed in range(40):
+        picks = [sample_rows(logits.clone(), [RowSampler(SamplingParams(top_p=0.99, presence_penalty=0,
+                                                                       frequency_penalty=0), seed=seed)],
+                             cpu_kernel=kernel)[0] for kernel in (True, False)]
+        u = random.Random(seed).random()
+        assert picks == [sorted(tied)[int(u * 5)]] * 2
+
+
+@pytest.mark.parametrize(("scale", "top_p", "top_k", "gathered"),
+                         [(2.0, 0.3, 0, 1000), (1.0, 0.5, 0, 16000), (2.0, 0.9, 30, 3000), (6.0, 0.9, 0, 3000)])
+def test_the_kernels_sorted_head_is_the_start_of_the_full_sort(scale: float, top_p: float, top_k: int,
+                                                                gathered: int) -> None:
+    """The kernel sorts only the values from one fine bucket below the top-p cut: that head must be
+    exactly the first entries of all gathered values sorted, and the cut must lie inside it."""
+    from bot.inference import nucleus_kernel as kernel
+
+    probs = torch.softmax(_chat_rows(1, scale, seed=11)[0], dim=-1).numpy()
+    ids = np.argsort(-probs, kind="stable")[:gathered].copy()  # gathered candidates, in any order
+    np.random.default_rng(0).shuffle(ids)
+    vals = probs[ids].copy()
+    full, full_ids = kernel._sorted(vals.copy(), ids.copy(), len(vals))
+    head = kernel._head(vals, ids, len(vals), np.float32(top_p), top_k)
+    assert 0 < head < len(vals)
+    top, top_ids = kernel._sorted(vals, ids, head)
+    np.testing.assert_array_equal(top, full[:head])
+    np.testing.assert_array_equal(top_ids, full_ids[:head])
+    cut = int(np.argmax(np.cumsum(full, dtype=np.float32) >= top_p))  # where the package's sum stops
+    reached = min(cut, top_k - 1) if top_k else cut
+    assert reached < head <= 1.5 * reached + 32  # the cut is inside, and little more is sorted
+    assert (np.diff(full) <= 0).all() and sorted(full_ids.tolist()) == sorted(ids.tolist())
+
+
+def test_the_kernel_and_pytorchs_path_agree_on_a_bf16_models_logits() -> None:
+    """A bf16 head rounds its logits to 8 bits of mantissa, so a random-weight model's nucleus is
+    full of exact ties (before ties were ordered, the two paths drew different tokens for most rows)."""
+    logits = _chat_rows(32, 2.0, seed=8).bfloat16().float()
+    picks = []
+    for kernel in (True, False):
+        samplers = [RowSampler(SamplingParams(), seed=i) for i in range(len(logits))]
+        picks.append((sample_rows(logits.clone(), samplers, cpu_kernel=kernel), [s.last_nucleus for s in samplers]))
+    probs = torch.softmax(logits, dim=-1)
+    tied = sum(int((probs[i] == probs[i, t]).sum()) > 1 for i, t in enumerate(picks[0][0]))
+    assert tied >= 8  # the case this is about: many drawn tokens share their probability
+    assert picks[0] == picks[1]

@@ -5,7 +5,7 @@ Why: PyTorch's path (``sampling._candidates`` and ``_draw``) is some forty small
 65,536-token vocabulary with a random-weight model's wide nucleus (~300-500 tokens at top-p 0.3) it
 took 8-10 ms a step on the Zen 5, a fifth of a bf16 decode step, mostly ``topk`` over thousands of
 candidates. The kernel finds each row's exact top list by a threshold instead (see
-``nucleus_kernel``) and sorts only that: ~3 ms for the same 64 rows. It draws with the same numbers
+``nucleus_kernel``) and sorts only the head of it: ~1.8 ms for the same 64 rows. It draws with the same numbers
 and the same rules (``sampling``'s docstring), so a row gets the same token either way except where
 a draw lands within float rounding of a boundary between two tokens.
 

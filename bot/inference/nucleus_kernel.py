@@ -7,7 +7,14 @@ and a threshold ``t`` at the bucket where at least ``want`` columns lie above it
 ≥ ``t`` sits in a column whose maximum is ≥ ``t``, so gathering those columns' members ≥ ``t`` gives
 *exactly* the set {p ≥ t}: the vocabulary's top list, ties included. Sorted, it decides the row when
 the top-p sum is reached inside it (or top-k is); otherwise ``want`` grows fourfold and the scan goes
-on down the histogram, to the whole row at worst."""
+on down the histogram, to the whole row at worst.
+
+Only the head of that list is sorted: a second, finer histogram of the gathered values (with their
+sums) finds the bucket where the top-p sum is reached (or top-k is), and the values from one bucket
+below it up form the sorted list's first entries, in the same order as a sort of them all. Where
+rounding leaves the cut outside that head, everything gathered is sorted. A random-weight model's
+~400-token nucleus at top-p 0.3 gathers ~1,000 values; sorting the ~450 of the head, as packed
+integer keys rather than by ``argsort``, made the kernel 1.6-2.4x faster (64 rows, Zen 5)."""
 
 from typing import Any
 
@@ -19,6 +26,14 @@ from bot.inference import numba_setup
 BUCKET_SHIFT = 20
 """float32 bits >> 20: the sign, the 8 exponent bits and 3 mantissa bits."""
 BUCKETS = 1 << (32 - BUCKET_SHIFT - 1)
+FINE_SHIFT = 15
+"""float32 bits >> 15 for the head's histogram: 8 mantissa bits, buckets 0.4% wide."""
+FINE_BUCKETS = 8192
+"""At most this many fine buckets between the gathered values' extremes, else all are sorted."""
+SORT_ALL_BELOW = 64
+"""Gathered values below this count are sorted without looking for the head."""
+SUM_MARGIN = 1.001
+"""The head's histogram sums in another order than the sorted sum: aim a little past top-p."""
 UNRESOLVED = -1
 __all__ = ["UNRESOLVED", "numba_setup", "rows"]
 
@@ -62,6 +77,66 @@ def _pick(vals: Any, top_p: Any, top_k: int, inv_t: Any, draw: float, complete: 
 
 
 @njit(nogil=True, cache=True)
+def _sorted(vals: Any, ids: Any, n: int) -> tuple[Any, Any]:
+    """``vals[:n]`` sorted descending (ties by ascending id) and their ids: one sort of int64 keys
+    (the negated value bits, which order like the values for p >= 0, then the id)."""
+    bits = vals[:n].view(np.int32)
+    keys = np.empty(n, np.int64)
+    for i in range(n):
+        keys[i] = (np.int64(-bits[i]) << 32) + ids[i]
+    keys.sort()
+    top = np.empty(n, np.float32)
+    top_bits = top.view(np.int32)
+    top_ids = np.empty(n, np.int64)
+    for i in range(n):
+        top_bits[i] = np.int32(-(keys[i] >> 32))
+        top_ids[i] = keys[i] & 0xFFFFFFFF
+    return top, top_ids
+
+
+@njit(nogil=True, cache=True)
+def _head(vals: Any, ids: Any, n: int, top_p: Any, top_k: int) -> int:
+    """Move to the front of ``vals[:n]`` (and ``ids``) every value from one fine bucket below where
+    the running sum from the top reaches ``top_p`` (or the count ``top_k``); returns how many.
+    ``n`` where the values are few or spread too widely to bucket."""
+    if n < SORT_ALL_BELOW:
+        return n
+    bits = vals[:n].view(np.int32)
+    hi = 0
+    lo = np.int32(0x7FFFFFFF)
+    for i in range(n):
+        hi = max(hi, bits[i] >> FINE_SHIFT)
+        lo = min(lo, bits[i] >> FINE_SHIFT)
+    if hi - lo >= FINE_BUCKETS:
+        return n
+    sums = np.zeros(hi - lo + 1, np.float64)
+    counts = np.zeros(hi - lo + 1, np.int64)
+    for i in range(n):
+        b = (bits[i] >> FINE_SHIFT) - lo
+        sums[b] += vals[i]
+        counts[b] += 1
+    total = 0.0
+    seen = 0
+    floor = -1
+    for b in range(hi - lo, -1, -1):
+        total += sums[b]
+        seen += counts[b]
+        if total >= top_p * SUM_MARGIN or 0 < top_k <= seen:
+            floor = b - 1
+            break
+    if floor <= 0:
+        return n
+    limit = (floor + lo) << FINE_SHIFT
+    kept = 0
+    for i in range(n):
+        if bits[i] >= limit:
+            vals[kept], vals[i] = vals[i], vals[kept]
+            ids[kept], ids[i] = ids[i], ids[kept]
+            kept += 1
+    return kept
+
+
+@njit(nogil=True, cache=True)
 def _row(p: Any, top_p: Any, top_k: int, inv_t: Any, draw: float, want: int, chunk: int) -> tuple[int, int]:
     V = p.shape[0]
     parts = (V + chunk - 1) // chunk
@@ -95,10 +170,16 @@ def _row(p: Any, top_p: Any, top_k: int, inv_t: Any, draw: float, want: int, chu
                         n += 1
         if n == 0:
             return UNRESOLVED, 0  # nothing is a probability (NaN everywhere): the caller decides
-        order = np.argsort(-vals[:n])
-        index, keep = _pick(vals[:n][order], top_p, top_k, inv_t, draw, complete)
+        head = _head(vals, ids, n, top_p, top_k)  # moves the head's values to the front
+        if head < n:
+            top, top_ids = _sorted(vals, ids, head)
+            index, keep = _pick(top, top_p, top_k, inv_t, draw, False)
+            if index != UNRESOLVED:
+                return top_ids[index], keep
+        top, top_ids = _sorted(vals, ids, n)  # (or rounding put the cut past the head)
+        index, keep = _pick(top, top_p, top_k, inv_t, draw, complete)
         if index != UNRESOLVED:
-            return ids[order[index]], keep
+            return top_ids[index], keep
         if complete:
             return UNRESOLVED, 0
         want *= 4
