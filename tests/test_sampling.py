@@ -200,6 +200,8 @@ def _chat_rows(rows: int, scale: float, seed: int = 3) -> torch.Tensor:
     (6.0, SamplingParams(top_p=0.9, temperature=0.8)),  # peaked: a handful of tokens
     (1.0, SamplingParams(top_p=0.5)),  # thousands in the nucleus: the kernel widens its threshold
     (2.0, SamplingParams(top_p=0.9, top_k=30, temperature=1.4)),
+    (2.0, SamplingParams(top_p=1.0)),  # no cut: the whole vocabulary kept, sorted by radix
+    (2.0, SamplingParams(top_p=1.0, temperature=0.7)),
 ])
 def test_the_kernel_draws_the_tokens_pytorchs_path_draws(scale: float, params: SamplingParams) -> None:
     logits = _chat_rows(24, scale)
@@ -281,7 +283,8 @@ def test_the_kernels_sorted_head_is_the_start_of_the_full_sort(scale: float, top
     np.random.default_rng(0).shuffle(ids)
     vals = probs[ids].copy()
     full, full_ids = kernel._sorted(vals.copy(), ids.copy(), len(vals))
-    head = kernel._head(vals, ids, len(vals), np.float32(top_p), top_k)
+    head, lowest, short = kernel._head(vals, ids, len(vals), np.float32(top_p), top_k)
+    assert not short and lowest <= vals[:head].min() and (vals[head:] < lowest).all()
     assert 0 < head < len(vals)
     top, top_ids = kernel._sorted(vals, ids, head)
     np.testing.assert_array_equal(top, full[:head])
@@ -304,3 +307,27 @@ def test_the_kernel_and_pytorchs_path_agree_on_a_bf16_models_logits() -> None:
     tied = sum(int((probs[i] == probs[i, t]).sum()) > 1 for i, t in enumerate(picks[0][0]))
     assert tied >= 8  # the case this is about: many drawn tokens share their probability
     assert picks[0] == picks[1]
+
+
+@pytest.mark.parametrize("rounded", [False, True])
+def test_the_radix_sort_orders_a_row_as_the_comparison_sort_does(rounded: bool) -> None:
+    """The kernel sorts long heads by radix (gathered again in id order) and short ones by a
+    comparison sort of packed keys; both must give value-descending order with ties by id, on
+    fp32 rows and on bf16-rounded rows full of ties."""
+    from bot.inference import nucleus_kernel as kernel
+
+    logits = _chat_rows(1, 2.0, seed=21)[0]
+    probs = torch.softmax(logits.bfloat16().float() if rounded else logits, dim=-1).numpy()
+    threshold = np.float32(np.sort(probs)[-5000])
+    ids = np.nonzero(probs >= threshold)[0]
+    rng = np.random.default_rng(1)
+    rng.shuffle(ids)  # the comparison sort gets them in any order
+    by_keys = kernel._sorted(probs[ids].copy(), ids.copy(), len(ids))
+    by_radix = kernel._radix_sorted(probs, threshold, len(ids))
+    assert len(ids) >= kernel.RADIX_MIN
+    np.testing.assert_array_equal(by_radix[0], by_keys[0])
+    np.testing.assert_array_equal(by_radix[1], by_keys[1])
+    order = sorted(ids.tolist(), key=lambda i: (-probs[i], i))
+    assert by_radix[1].tolist() == order
+    if rounded:
+        assert len(np.unique(by_radix[0])) < len(ids) // 2  # the case with ties

@@ -14,7 +14,9 @@ sums) finds the bucket where the top-p sum is reached (or top-k is), and the val
 below it up form the sorted list's first entries, in the same order as a sort of them all. Where
 rounding leaves the cut outside that head, everything gathered is sorted. A random-weight model's
 ~400-token nucleus at top-p 0.3 gathers ~1,000 values; sorting the ~450 of the head, as packed
-integer keys rather than by ``argsort``, made the kernel 1.6-2.4x faster (64 rows, Zen 5)."""
+integer keys rather than by ``argsort``, made the kernel 1.6-2.4x faster (64 rows, Zen 5). A head
+of thousands (a flat row, or top-p 1, where the whole vocabulary is kept and walked) is sorted by
+radix instead, gathered again from the row in id order so that ties come out in the same order."""
 
 from typing import Any
 
@@ -34,6 +36,11 @@ SORT_ALL_BELOW = 64
 """Gathered values below this count are sorted without looking for the head."""
 SUM_MARGIN = 1.001
 """The head's histogram sums in another order than the sorted sum: aim a little past top-p."""
+RADIX_MIN = 2048
+"""Heads of at least this many values are sorted by radix: at 65,536 (top-p 1) a comparison sort of
+int64 keys took ~4 ms a row, most of a one-row decode step."""
+RADIX_BITS = 11
+"""Three stable passes over 11-bit digits cover the 31 bits of a non-negative float32."""
 UNRESOLVED = -1
 __all__ = ["UNRESOLVED", "numba_setup", "rows"]
 
@@ -44,9 +51,9 @@ def _pick(vals: Any, top_p: Any, top_k: int, inv_t: Any, draw: float, complete: 
     ``vals``: the row's exact top list, sorted, descending. The package's rule: the cut is the first
     index where the running sum reaches ``top_p``; every token at least as probable stays (ties)."""
     n = vals.shape[0]
-    total = np.float32(0.0)
-    cut = n
-    for i in range(n):
+    total = 0.0  # float64 sums here and in PyTorch's path: in float32 the order of a long sum
+    cut = n  # (sequential here, blocked in torch.cumsum) moved draws over 65,536 tokens by a token
+    for i in range(n if top_p < 1 else 0):  # top-p 1 cuts nothing (not a tail that rounding reaches)
         total += vals[i]
         if total >= top_p:
             cut = i
@@ -64,12 +71,12 @@ def _pick(vals: Any, top_p: Any, top_k: int, inv_t: Any, draw: float, complete: 
     else:
         return UNRESOLVED, 0
     # Weights relative to the top probability, so a low temperature cannot underflow all of them.
-    running = np.empty(keep, np.float32)
-    acc = np.float32(0.0)
+    running = np.empty(keep, np.float64)
+    acc = 0.0
     for i in range(keep):
-        acc += (vals[i] / vals[0]) ** inv_t
+        acc += vals[i] / vals[0] if inv_t == 1 else (vals[i] / vals[0]) ** inv_t  # (x ** 1 is x)
         running[i] = acc
-    target = np.float32(draw) * acc
+    target = draw * acc
     for i in range(keep):
         if running[i] > target:
             return i, keep
@@ -95,12 +102,58 @@ def _sorted(vals: Any, ids: Any, n: int) -> tuple[Any, Any]:
 
 
 @njit(nogil=True, cache=True)
-def _head(vals: Any, ids: Any, n: int, top_p: Any, top_k: int) -> int:
+def _radix_sorted(p: Any, threshold: Any, count: int) -> tuple[Any, Any]:
+    """The row's ``count`` values >= ``threshold``, sorted descending, ties by ascending id: the
+    order ``_sorted`` gives. Gathered in id order, then stable passes over the digits of the
+    inverted bits (ascending there is descending here)."""
+    keys = np.empty(count, np.uint32)
+    ids = np.empty(count, np.int64)
+    bits = p.view(np.uint32)
+    n = 0
+    for i in range(p.shape[0]):
+        if p[i] >= threshold and n < count:
+            keys[n] = np.uint32(0x7FFFFFFF) - bits[i]
+            ids[n] = i
+            n += 1
+    spare_keys = np.empty(n, np.uint32)
+    spare_ids = np.empty(n, np.int64)
+    mask = (1 << RADIX_BITS) - 1
+    for shift in range(0, 31, RADIX_BITS):
+        starts = np.zeros(mask + 2, np.int64)
+        for j in range(n):
+            starts[((keys[j] >> shift) & mask) + 1] += 1
+        for d in range(mask + 1):
+            starts[d + 1] += starts[d]
+        for j in range(n):
+            d = (keys[j] >> shift) & mask
+            spare_keys[starts[d]] = keys[j]
+            spare_ids[starts[d]] = ids[j]
+            starts[d] += 1
+        keys, spare_keys = spare_keys, keys
+        ids, spare_ids = spare_ids, ids
+    top = np.empty(n, np.float32)
+    top_bits = top.view(np.uint32)
+    for j in range(n):
+        top_bits[j] = np.uint32(0x7FFFFFFF) - keys[j]
+    return top, ids
+
+
+@njit(nogil=True, cache=True)
+def _sorted_top(p: Any, vals: Any, ids: Any, n: int, threshold: Any) -> tuple[Any, Any]:
+    """``vals[:n]`` (the row's values >= ``threshold``) sorted: by radix when they are many."""
+    if n >= RADIX_MIN:
+        return _radix_sorted(p, threshold, n)
+    return _sorted(vals, ids, n)
+
+
+@njit(nogil=True, cache=True)
+def _head(vals: Any, ids: Any, n: int, top_p: Any, top_k: int) -> tuple[int, Any, bool]:
     """Move to the front of ``vals[:n]`` (and ``ids``) every value from one fine bucket below where
-    the running sum from the top reaches ``top_p`` (or the count ``top_k``); returns how many.
+    the running sum from the top reaches ``top_p`` (or the count ``top_k``); returns how many, the
+    lowest value kept, and whether all of them clearly fall short of the cut (nothing to sort yet).
     ``n`` where the values are few or spread too widely to bucket."""
     if n < SORT_ALL_BELOW:
-        return n
+        return n, np.float32(0.0), False
     bits = vals[:n].view(np.int32)
     hi = 0
     lo = np.int32(0x7FFFFFFF)
@@ -108,7 +161,7 @@ def _head(vals: Any, ids: Any, n: int, top_p: Any, top_k: int) -> int:
         hi = max(hi, bits[i] >> FINE_SHIFT)
         lo = min(lo, bits[i] >> FINE_SHIFT)
     if hi - lo >= FINE_BUCKETS:
-        return n
+        return n, np.float32(0.0), False
     sums = np.zeros(hi - lo + 1, np.float64)
     counts = np.zeros(hi - lo + 1, np.int64)
     for i in range(n):
@@ -125,7 +178,7 @@ def _head(vals: Any, ids: Any, n: int, top_p: Any, top_k: int) -> int:
             floor = b - 1
             break
     if floor <= 0:
-        return n
+        return n, np.float32(0.0), floor < 0 and total * SUM_MARGIN < top_p
     limit = (floor + lo) << FINE_SHIFT
     kept = 0
     for i in range(n):
@@ -133,13 +186,15 @@ def _head(vals: Any, ids: Any, n: int, top_p: Any, top_k: int) -> int:
             vals[kept], vals[i] = vals[i], vals[kept]
             ids[kept], ids[i] = ids[i], ids[kept]
             kept += 1
-    return kept
+    return kept, np.array([limit], np.int32).view(np.float32)[0], False
 
 
 @njit(nogil=True, cache=True)
 def _row(p: Any, top_p: Any, top_k: int, inv_t: Any, draw: float, want: int, chunk: int) -> tuple[int, int]:
     V = p.shape[0]
     parts = (V + chunk - 1) // chunk
+    if top_p >= 1 and top_k <= 0:
+        want = parts  # every token is kept: gather them all at once
     column_max = np.zeros(parts, np.float32)
     for m in range(chunk):
         base = m * parts
@@ -170,13 +225,16 @@ def _row(p: Any, top_p: Any, top_k: int, inv_t: Any, draw: float, want: int, chu
                         n += 1
         if n == 0:
             return UNRESOLVED, 0  # nothing is a probability (NaN everywhere): the caller decides
-        head = _head(vals, ids, n, top_p, top_k)  # moves the head's values to the front
+        head, lowest, short = _head(vals, ids, n, top_p, top_k)  # moves the head's values to the front
+        if short and not complete:  # the cut lies further down: widen without sorting
+            want *= 4
+            continue
         if head < n:
-            top, top_ids = _sorted(vals, ids, head)
+            top, top_ids = _sorted_top(p, vals, ids, head, lowest)
             index, keep = _pick(top, top_p, top_k, inv_t, draw, False)
             if index != UNRESOLVED:
                 return top_ids[index], keep
-        top, top_ids = _sorted(vals, ids, n)  # (or rounding put the cut past the head)
+        top, top_ids = _sorted_top(p, vals, ids, n, t)  # (or rounding put the cut past the head)
         index, keep = _pick(top, top_p, top_k, inv_t, draw, complete)
         if index != UNRESOLVED:
             return top_ids[index], keep

@@ -3,8 +3,9 @@
 Semantics follow the ``rwkv`` package's pipeline (``PIPELINE.sample_logits``): presence/frequency
 penalties on tokens already generated (decaying each step), then on the softmax the top-p cut (every
 token at least as probable as the one where the sorted cumulative sum reaches ``top_p``, ties
-included), top-k, and temperature; then one draw, walking the kept tokens from the most probable
-(equal probabilities in ascending id order, on every path).
+included; ``top_p`` 1 keeps every token, where the package's float32 sum may stop short of 1 or
+cut a tail by rounding), top-k, and temperature; then one draw, walking the kept tokens from the
+most probable (equal probabilities in ascending id order, on every path), its sums in float64.
 
 Why it is more than a softmax and a sort: at 64 rows of a 65,536-token vocabulary a full sort costs
 ~140 ms and even ``topk(512)`` ~8 ms on our 2-core CPU, as much as a sixth of a decode step. So the
@@ -190,9 +191,12 @@ def _draw(values: torch.Tensor, ids: torch.Tensor, exact: torch.Tensor, complete
     where the cut is not among them. ``draws`` are the rows' uniform numbers in [0, 1)."""
     k = values.shape[1]
     device = values.device
+    # float32 parameters as the kernel gets them, float64 sums as the kernel makes them (see there)
     top_p = torch.tensor([s.params.top_p for s in samplers], dtype=values.dtype, device=device).unsqueeze(1)
-    cumulative = values.cumsum(dim=-1)
+    top_p = top_p.double()
+    cumulative = values.double().cumsum(dim=-1)
     cut = torch.searchsorted(cumulative, top_p).squeeze(1)  # first index where the sum reaches top_p
+    cut = cut.masked_fill(top_p.squeeze(1) >= 1, k)  # top-p 1 cuts nothing, whatever the rounding
     cutoff = values.gather(1, cut.clamp(max=k - 1).unsqueeze(1))
     keep = (values >= cutoff).sum(dim=-1)  # ties with the cut-off token stay in
     # A row is resolved when its cut lies in its exact prefix and no tie could reach past the list.
@@ -214,9 +218,9 @@ def _draw(values: torch.Tensor, ids: torch.Tensor, exact: torch.Tensor, complete
     # Relative to the row's top probability, so a low temperature cannot underflow every weight.
     weights = (values / values[:, :1]).pow(inverse_t.unsqueeze(1))
     weights = weights.masked_fill(torch.arange(k, device=device) >= keep.unsqueeze(1), 0.0)
-    running = weights.cumsum(dim=-1)
+    running = weights.double().cumsum(dim=-1)
     total = running.gather(1, (keep - 1).unsqueeze(1))
-    target = torch.tensor(draws, dtype=values.dtype, device=device).unsqueeze(1) * total
+    target = torch.tensor(draws, dtype=torch.float64, device=device).unsqueeze(1) * total
     index = torch.searchsorted(running, target, right=True).squeeze(1)
     index = torch.minimum(index, keep - 1)
     chosen = ids.gather(1, index.unsqueeze(1)).squeeze(1).tolist()
