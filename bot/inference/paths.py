@@ -75,6 +75,7 @@ class Paths:
     wkv: str = TORCH  # "fused" (bot.inference.wkv_fused) or "torch" (PyTorch ops)
     threads_source: str = "cores"
     small_step_threads: int = 0  # smaller steps and prefills; 0: ``threads``
+    small_lora: bool = False  # bf16 steps under SMALL_STEP_ROWS rows: LoRA chains in one kernel
     tune_seconds: float = 0.0
     timings: dict[str, Any] = field(default_factory=dict)
 
@@ -94,7 +95,8 @@ class Paths:
         wkv = "wkv fused" if self.wkv == FUSED else f"wkv torch, chunk {self.wkv_chunk}"
         small = self.small_step_threads
         split = (f", {small} for steps under {SMALL_STEP_ROWS} rows" if small and small != self.threads else "")
-        return (f"matmul {kernels or 'plain'}; {wkv}; {self.threads} torch "
+        lora = f"; LoRA chains fused for steps under {SMALL_STEP_ROWS} rows" if self.small_lora else ""
+        return (f"matmul {kernels or 'plain'}; {wkv}{lora}; {self.threads} torch "
                 f"thread{'s' if self.threads > 1 else ''}{split} ({self.threads_source}); chosen by {self.source}"
                 + (f" in {self.tune_seconds:.1f} s" if self.source == "measured" else ""))
 

@@ -56,9 +56,12 @@ from bot.inference.backend import State
 from bot.inference.checkpoint import detect_family, read_state_dict
 from bot.inference.cuda_graphs import StepGraphs
 from bot.inference.linear import Linear
+from bot.inference.lora_fused import LoraWeights, lora_works
+from bot.inference.lora_fused import chains as lora_chains
 from bot.inference.machine import Machine, bf16_warning, detect
 from bot.inference.paths import (
     DEFAULT_WKV_CHUNK,
+    SMALL_STEP_ROWS,
     WKV_CHUNKS,
     Paths,
     TuneCache,
@@ -319,6 +322,8 @@ class BatchedRWKV7Backend:
     """
 
     family: str = "v7"
+    _lora: list[LoraWeights] | None
+    """The fused LoRA chains' own weights, per layer (bf16 on the CPU, where they run faster)."""
 
     def __init__(self, path: Path, device: str = "cpu", dtype: str = "fp32", max_slots: int = 64,
                  tune_cache: Path | None = None, always_tune: bool = False, torch_threads: int = 0,
@@ -376,6 +381,7 @@ class BatchedRWKV7Backend:
             self.paths.threads, self.paths.threads_source = self._torch_threads, "RAVEN_TORCH_THREADS"
         elif self.tune_cache is not None and self.device.type == "cpu":
             self._tune_threads()
+        self._choose_small_lora()
         log.info("RWKV-7 %s on %s (%s, %s): %s%s", self.dtype, self.device, self.machine.cpu_model,
                  self.machine.kind, self.paths.summary(), "; CUDA graphs on" if self.graphs else "")
 
@@ -498,6 +504,30 @@ class BatchedRWKV7Backend:
         self.paths.threads_source = "measured at load"
         self.paths.timings["threads_ms"] = {n: [round(x * 1e3, 3) for x in t] for n, t in times.items()}
 
+    def _choose_small_lora(self) -> None:
+        """Keep the fused LoRA chains (``bot.inference.lora_fused``) for small bf16 steps where they
+        work and, when paths are measured, where a real one-row step runs faster with them (rounds
+        in turn, as for the threads); otherwise drop their weights."""
+        if self._lora is None:
+            return
+        if self.tune_cache is None:
+            self.paths.small_lora = True
+            return
+        samples: dict[bool, list[float]] = {False: [], True: []}
+        for _ in range(THREAD_ROUNDS + 1):  # the first round warms both up and is not counted
+            for option in (False, True):
+                self.paths.small_lora = option
+                started = time.perf_counter()
+                self.decode([1])
+                samples[option].append(time.perf_counter() - started)
+        for t in (self.att_x, self.wkv, self.ffn_x):
+            t.zero_()
+        times = {str(option): [statistics.median(ts[1:])] for option, ts in samples.items()}
+        self.paths.small_lora = least_regret(times) == "True"  # PyTorch's ops win ties
+        self.paths.timings["small_lora_ms"] = {k: round(v[0] * 1e3, 3) for k, v in times.items()}
+        if not self.paths.small_lora:
+            self._lora = None
+
     def _t(self, t: torch.Tensor, dtype: torch.dtype | None = None) -> torch.Tensor:
         """A checkpoint tensor on our device and in our dtype, squeezed of the format's 1×1 dims."""
         return t.to(device=self.device, dtype=dtype or self.torch_dtype).squeeze().contiguous()
@@ -519,6 +549,13 @@ class BatchedRWKV7Backend:
         self.head = self._lin(sd["head.weight"])
         self.layers: list[_Layer] = []
         self._fused_constants: dict[int, LayerConstants] = {}
+        self._lora = None
+        if (self.device.type == "cpu" and self.torch_dtype == torch.bfloat16 and self.paths.wkv == FUSED
+                and lora_works()):
+            self._lora = [LoraWeights.of(
+                {n: sd.get(f"blocks.{i}.att.{n}") for n in ("w1", "w2", "a1", "a2", "v1", "v2", "g1", "g2")},
+                self._t(sd[f"blocks.{i}.att.w0"], f32), self._t(sd[f"blocks.{i}.att.a0"]),
+                self._t(sd[f"blocks.{i}.att.v0"]) if i else None) for i in range(self.n_layer)]
         for i in range(self.n_layer):
             a, f, b = f"blocks.{i}.att.", f"blocks.{i}.ffn.", f"blocks.{i}."
             self.layers.append(_Layer(
@@ -559,12 +596,20 @@ class BatchedRWKV7Backend:
         H, N = self.n_head, self.head_size
         prev = self._shift(x, self.att_x[i, slots])
         # The six token-shift interpolations x + (prev - x)·μ at once, in one op: (6, S, T, C).
-        xr, xw, xk, xv, xa, xg = torch.lerp(x, prev, p.maa.view(6, 1, 1, C)).unbind(0)
+        mixes = torch.lerp(x, prev, p.maa.view(6, 1, 1, C))
+        xr, xw, xk, xv, xa, xg = mixes.unbind(0)
         self.att_x[i, slots] = x[:, -1]
 
         r = p.receptance(xr)
         k = p.key(xk)
         v = p.value(xv)
+        if self._lora is not None and self.paths.small_lora and T == 1 and S_ < SMALL_STEP_ROWS:
+            # The four LoRA chains in one kernel call (bot.inference.lora_fused); then as below.
+            log_w_, a_, gate_, g_ = lora_chains(mixes.view(6, S_, C), self._lora[i])
+            y = self._wkv_fused(i, slots, r, log_w_.view(S_, T, C), k, v, a_.view(S_, T, C),
+                                g_.view(S_, T, C), v_first, gate_.view(S_, T, C) if v_first is not None
+                                and gate_ is not None else None)
+            return p.output(y.to(x.dtype)), v if v_first is None else v_first
         # Decay, learning rate, value residual and output gate are low-rank (LoRA) functions of x.
         log_w = LOG_W_SCALE * torch.sigmoid(p.w0 + p.w2(torch.tanh(p.w1(xw))).float())
         a = torch.sigmoid(p.a0 + p.a2(p.a1(xa)))
