@@ -134,7 +134,7 @@ def test_the_self_check_covers_the_fused_time_mix(monkeypatch: pytest.MonkeyPatc
     monkeypatch.setattr(wkv_fused, "wkv_layer", lambda *args, **kwargs: real(*args, **kwargs) * 1.01)
     with caplog.at_level("WARNING", logger="bot.inference.wkv_fused"):
         assert wkv_fused.fused_works.__wrapped__() is False
-    assert "disagree with PyTorch's ops" in caplog.text
+    assert "disagrees with PyTorch's ops" in caplog.text
 
 
 @pytest.mark.parametrize(("B", "T", "mixed"), [(4, 1, True), (1, 40, False), (3, 7, True)])

@@ -20,6 +20,8 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
+from bot.inference.self_check import kernel_agrees
+
 log = logging.getLogger(__name__)
 _kernel: dict[str, Any] = {}
 
@@ -121,25 +123,23 @@ def agrees(got: Chains, want: Chains) -> bool:
 @cache
 def lora_works() -> bool:
     """numba compiles the kernel and it computes what PyTorch's ops compute, with and without the
-    value gate; anything else keeps PyTorch's path (one log line, never an error)."""
-    try:
-        g = torch.Generator().manual_seed(0)
-        C = 128
+    value gate; anything else keeps PyTorch's path (``bot.inference.self_check``)."""
+    return kernel_agrees(log, "fused LoRA kernel", _check)
 
-        def rand(*shape: int) -> torch.Tensor:
-            return (torch.randn(*shape, generator=g) * 0.3).to(torch.bfloat16)
 
-        factors: dict[str, torch.Tensor | None] = {
-            "w1": rand(C, 16), "w2": rand(16, C), "a1": rand(C, 16), "a2": rand(16, C),
-            "v1": rand(C, 8), "v2": rand(8, C), "g1": rand(C, 32), "g2": rand(32, C)}
-        w0, a0, v0 = rand(C).float(), rand(C), rand(C)
-        mixed = rand(6, 3, C)
-        ok = agrees(chains(mixed, LoraWeights.of(factors, w0, a0, v0)), reference(mixed, factors, w0, a0, v0))
-        first = {**factors, "v1": None, "v2": None}
-        ok = ok and agrees(chains(mixed, LoraWeights.of(first, w0, a0, None)), reference(mixed, first, w0, a0, None))
-        if not ok:
-            log.warning("the fused LoRA kernel disagrees with PyTorch's ops here; using PyTorch's")
-        return ok
-    except Exception as exc:  # numba missing, or it cannot compile for this CPU
-        log.info("fused LoRA kernel unavailable (%s); using PyTorch's ops", exc)
-        return False
+def _check() -> bool:
+    g = torch.Generator().manual_seed(0)
+    C = 128
+
+    def rand(*shape: int) -> torch.Tensor:
+        return (torch.randn(*shape, generator=g) * 0.3).to(torch.bfloat16)
+
+    factors: dict[str, torch.Tensor | None] = {
+        "w1": rand(C, 16), "w2": rand(16, C), "a1": rand(C, 16), "a2": rand(16, C),
+        "v1": rand(C, 8), "v2": rand(8, C), "g1": rand(C, 32), "g2": rand(32, C)}
+    w0, a0, v0 = rand(C).float(), rand(C), rand(C)
+    mixed = rand(6, 3, C)
+    ok = agrees(chains(mixed, LoraWeights.of(factors, w0, a0, v0)), reference(mixed, factors, w0, a0, v0))
+    first = {**factors, "v1": None, "v2": None}
+    ok = ok and agrees(chains(mixed, LoraWeights.of(first, w0, a0, None)), reference(mixed, first, w0, a0, None))
+    return ok

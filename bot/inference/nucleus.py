@@ -22,6 +22,8 @@ from typing import TYPE_CHECKING, Any
 import numpy as np
 import torch
 
+from bot.inference.self_check import kernel_agrees
+
 if TYPE_CHECKING:
     from bot.inference.sampling import RowSampler
 
@@ -80,25 +82,23 @@ def nucleus_works() -> bool:
     """numba compiles the kernel here and it draws what PyTorch's path draws, on rows from peaked to
     flat, with top-k and temperatures. A broken or missing install keeps PyTorch's path (one log
     line, never an error)."""
-    try:
-        from bot.inference.sampling import RowSampler, SamplingParams, sample_rows
+    return kernel_agrees(log, "sampling kernel", _nucleus_works_check)
 
-        g = torch.Generator().manual_seed(0)
-        scales = torch.tensor([0.5, 1.0, 2.0, 3.0, 4.0, 6.0])
-        logits = torch.randn(len(scales), 4096, generator=g) * scales.unsqueeze(1)
-        params = [SamplingParams(top_p=0.3), SamplingParams(top_p=0.9, temperature=0.7),
-                  SamplingParams(top_p=0.5, top_k=5), SamplingParams(top_p=0.3, temperature=1.3),
-                  SamplingParams(top_p=1.0, top_k=40), SamplingParams(top_p=0.6)]
 
-        def picks(kernel: bool) -> tuple[list[int], list[int | None]]:
-            samplers = [RowSampler(p, seed=i) for i, p in enumerate(params)]
-            tokens = sample_rows(logits.clone(), samplers, cpu_kernel=kernel)
-            return tokens, [s.last_nucleus for s in samplers]
+def _nucleus_works_check() -> bool:
+    from bot.inference.sampling import RowSampler, SamplingParams, sample_rows
 
-        ok = picks(True) == picks(False)
-        if not ok:
-            log.warning("the sampling kernel disagrees with PyTorch's path here; using PyTorch's")
-        return ok
-    except Exception as exc:  # numba missing, or it cannot compile for this CPU
-        log.info("sampling kernel unavailable (%s); using PyTorch's path", exc)
-        return False
+    g = torch.Generator().manual_seed(0)
+    scales = torch.tensor([0.5, 1.0, 2.0, 3.0, 4.0, 6.0])
+    logits = torch.randn(len(scales), 4096, generator=g) * scales.unsqueeze(1)
+    params = [SamplingParams(top_p=0.3), SamplingParams(top_p=0.9, temperature=0.7),
+              SamplingParams(top_p=0.5, top_k=5), SamplingParams(top_p=0.3, temperature=1.3),
+              SamplingParams(top_p=1.0, top_k=40), SamplingParams(top_p=0.6)]
+
+    def picks(kernel: bool) -> tuple[list[int], list[int | None]]:
+        samplers = [RowSampler(p, seed=i) for i, p in enumerate(params)]
+        tokens = sample_rows(logits.clone(), samplers, cpu_kernel=kernel)
+        return tokens, [s.last_nucleus for s in samplers]
+
+    ok = picks(True) == picks(False)
+    return ok

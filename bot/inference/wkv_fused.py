@@ -36,6 +36,8 @@ from typing import Any
 import numpy as np
 import torch
 
+from bot.inference.self_check import kernel_agrees
+
 log = logging.getLogger(__name__)
 
 FUSED = "fused"
@@ -188,49 +190,47 @@ def fused_works() -> bool:
     the recurrence (prefill and step) and the whole fused time-mix (``wkv_layer``), past layer 0's
     residual included, on fp32 and on bf16 inputs. A broken or missing install falls back to the
     PyTorch path with one log line, never an error."""
-    try:
-        from bot.inference.rwkv7_batched import _wkv_step  # the reference formulation
+    return kernel_agrees(log, "fused wkv kernel", _fused_works_check)
 
-        g = torch.Generator().manual_seed(0)
-        X, N, T = 3, 64, 5
-        ins = [torch.randn(1, T, X, N, generator=g) for _ in range(3)]
-        kk = torch.nn.functional.normalize(torch.randn(1, T, X, N, generator=g), dim=-1)
-        log_w = -0.6 * torch.rand(1, T, X, N, generator=g)
-        a = torch.rand(1, T, X, N, generator=g)
-        r, k, v = ins
-        S0 = torch.randn(X, N, N, generator=g) * 0.1
-        ref_S, seq_S, step_S, layer_S, layer_ref_S = (S0.clone() for _ in range(5))
-        want = torch.stack([_wkv_step(ref_S, *(t[0, s] for t in (r, log_w, k, v, kk, a))) for s in range(T)])
-        got_seq = wkv_seq(seq_S, r, log_w, k, v, kk, a)[0]
-        got_step = torch.stack([wkv_step(step_S, *(t[0, s] for t in (r, log_w, k, v, kk, a))) for s in range(T)])
 
-        def close(got: torch.Tensor, ref: torch.Tensor) -> bool:
-            return float((got - ref).abs().max()) <= 1e-4 * float(ref.abs().max())
+def _fused_works_check() -> bool:
+    from bot.inference.rwkv7_batched import _wkv_step  # the reference formulation
 
-        gate, first, v_gate = (torch.randn(1, T, X, N, generator=g) for _ in range(3))
-        k_k, k_a = 1 + 0.2 * torch.randn(X * N, generator=g), torch.rand(X * N, generator=g)
-        r_k, ln_w, ln_b = (torch.randn(X, N, generator=g), 1 + 0.2 * torch.randn(X * N, generator=g),
-                           0.2 * torch.randn(X * N, generator=g))
-        v_gate = torch.sigmoid(v_gate)
-        got_layer = wkv_layer(layer_S, r, log_w, k, v, a, gate, LayerConstants.of(k_k, k_a, r_k, ln_w, ln_b),
-                              first, v_gate)
-        want_layer = time_mix_reference(layer_ref_S, r, log_w, k, v, a, gate, k_k, k_a, r_k, ln_w, ln_b,
-                                        first, v_gate)
-        # A bf16 model's layer: the inputs read as bf16 bits, the output rounded to bf16.
-        hr, hk, hv, ha, hg, hf, hgate = (t.bfloat16() for t in (r, k, v, a, gate, first, v_gate))
-        bits_S, bits_ref_S = S0.clone(), S0.clone()
-        got_bits = wkv_layer(bits_S, hr, log_w, hk, hv, ha, hg, LayerConstants.of(k_k, k_a, r_k, ln_w, ln_b),
-                             hf, hgate).float()
-        want_bits = time_mix_reference(bits_ref_S, hr.float(), log_w, hk.float(), hv.float(), ha.float(),
-                                       hg.float(), k_k, k_a, r_k, ln_w, ln_b, hf.float(), hgate.float())
-        bits_ok = bool(((got_bits - want_bits).abs() <= want_bits.abs() * 2.0 ** -8
-                        + 1e-4 * float(want_bits.abs().max())).all())
-        ok = close(got_seq, want) and close(got_step, want) and close(got_layer, want_layer) and bits_ok
-        ok = ok and close(seq_S, ref_S) and close(step_S, ref_S) and close(layer_S, layer_ref_S)
-        ok = ok and close(bits_S, bits_ref_S)
-        if not ok:
-            log.warning("the fused wkv kernels disagree with PyTorch's ops here; using PyTorch's")
-        return ok
-    except Exception as exc:  # numba missing, or it cannot compile for this CPU: PyTorch's path
-        log.info("fused wkv kernels unavailable (%s); using PyTorch's", exc)
-        return False
+    g = torch.Generator().manual_seed(0)
+    X, N, T = 3, 64, 5
+    ins = [torch.randn(1, T, X, N, generator=g) for _ in range(3)]
+    kk = torch.nn.functional.normalize(torch.randn(1, T, X, N, generator=g), dim=-1)
+    log_w = -0.6 * torch.rand(1, T, X, N, generator=g)
+    a = torch.rand(1, T, X, N, generator=g)
+    r, k, v = ins
+    S0 = torch.randn(X, N, N, generator=g) * 0.1
+    ref_S, seq_S, step_S, layer_S, layer_ref_S = (S0.clone() for _ in range(5))
+    want = torch.stack([_wkv_step(ref_S, *(t[0, s] for t in (r, log_w, k, v, kk, a))) for s in range(T)])
+    got_seq = wkv_seq(seq_S, r, log_w, k, v, kk, a)[0]
+    got_step = torch.stack([wkv_step(step_S, *(t[0, s] for t in (r, log_w, k, v, kk, a))) for s in range(T)])
+
+    def close(got: torch.Tensor, ref: torch.Tensor) -> bool:
+        return float((got - ref).abs().max()) <= 1e-4 * float(ref.abs().max())
+
+    gate, first, v_gate = (torch.randn(1, T, X, N, generator=g) for _ in range(3))
+    k_k, k_a = 1 + 0.2 * torch.randn(X * N, generator=g), torch.rand(X * N, generator=g)
+    r_k, ln_w, ln_b = (torch.randn(X, N, generator=g), 1 + 0.2 * torch.randn(X * N, generator=g),
+                       0.2 * torch.randn(X * N, generator=g))
+    v_gate = torch.sigmoid(v_gate)
+    got_layer = wkv_layer(layer_S, r, log_w, k, v, a, gate, LayerConstants.of(k_k, k_a, r_k, ln_w, ln_b),
+                          first, v_gate)
+    want_layer = time_mix_reference(layer_ref_S, r, log_w, k, v, a, gate, k_k, k_a, r_k, ln_w, ln_b,
+                                    first, v_gate)
+    # A bf16 model's layer: the inputs read as bf16 bits, the output rounded to bf16.
+    hr, hk, hv, ha, hg, hf, hgate = (t.bfloat16() for t in (r, k, v, a, gate, first, v_gate))
+    bits_S, bits_ref_S = S0.clone(), S0.clone()
+    got_bits = wkv_layer(bits_S, hr, log_w, hk, hv, ha, hg, LayerConstants.of(k_k, k_a, r_k, ln_w, ln_b),
+                         hf, hgate).float()
+    want_bits = time_mix_reference(bits_ref_S, hr.float(), log_w, hk.float(), hv.float(), ha.float(),
+                                   hg.float(), k_k, k_a, r_k, ln_w, ln_b, hf.float(), hgate.float())
+    bits_ok = bool(((got_bits - want_bits).abs() <= want_bits.abs() * 2.0 ** -8
+                    + 1e-4 * float(want_bits.abs().max())).all())
+    ok = close(got_seq, want) and close(got_step, want) and close(got_layer, want_layer) and bits_ok
+    ok = ok and close(seq_S, ref_S) and close(step_S, ref_S) and close(layer_S, layer_ref_S)
+    ok = ok and close(bits_S, bits_ref_S)
+    return ok
