@@ -3,14 +3,17 @@ using them only where they belong: bf16 on the CPU, decode steps under ``SMALL_S
 
 from __future__ import annotations
 
+import time
 from pathlib import Path
+from typing import Any
 
 import pytest
 import torch
 
 from bot.inference import lora_fused
+from bot.inference import rwkv7_batched as batched
 from bot.inference.checkpoint import make_checkpoint
-from bot.inference.paths import SMALL_STEP_ROWS
+from bot.inference.paths import SMALL_STEP_ROWS, least_regret
 from bot.inference.rwkv7_batched import BatchedRWKV7Backend
 
 
@@ -51,19 +54,20 @@ def test_the_kernel_computes_what_pytorchs_bf16_ops_compute(rows: int, first_lay
     assert (got[2] is None) == first_layer
 
 
-def test_a_small_bf16_step_uses_the_kernel_and_keeps_the_model_s_numbers(ckpt: Path) -> None:
+def test_a_small_bf16_step_uses_the_kernel_and_keeps_the_model_s_numbers(ckpt: Path,
+                                                                         monkeypatch: pytest.MonkeyPatch) -> None:
     """Steps of 1-3 rows with the kernel against the same steps through PyTorch's ops (same weights,
     same states): the same argmax and logits within bf16's rounding; a 4-row step does not use it."""
     ours = BatchedRWKV7Backend(ckpt, device="cpu", dtype="bf16", max_slots=8)
     assert ours.paths.small_lora and ours._lora is not None  # a tiny model: by capability
     assert "LoRA chains fused for steps under 4 rows" in ours.paths.summary()
-    calls = []
-    real = lora_fused.chains
+    calls: list[int] = []
 
-    def counted(*args: object) -> object:
+    def counted(*args: Any) -> Any:
         calls.append(1)
-        return real(*args)  # type: ignore[arg-type]
+        return lora_fused.chains(*args)
 
+    monkeypatch.setattr(batched, "lora_chains", counted)
     tokens = torch.randint(0, 65536, (SMALL_STEP_ROWS, 6), generator=torch.Generator().manual_seed(2)).tolist()
     for rows in range(1, SMALL_STEP_ROWS + 1):
         logits = {}
@@ -72,21 +76,39 @@ def test_a_small_bf16_step_uses_the_kernel_and_keeps_the_model_s_numbers(ckpt: P
             for slot in range(rows):
                 ours.load_slot(slot, ours.zero_state())
             calls.clear()
-            import bot.inference.rwkv7_batched as batched
-            batched.lora_chains = counted  # type: ignore[assignment]
-            try:
-                for step in range(6):
-                    out = ours.decode([tokens[r][step] for r in range(rows)])
-            finally:
-                batched.lora_chains = real  # type: ignore[assignment]
-            logits[fused] = out
-            used = len(calls) > 0
-            assert used == (fused and rows < SMALL_STEP_ROWS)
+            for step in range(6):
+                logits[fused] = ours.decode([tokens[r][step] for r in range(rows)])
+            assert bool(calls) == (fused and rows < SMALL_STEP_ROWS)
         if rows < SMALL_STEP_ROWS:
             assert torch.equal(logits[True].argmax(-1), logits[False].argmax(-1))
             assert float((logits[True] - logits[False]).abs().max()) <= 0.05 * float(logits[False].abs().max())
         else:
             assert torch.equal(logits[True], logits[False])
+
+
+def test_measured_paths_keep_the_kernel_only_where_a_one_row_step_is_faster_with_it(
+        ckpt: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """With paths measured, the load times real one-row steps both ways (rounds in turn): the choice
+    follows those timings, the states it used are cleared, and a kernel made slow (20 ms a layer
+    here) is dropped with its weights."""
+    ours = BatchedRWKV7Backend(ckpt, device="cpu", dtype="bf16", max_slots=4, tune_cache=tmp_path / "t.json",
+                               always_tune=True)
+    times = ours.paths.timings["small_lora_ms"]
+    assert set(times) == {"False", "True"} and all(t > 0 for t in times.values())
+    assert ours.paths.small_lora == (least_regret({k: [v] for k, v in times.items()}) == "True")
+    assert (ours._lora is not None) == ours.paths.small_lora
+    assert not any(bool(t.any()) for t in (ours.att_x, ours.wkv, ours.ffn_x))
+
+    def slow(*args: Any) -> Any:
+        time.sleep(0.02)
+        return lora_fused.chains(*args)
+
+    monkeypatch.setattr(batched, "lora_chains", slow)
+    slowed = BatchedRWKV7Backend(ckpt, device="cpu", dtype="bf16", max_slots=4, tune_cache=tmp_path / "t.json",
+                                 always_tune=True)
+    assert not slowed.paths.small_lora and slowed._lora is None
+    assert slowed.paths.timings["small_lora_ms"]["True"] > slowed.paths.timings["small_lora_ms"]["False"]
+    assert "LoRA" not in slowed.paths.summary()
 
 
 def test_fp32_and_a_disagreeing_kernel_keep_pytorchs_ops(ckpt: Path, monkeypatch: pytest.MonkeyPatch,
