@@ -22,14 +22,10 @@ import torch
 import torch.nn.functional as F
 
 from bot.inference.self_check import kernel_agrees
+from bot.inference.wkv_fused import bf16_bits as _bits
 
 log = logging.getLogger(__name__)
 _kernel: dict[str, Any] = {}
-
-
-def _bits(t: torch.Tensor) -> np.ndarray:
-    """A bf16 tensor as a C-contiguous uint16 numpy view of its bits (no copy where contiguous)."""
-    return t.contiguous().view(torch.int16).numpy().view(np.uint16)
 
 
 def _chains() -> Any:

@@ -64,10 +64,15 @@ def _arrays(tensors: tuple[torch.Tensor, ...]) -> list[np.ndarray]:
     return [t.float().contiguous().numpy() for t in tensors]
 
 
+def bf16_bits(t: torch.Tensor) -> np.ndarray:
+    """A bf16 tensor as a C-contiguous uint16 numpy view of its bits, which the numba kernels read
+    as bf16 (``wkv_kernels._f32``): no conversion pass, no fp32 copy (no copy at all where it is
+    contiguous already)."""
+    return t.contiguous().view(torch.int16).numpy().view(np.uint16)
+
+
 def _bf16_bits(tensors: tuple[torch.Tensor, ...]) -> list[np.ndarray]:
-    """bf16 tensors as C-contiguous uint16 numpy views of their bits, which the kernel reads as
-    bf16 (``wkv_kernels._f32``): no conversion pass, no fp32 copy."""
-    return [t.contiguous().view(torch.int16).numpy().view(np.uint16) for t in tensors]
+    return [bf16_bits(t) for t in tensors]
 
 
 def _threads(numba: Any, head_tokens: int) -> None:
@@ -148,7 +153,7 @@ def _launch(S: torch.Tensor, shape: torch.Size, ins: tuple[np.ndarray, ...],
     kernels = _compile()
     _threads(kernels["numba"], shape[0] * shape[1] * shape[2])
     y = torch.empty(shape, dtype=out_dtype)
-    y_ = y.view(torch.int16).numpy().view(np.uint16) if out_dtype == torch.bfloat16 else y.numpy()
+    y_ = bf16_bits(y) if out_dtype == torch.bfloat16 else y.numpy()
     if post is not None:
         g, layer = post
         post_args: tuple[object, ...] = (True, g, layer.r_k, layer.ln_w, layer.ln_b)
