@@ -92,6 +92,10 @@ async def test_web_port_metrics_after_real_turns(settings_factory: Any) -> None:
         assert value(samples, "raven_engine_queue_depth") == 0 == service.engine.queued
         assert value(samples, "raven_engine_batch_rows_max") == stats.max_batch_seen >= 1
         assert value(samples, "raven_engine_batch_rows") == 0 == service.engine.rows  # all finished
+        paths = service.engine.backend.paths  # type: ignore[attr-defined]
+        assert value(samples, "raven_engine_torch_threads", steps="batch") == paths.threads >= 1
+        assert value(samples, "raven_engine_torch_threads", steps="one_stream") == paths.threads_for(1) >= 1
+        assert value(samples, "raven_engine_thread_changes_total") == 0
         assert value(samples, "raven_state_cache_bytes") == service.states.used_bytes > 0
         assert value(samples, "raven_state_cache_evictions_total") == service.states.evictions
         size = database_bytes(service.settings.database_path)

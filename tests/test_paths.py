@@ -100,7 +100,8 @@ def test_measured_paths_are_cached_and_match_the_package(tiny_v7_path: Path, ref
     first = BatchedRWKV7Backend(tiny_v7_path, max_slots=4, tune_cache=cache, always_tune=True)
     assert first.paths.source == "measured" and first.paths.tune_seconds > 0
     assert first.paths.threads in {1, first.machine.cores, first.machine.cores // 2}
-    assert first.paths.threads_source in ("measured at load", "the only core")
+    assert first.paths.threads_source in ("measured at load, re-checked every 15 s", "the only core")
+    assert (first.thread_watch is not None) == (first.machine.cores > 1)
     assert set(first.paths.matmul.values()) <= set(candidates(first.device, first.torch_dtype))
     assert "768x768" not in first.paths.matmul and "65536x128" in first.paths.matmul  # the tiny shapes
     stored = json.loads(cache.read_text())
@@ -215,12 +216,75 @@ def test_one_stream_and_a_batch_each_get_the_thread_count_measured_best_for_them
     assert seen == [(1, 1), (8, cores), (5, cores), (1, 1), (8, cores + 1)]
 
 
+def test_steps_follow_the_thread_watch_when_the_cores_get_busy(tiny_v7_path: Path, ref: PackageBackend,
+                                                               tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """Loaded on all cores; then the host gets busy, so that (on the clock below) a step takes 6 ms
+    on all cores and 2 ms on one. The next check moves one stream to one thread, the batch's count
+    stays until its own check, prefills follow the new count, and the logits stay the package's."""
+    import types
+
+    import bot.inference.rwkv7_batched as batched
+    from bot.inference.thread_watch import EVERY_S, PAIRS, ThreadWatch, thread_options
+
+    backend = BatchedRWKV7Backend(tiny_v7_path, max_slots=4, tune_cache=tmp_path / "t.json", always_tune=True)
+    cores = backend.machine.cores
+    if cores < 2:
+        pytest.skip("one usable core: there is no thread count to choose")
+    assert backend.thread_watch is not None and "re-checked every 15 s" in backend.paths.summary()
+    now = [0.0]
+    backend.paths.threads = backend.paths.small_step_threads = cores  # as a quiet load chooses
+    backend.thread_watch = ThreadWatch(thread_options(cores), (cores, cores), clock=lambda: now[0])
+    seen: list[tuple[int, int]] = []
+    forward = backend._forward
+
+    def busy(tokens: torch.Tensor, slots: slice) -> torch.Tensor:
+        seen.append((tokens.numel(), torch.get_num_threads()))
+        now[0] += 0.002 if torch.get_num_threads() == 1 else 0.006
+        return forward(tokens, slots)
+
+    monkeypatch.setattr(backend, "_forward", busy)
+    monkeypatch.setattr(batched, "time", types.SimpleNamespace(perf_counter=lambda: now[0]))
+    tokens = torch.randint(0, 65536, (40,), generator=torch.Generator().manual_seed(5)).tolist()
+    ours: list[torch.Tensor] = []
+
+    def serve() -> None:  # as the engine's worker: its own thread, on the count chosen at load
+        backend.load_slot(0, backend.zero_state())
+        ours.append(backend.prefill(0, tokens[:20]))
+        for token in tokens[20:22]:
+            ours.append(backend.decode([token]))  # before the check: all cores
+        now[0] += EVERY_S
+        for token in tokens[22:22 + 2 * PAIRS]:
+            ours.append(backend.decode([token]))  # the check: the counts in turn
+        for token in tokens[30:33]:
+            ours.append(backend.decode([token]))  # one thread from here
+        ours.append(backend.prefill(0, tokens[33:35]))  # a 2-token prefill: the one-stream count
+        ours.append(backend.prefill(0, tokens[35:40]))  # 5 tokens: the batch's count
+
+    run_in_fresh_thread(serve, name="serve", torch_threads=cores)
+    other = thread_options(cores)[-1]
+    assert other == 1
+    assert [n for _, n in seen] == ([cores] * 3 + [cores, 1, 1, cores] * 2 + [1, 1, 1] + [1, cores])
+    assert backend.paths.small_step_threads == 1 and backend.paths.threads == cores
+    assert backend.paths.threads_source == "changed while running, re-checked every 15 s"
+    assert backend.paths.timings["thread_changes"] == [
+        {"steps": "one stream", "from": cores, "to": 1, "ratio": pytest.approx(1 / 3, abs=1e-3)}]
+    assert "1 for steps under 4 rows (changed while running" in backend.paths.summary()
+
+    ref.load_slot(0, ref.zero_state())
+    want = [ref.prefill(0, tokens[:20])] + [ref.decode([t])[0] for t in tokens[20:33]]
+    want += [ref.prefill(0, tokens[33:35]), ref.prefill(0, tokens[35:40])]
+    got = [ours[0]] + [t[0] for t in ours[1:-2]] + ours[-2:]
+    assert len(got) == len(want) == 16
+    assert max(float((g - w).abs().max()) for g, w in zip(got, want, strict=True)) <= FP32_TOL
+
+
 def test_raven_torch_threads_reaches_the_backend(settings_factory: SettingsFactory) -> None:
     settings = settings_factory(torch_threads=1)
     assert settings.model is not None and settings.torch_threads == 1
     backend = load_backend(settings, settings.model)
     assert isinstance(backend, BatchedRWKV7Backend)
     assert backend.paths.threads == 1 and backend.paths.threads_source == "RAVEN_TORCH_THREADS"
+    assert backend.thread_watch is None  # the operator's count is kept, whatever the neighbours do
 
 
 def test_a_damaged_cache_is_measured_again(tiny_v7_path: Path, tmp_path: Path) -> None:

@@ -49,6 +49,24 @@ def database_bytes(path: Path) -> int:
     return total
 
 
+def _thread_counts(backend: object) -> Iterator[Any]:
+    """The torch threads a CPU backend's steps run on now, and how often the count changed while
+    running (``bot.inference.thread_watch``); nothing for a backend that does not choose them."""
+    paths = getattr(backend, "paths", None)
+    threads = int(getattr(paths, "threads", 0) or 0)
+    if not threads or getattr(getattr(backend, "device", None), "type", "cpu") != "cpu":
+        return
+    counts = GaugeMetricFamily("raven_engine_torch_threads", "Torch threads the model's steps run on, "
+                               "by step size (one_stream: under 4 rows)", labels=["steps"])
+    counts.add_metric(["one_stream"], int(getattr(paths, "small_step_threads", 0) or 0) or threads)
+    counts.add_metric(["batch"], threads)
+    yield counts
+    watch = getattr(backend, "thread_watch", None)
+    yield CounterMetricFamily("raven_engine_thread_changes", "Torch thread counts changed while running "
+                              "because another count ran the steps faster",
+                              value=len(watch.changes) if watch is not None else 0)
+
+
 class _ScrapeTime(Collector):
     """Read at each scrape: nothing is kept between scrapes."""
 
@@ -76,6 +94,7 @@ class _ScrapeTime(Collector):
         )
         for name, documentation, value in counters:
             yield CounterMetricFamily(name, documentation, value=value)
+        yield from _thread_counts(engine.backend)
         yield GaugeMetricFamily("raven_state_cache_bytes", "Memory held by cached thread states and prompts",
                                 value=states.used_bytes)
         yield GaugeMetricFamily("raven_database_bytes", "The SQLite database file and its write-ahead log",

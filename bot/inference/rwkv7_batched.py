@@ -73,6 +73,7 @@ from bot.inference.paths import (
     tune_matmul,
     wkv_candidates,
 )
+from bot.inference.thread_watch import Change, ThreadWatch, thread_options
 from bot.inference.threads import run_in_fresh_thread
 from bot.inference.wkv_fused import FUSED, TORCH, LayerConstants, wkv_layer, wkv_seq, wkv_step
 
@@ -370,6 +371,7 @@ class BatchedRWKV7Backend:
     def _load(self, sd: dict[str, torch.Tensor]) -> None:
         """Paths chosen, weights into their forward shapes, the empty state pool, threads measured."""
         params = sum(t.numel() for t in sd.values())
+        self.thread_watch: ThreadWatch | None = None  # none while the load itself runs steps
         self.tune_cache = self._tune_cache if self._always_tune or params >= MIN_TUNE_PARAMS else None
         self.paths = self._choose_paths(sd)
         self._load_weights(sd)
@@ -382,6 +384,11 @@ class BatchedRWKV7Backend:
         elif self.tune_cache is not None and self.device.type == "cpu":
             self._tune_threads()
         self._choose_small_lora()
+        if self.device.type == "cpu" and self.paths.threads_source == "measured at load":
+            # Measured at load; the neighbours that decided it come and go (bot.inference.thread_watch).
+            small = self.paths.small_step_threads or self.paths.threads
+            self.thread_watch = ThreadWatch(thread_options(self.machine.cores), (small, self.paths.threads))
+            self.paths.threads_source = f"measured at load, re-checked every {self.thread_watch.every_s:g} s"
         log.info("RWKV-7 %s on %s (%s, %s): %s%s", self.dtype, self.device, self.machine.cpu_model,
                  self.machine.kind, self.paths.summary(), "; CUDA graphs on" if self.graphs else "")
 
@@ -472,8 +479,7 @@ class BatchedRWKV7Backend:
         The options take turns, round after round (median per option and batch), so that a burst of
         load from elsewhere falls on all of them alike: measured one after the other, a noisy
         neighbour once made one thread "win" on a host where two ran a 16-row step 1.4× faster."""
-        cores = self.machine.cores
-        options = [cores] + ([cores // 2] if cores >= 4 else []) + ([1] if cores > 1 else [])
+        options = thread_options(self.machine.cores)
         if len(options) == 1:
             self.paths.threads_source = "the only core"
             return
@@ -784,23 +790,52 @@ class BatchedRWKV7Backend:
         assert logits is not None
         return logits.cpu()
 
+    def _own_counts(self) -> tuple[int, ...]:
+        """The thread counts this backend sets; a count someone else set on the calling thread
+        (none of them) is left alone."""
+        if self.thread_watch is not None:
+            return self.thread_watch.options
+        return (self.paths.small_step_threads, self.paths.threads)
+
     def _use_threads(self, rows: int) -> None:
-        """Switch between the two measured thread counts (``Paths.threads_for``) where they differ;
-        a count someone else set on this thread (neither of them) is left alone."""
-        small, big = self.paths.small_step_threads, self.paths.threads
-        if not small or small == big or self.device.type != "cpu":
+        """Switch to the thread count chosen for this size of step (``Paths.threads_for``)."""
+        if self.device.type != "cpu":
             return
         current = torch.get_num_threads()
         wanted = self.paths.threads_for(rows)
-        if current != wanted and current in (small, big):
+        if current != wanted and current in self._own_counts():
             torch.set_num_threads(wanted)
+
+    def _watched_decode(self, watch: ThreadWatch, ids: torch.Tensor) -> torch.Tensor:
+        """A CPU decode step on the count the thread watch says, timed for it."""
+        B = int(ids.shape[0])
+        count = watch.count(B)
+        if torch.get_num_threads() != count:
+            torch.set_num_threads(count)
+        started = time.perf_counter()
+        with torch.no_grad():
+            logits = self._forward(ids.view(B, 1), slice(0, B))
+        change = watch.observe(B, count, time.perf_counter() - started)
+        if change is not None:
+            self._follow(change, watch)
+        return logits
+
+    def _follow(self, change: Change, watch: ThreadWatch) -> None:
+        """Steps and prefills take the watch's new counts from here on."""
+        self.paths.small_step_threads, self.paths.threads = watch.current
+        self.paths.threads_source = f"changed while running, re-checked every {watch.every_s:g} s"
+        self.paths.timings.setdefault("thread_changes", []).append(
+            {"steps": change.kind, "from": change.before, "to": change.after, "ratio": round(change.ratio, 3)})
 
     def decode(self, tokens: Sequence[int]) -> torch.Tensor:
         B = len(tokens)
         if not 0 < B <= self.max_slots:
             raise ValueError(f"decode takes 1..{self.max_slots} tokens (one per slot), got {B}")
-        self._use_threads(B)
         ids = torch.tensor(list(tokens), dtype=torch.long, device=self.device)
+        watch = self.thread_watch
+        if watch is not None and torch.get_num_threads() in watch.options:
+            return self._watched_decode(watch, ids)
+        self._use_threads(B)
         with torch.no_grad():
             # On the device: the engine samples there and copies back only the chosen ids.
             replayed = self.graphs.run(ids) if self.graphs is not None else None

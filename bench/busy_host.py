@@ -1,0 +1,117 @@
+"""``python -m bench.busy_host``: replies on a host whose cores got busy after the model loaded, with
+the thread watch (``bot.inference.thread_watch``) and without it, in the same run.
+
+The backend is loaded on the quiet host, so it measures and keeps its best count there (all cores,
+as a rule). Then one busy process per usable core starts (a Python loop: another service, a build),
+and the same replies run through the real engine with the watch and with the count fixed at the
+load's choice, in turns. ``busy_ratio_*`` is tok/s with the watch ÷ without; ``quiet_ratio`` is the
+same with no neighbours and a check due at the start (what the checks cost a quiet host: ~1).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import statistics
+import subprocess
+import sys
+import time
+from collections.abc import Iterator
+from contextlib import contextmanager
+from typing import Annotated, Any
+
+import torch
+import typer
+
+from bench.benchmark import _BenchTokenizer, _cache_dir, _checkpoint, _generate, _tokens
+from bot.inference.allocator import tune_allocator
+from bot.inference.checkpoint import SizeName
+from bot.inference.engine import Engine
+from bot.inference.machine import detect
+from bot.inference.rwkv7_batched import BatchedRWKV7Backend
+from bot.inference.thread_watch import ThreadWatch, thread_options
+
+ONE_REPLY_TOKENS = 150
+"""The issue's case: a 150-token chat took 71 s with the default count and 28 s on one thread."""
+BATCH = 16
+BATCH_TOKENS = 64
+
+
+@contextmanager
+def neighbours(count: int) -> Iterator[None]:
+    """``count`` processes that keep a core busy each, for as long as the block runs."""
+    procs = [subprocess.Popen([sys.executable, "-c", "while True: pass"]) for _ in range(count)]
+    try:
+        time.sleep(0.5)  # let them start spinning
+        yield
+    finally:
+        for proc in procs:
+            proc.kill()
+            proc.wait()
+
+
+async def _replies(backend: BatchedRWKV7Backend, replies: int, tokens: int, threads: int) -> float:
+    """``replies`` at once through the engine: generated tok/s."""
+    engine = Engine(backend, _BenchTokenizer(), max_batch=replies, max_queue=replies + 8,  # type: ignore[arg-type]
+                    torch_threads=threads)
+    async with engine:
+        zero = engine.zero_state()
+        started = time.perf_counter()
+        results = await asyncio.gather(*(_generate(engine, zero, _tokens(16, 7 + i), tokens, 7 + i)
+                                         for i in range(replies)))
+        return sum(r[2] for r in results) / (time.perf_counter() - started)
+
+
+def _measure(backend: BatchedRWKV7Backend, replies: int, tokens: int, rounds: int) -> dict[str, Any]:
+    """The same replies with the watch (a check due at once, as on a host that got busy a while
+    after the load) and without it (the load's count kept), in turns; medians of tok/s."""
+    load = (backend.paths.small_step_threads or backend.paths.threads, backend.paths.threads)
+    options = thread_options(backend.machine.cores)
+    rates: dict[str, list[float]] = {"watch": [], "fixed": []}
+    changes: list[list[str]] = []
+    for _ in range(rounds):
+        for mode in ("fixed", "watch"):
+            backend.paths.small_step_threads, backend.paths.threads = load
+            watch = ThreadWatch(options, load, first_check_s=0.0) if mode == "watch" else None
+            backend.thread_watch = watch
+            rates[mode].append(asyncio.run(_replies(backend, replies, tokens, load[1])))
+            if watch is not None:
+                changes.append([f"{c.kind}: {c.before} → {c.after}" for c in watch.changes])
+    watch_rate, fixed_rate = (statistics.median(rates[m]) for m in ("watch", "fixed"))
+    return {"ratio": round(watch_rate / fixed_rate, 3), "watch_tok_s": round(watch_rate, 1),
+            "fixed_tok_s": round(fixed_rate, 1), "changes": changes}
+
+
+def run(dtype: str, rounds: int, size: SizeName = "0.1b") -> dict[str, Any]:
+    tune_allocator()
+    torch.set_num_threads(1)  # this thread runs the event loop (see bot.inference.threads)
+    torch.get_num_threads()
+    machine = detect()
+    if machine.cores < 2:
+        raise SystemExit("bench.busy_host: one usable core, so there is no thread count to choose")
+    path = _checkpoint(size)
+    backend = BatchedRWKV7Backend(path, dtype=dtype, max_slots=BATCH + 1, tune_cache=_cache_dir() / "tuning.json")
+    result: dict[str, Any] = {"size": size, "dtype": dtype, "cpu_kind": machine.kind, "cores": machine.cores,
+                              "paths_at_load": backend.paths.summary(), "busy_processes": machine.cores,
+                              "rounds": rounds}
+    quiet = _measure(backend, 1, ONE_REPLY_TOKENS, rounds)
+    with neighbours(machine.cores):
+        one = _measure(backend, 1, ONE_REPLY_TOKENS, rounds)
+        batch = _measure(backend, BATCH, BATCH_TOKENS, rounds)
+    result |= {"quiet_ratio": quiet["ratio"], "busy_ratio_1": one["ratio"], f"busy_ratio_{BATCH}": batch["ratio"],
+               "quiet": quiet, "busy_1": one, f"busy_{BATCH}": batch}
+    return result
+
+
+def main(dtype: Annotated[str, typer.Option(help="fp32 or bf16")] = "fp32",
+         rounds: Annotated[int, typer.Option(help="Turns of each mode per case")] = 2,
+         size: Annotated[str, typer.Option(help="0.1b, or tiny for a smoke run")] = "0.1b") -> None:
+    """Replies on a host that got busy after the load, with the thread watch and without."""
+    if size not in ("0.1b", "tiny") or dtype not in ("fp32", "bf16"):
+        raise typer.BadParameter(f"--size 0.1b or tiny and --dtype fp32 or bf16, not {size!r} and {dtype!r}")
+    result = run(dtype, rounds, size)  # type: ignore[arg-type]
+    typer.echo(json.dumps(result, indent=2, ensure_ascii=False))
+
+
+if __name__ == "__main__":
+    typer.run(main)
