@@ -5,7 +5,11 @@ The backend is loaded on the quiet host, so it measures and keeps its best count
 as a rule). Then one busy process per usable core starts (a Python loop: another service, a build),
 and the same replies run through the real engine with the watch and with the count fixed at the
 load's choice, in turns. ``busy_ratio_*`` is tok/s with the watch ÷ without; ``quiet_ratio`` is the
-same with no neighbours and a check due at the start (what the checks cost a quiet host: ~1).
+same with no neighbours and a check due at the start (~1, inside the host's noise).
+
+``check_cost_ms`` is what one check cost (its steps on the other count beyond the current's, median
+of the checks; negative where the check already saved time), and ``check_cost_share`` that cost
+spread over the 15 s between checks: on a quiet host, the share of a steady load the watch takes.
 """
 
 from __future__ import annotations
@@ -29,7 +33,7 @@ from bot.inference.checkpoint import SizeName
 from bot.inference.engine import Engine
 from bot.inference.machine import detect
 from bot.inference.rwkv7_batched import BatchedRWKV7Backend
-from bot.inference.thread_watch import ThreadWatch, thread_options
+from bot.inference.thread_watch import EVERY_S, ThreadWatch, thread_options
 
 ONE_REPLY_TOKENS = 150
 """The issue's case: a 150-token chat took 71 s with the default count and 28 s on one thread."""
@@ -69,6 +73,7 @@ def _measure(backend: BatchedRWKV7Backend, replies: int, tokens: int, rounds: in
     options = thread_options(backend.machine.cores)
     rates: dict[str, list[float]] = {"watch": [], "fixed": []}
     changes: list[list[str]] = []
+    costs: list[float] = []
     for _ in range(rounds):
         for mode in ("fixed", "watch"):
             backend.paths.small_step_threads, backend.paths.threads = load
@@ -77,9 +82,12 @@ def _measure(backend: BatchedRWKV7Backend, replies: int, tokens: int, rounds: in
             rates[mode].append(asyncio.run(_replies(backend, replies, tokens, load[1])))
             if watch is not None:
                 changes.append([f"{c.kind}: {c.before} → {c.after}" for c in watch.changes])
+                costs += watch.check_costs
     watch_rate, fixed_rate = (statistics.median(rates[m]) for m in ("watch", "fixed"))
+    cost = statistics.median(costs) if costs else 0.0
     return {"ratio": round(watch_rate / fixed_rate, 3), "watch_tok_s": round(watch_rate, 1),
-            "fixed_tok_s": round(fixed_rate, 1), "changes": changes}
+            "fixed_tok_s": round(fixed_rate, 1), "changes": changes, "check_cost_ms": round(cost * 1e3, 2),
+            "check_cost_share": round(cost / EVERY_S, 5)}
 
 
 def run(dtype: str, rounds: int, size: SizeName = "0.1b") -> dict[str, Any]:
@@ -94,7 +102,7 @@ def run(dtype: str, rounds: int, size: SizeName = "0.1b") -> dict[str, Any]:
     result: dict[str, Any] = {"size": size, "dtype": dtype, "cpu_kind": machine.kind, "cores": machine.cores,
                               "paths_at_load": backend.paths.summary(), "busy_processes": machine.cores,
                               "rounds": rounds}
-    quiet = _measure(backend, 1, ONE_REPLY_TOKENS, rounds)
+    quiet = _measure(backend, 1, ONE_REPLY_TOKENS, 3 * rounds)  # a small difference: more turns
     with neighbours(machine.cores):
         one = _measure(backend, 1, ONE_REPLY_TOKENS, rounds)
         batch = _measure(backend, BATCH, BATCH_TOKENS, rounds)

@@ -71,6 +71,7 @@ def test_a_busy_host_moves_one_stream_to_one_thread_and_a_quiet_one_moves_it_bac
     (change,) = watch.changes
     assert (change.kind, change.before, change.after) == ("one stream", 2, 1)
     assert change.ratio == pytest.approx(0.070 / 0.191)
+    assert watch.check_costs == [pytest.approx(PAIRS * (0.070 - 0.191))]  # the check saved time already
     assert run(watch, clock, 1, 20, busy) == [1] * 20  # until the next check, 15 s on
 
     clock.now += EVERY_S  # the neighbours have gone
@@ -86,6 +87,7 @@ def test_a_quiet_host_keeps_its_count_and_checks_again_later() -> None:
     clock.now = EVERY_S
     assert run(watch, clock, 16, 2 * PAIRS, quiet) == [2, 1, 1, 2, 2, 1, 1, 2]
     assert watch.current == [2, 2] and not watch.changes and watch.checks == 1
+    assert watch.check_costs == [pytest.approx(PAIRS * (0.042 - 0.031))]  # four steps 11 ms slower
     assert run(watch, clock, 16, 100, quiet) == [2] * 100  # 3.1 s: before the next check
     clock.now += EVERY_S
     assert run(watch, clock, 16, 2 * PAIRS, quiet)[:2] == [2, 1] and watch.checks == 2

@@ -58,6 +58,7 @@ class _Check:
     ratios: list[float] = field(default_factory=list)
     first: tuple[int, float] | None = None  # (rows, seconds) of a pair's first step
     steps: int = 0
+    cost: float = 0.0  # the pairs' other-count seconds minus their current-count seconds
 
 
 @dataclass(frozen=True)
@@ -90,6 +91,8 @@ class ThreadWatch:
         self.clock = clock
         self.changes: list[Change] = []
         self.checks = 0
+        #: per finished check, seconds its steps on the other count took beyond the current's (< 0: saved)
+        self.check_costs: list[float] = []
         now = clock()
         first = now + (every_s if first_check_s is None else first_check_s)
         self._next_check = [first, first]
@@ -121,13 +124,16 @@ class ThreadWatch:
         else:
             first, check.first = check.first, None
             if first is not None and first[0] == rows and min(seconds, first[1]) > 0:
-                check.ratios.append(seconds / first[1] if on_other else first[1] / seconds)
+                other_s, current_s = (seconds, first[1]) if on_other else (first[1], seconds)
+                check.ratios.append(other_s / current_s)
+                check.cost += other_s - current_s
         if len(check.ratios) < self.pairs:
             if check.steps >= 4 * self.pairs:  # the step sizes kept changing: try again later
                 self._finish(kind)
             return None
         ratio = statistics.median(check.ratios)
         self._finish(kind)
+        self.check_costs.append(check.cost)
         if ratio >= 1 - self.margin:
             return None
         change = Change(KINDS[kind], self.current[kind], check.other, ratio)
