@@ -137,7 +137,7 @@ def test_thread_counts_take_turns_so_a_burst_of_load_cannot_pick_the_slower(tiny
                                                                              monkeypatch: pytest.MonkeyPatch) -> None:
     import types
 
-    import bot.inference.rwkv7_batched as batched
+    import bot.inference.paths as paths_module
 
     backend = BatchedRWKV7Backend(tiny_v7_path, max_slots=16)
     cores = backend.machine.cores
@@ -155,7 +155,7 @@ def test_thread_counts_take_turns_so_a_burst_of_load_cannot_pick_the_slower(tiny
         return torch.zeros(len(tokens), backend.vocab_size)
 
     monkeypatch.setattr(backend, "decode", decode)
-    monkeypatch.setattr(batched, "time", types.SimpleNamespace(perf_counter=lambda: now[0]))
+    monkeypatch.setattr(paths_module, "time", types.SimpleNamespace(perf_counter=lambda: now[0]))
     backend._tune_threads()
     assert backend.paths.threads == cores and backend.paths.threads_source == "measured at load"
     assert backend.paths.small_step_threads == cores  # one stream too
@@ -173,7 +173,7 @@ def test_one_stream_and_a_batch_each_get_the_thread_count_measured_best_for_them
     count, and the steps and prefill then run on it."""
     import types
 
-    import bot.inference.rwkv7_batched as batched
+    import bot.inference.paths as paths_module
 
     backend = BatchedRWKV7Backend(tiny_v7_path, max_slots=16)
     cores = backend.machine.cores
@@ -188,7 +188,7 @@ def test_one_stream_and_a_batch_each_get_the_thread_count_measured_best_for_them
         return torch.zeros(len(tokens), backend.vocab_size)
 
     monkeypatch.setattr(backend, "decode", decode)
-    monkeypatch.setattr(batched, "time", types.SimpleNamespace(perf_counter=lambda: now[0]))
+    monkeypatch.setattr(paths_module, "time", types.SimpleNamespace(perf_counter=lambda: now[0]))
     backend._tune_threads()
     monkeypatch.setattr(backend, "decode", real_decode)
     assert backend.paths.small_step_threads == 1 and backend.paths.threads == cores

@@ -28,13 +28,15 @@ import time
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import Any, TypeVar
 
 import torch
 
 from bot.inference.linear import PLAIN, TRANSPOSED, Linear, mkldnn_works, onednn
 from bot.inference.machine import Machine
 from bot.inference.wkv_fused import FUSED, TORCH, fused_works
+
+T = TypeVar("T")
 
 log = logging.getLogger(__name__)
 
@@ -144,6 +146,24 @@ def median_seconds(fn: Callable[[], object], repeats: int = 5, warmup: int = 2,
         sync()
         times.append(time.perf_counter() - started)
     return float(statistics.median(times))
+
+
+def in_turns(options: Sequence[T], use: Callable[[T], None], steps: Sequence[Callable[[], object]],
+             rounds: int) -> dict[T, list[float]]:
+    """Each option's median seconds per step: ``use(option)``, then every step timed once, option
+    after option, round after round (one warm-up round first, not counted). Taking turns, a burst of
+    load from elsewhere falls on all the options alike; measured one after the other, a noisy
+    neighbour once made one thread count "win" on a host where the other ran a step 1.4× faster."""
+    samples: dict[T, list[list[float]]] = {option: [[] for _ in steps] for option in options}
+    for round_ in range(rounds + 1):
+        for option in options:
+            use(option)
+            for i, step in enumerate(steps):
+                started = time.perf_counter()
+                step()
+                if round_:
+                    samples[option][i].append(time.perf_counter() - started)
+    return {option: [statistics.median(ts) for ts in per_step] for option, per_step in samples.items()}
 
 
 def least_regret(times: Mapping[str, Sequence[float]]) -> str:

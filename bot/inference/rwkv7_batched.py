@@ -41,7 +41,6 @@ matrix-vector product, so we do it in O(N²) in place.
 from __future__ import annotations
 
 import logging
-import statistics
 import time
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
@@ -67,6 +66,7 @@ from bot.inference.paths import (
     TuneCache,
     by_capability,
     candidates,
+    in_turns,
     least_regret,
     median_seconds,
     shape_key,
@@ -476,33 +476,22 @@ class BatchedRWKV7Backend:
         one stream and for a batch separately (``Paths.threads_for``): with other processes busy on
         the same cores, one OpenMP thread beat two by 2.5× for a whole chat. Measured at every
         load, not cached: it depends on the neighbours.
-        The options take turns, round after round (median per option and batch), so that a burst of
-        load from elsewhere falls on all of them alike: measured one after the other, a noisy
-        neighbour once made one thread "win" on a host where two ran a 16-row step 1.4× faster."""
+        The options take turns (``bot.inference.paths.in_turns``); the thread watch
+        (``bot.inference.thread_watch``) checks the choice again while the bot runs."""
         options = thread_options(self.machine.cores)
         if len(options) == 1:
             self.paths.threads_source = "the only core"
             return
         before = torch.get_num_threads()
         batches = (1, min(16, self.max_slots))
-        samples: dict[int, list[list[float]]] = {n: [[] for _ in batches] for n in options}
         try:
-            for n in options:  # warm-up: each count's OpenMP team and kernels
-                torch.set_num_threads(n)
-                for b in batches:
-                    self.decode([1] * b)
-            for _ in range(THREAD_ROUNDS):
-                for n in options:
-                    torch.set_num_threads(n)
-                    for i, b in enumerate(batches):
-                        started = time.perf_counter()
-                        self.decode([1] * b)
-                        samples[n][i].append(time.perf_counter() - started)
+            measured = in_turns(options, torch.set_num_threads,
+                                [partial(self.decode, [1] * b) for b in batches], THREAD_ROUNDS)
         finally:
             torch.set_num_threads(before)
         for t in (self.att_x, self.wkv, self.ffn_x):
             t.zero_()
-        times = {str(n): [statistics.median(per_batch) for per_batch in samples[n]] for n in options}
+        times = {str(n): ts for n, ts in measured.items()}
         # Each batch size its own count: one least regret over both let a batch's gain from two
         # threads outvote one stream's loss from them, or the reverse.
         self.paths.small_step_threads = int(least_regret({n: t[:1] for n, t in times.items()}))
@@ -519,16 +508,11 @@ class BatchedRWKV7Backend:
         if self.tune_cache is None:
             self.paths.small_lora = True
             return
-        samples: dict[bool, list[float]] = {False: [], True: []}
-        for _ in range(THREAD_ROUNDS + 1):  # the first round warms both up and is not counted
-            for option in (False, True):
-                self.paths.small_lora = option
-                started = time.perf_counter()
-                self.decode([1])
-                samples[option].append(time.perf_counter() - started)
+        measured = in_turns((False, True), partial(setattr, self.paths, "small_lora"), [partial(self.decode, [1])],
+                            THREAD_ROUNDS)
         for t in (self.att_x, self.wkv, self.ffn_x):
             t.zero_()
-        times = {str(option): [statistics.median(ts[1:])] for option, ts in samples.items()}
+        times = {str(option): ts for option, ts in measured.items()}
         self.paths.small_lora = least_regret(times) == "True"  # PyTorch's ops win ties
         self.paths.timings["small_lora_ms"] = {k: round(v[0] * 1e3, 3) for k, v in times.items()}
         if not self.paths.small_lora:
