@@ -14,8 +14,8 @@ from typing import Any
 import numpy as np
 from numba import njit
 
+from bot.inference.numba_bf16 import to_element, to_f32
 from bot.inference.numba_setup import FASTMATH
-from bot.inference.wkv_kernels import _f32, _out
 
 LOG_W_SCALE = np.float32(-0.606531)  # rwkv7_batched.LOG_W_SCALE, the package's literal
 __all__ = ["chains"]
@@ -25,7 +25,7 @@ __all__ = ["chains"]
 def _dot(W: Any, row: int, x: Any) -> Any:
     acc = np.float32(0.0)
     for i in range(x.shape[0]):
-        acc += _f32(W[row, i]) * _f32(x[i])
+        acc += to_f32(W[row, i]) * to_f32(x[i])
     return acc
 
 
@@ -39,12 +39,12 @@ def _down(W: Any, x: Any, like: Any, act: int) -> Any:
     """``W @ x`` rounded, then (act 1) tanh or (act 2) sigmoid rounded: a chain's first half."""
     h = np.empty(W.shape[0], x.dtype)
     for o in range(W.shape[0]):
-        value = _f32(_out(_dot(W, o, x), like))
+        value = to_f32(to_element(_dot(W, o, x), like))
         if act == 1:
             value = np.float32(math.tanh(value))
         elif act == 2:
             value = _sigmoid(value)
-        h[o] = _out(value, like)
+        h[o] = to_element(value, like)
     return h
 
 
@@ -52,8 +52,8 @@ def _down(W: Any, x: Any, like: Any, act: int) -> Any:
 def _gated(W: Any, h: Any, bias: Any, like: Any, out: Any) -> None:
     """``sigmoid(bias + W @ h)``, each step rounded as PyTorch's bf16 ops round it."""
     for c in range(W.shape[0]):
-        s = _f32(_out(_f32(bias[c]) + _f32(_out(_dot(W, c, h), like)), like))
-        out[c] = _out(_sigmoid(s), like)
+        s = to_f32(to_element(to_f32(bias[c]) + to_f32(to_element(_dot(W, c, h), like)), like))
+        out[c] = to_element(_sigmoid(s), like)
 
 
 @njit(nogil=True, fastmath=FASTMATH, cache=True)
@@ -67,10 +67,10 @@ def chains(mixed: Any, w1: Any, w2: Any, a1: Any, a2: Any, v1: Any, v2: Any, g1:
     for r in range(mixed.shape[1]):
         h = _down(w1, mixed[1, r], like, 1)
         for c in range(w2.shape[0]):
-            log_w[r, c] = LOG_W_SCALE * _sigmoid(w0[c] + _f32(_out(_dot(w2, c, h), like)))
+            log_w[r, c] = LOG_W_SCALE * _sigmoid(w0[c] + to_f32(to_element(_dot(w2, c, h), like)))
         _gated(a2, _down(a1, mixed[4, r], like, 0), a0, like, a[r])
         if has_v:
             _gated(v2, _down(v1, mixed[3, r], like, 0), v0, like, v_gate[r])
         h = _down(g1, mixed[5, r], like, 2)
         for c in range(g2.shape[0]):
-            g[r, c] = _out(_dot(g2, c, h), like)
+            g[r, c] = to_element(_dot(g2, c, h), like)

@@ -66,7 +66,7 @@ def _arrays(tensors: tuple[torch.Tensor, ...]) -> list[np.ndarray]:
 
 def bf16_bits(t: torch.Tensor) -> np.ndarray:
     """A bf16 tensor as a C-contiguous uint16 numpy view of its bits, which the numba kernels read
-    as bf16 (``wkv_kernels._f32``): no conversion pass, no fp32 copy (no copy at all where it is
+    as bf16 (``numba_bf16.to_f32``): no conversion pass, no fp32 copy (no copy at all where it is
     contiguous already)."""
     return t.contiguous().view(torch.int16).numpy().view(np.uint16)
 

@@ -19,65 +19,12 @@ from typing import Any
 
 import numba
 import numpy as np
-from llvmlite import ir
-from numba import njit, prange, types
-from numba.extending import intrinsic, overload
+from numba import njit, prange
 
+from bot.inference.numba_bf16 import to_element, to_f32
 from bot.inference.numba_setup import FASTMATH
 
 __all__ = ["numba", "seq"]
-
-
-def _bitcast(to: Any, llvm_type: Any, source: Any) -> Any:
-    """A numba intrinsic reinterpreting a scalar's bits as another type (LLVM's ``bitcast``: free,
-    and it vectorises); numba has no such function of its own."""
-    def typer(typingctx: Any, value: Any) -> Any:
-        def codegen(context: Any, builder: Any, signature: Any, args: Any) -> Any:
-            return builder.bitcast(args[0], llvm_type)
-        return to(source), codegen
-    return intrinsic(typer)
-
-
-_f32_from_bits: Any = _bitcast(types.float32, ir.FloatType(), types.uint32)
-_bits_from_f32: Any = _bitcast(types.uint32, ir.IntType(32), types.float32)
-
-
-def _f32(value: Any) -> Any:
-    """An input element as float32: bf16 inputs come in as their uint16 bit patterns (numpy has no
-    bf16), so the kernel reads PyTorch's bf16 tensors as they are instead of converting seven of them
-    to fp32 per layer before the call (and the output back after it)."""
-
-
-@overload(_f32, inline="always")
-def _f32_impl(value: Any) -> Any:
-    if value == types.uint16:
-        def from_bf16(value: Any) -> Any:
-            return _f32_from_bits(np.uint32(value) << np.uint32(16))
-        return from_bf16
-
-    def as_f32(value: Any) -> Any:
-        return np.float32(value)
-    return as_f32
-
-
-def _out(value: Any, like: Any) -> Any:
-    """A float32 result in the output's element type (``like``: an element of it): bf16 bits rounded
-    to nearest even, as PyTorch rounds, a NaN kept a NaN."""
-
-
-@overload(_out, inline="always")
-def _out_impl(value: Any, like: Any) -> Any:
-    if like == types.uint16:
-        def to_bf16(value: Any, like: Any) -> Any:
-            bits = _bits_from_f32(value)
-            if (bits & np.uint32(0x7FFFFFFF)) > np.uint32(0x7F800000):
-                return np.uint16(0x7FC0)
-            return np.uint16((bits + np.uint32(0x7FFF) + ((bits >> np.uint32(16)) & np.uint32(1))) >> np.uint32(16))
-        return to_bf16
-
-    def same(value: Any, like: Any) -> Any:
-        return value
-    return same
 
 
 @njit(parallel=True, fastmath=FASTMATH, nogil=True, cache=True)
@@ -104,32 +51,32 @@ def seq(S: Any, r: Any, w_: Any, k: Any, v: Any, kk: Any, a: Any, y: Any, post: 
                 norm = np.float32(0.0)
                 for j in range(N):
                     c = h * N + j
-                    kj = _f32(k[b, t, h, j])
+                    kj = to_f32(k[b, t, h, j])
                     unit[j] = kj * k_k[c]
                     norm += unit[j] * unit[j]
-                    keys[j] = kj * (np.float32(1.0) + (_f32(a[b, t, h, j]) - np.float32(1.0)) * k_a[c])
-                    vj = _f32(v[b, t, h, j])
-                    vals[j] = vj + (_f32(v_first[b, t, h, j]) - vj) * _f32(v_gate[b, t, h, j]) if mix else vj
+                    keys[j] = kj * (np.float32(1.0) + (to_f32(a[b, t, h, j]) - np.float32(1.0)) * k_a[c])
+                    vj = to_f32(v[b, t, h, j])
+                    vals[j] = vj + (to_f32(v_first[b, t, h, j]) - vj) * to_f32(v_gate[b, t, h, j]) if mix else vj
                 inv = np.float32(1.0) / max(np.sqrt(norm), np.float32(1e-12))
                 for j in range(N):
                     unit[j] *= inv
             else:
                 for j in range(N):
-                    keys[j] = _f32(k[b, t, h, j])
-                    unit[j] = _f32(kk[b, t, h, j])
-                    vals[j] = _f32(v[b, t, h, j])
+                    keys[j] = to_f32(k[b, t, h, j])
+                    unit[j] = to_f32(kk[b, t, h, j])
+                    vals[j] = to_f32(v[b, t, h, j])
             k_r = np.float32(0.0)
             kka_r = np.float32(0.0)
             bonus = np.float32(0.0)
             w = w_[b, t, h]
             for j in range(N):
-                kka[j] = unit[j] * _f32(a[b, t, h, j])
-                wr[j] = w[j] * _f32(r[b, t, h, j])
-                k_r += keys[j] * _f32(r[b, t, h, j])
-                kka_r += kka[j] * _f32(r[b, t, h, j])
+                kka[j] = unit[j] * to_f32(a[b, t, h, j])
+                wr[j] = w[j] * to_f32(r[b, t, h, j])
+                k_r += keys[j] * to_f32(r[b, t, h, j])
+                kka_r += kka[j] * to_f32(r[b, t, h, j])
             if post:
                 for j in range(N):
-                    bonus += keys[j] * _f32(r[b, t, h, j]) * r_k[h, j]
+                    bonus += keys[j] * to_f32(r[b, t, h, j]) * r_k[h, j]
             mean = np.float32(0.0)
             if blocked:
                 # Four rows at a time: eight independent sums per pass over the keys instead of
@@ -188,7 +135,7 @@ def seq(S: Any, r: Any, w_: Any, k: Any, v: Any, kk: Any, a: Any, y: Any, post: 
                     mean += out[i]
             if not post:
                 for i in range(N):
-                    y[b, t, h, i] = _out(out[i], y[0, 0, 0, 0])
+                    y[b, t, h, i] = to_element(out[i], y[0, 0, 0, 0])
                 continue
             # The head's group norm, the current token's own value ("bonus") and the output gate.
             mean /= N
@@ -200,4 +147,4 @@ def seq(S: Any, r: Any, w_: Any, k: Any, v: Any, kk: Any, a: Any, y: Any, post: 
             for i in range(N):
                 c = h * N + i
                 normed = (out[i] - mean) * rstd * ln_w[c] + ln_b[c]
-                y[b, t, h, i] = _out((normed + bonus * vals[i]) * _f32(g[b, t, h, i]), y[0, 0, 0, 0])
+                y[b, t, h, i] = to_element((normed + bonus * vals[i]) * to_f32(g[b, t, h, i]), y[0, 0, 0, 0])
