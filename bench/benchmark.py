@@ -27,6 +27,12 @@ What is measured (JSON keys):
 * ``max_loop_stall_ms``: the longest the asyncio event loop went without running a 5 ms ticker
   (``TICK_S``) while the engine generated, past the ticker's own sleep.
 * ``max_logit_diff``: largest |ours − package| over the prefill and the decode steps compared.
+
+The figures measured on the backend directly (single stream, prefill, decode steps) run on the
+thread count chosen at load; the engine phases run as the bot does, with the thread watch
+(``bot.inference.thread_watch``) re-checking that count every 15 s (on a quiet host ~0.2-0.4% of
+the time; ``paths.timings.thread_changes`` lists any change it made). The package has no such watch:
+on a host that gets busy mid-run, the engine ratios include what the watch recovers.
 * ``turn_overhead_ms_10`` / ``_2000`` and ``turn_overhead_ratio``: what a turn costs besides the model
   on a hot thread of 10 and of 2,000 messages, and their ratio (target ≤ 1.2: per-turn work does not
   grow with the thread; see ``bench/turn_overhead.py``).
@@ -477,9 +483,15 @@ def _run(size: str, dtype: str, device: str, threads: tuple[int, ...], quick: bo
     for note in notes:
         say(note)
     # In a thread that ends, with the chosen torch threads: the event loop's thread stays at 1.
-    direct = run_in_fresh_thread(
-        lambda: _measure_directly(path, ours, ref_dtype, threads, rounds, decode_steps, say),
-        name="raven-bench", torch_threads=torch_threads)
+    # The model's own speed, on the count chosen at load: the thread watch's checks (a few steps on
+    # the other count) would land in some rounds and not others. The engine phases run with it.
+    watch, ours.thread_watch = ours.thread_watch, None
+    try:
+        direct = run_in_fresh_thread(
+            lambda: _measure_directly(path, ours, ref_dtype, threads, rounds, decode_steps, say),
+            name="raven-bench", torch_threads=torch_threads)
+    finally:
+        ours.thread_watch = watch
     ref = direct.ref
 
     stall: list[float] = []
