@@ -102,6 +102,23 @@ async def test_web_port_metrics_after_real_turns(settings_factory: Any) -> None:
         assert value(samples, "raven_database_bytes") == size > 0
 
 
+async def test_the_package_backends_thread_counts_are_on_the_metrics(settings_factory: Any,
+                                                                     tiny_v4_path: Any) -> None:
+    """An RWKV-4 model (the package's backend): the counts its thread watch runs the steps on."""
+    async with web_with_metrics(settings_factory(model=tiny_v4_path, web={"port": 0})) as (service, _, url), \
+            httpx.AsyncClient(base_url=url, timeout=60) as http:
+        assert (await http.post("/generate-response", json=ask("hello", persona=None))).status_code == 200
+        samples = await scrape(http)
+    watch = service.engine.backend.thread_watch  # type: ignore[attr-defined]
+    if watch is None:
+        pytest.skip("one usable core: there is no thread count to watch")
+    one_stream, batch = watch.current
+    assert value(samples, "raven_engine_torch_threads", steps="one_stream") == one_stream >= 1
+    assert value(samples, "raven_engine_torch_threads", steps="batch") == batch >= 1
+    assert value(samples, "raven_engine_thread_changes_total") == len(watch.changes)
+    assert ("raven_engine_thread_changes_total", frozenset()) in samples
+
+
 async def test_the_web_ports_metrics_follow_the_token(settings_factory: Any) -> None:
     async with web_with_metrics(settings_factory(web={"port": 0, "token": TOKEN})) as (_, _, url), \
             httpx.AsyncClient(base_url=url, timeout=60) as http:

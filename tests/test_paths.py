@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import itertools
 import json
+from collections.abc import Sequence
 from pathlib import Path
 
 import pytest
@@ -13,6 +14,7 @@ import torch
 from bot.app.assembly import load_backend
 from bot.inference.backend import clone_state
 from bot.inference.linear import mkldnn_works
+from bot.inference.machine import usable_cores
 from bot.inference.package_backend import PackageBackend
 from bot.inference.paths import (
     MAX_COPIES,
@@ -223,7 +225,7 @@ def test_steps_follow_the_thread_watch_when_the_cores_get_busy(tiny_v7_path: Pat
     stays until its own check, prefills follow the new count, and the logits stay the package's."""
     import types
 
-    import bot.inference.rwkv7_batched as batched
+    import bot.inference.thread_watch as thread_watch
     from bot.inference.thread_watch import EVERY_S, PAIRS, ThreadWatch, thread_options
 
     backend = BatchedRWKV7Backend(tiny_v7_path, max_slots=4, tune_cache=tmp_path / "t.json", always_tune=True)
@@ -243,7 +245,7 @@ def test_steps_follow_the_thread_watch_when_the_cores_get_busy(tiny_v7_path: Pat
         return forward(tokens, slots)
 
     monkeypatch.setattr(backend, "_forward", busy)
-    monkeypatch.setattr(batched, "time", types.SimpleNamespace(perf_counter=lambda: now[0]))
+    monkeypatch.setattr(thread_watch, "time", types.SimpleNamespace(perf_counter=lambda: now[0]))
     tokens = torch.randint(0, 65536, (40,), generator=torch.Generator().manual_seed(5)).tolist()
     ours: list[torch.Tensor] = []
 
@@ -276,6 +278,66 @@ def test_steps_follow_the_thread_watch_when_the_cores_get_busy(tiny_v7_path: Pat
     got = [ours[0]] + [t[0] for t in ours[1:-2]] + ours[-2:]
     assert len(got) == len(want) == 16
     assert max(float((g - w).abs().max()) for g, w in zip(got, want, strict=True)) <= FP32_TOL
+
+
+def test_the_package_backend_follows_its_thread_watch_too(tiny_v4_path: Path,
+                                                          monkeypatch: pytest.MonkeyPatch) -> None:
+    """RWKV-4/5/6 run through the package: with ``watch_threads`` (the bot's default) a busy host
+    moves its steps to one thread in the same way; the logits are the plain package's."""
+    import types
+
+    import bot.inference.thread_watch as thread_watch
+    from bot.inference.thread_watch import EVERY_S, PAIRS, ThreadWatch
+
+    plain = PackageBackend(tiny_v4_path, "cpu fp32", max_slots=2)
+    watched = PackageBackend(tiny_v4_path, "cpu fp32", max_slots=2, watch_threads=True)
+    assert plain.thread_watch is None
+    cores = usable_cores()
+    if cores < 2:
+        assert watched.thread_watch is None
+        pytest.skip("one usable core: there is no thread count to choose")
+    assert watched.thread_watch is not None and watched.thread_watch.current == [cores, cores]
+    now = [0.0]
+    watched.thread_watch = ThreadWatch(watched.thread_watch.options, (cores, cores), clock=lambda: now[0])
+    seen: list[int] = []
+    decode = watched._decode
+
+    def busy(tokens: Sequence[int]) -> torch.Tensor:
+        seen.append(torch.get_num_threads())
+        now[0] += 0.002 if torch.get_num_threads() == 1 else 0.006
+        return decode(tokens)
+
+    monkeypatch.setattr(watched, "_decode", busy)
+    monkeypatch.setattr(thread_watch, "time", types.SimpleNamespace(perf_counter=lambda: now[0]))
+    tokens = torch.randint(0, 50277, (30,), generator=torch.Generator().manual_seed(4)).tolist()
+    got: list[torch.Tensor] = []
+    prefill_counts: list[int] = []
+
+    def serve() -> None:
+        watched.load_slot(0, watched.zero_state())
+        got.append(watched.prefill(0, tokens[:8]))
+        now[0] += EVERY_S
+        for token in tokens[8:8 + 2 * PAIRS + 2]:
+            got.append(watched.decode([token])[0])
+        got.append(watched.prefill(0, tokens[18:20]))  # two tokens: one stream's count
+        prefill_counts.append(torch.get_num_threads())
+
+    run_in_fresh_thread(serve, name="serve", torch_threads=cores)
+    assert seen == [cores, 1, 1, cores] * 2 + [1, 1] and prefill_counts == [1]
+    assert [(c.kind, c.before, c.after) for c in watched.thread_watch.changes] == [("one stream", cores, 1)]
+    plain.load_slot(0, plain.zero_state())
+    want = [plain.prefill(0, tokens[:8])] + [plain.decode([t])[0] for t in tokens[8:18]]
+    want.append(plain.prefill(0, tokens[18:20]))
+    assert max(float((g - w).abs().max()) for g, w in zip(got, want, strict=True)) <= FP32_TOL
+
+
+@pytest.mark.parametrize("threads", [0, 1])
+def test_the_bot_watches_the_package_backends_threads_unless_they_are_set(
+        settings_factory: SettingsFactory, tiny_v4_path: Path, threads: int) -> None:
+    settings = settings_factory(model=tiny_v4_path, torch_threads=threads)
+    backend = load_backend(settings, tiny_v4_path)
+    assert isinstance(backend, PackageBackend)
+    assert (backend.thread_watch is not None) == (threads == 0 and usable_cores() > 1)
 
 
 def test_raven_torch_threads_reaches_the_backend(settings_factory: SettingsFactory) -> None:

@@ -81,7 +81,7 @@ def load_backend(settings: CoreSettings, path: Path) -> Backend:
                                    cuda_graphs=settings.cuda_graphs)
     from bot.inference.package_backend import PackageBackend
 
-    return PackageBackend(path, settings.strategy, max_slots=slots)
+    return PackageBackend(path, settings.strategy, max_slots=slots, watch_threads=settings.torch_threads == 0)
 
 
 @contextlib.asynccontextmanager

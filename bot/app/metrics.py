@@ -51,17 +51,25 @@ def database_bytes(path: Path) -> int:
 
 def _thread_counts(backend: object) -> Iterator[Any]:
     """The torch threads a CPU backend's steps run on now, and how often the count changed while
-    running (``bot.inference.thread_watch``); nothing for a backend that does not choose them."""
-    paths = getattr(backend, "paths", None)
+    running (``bot.inference.thread_watch``); nothing for a backend on a GPU or one that does not
+    choose them."""
+    if getattr(getattr(backend, "device", None), "type", "cpu") != "cpu":
+        return
+    watch = getattr(backend, "thread_watch", None)
+    paths: Any = getattr(backend, "paths", None)
     threads = int(getattr(paths, "threads", 0) or 0)
-    if not threads or getattr(getattr(backend, "device", None), "type", "cpu") != "cpu":
+    if threads:
+        batch = threads
+        one_stream = int(getattr(paths, "small_step_threads", 0) or 0) or batch
+    elif watch is not None:
+        one_stream, batch = watch.current
+    else:
         return
     counts = GaugeMetricFamily("raven_engine_torch_threads", "Torch threads the model's steps run on, "
                                "by step size (one_stream: under 4 rows)", labels=["steps"])
-    counts.add_metric(["one_stream"], int(getattr(paths, "small_step_threads", 0) or 0) or threads)
-    counts.add_metric(["batch"], threads)
+    counts.add_metric(["one_stream"], one_stream)
+    counts.add_metric(["batch"], batch)
     yield counts
-    watch = getattr(backend, "thread_watch", None)
     yield CounterMetricFamily("raven_engine_thread_changes", "Torch thread counts changed while running "
                               "because another count ran the steps faster",
                               value=len(watch.changes) if watch is not None else 0)

@@ -1,7 +1,9 @@
 """The plain ``rwkv`` package behind the engine's backend interface, one sequence at a time.
 
 Serves every family the package knows (RWKV-4/5/6, and RWKV-7 as the reference the batched path is
-checked against). A "batched" decode here is a loop over slots.
+checked against). A "batched" decode here is a loop over slots. With ``watch_threads`` (the bot, where
+``RAVEN_TORCH_THREADS`` is 0) a CPU model's torch thread count is re-checked while it runs, as the
+batched backend's is (``bot.inference.thread_watch``); the benchmark's reference runs without.
 """
 
 from __future__ import annotations
@@ -13,13 +15,16 @@ from typing import Any
 import torch
 
 from bot.inference.backend import State, clone_state
+from bot.inference.machine import usable_cores
 from bot.inference.rwkv_package import load_package_model
+from bot.inference.thread_watch import ThreadWatch, follow_for_prefill, thread_options, watched_step
 
 PREFILL_CHUNK = 256
 
 
 class PackageBackend:
-    def __init__(self, path: Path, strategy: str = "cpu fp32", max_slots: int = 64) -> None:
+    def __init__(self, path: Path, strategy: str = "cpu fp32", max_slots: int = 64,
+                 watch_threads: bool = False) -> None:
         family, model = load_package_model(path, strategy)
         self.family: str = family
         self.model: Any = model
@@ -31,6 +36,10 @@ class PackageBackend:
         self.device = torch.device(strategy.split()[0].split("->")[0].strip())
         self._slots: list[State | None] = [None] * max_slots
         self._template = self._make_zero_state()
+        options = thread_options(usable_cores())
+        self.thread_watch: ThreadWatch | None = None
+        if watch_threads and self.device.type == "cpu" and len(options) > 1:
+            self.thread_watch = ThreadWatch(options, (options[0], options[0]))  # all cores to begin with
 
     def _make_zero_state(self) -> State:
         if self.family == "v7":
@@ -64,6 +73,8 @@ class PackageBackend:
     def prefill(self, slot: int, tokens: Sequence[int]) -> torch.Tensor:
         state = self._slots[slot]
         assert state is not None and tokens, "prefill needs a loaded slot and at least one token"
+        if self.thread_watch is not None:
+            follow_for_prefill(self.thread_watch, len(tokens))
         logits: torch.Tensor | None = None
         for start in range(0, len(tokens), PREFILL_CHUNK):
             logits, state = self.model.forward(list(tokens[start:start + PREFILL_CHUNK]), state)
@@ -75,6 +86,13 @@ class PackageBackend:
         return torch.stack([self.prefill(first_slot + i, row) for i, row in enumerate(rows)])
 
     def decode(self, tokens: Sequence[int]) -> torch.Tensor:
+        watch = self.thread_watch
+        if watch is not None and torch.get_num_threads() in watch.options:
+            logits, _ = watched_step(watch, len(tokens), lambda: self._decode(tokens))
+            return logits
+        return self._decode(tokens)
+
+    def _decode(self, tokens: Sequence[int]) -> torch.Tensor:
         rows = []
         for slot, token in enumerate(tokens):
             state = self._slots[slot]

@@ -73,7 +73,7 @@ from bot.inference.paths import (
     tune_matmul,
     wkv_candidates,
 )
-from bot.inference.thread_watch import Change, ThreadWatch, thread_options
+from bot.inference.thread_watch import Change, ThreadWatch, thread_options, watched_step
 from bot.inference.threads import run_in_fresh_thread
 from bot.inference.wkv_fused import FUSED, TORCH, LayerConstants, wkv_layer, wkv_seq, wkv_step
 
@@ -793,13 +793,8 @@ class BatchedRWKV7Backend:
     def _watched_decode(self, watch: ThreadWatch, ids: torch.Tensor) -> torch.Tensor:
         """A CPU decode step on the count the thread watch says, timed for it."""
         B = int(ids.shape[0])
-        count = watch.count(B)
-        if torch.get_num_threads() != count:
-            torch.set_num_threads(count)
-        started = time.perf_counter()
         with torch.no_grad():
-            logits = self._forward(ids.view(B, 1), slice(0, B))
-        change = watch.observe(B, count, time.perf_counter() - started)
+            logits, change = watched_step(watch, B, lambda: self._forward(ids.view(B, 1), slice(0, B)))
         if change is not None:
             self._follow(change, watch)
         return logits

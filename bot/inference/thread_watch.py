@@ -23,6 +23,9 @@ import statistics
 import time
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
+from typing import TypeVar
+
+import torch
 
 from bot.inference.paths import SMALL_STEP_ROWS
 
@@ -38,6 +41,7 @@ MARGIN = 0.15
 """How much faster the other count must run to take over: more than a quiet host's spread between
 neighbouring steps, far less than what a busy core costs (2-3×)."""
 KINDS = ("one stream", "batch")
+T = TypeVar("T")
 
 
 def thread_options(cores: int) -> list[int]:
@@ -153,3 +157,23 @@ class ThreadWatch:
         self._checking[kind] = None
         self._next_check[kind] = self.clock() + self.every_s
         self.checks += 1
+
+
+def watched_step(watch: ThreadWatch, rows: int, step: Callable[[], T]) -> tuple[T, Change | None]:
+    """Run a decode step of ``rows`` rows on the count the watch says and tell it the time taken:
+    the step's result, and the change that decided, if any. The caller runs steps on this thread."""
+    count = watch.count(rows)
+    if torch.get_num_threads() != count:
+        torch.set_num_threads(count)
+    started = time.perf_counter()
+    result = step()
+    return result, watch.observe(rows, count, time.perf_counter() - started)
+
+
+def follow_for_prefill(watch: ThreadWatch, tokens: int) -> None:
+    """Set the count the watch keeps for a step of ``tokens`` rows, for a prefill of that many tokens
+    (under ``SMALL_STEP_ROWS`` tokens: one stream's count); a count set elsewhere is left alone."""
+    current = torch.get_num_threads()
+    wanted = watch.current[kind_of(tokens)]
+    if current != wanted and current in watch.options:
+        torch.set_num_threads(wanted)
