@@ -111,20 +111,24 @@ def test_the_command_says_what_is_wrong_without_a_traceback(tmp_path: Path) -> N
     assert "Traceback" not in done.stderr
 
 
-def test_the_busy_host_benchmark_reports_both_modes_in_the_same_run(tmp_path: Path) -> None:
-    """``python -m bench.busy_host`` on the tiny model: each case measured with the thread watch and
-    without, the ratio the quotient of the two. (Which count wins is the host's business, not a test's.)"""
+@pytest.mark.parametrize(("family", "batch"), [("v7", 16), ("v4", 4)])
+def test_the_busy_host_benchmark_reports_both_modes_in_the_same_run(tmp_path: Path, family: str,
+                                                                    batch: int) -> None:
+    """``python -m bench.busy_host`` on the tiny models (the batched backend; the package's): each
+    case measured with the thread watch and without, the ratio the quotient of the two. (Which count
+    wins is the host's business, not a test's.)"""
     env = {**os.environ, "RAVEN_BENCH_CACHE": str(tmp_path)}
     env.pop("RAVEN_TORCH_THREADS", None)
-    done = subprocess.run([sys.executable, "-m", "bench.busy_host", "--size", "tiny", "--rounds", "1"],
-                          cwd=tmp_path, capture_output=True, text=True, timeout=600, env=env)
+    done = subprocess.run([sys.executable, "-m", "bench.busy_host", "--size", "tiny", "--rounds", "1",
+                           "--family", family], cwd=tmp_path, capture_output=True, text=True, timeout=600, env=env)
     if done.returncode and "one usable core" in done.stderr:
         pytest.skip("one usable core: there is no thread count to choose")
     assert done.returncode == 0, done.stderr
     result = json.loads(done.stdout)
     assert (result["size"], result["dtype"], result["rounds"]) == ("tiny", "fp32", 1)
     assert result["busy_processes"] == result["cores"] >= 2
-    for case, key in (("quiet", "quiet_ratio"), ("busy_1", "busy_ratio_1"), ("busy_16", "busy_ratio_16")):
+    assert result["family"] == family and result["batch_replies"] == batch
+    for case, key in (("quiet", "quiet_ratio"), ("busy_1", "busy_ratio_1"), ("busy_batch", "busy_ratio_batch")):
         figures = result[case]
         assert figures["watch_tok_s"] > 0 and figures["fixed_tok_s"] > 0
         assert result[key] == figures["ratio"] == pytest.approx(figures["watch_tok_s"] / figures["fixed_tok_s"],
@@ -139,4 +143,7 @@ def test_the_busy_host_benchmark_reports_both_modes_in_the_same_run(tmp_path: Pa
         assert all(": " in c and " → " in c for c in changes)
     done = subprocess.run([sys.executable, "-m", "bench.busy_host", "--size", "7b"], cwd=tmp_path,
                           capture_output=True, text=True, timeout=120, env=env)
-    assert done.returncode == 2 and "--size 0.1b or tiny" in done.stderr and "Traceback" not in done.stderr
+    assert done.returncode == 2 and "--size must be 0.1b or tiny" in done.stderr and "Traceback" not in done.stderr
+    done = subprocess.run([sys.executable, "-m", "bench.busy_host", "--family", "v5"], cwd=tmp_path,
+                          capture_output=True, text=True, timeout=120, env=env)
+    assert done.returncode == 2 and "--family must be v7 or v4" in done.stderr
