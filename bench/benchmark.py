@@ -84,7 +84,7 @@ TARGETS: dict[str, dict[str, float]] = {
 FP32_LOGIT_TOL = 1e-4
 
 
-class _BenchTokenizer:
+class BenchTokenizer:
     """One token ↔ one printable character. The engine streams every token as it is sampled (a real
     vocabulary holds back partial UTF-8), so "time to first token" is exactly that."""
 
@@ -103,7 +103,7 @@ class _BenchTokenizer:
         return []
 
 
-def _cache_dir() -> Path:
+def bench_cache_dir() -> Path:
     """Where the checkpoints and the tuning cache live between runs."""
     return Path(os.environ.get("RAVEN_BENCH_CACHE", Path(tempfile.gettempdir()) / "raven-bench"))
 
@@ -117,15 +117,15 @@ def _threads_setting() -> int:
         raise ConfigError(f"RAVEN_TORCH_THREADS must be a whole number, not {value!r}") from None
 
 
-def _checkpoint(size: SizeName) -> Path:
+def bench_checkpoint(size: SizeName) -> Path:
     """The random-weight checkpoint, made once per machine (a few seconds for 0.1B)."""
-    path = _cache_dir() / f"rwkv7-{size}-seed0.pth"
+    path = bench_cache_dir() / f"rwkv7-{size}-seed0.pth"
     if not path.is_file():
         make_checkpoint(path, "v7", size, seed=0)
     return path
 
 
-def _tokens(n: int, seed: int) -> list[int]:
+def random_tokens(n: int, seed: int) -> list[int]:
     return torch.randint(1, 65536, (n,), generator=torch.Generator().manual_seed(seed)).tolist()
 
 
@@ -186,7 +186,7 @@ async def _ticker(stop: asyncio.Event, gaps: list[float]) -> None:
         gaps.append(max(0.0, time.perf_counter() - started - TICK_S))
 
 
-async def _generate(engine: Engine, start: ModelState, prompt: list[int], max_tokens: int, seed: int
+async def generate_reply(engine: Engine, start: ModelState, prompt: list[int], max_tokens: int, seed: int
                     ) -> tuple[float, float, int]:
     """One reply through the engine: (seconds to its first streamed token, seconds to the end, tokens)."""
     params = SamplingParams(max_tokens=max_tokens)  # the chat defaults
@@ -234,7 +234,7 @@ async def _engine_phase(backend: Backend, threads: int, max_tokens: int, seed: i
                         torch_threads: int) -> _EngineRun:
     """``threads`` replies generated at once, with the engine's decode steps timed."""
     timed = _TimedDecode(backend)
-    engine = Engine(timed, _BenchTokenizer(), max_batch=threads, max_queue=threads + 8,  # type: ignore[arg-type]
+    engine = Engine(timed, BenchTokenizer(), max_batch=threads, max_queue=threads + 8,  # type: ignore[arg-type]
                     torch_threads=torch_threads)
     stop = asyncio.Event()
     async with engine:
@@ -242,7 +242,7 @@ async def _engine_phase(backend: Backend, threads: int, max_tokens: int, seed: i
         zero = engine.zero_state()
         started = time.perf_counter()
         results = await asyncio.gather(*(
-            _generate(engine, zero, _tokens(PROMPT_TOKENS, seed + i), max_tokens, seed + i)
+            generate_reply(engine, zero, random_tokens(PROMPT_TOKENS, seed + i), max_tokens, seed + i)
             for i in range(threads)
         ))
         wall = time.perf_counter() - started
@@ -256,21 +256,22 @@ async def _busy_phase(backend: Backend, streams: int, probes: int, stream_tokens
                       torch_threads: int) -> list[float]:
     """Seconds to the first token of a ``BUSY_PROBE_TOKENS`` message sent while ``streams`` replies
     are streaming, for ``probes`` such messages one after another."""
-    engine = Engine(backend, _BenchTokenizer(), max_batch=streams + 1, max_queue=streams + 8,
+    engine = Engine(backend, BenchTokenizer(), max_batch=streams + 1, max_queue=streams + 8,
                     torch_threads=torch_threads)
     stop = asyncio.Event()
     firsts: list[float] = []
     async with engine:
         ticker = asyncio.create_task(_ticker(stop, gaps))
         zero = engine.zero_state()
-        busy = [asyncio.create_task(_generate(engine, zero, _tokens(PROMPT_TOKENS, 300 + i), stream_tokens,
+        busy = [asyncio.create_task(generate_reply(engine, zero, random_tokens(PROMPT_TOKENS, 300 + i), stream_tokens,
                                               300 + i)) for i in range(streams)]
         for _ in range(10_000):  # until every reply is streaming
             if engine.stats.decoded_tokens >= streams * 4:
                 break
             await asyncio.sleep(0.005)
         for p in range(probes):
-            firsts.append((await _generate(engine, zero, _tokens(BUSY_PROBE_TOKENS, 400 + p), 2, 400 + p))[0])
+            probe = random_tokens(BUSY_PROBE_TOKENS, 400 + p)
+            firsts.append((await generate_reply(engine, zero, probe, 2, 400 + p))[0])
         await asyncio.gather(*busy)
         stop.set()
         await ticker
@@ -280,18 +281,18 @@ async def _busy_phase(backend: Backend, streams: int, probes: int, stream_tokens
 async def _resume_phase(backend: Backend, history: ModelState, rounds: int, gaps: list[float],
                         torch_threads: int) -> tuple[float, float]:
     """Median time to first token: (thread with ``history``, new thread), alternating."""
-    engine = Engine(backend, _BenchTokenizer(), max_batch=1, torch_threads=torch_threads)
+    engine = Engine(backend, BenchTokenizer(), max_batch=1, torch_threads=torch_threads)
     stop = asyncio.Event()
     with_history: list[float] = []
     fresh: list[float] = []
     async with engine:
         ticker = asyncio.create_task(_ticker(stop, gaps))
         zero = engine.zero_state()
-        await _generate(engine, zero, _tokens(PROMPT_TOKENS, 5), 2, 5)  # warm-up
+        await generate_reply(engine, zero, random_tokens(PROMPT_TOKENS, 5), 2, 5)  # warm-up
         for r in range(rounds):
-            message = _tokens(PROMPT_TOKENS * 2, 1000 + r)
-            with_history.append((await _generate(engine, history, message, 2, r))[0])
-            fresh.append((await _generate(engine, zero, message, 2, r))[0])
+            message = random_tokens(PROMPT_TOKENS * 2, 1000 + r)
+            with_history.append((await generate_reply(engine, history, message, 2, r))[0])
+            fresh.append((await generate_reply(engine, zero, message, 2, r))[0])
         stop.set()
         await ticker
     return _median(with_history), _median(fresh)
@@ -355,7 +356,7 @@ def _measure_directly(path: Path, ours: BatchedRWKV7Backend, ref_dtype: str, thr
         torch.backends.cuda.matmul.allow_tf32 = False
         torch.backends.cudnn.allow_tf32 = False
     compare = _Comparison()
-    message = _tokens(MESSAGE_TOKENS, 1)
+    message = random_tokens(MESSAGE_TOKENS, 1)
 
     # Warm-up (the package JIT-compiles on first use; oneDNN builds its kernels), then prefill.
     for backend in (ours, ref):
@@ -394,7 +395,7 @@ def _measure_directly(path: Path, ours: BatchedRWKV7Backend, ref_dtype: str, thr
     for n in threads:
         for slot in range(n):
             ours.load_slot(slot, state)
-        batch = _tokens(n, 3)
+        batch = random_tokens(n, 3)
         ours.decode(batch)
         times = []
         for _ in range(max(2, rounds)):
@@ -407,7 +408,7 @@ def _measure_directly(path: Path, ours: BatchedRWKV7Backend, ref_dtype: str, thr
     say("rebuilding an 8,000-token history")
     started = time.perf_counter()
     ours.load_slot(0, ours.zero_state())
-    logits = ours.prefill(0, _tokens(HISTORY_TOKENS, 2))
+    logits = ours.prefill(0, random_tokens(HISTORY_TOKENS, 2))
     rebuild = time.perf_counter() - started
     history = ModelState(ours.read_slot(0), logits, HISTORY_TOKENS)
     return _Direct(ours, ref, compare, ours_prefill, ref_prefill, ours_decode, ref_decode, step_rate,
@@ -433,7 +434,7 @@ def run_benchmark(size: str = "0.1b", dtype: str = "fp32", device: str = "cpu",
         result = _run(size, dtype, device, tuple(int(n) for n in threads), quick, torch_threads, say)
         result["malloc_tuned"] = tuned
         say("turn overhead, short vs long thread (tiny model)")
-        result.update(measure_turn_overhead(_checkpoint("tiny"), long=200 if quick else LONG_MESSAGES,
+        result.update(measure_turn_overhead(bench_checkpoint("tiny"), long=200 if quick else LONG_MESSAGES,
                                             turns=6 if quick else 40))
         return result
     finally:
@@ -467,10 +468,10 @@ def _run(size: str, dtype: str, device: str, threads: tuple[int, ...], quick: bo
         torch.cuda.reset_peak_memory_stats(dev)
 
     say(f"checkpoint ({size})")
-    path = _checkpoint(size)  # type: ignore[arg-type]
+    path = bench_checkpoint(size)  # type: ignore[arg-type]
     say(f"loading the batched backend ({device} {dtype}) and choosing its paths")
     ours = BatchedRWKV7Backend(path, device=device, dtype=dtype, max_slots=max(threads) + 1,
-                               tune_cache=_cache_dir() / "tuning.json", always_tune=True,
+                               tune_cache=bench_cache_dir() / "tuning.json", always_tune=True,
                                torch_threads=torch_threads)
     # As the bot: RAVEN_TORCH_THREADS if set, else what the backend chose for this machine.
     torch_threads = torch_threads or ours.paths.threads

@@ -29,7 +29,7 @@ from typing import Annotated, Any
 import torch
 import typer
 
-from bench.benchmark import _BenchTokenizer, _cache_dir, _checkpoint, _generate, _tokens
+from bench.benchmark import BenchTokenizer, bench_cache_dir, bench_checkpoint, generate_reply, random_tokens
 from bot.inference.allocator import tune_allocator
 from bot.inference.checkpoint import SizeName, make_checkpoint
 from bot.inference.engine import Engine
@@ -65,12 +65,12 @@ WatchedBackend = BatchedRWKV7Backend | PackageBackend
 
 async def _replies(backend: WatchedBackend, replies: int, tokens: int, threads: int) -> float:
     """``replies`` at once through the engine: generated tok/s."""
-    engine = Engine(backend, _BenchTokenizer(), max_batch=replies, max_queue=replies + 8,  # type: ignore[arg-type]
+    engine = Engine(backend, BenchTokenizer(), max_batch=replies, max_queue=replies + 8,  # type: ignore[arg-type]
                     torch_threads=threads)
     async with engine:
         zero = engine.zero_state()
         started = time.perf_counter()
-        results = await asyncio.gather(*(_generate(engine, zero, _tokens(16, 7 + i), tokens, 7 + i)
+        results = await asyncio.gather(*(generate_reply(engine, zero, random_tokens(16, 7 + i), tokens, 7 + i)
                                          for i in range(replies)))
         return sum(r[2] for r in results) / (time.perf_counter() - started)
 
@@ -112,11 +112,11 @@ def run(dtype: str, rounds: int, size: SizeName = "0.1b", family: str = "v7") ->
         raise SystemExit("bench.busy_host: one usable core, so there is no thread count to choose")
     backend: WatchedBackend
     if family == "v7":
-        backend = BatchedRWKV7Backend(_checkpoint(size), dtype=dtype, max_slots=BATCH + 1,
-                                      tune_cache=_cache_dir() / "tuning.json")
+        backend = BatchedRWKV7Backend(bench_checkpoint(size), dtype=dtype, max_slots=BATCH + 1,
+                                      tune_cache=bench_cache_dir() / "tuning.json")
         loaded, batch_replies, batch_tokens = backend.paths.summary(), BATCH, BATCH_TOKENS
     else:  # one sequence at a time: a smaller batch keeps the run to minutes
-        path = _cache_dir() / f"rwkv4-{size}-seed0.pth"
+        path = bench_cache_dir() / f"rwkv4-{size}-seed0.pth"
         if not path.is_file():
             make_checkpoint(path, "v4", size, seed=0)
         backend = PackageBackend(path, f"cpu {dtype}", max_slots=PACKAGE_BATCH + 1, watch_threads=True)
