@@ -27,15 +27,15 @@ What is measured (JSON keys):
 * ``max_loop_stall_ms``: the longest the asyncio event loop went without running a 5 ms ticker
   (``TICK_S``) while the engine generated, past the ticker's own sleep.
 * ``max_logit_diff``: largest |ours − package| over the prefill and the decode steps compared.
+* ``turn_overhead_ms_10`` / ``_2000`` and ``turn_overhead_ratio``: what a turn costs besides the model
+  on a hot thread of 10 and of 2,000 messages, and their ratio (target ≤ 1.2: per-turn work does not
+  grow with the thread; see ``bench/turn_overhead.py``).
 
 The figures measured on the backend directly (single stream, prefill, decode steps) run on the
 thread count chosen at load; the engine phases run as the bot does, with the thread watch
 (``bot.inference.thread_watch``) re-checking that count every 15 s (on a quiet host ~0.2-0.4% of
 the time; ``paths.timings.thread_changes`` lists any change it made). The package has no such watch:
 on a host that gets busy mid-run, the engine ratios include what the watch recovers.
-* ``turn_overhead_ms_10`` / ``_2000`` and ``turn_overhead_ratio``: what a turn costs besides the model
-  on a hot thread of 10 and of 2,000 messages, and their ratio (target ≤ 1.2: per-turn work does not
-  grow with the thread; see ``bench/turn_overhead.py``).
 """
 
 from __future__ import annotations
@@ -187,7 +187,7 @@ async def _ticker(stop: asyncio.Event, gaps: list[float]) -> None:
 
 
 async def generate_reply(engine: Engine, start: ModelState, prompt: list[int], max_tokens: int, seed: int
-                    ) -> tuple[float, float, int]:
+                         ) -> tuple[float, float, int]:
     """One reply through the engine: (seconds to its first streamed token, seconds to the end, tokens)."""
     params = SamplingParams(max_tokens=max_tokens)  # the chat defaults
     request = GenerateRequest(start=start, prompt_tokens=prompt, sampling=params, stop_strings=(),
